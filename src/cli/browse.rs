@@ -1,0 +1,571 @@
+//! `cairn runs ...` and `cairn artifacts ...`: reading the store.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Component, Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use serde_json::{json, Value};
+
+use super::{human_bytes, print_json, Cli, UsageError};
+use crate::engine::report::format_duration;
+use crate::store::{hash, ArtifactRecord, ObjectDigest, Store};
+
+/// `cairn runs`.
+#[derive(Debug, Subcommand)]
+pub enum RunsCommand {
+    /// List runs, newest first.
+    Ls {
+        /// How many runs to show.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a run: every step's status, reason, duration and outputs.
+    Show {
+        /// Run id (or a unique prefix).
+        run: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the captured log (stdout and stderr) of a step in a run.
+    Log {
+        /// Run id (or a unique prefix).
+        run: String,
+        /// Step name.
+        step: String,
+    },
+}
+
+/// `cairn artifacts`.
+#[derive(Debug, Subcommand)]
+pub enum ArtifactsCommand {
+    /// List artifacts, newest first.
+    Ls {
+        /// Only artifacts produced by this step.
+        #[arg(long)]
+        step: Option<String>,
+        /// Only artifacts of this kind.
+        #[arg(long)]
+        kind: Option<String>,
+        /// How many to show.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an artifact's record and metadata.
+    Show {
+        /// Digest or unique prefix (8+ hex characters).
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show where an artifact came from (step, run, params, inputs, recursively) and what consumed it.
+    Lineage {
+        /// Digest or unique prefix (8+ hex characters).
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a file artifact's bytes, or a file inside a directory artifact.
+    Cat {
+        /// Digest or unique prefix (8+ hex characters).
+        id: String,
+        /// Path inside a directory artifact (omit to list its files).
+        path: Option<String>,
+    },
+    /// Compare two artifacts: record fields, metadata, and content.
+    Diff {
+        /// First artifact.
+        a: String,
+        /// Second artifact.
+        b: String,
+    },
+}
+
+fn open(cli: &Cli) -> anyhow::Result<Store> {
+    Ok(Store::open_existing(&cli.store_dir())?)
+}
+
+/// Resolves a digest or prefix to an artifact record.
+fn find(store: &Store, id: &str) -> anyhow::Result<ArtifactRecord> {
+    if id.len() < 8 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(UsageError(format!(
+            "`{id}` is not an artifact id: give a digest or a prefix of 8+ hex characters"
+        ))
+        .into());
+    }
+    match store.db().find_artifact(id) {
+        Ok(Some(a)) => Ok(a),
+        Ok(None) => Err(UsageError(format!(
+            "no artifact with id `{id}` in {}",
+            store.root().display()
+        ))
+        .into()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `cairn runs ...`
+pub fn runs(cli: &Cli, cmd: &RunsCommand) -> anyhow::Result<ExitCode> {
+    let store = open(cli)?;
+    match cmd {
+        RunsCommand::Ls { limit, json } => {
+            let runs = store.db().list_runs(*limit)?;
+            let mut rows = Vec::new();
+            for r in &runs {
+                let counts = store.db().run_counts(&r.id)?;
+                rows.push((r, counts));
+            }
+            if *json {
+                let out: Vec<Value> = rows
+                    .iter()
+                    .map(|(r, c)| json!({"run": r, "counts": c}))
+                    .collect();
+                print_json(&out)?;
+            } else {
+                println!(
+                    "{:<23} {:<20} {:<11} {:<25} steps",
+                    "RUN", "PIPELINE", "STATUS", "STARTED"
+                );
+                for (r, c) in rows {
+                    let counts = c
+                        .iter()
+                        .map(|(k, v)| format!("{v} {k}"))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    println!(
+                        "{:<23} {:<20} {:<11} {:<25} {counts}",
+                        r.id, r.pipeline, r.status, r.started_at
+                    );
+                }
+            }
+        }
+        RunsCommand::Show { run, json } => {
+            let record = store
+                .db()
+                .get_run(run)?
+                .ok_or_else(|| UsageError(format!("no run `{run}` (see `cairn runs ls`)")))?;
+            let steps = store.db().run_steps(&record.id)?;
+            if *json {
+                print_json(&json!({"run": record, "steps": steps}))?;
+            } else {
+                println!(
+                    "run {}  pipeline {}  {}",
+                    record.id, record.pipeline, record.status
+                );
+                println!(
+                    "file {}  started {}  finished {}",
+                    record.pipeline_file,
+                    record.started_at,
+                    record.finished_at.as_deref().unwrap_or("-")
+                );
+                println!("args {}", record.args);
+                println!();
+                for s in steps {
+                    let outputs = s
+                        .outputs
+                        .iter()
+                        .map(|(k, o)| format!("{k}={}", o.digest.short()))
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    println!(
+                        "  {:<8} {:<20} {:>8}  {}",
+                        s.status.as_str(),
+                        s.step,
+                        format_duration(s.duration_ms),
+                        s.reason
+                    );
+                    if !outputs.is_empty() {
+                        println!("           outputs: {outputs}");
+                    }
+                    if let Some(err) = &s.error {
+                        for line in err.lines() {
+                            println!("           | {line}");
+                        }
+                    }
+                }
+            }
+        }
+        RunsCommand::Log { run, step } => {
+            let record = store
+                .db()
+                .get_run(run)?
+                .ok_or_else(|| UsageError(format!("no run `{run}` (see `cairn runs ls`)")))?;
+            let s = store
+                .db()
+                .step_record(&record.id, step)?
+                .ok_or_else(|| UsageError(format!("run {} has no step `{step}`", record.id)))?;
+            match s.log.and_then(|l| l.parse::<ObjectDigest>().ok()) {
+                Some(d) => {
+                    let bytes = std::fs::read(store.object_path(&d))?;
+                    std::io::stdout().write_all(&bytes)?;
+                }
+                None => eprintln!("step `{step}` of run {} wrote no log", record.id),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cairn artifacts ...`
+pub fn artifacts(cli: &Cli, cmd: &ArtifactsCommand) -> anyhow::Result<ExitCode> {
+    let store = open(cli)?;
+    match cmd {
+        ArtifactsCommand::Ls {
+            step,
+            kind,
+            limit,
+            json,
+        } => {
+            let list = store
+                .db()
+                .list_artifacts(step.as_deref(), kind.as_deref(), *limit)?;
+            if *json {
+                print_json(&list)?;
+            } else {
+                println!(
+                    "{:<16} {:<10} {:>10} {:<20} {:<23} CREATED",
+                    "ID", "KIND", "SIZE", "STEP", "RUN"
+                );
+                for a in list {
+                    println!(
+                        "{:<16} {:<10} {:>10} {:<20} {:<23} {}",
+                        a.digest.short(),
+                        a.kind,
+                        human_bytes(a.size),
+                        format!("{}.{}", a.producer_step, a.output),
+                        a.producer_run,
+                        a.created_at
+                    );
+                }
+            }
+        }
+        ArtifactsCommand::Show { id, json } => {
+            let a = find(&store, id)?;
+            if *json {
+                print_json(&a)?;
+            } else {
+                println!("artifact  {}", a.digest);
+                println!(
+                    "kind      {}{}",
+                    a.kind,
+                    if a.is_dir { " (directory)" } else { "" }
+                );
+                println!("size      {}", human_bytes(a.size));
+                println!(
+                    "producer  {}.{} in run {} (pipeline {})",
+                    a.producer_step, a.output, a.producer_run, a.pipeline
+                );
+                println!("created   {}", a.created_at);
+                println!("path      {}", store.object_path(&a.digest).display());
+                if a.metadata.as_object().is_some_and(|m| !m.is_empty()) {
+                    println!("metadata");
+                    for (k, v) in a.metadata.as_object().into_iter().flatten() {
+                        println!("  {k}: {v}");
+                    }
+                }
+            }
+        }
+        ArtifactsCommand::Lineage { id, json } => {
+            let a = find(&store, id)?;
+            let tree = lineage(&store, &a.digest, 0)?;
+            if *json {
+                print_json(&tree)?;
+            } else {
+                print_lineage(&tree, 0);
+            }
+        }
+        ArtifactsCommand::Cat { id, path } => {
+            let a = find(&store, id)?;
+            let root = store.object_path(&a.digest);
+            match (a.is_dir, path) {
+                (false, None) => copy_to_stdout(&root)?,
+                (false, Some(_)) => {
+                    return Err(UsageError(format!(
+                        "artifact {} is a file; omit the path",
+                        a.digest.short()
+                    ))
+                    .into())
+                }
+                (true, None) => {
+                    eprintln!(
+                        "artifact {} is a directory; give a path. Files:",
+                        a.digest.short()
+                    );
+                    for f in list_files(&root)? {
+                        println!("{f}");
+                    }
+                }
+                (true, Some(p)) => {
+                    let target = safe_join(&root, p)?;
+                    copy_to_stdout(&target)?;
+                }
+            }
+        }
+        ArtifactsCommand::Diff { a, b } => {
+            let a = find(&store, a)?;
+            let b = find(&store, b)?;
+            diff(&store, &a, &b)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Joins a user path under `root`, refusing anything that could leave it.
+fn safe_join(root: &Path, rel: &str) -> anyhow::Result<PathBuf> {
+    let p = Path::new(rel);
+    if p.is_absolute()
+        || p.components()
+            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return Err(UsageError(format!(
+            "path `{rel}` must be relative and stay inside the artifact"
+        ))
+        .into());
+    }
+    let target = root.join(p);
+    let meta = std::fs::symlink_metadata(&target)
+        .map_err(|_| UsageError(format!("no file `{rel}` in this artifact")))?;
+    if meta.file_type().is_symlink() || meta.is_dir() {
+        return Err(UsageError(format!("`{rel}` is not a regular file in this artifact")).into());
+    }
+    Ok(target)
+}
+
+fn copy_to_stdout(path: &Path) -> anyhow::Result<()> {
+    let mut f = std::fs::File::open(path)?;
+    let mut out = std::io::stdout().lock();
+    match std::io::copy(&mut f, &mut out) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn list_files(root: &Path) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for entry in walkdir::WalkDir::new(root).sort_by_file_name() {
+        let entry = entry?;
+        if !entry.file_type().is_dir() {
+            out.push(
+                entry
+                    .path()
+                    .strip_prefix(root)?
+                    .to_string_lossy()
+                    .to_string(),
+            );
+        }
+    }
+    Ok(out)
+}
+
+const MAX_LINEAGE_DEPTH: usize = 32;
+
+fn lineage(store: &Store, digest: &ObjectDigest, depth: usize) -> anyhow::Result<Value> {
+    let record = store.db().find_artifact(&digest.to_hex())?;
+    let uses = store.db().artifact_uses(digest)?;
+    let mut produced_by = Vec::new();
+    let mut consumed_by = Vec::new();
+    for (run, step, direction, name) in uses {
+        if direction == "in" {
+            consumed_by.push(json!({"run": run, "step": step, "input": name}));
+            continue;
+        }
+        let Some(s) = store.db().step_record(&run, &step)? else {
+            continue;
+        };
+        // Show the first execution that produced it (later ones are cache hits).
+        if !produced_by.is_empty()
+            || s.status != crate::store::StepStatus::Ran
+                && s.status != crate::store::StepStatus::Cached
+        {
+            continue;
+        }
+        let mut inputs = BTreeMap::new();
+        for (input, r) in &s.inputs {
+            let upstream = if depth < MAX_LINEAGE_DEPTH {
+                lineage(store, &r.digest, depth + 1)?
+            } else {
+                json!("...")
+            };
+            inputs.insert(
+                input.clone(),
+                json!({"digest": r.digest.to_hex(), "from": r.from, "lineage": upstream}),
+            );
+        }
+        produced_by.push(json!({
+            "run": run, "step": step, "output": name, "kind": s.kind, "params": s.params, "inputs": inputs,
+        }));
+    }
+    Ok(json!({
+        "digest": digest.to_hex(),
+        "kind": record.as_ref().map(|r| r.kind.clone()),
+        "size": record.as_ref().map(|r| r.size),
+        "produced_by": produced_by,
+        "consumed_by": consumed_by,
+    }))
+}
+
+fn print_lineage(node: &Value, indent: usize) {
+    let pad = "  ".repeat(indent);
+    let digest = node["digest"].as_str().unwrap_or("");
+    println!(
+        "{pad}{} ({})",
+        &digest[..12.min(digest.len())],
+        node["kind"].as_str().unwrap_or("?")
+    );
+    for p in node["produced_by"].as_array().into_iter().flatten() {
+        println!(
+            "{pad}  produced by {}.{} ({}) in run {}",
+            p["step"].as_str().unwrap_or(""),
+            p["output"].as_str().unwrap_or(""),
+            p["kind"].as_str().unwrap_or(""),
+            p["run"].as_str().unwrap_or("")
+        );
+        println!("{pad}  params {}", p["params"]);
+        for (name, input) in p["inputs"].as_object().into_iter().flatten() {
+            println!(
+                "{pad}  input {name} <- {}",
+                input["from"].as_str().unwrap_or("")
+            );
+            if input["lineage"].is_object() {
+                print_lineage(&input["lineage"], indent + 2);
+            }
+        }
+    }
+    if indent == 0 {
+        let consumers = node["consumed_by"].as_array().cloned().unwrap_or_default();
+        if consumers.is_empty() {
+            println!("  consumed by: nothing yet");
+        } else {
+            println!("  consumed by:");
+            for c in consumers {
+                println!(
+                    "    {} (input {}) in run {}",
+                    c["step"].as_str().unwrap_or(""),
+                    c["input"].as_str().unwrap_or(""),
+                    c["run"].as_str().unwrap_or("")
+                );
+            }
+        }
+    }
+}
+
+fn file_digests(root: &Path) -> anyhow::Result<BTreeMap<String, ObjectDigest>> {
+    let mut out = BTreeMap::new();
+    for entry in walkdir::WalkDir::new(root) {
+        let entry = entry?;
+        if entry.file_type().is_file() {
+            out.insert(
+                entry
+                    .path()
+                    .strip_prefix(root)?
+                    .to_string_lossy()
+                    .to_string(),
+                hash::hash_file(entry.path())?,
+            );
+        }
+    }
+    Ok(out)
+}
+
+fn diff(store: &Store, a: &ArtifactRecord, b: &ArtifactRecord) -> anyhow::Result<()> {
+    println!(
+        "--- {} ({}.{}, run {})",
+        a.digest.short(),
+        a.producer_step,
+        a.output,
+        a.producer_run
+    );
+    println!(
+        "+++ {} ({}.{}, run {})",
+        b.digest.short(),
+        b.producer_step,
+        b.output,
+        b.producer_run
+    );
+    if a.digest == b.digest {
+        println!("identical content");
+        return Ok(());
+    }
+    if a.kind != b.kind {
+        println!("kind: {} -> {}", a.kind, b.kind);
+    }
+    if a.size != b.size {
+        println!("size: {} -> {}", human_bytes(a.size), human_bytes(b.size));
+    }
+    let empty = serde_json::Map::new();
+    let (ma, mb) = (
+        a.metadata.as_object().unwrap_or(&empty),
+        b.metadata.as_object().unwrap_or(&empty),
+    );
+    for k in ma.keys().chain(mb.keys().filter(|k| !ma.contains_key(*k))) {
+        if ma.get(k) != mb.get(k) {
+            println!(
+                "metadata {k}: {} -> {}",
+                ma.get(k).unwrap_or(&Value::Null),
+                mb.get(k).unwrap_or(&Value::Null)
+            );
+        }
+    }
+    let (pa, pb) = (store.object_path(&a.digest), store.object_path(&b.digest));
+    match (a.is_dir, b.is_dir) {
+        (false, false) => text_diff(&pa, &pb)?,
+        (true, true) => {
+            let (fa, fb) = (file_digests(&pa)?, file_digests(&pb)?);
+            let (mut added, mut removed, mut changed) = (0, 0, 0);
+            for (path, d) in &fa {
+                match fb.get(path) {
+                    None => {
+                        removed += 1;
+                        println!("removed  {path}");
+                    }
+                    Some(e) if e != d => {
+                        changed += 1;
+                        println!("changed  {path}");
+                    }
+                    _ => {}
+                }
+            }
+            for path in fb.keys().filter(|p| !fa.contains_key(*p)) {
+                added += 1;
+                println!("added    {path}");
+            }
+            println!("files: {added} added, {removed} removed, {changed} changed");
+        }
+        _ => println!("one artifact is a directory and the other a file"),
+    }
+    Ok(())
+}
+
+fn text_diff(a: &Path, b: &Path) -> anyhow::Result<()> {
+    const MAX_TEXT: u64 = 8 << 20;
+    let too_big = std::fs::metadata(a)?.len() > MAX_TEXT || std::fs::metadata(b)?.len() > MAX_TEXT;
+    let (ta, tb) = (std::fs::read(a)?, std::fs::read(b)?);
+    match (too_big, String::from_utf8(ta), String::from_utf8(tb)) {
+        (false, Ok(ta), Ok(tb)) => {
+            let d = similar::TextDiff::from_lines(&ta, &tb);
+            let (mut plus, mut minus) = (0, 0);
+            for change in d.iter_all_changes() {
+                match change.tag() {
+                    similar::ChangeTag::Insert => plus += 1,
+                    similar::ChangeTag::Delete => minus += 1,
+                    similar::ChangeTag::Equal => {}
+                }
+            }
+            println!("lines: +{plus} -{minus}");
+            print!("{}", d.unified_diff().context_radius(2).header("a", "b"));
+        }
+        _ => println!("binary or large content differs"),
+    }
+    Ok(())
+}

@@ -1,0 +1,212 @@
+//! `cairn steps ...`, `cairn gc`, `cairn fsck`, `cairn hash`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use serde_json::Value;
+
+use super::{human_bytes, Cli, Failed, UsageError};
+use crate::pipeline::did_you_mean;
+use crate::steps;
+use crate::store::{hash as content_hash, Access, Store};
+
+/// `cairn steps`.
+#[derive(Debug, Subcommand)]
+pub enum StepsCommand {
+    /// List the built-in step kinds.
+    Ls,
+    /// Show a step kind's parameters with types, defaults and docs.
+    Show {
+        /// Step kind (see `cairn steps ls`).
+        kind: String,
+    },
+}
+
+/// `cairn gc`.
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// List what would be removed; remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Also drop run records beyond the newest N runs of each pipeline (and what only they reference).
+    #[arg(long, value_name = "N")]
+    pub keep_runs: Option<usize>,
+}
+
+/// `cairn hash`.
+#[derive(Debug, Args)]
+pub struct HashArgs {
+    /// Files or folders.
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+}
+
+/// `cairn steps ...`
+pub fn steps(cmd: &StepsCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        StepsCommand::Ls => {
+            for s in steps::REGISTRY {
+                println!("{:<12} v{:<3} {}", s.kind(), s.version(), s.summary());
+            }
+            println!("\nUser step specs: `uses: ./steps/NAME.yaml` (see README, \"Step specs\").");
+        }
+        StepsCommand::Show { kind } => {
+            let step = steps::lookup(kind).ok_or_else(|| {
+                let hint = did_you_mean(kind, steps::kinds())
+                    .map(|h| format!(" ({h})"))
+                    .unwrap_or_default();
+                UsageError(format!(
+                    "unknown step kind `{kind}`{hint}; see `cairn steps ls`"
+                ))
+            })?;
+            println!(
+                "{} (version {}){}",
+                step.kind(),
+                step.version(),
+                if step.volatile() {
+                    ", volatile: runs every time"
+                } else {
+                    ""
+                }
+            );
+            println!("{}\n", step.summary());
+            print_params(&step.params_schema());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn schema_type(schema: &Value) -> String {
+    if let Some(t) = schema.get("type") {
+        return match t {
+            Value::Array(ts) => ts
+                .iter()
+                .filter_map(|t| t.as_str())
+                .filter(|t| *t != "null")
+                .collect::<Vec<_>>()
+                .join("|"),
+            Value::String(s) => s.clone(),
+            _ => "any".into(),
+        };
+    }
+    for key in ["anyOf", "oneOf"] {
+        if let Some(alts) = schema.get(key).and_then(|a| a.as_array()) {
+            return alts
+                .iter()
+                .map(schema_type)
+                .filter(|t| t != "null")
+                .collect::<Vec<_>>()
+                .join(" | ");
+        }
+    }
+    if let Some(r) = schema.get("$ref").and_then(|r| r.as_str()) {
+        return r.rsplit('/').next().unwrap_or("object").to_string();
+    }
+    "any".into()
+}
+
+fn print_params(schema: &Value) {
+    let required: Vec<&str> = schema["required"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str())
+        .collect();
+    let Some(props) = schema["properties"].as_object() else {
+        println!("(no parameters)");
+        return;
+    };
+    println!("Parameters (under `with:`):");
+    for (name, p) in props {
+        let ty = schema_type(p);
+        let default = match p.get("default") {
+            Some(d) => format!("default {d}"),
+            None if required.contains(&name.as_str()) => "required".into(),
+            None => "optional".into(),
+        };
+        println!("  {name:<18} {ty:<20} {default}");
+        if let Some(doc) = p.get("description").and_then(|d| d.as_str()) {
+            for line in doc.lines() {
+                println!("      {line}");
+            }
+        }
+    }
+    if let Some(defs) = schema.get("$defs").and_then(|d| d.as_object()) {
+        for (name, def) in defs {
+            if let Some(doc) = def.get("description").and_then(|d| d.as_str()) {
+                println!("\n  {name}: {doc}");
+            }
+        }
+    }
+}
+
+/// `cairn gc`.
+pub fn gc(cli: &Cli, args: &GcArgs) -> anyhow::Result<ExitCode> {
+    let store = Store::open(&cli.store_dir(), Access::Exclusive)?;
+    let report = store.gc(args.keep_runs, args.dry_run)?;
+    let verb = if args.dry_run {
+        "would remove"
+    } else {
+        "removed"
+    };
+    if !report.dropped_runs.is_empty() {
+        println!(
+            "{} {} run record(s): {}",
+            if args.dry_run {
+                "would drop"
+            } else {
+                "dropped"
+            },
+            report.dropped_runs.len(),
+            report.dropped_runs.join(", ")
+        );
+    }
+    if args.dry_run {
+        for d in &report.removed {
+            println!("{d}");
+        }
+    }
+    println!(
+        "{verb} {} object(s), {}; kept {}{}",
+        report.removed.len(),
+        human_bytes(report.freed_bytes),
+        report.kept,
+        if report.stale_temp > 0 {
+            format!("; cleaned {} stale temp folder(s)", report.stale_temp)
+        } else {
+            String::new()
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cairn fsck`.
+pub fn fsck(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let store = Store::open_existing(&cli.store_dir())?;
+    let report = store.fsck()?;
+    for p in &report.problems {
+        println!("problem: {p}");
+    }
+    println!(
+        "checked {} object(s): {} problem(s), {} unreferenced (gc frees them)",
+        report.checked,
+        report.problems.len(),
+        report.unreferenced
+    );
+    if report.problems.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Err(Failed(format!("{} problem(s) found", report.problems.len())).into())
+    }
+}
+
+/// `cairn hash`.
+pub fn hash(args: &HashArgs) -> anyhow::Result<ExitCode> {
+    for path in &args.paths {
+        let digest = content_hash::hash_path(path)
+            .map_err(|e| UsageError(format!("cannot hash {}: {e}", path.display())))?;
+        println!("{digest}  {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,190 @@
+//! `cairn run`, `cairn plan`, `cairn validate`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Args;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::{print_json, Cli};
+use crate::engine::{self, RunOptions};
+use crate::pipeline;
+use crate::store::{Access, Store};
+
+/// Options shared by `run` and `plan`.
+#[derive(Debug, Args)]
+pub struct Selection {
+    /// Pipeline file (YAML).
+    pub pipeline: PathBuf,
+    /// Override a pipeline param: KEY=VALUE (VALUE is read as YAML: 400, true, "text").
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Run only this step (repeatable); upstream outputs come from the cache.
+    #[arg(long, value_name = "STEP")]
+    pub only: Vec<String>,
+    /// Run this step and everything downstream of it.
+    #[arg(long, value_name = "STEP", conflicts_with = "only")]
+    pub from: Option<String>,
+    /// Execute this step even if cached (repeatable).
+    #[arg(long, value_name = "STEP")]
+    pub force: Vec<String>,
+    /// Execute every selected step even if cached.
+    #[arg(long)]
+    pub force_all: bool,
+    /// Print one JSON object on stdout (the run report).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `cairn run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub selection: Selection,
+    /// Most steps executing at once [default: number of cores].
+    #[arg(long, short = 'j', value_name = "N")]
+    pub jobs: Option<usize>,
+    /// Decide and report like `plan`; execute and write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// No live progress display on stderr.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+/// `cairn plan`.
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub selection: Selection,
+}
+
+/// `cairn validate`.
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// Pipeline file (YAML).
+    pub pipeline: PathBuf,
+    /// Override a pipeline param while checking: KEY=VALUE.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+}
+
+fn options(
+    sel: &Selection,
+    jobs: Option<usize>,
+    dry_run: bool,
+    quiet: bool,
+) -> anyhow::Result<RunOptions> {
+    let jobs = jobs.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    if jobs == 0 {
+        return Err(super::UsageError("--jobs must be at least 1".into()).into());
+    }
+    Ok(RunOptions {
+        only: sel.only.clone(),
+        from: sel.from.clone(),
+        force: sel.force.clone(),
+        force_all: sel.force_all,
+        jobs,
+        dry_run,
+        quiet,
+        args: json!({
+            "set": sel.sets, "only": sel.only, "from": sel.from,
+            "force": sel.force, "force_all": sel.force_all, "jobs": jobs,
+        }),
+        cwd: std::env::current_dir()?,
+    })
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn execute(cli: &Cli, sel: &Selection, opts: RunOptions) -> anyhow::Result<ExitCode> {
+    let pipeline = pipeline::load(&sel.pipeline, &sel.sets)?;
+    let selection = engine::select(&pipeline, &opts)?;
+    let store_dir = cli.store_dir();
+    if opts.dry_run && !store_dir.join("cairn.db").exists() {
+        // Planning against no store: nothing is cached; do not create one.
+        let tmp = tempfile::tempdir()?;
+        return finish(
+            cli,
+            sel,
+            &pipeline,
+            &selection,
+            tmp.path().to_path_buf(),
+            opts,
+        );
+    }
+    finish(cli, sel, &pipeline, &selection, store_dir, opts)
+}
+
+fn finish(
+    _cli: &Cli,
+    sel: &Selection,
+    pipeline: &pipeline::ResolvedPipeline,
+    selection: &engine::Selection,
+    store_dir: PathBuf,
+    opts: RunOptions,
+) -> anyhow::Result<ExitCode> {
+    let store = Arc::new(Store::open(&store_dir, Access::Shared)?);
+    if !opts.dry_run {
+        let _ = store.objects().clean_stale_temp();
+        let _ = store
+            .db()
+            .mark_interrupted(|pid| crate::store::objects::process_alive(pid as i32));
+    }
+    let rt = runtime()?;
+    let cancel = CancellationToken::new();
+    let report = rt.block_on(async {
+        let signal_cancel = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("interrupted: stopping running steps (Ctrl-C again to force)");
+                signal_cancel.cancel();
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    std::process::exit(130);
+                }
+            }
+        });
+        engine::execute(pipeline, selection, store.clone(), &opts, cancel.clone()).await
+    })?;
+    if sel.json {
+        print_json(&report)?;
+    }
+    Ok(match report.status.as_str() {
+        "failed" | "cancelled" => ExitCode::from(1),
+        _ => ExitCode::SUCCESS,
+    })
+}
+
+/// `cairn run`.
+pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
+    let opts = options(&args.selection, args.jobs, args.dry_run, args.quiet)?;
+    execute(cli, &args.selection, opts)
+}
+
+/// `cairn plan`.
+pub fn plan(cli: &Cli, args: &PlanArgs) -> anyhow::Result<ExitCode> {
+    let opts = options(&args.selection, None, true, false)?;
+    execute(cli, &args.selection, opts)
+}
+
+/// `cairn validate`.
+pub fn validate(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
+    let pipeline = pipeline::load(&args.pipeline, &args.sets)?;
+    println!(
+        "{}: pipeline `{}` is valid ({} steps)",
+        args.pipeline.display(),
+        pipeline.name,
+        pipeline.steps.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}

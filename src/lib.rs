@@ -1,0 +1,13 @@
+//! cairn: a DAG workflow orchestrator with declarative YAML pipelines and a
+//! content-addressed artifact store, made for "LLM twin" projects.
+//!
+//! The map (see ARCHITECTURE.md): `pipeline` parses and resolves YAML, `graph` orders
+//! steps, `engine` decides and schedules, `steps` holds the step kinds, `store` keeps
+//! objects and records, `cli` is the thin command-line layer.
+
+pub mod cli;
+pub mod engine;
+pub mod graph;
+pub mod pipeline;
+pub mod steps;
+pub mod store;

@@ -1,0 +1,157 @@
+//! The pipeline and step-spec files as written (the "raw" stage): serde types that
+//! mirror the YAML, before any substitution or checking across steps.
+
+use indexmap::IndexMap;
+use serde::Deserialize;
+
+/// Top-level keys of a pipeline file.
+pub const PIPELINE_KEYS: &[&str] = &["name", "description", "params", "steps"];
+/// Keys of a step entry.
+pub const STEP_KEYS: &[&str] = &["uses", "description", "inputs", "with", "outputs"];
+/// Top-level keys of a step-spec file.
+pub const SPEC_KEYS: &[&str] = &[
+    "name",
+    "description",
+    "inputs",
+    "outputs",
+    "params",
+    "run",
+    "env",
+    "timeout",
+    "retries",
+    "retry_backoff_ms",
+];
+
+/// A pipeline file. Unknown keys are reported from the location index (all at once,
+/// with suggestions), so serde ignores them here instead of stopping at the first.
+#[derive(Debug, Deserialize)]
+pub struct RawPipeline {
+    /// Pipeline name (runs are grouped by it).
+    pub name: String,
+    /// Free text.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Pipeline parameters, referenced as `${params.NAME}`.
+    #[serde(default)]
+    pub params: Option<IndexMap<String, serde_yaml::Value>>,
+    /// Steps by name.
+    pub steps: IndexMap<String, RawStep>,
+}
+
+/// A step entry (unknown keys: see `RawPipeline`).
+#[derive(Debug, Deserialize)]
+pub struct RawStep {
+    /// Step kind, or a spec file path (`./steps/x.yaml`).
+    pub uses: String,
+    /// Free text.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Input name -> `step.output`.
+    #[serde(default)]
+    pub inputs: Option<IndexMap<String, String>>,
+    /// Parameters of the step kind.
+    #[serde(default, rename = "with")]
+    pub with: Option<IndexMap<String, serde_yaml::Value>>,
+    /// Output name -> kind (for `command` steps).
+    #[serde(default)]
+    pub outputs: Option<IndexMap<String, String>>,
+}
+
+/// An input or output declaration in a spec: a kind, or a kind with docs.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawSpecIo {
+    /// Just the kind.
+    Kind(String),
+    /// Kind with details.
+    Full {
+        /// Artifact kind.
+        kind: String,
+        /// What it is.
+        #[serde(default)]
+        doc: Option<String>,
+        /// Inputs only: whether it must be bound (default true).
+        #[serde(default)]
+        required: Option<bool>,
+    },
+}
+
+impl RawSpecIo {
+    /// The declared kind.
+    pub fn kind(&self) -> &str {
+        match self {
+            RawSpecIo::Kind(k) => k,
+            RawSpecIo::Full { kind, .. } => kind,
+        }
+    }
+}
+
+/// Type of a spec parameter.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ParamType {
+    /// Text.
+    String,
+    /// Whole number.
+    Integer,
+    /// Any number.
+    Number,
+    /// true/false.
+    Boolean,
+    /// A sequence.
+    List,
+    /// A mapping.
+    Map,
+    /// Anything.
+    Any,
+}
+
+/// A spec parameter declaration.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSpecParam {
+    /// Expected type (default `any`).
+    #[serde(default, rename = "type")]
+    pub ty: Option<ParamType>,
+    /// Default value; without one the parameter is required.
+    #[serde(default)]
+    pub default: Option<serde_yaml::Value>,
+    /// What it does.
+    #[serde(default)]
+    pub doc: Option<String>,
+}
+
+/// A user step spec (`steps/NAME.yaml`): a reusable `command` with typed interface
+/// (unknown top-level keys: see `RawPipeline`).
+#[derive(Debug, Deserialize)]
+pub struct RawSpec {
+    /// Display name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// What the step does.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Inputs it takes.
+    #[serde(default)]
+    pub inputs: Option<IndexMap<String, RawSpecIo>>,
+    /// Outputs it creates.
+    #[serde(default)]
+    pub outputs: Option<IndexMap<String, RawSpecIo>>,
+    /// Parameters, set with `with:` in the pipeline.
+    #[serde(default)]
+    pub params: Option<IndexMap<String, RawSpecParam>>,
+    /// The program (string for `sh -c`, or argv list).
+    pub run: serde_yaml::Value,
+    /// Extra environment.
+    #[serde(default)]
+    pub env: Option<IndexMap<String, String>>,
+    /// Seconds before the program is killed.
+    #[serde(default)]
+    pub timeout: Option<f64>,
+    /// Extra attempts after a failure.
+    #[serde(default)]
+    pub retries: Option<u32>,
+    /// Milliseconds before the first retry.
+    #[serde(default)]
+    pub retry_backoff_ms: Option<u64>,
+}

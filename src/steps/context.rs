@@ -1,0 +1,156 @@
+//! What a running step gets from the engine: its resolved parameters, input artifacts,
+//! a private staging folder for outputs, progress reporting, and cancellation.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use indexmap::IndexMap;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use super::StepError;
+use crate::store::{ObjectDigest, OutputRef, Store};
+
+/// An input artifact as the step sees it.
+#[derive(Clone, Debug)]
+pub struct InputArtifact {
+    /// Content digest.
+    pub digest: ObjectDigest,
+    /// Artifact kind.
+    pub kind: String,
+    /// Read-only path of the object in the store.
+    pub path: PathBuf,
+}
+
+/// An output the step produced and committed.
+#[derive(Clone, Debug)]
+pub struct Produced {
+    /// Content digest.
+    pub digest: ObjectDigest,
+    /// Artifact kind.
+    pub kind: String,
+    /// Bytes of content.
+    pub size: u64,
+    /// Directory tree or file.
+    pub is_dir: bool,
+    /// Step-provided metadata (counts, metrics).
+    pub metadata: Value,
+}
+
+/// Everything a step returns.
+#[derive(Clone, Debug, Default)]
+pub struct StepOutputs {
+    /// Outputs by name.
+    pub outputs: BTreeMap<String, Produced>,
+    /// A short note for the run summary (e.g. "12 files, 0 rehashed").
+    pub note: Option<String>,
+}
+
+/// Progress reporting for long steps; drawn as a bar on a terminal, silent otherwise.
+#[derive(Clone, Debug)]
+pub struct Progress {
+    bar: indicatif::ProgressBar,
+}
+
+impl Progress {
+    /// Wraps a bar made by the engine.
+    pub fn new(bar: indicatif::ProgressBar) -> Self {
+        Self { bar }
+    }
+
+    /// A progress handle that draws nothing (tests, JSON mode).
+    pub fn hidden() -> Self {
+        Self {
+            bar: indicatif::ProgressBar::hidden(),
+        }
+    }
+
+    /// Sets the total amount of work.
+    pub fn set_length(&self, len: u64) {
+        self.bar.set_length(len);
+    }
+
+    /// Advances by `n` units.
+    pub fn inc(&self, n: u64) {
+        self.bar.inc(n);
+    }
+
+    /// Sets the status text shown beside the bar.
+    pub fn set_message(&self, msg: impl Into<String>) {
+        self.bar.set_message(msg.into());
+    }
+
+    /// The underlying bar (the engine finishes it).
+    pub fn bar(&self) -> &indicatif::ProgressBar {
+        &self.bar
+    }
+}
+
+/// The context of one step execution.
+pub struct StepContext {
+    /// Step name in the pipeline.
+    pub step: String,
+    /// Resolved parameters (`with:` after `${params.*}` substitution).
+    pub params: Value,
+    /// Parameters exported to commands as `CAIRN_PARAM_<NAME>`.
+    pub param_env: BTreeMap<String, Value>,
+    /// Input artifacts by name.
+    pub inputs: BTreeMap<String, InputArtifact>,
+    /// Declared outputs and their kinds.
+    pub outputs: IndexMap<String, String>,
+    /// Outputs recorded under this cache key before (volatile steps compare against it).
+    pub previous: Option<BTreeMap<String, OutputRef>>,
+    /// Empty private folder in the store's tmp/ for outputs and scratch files.
+    pub work_dir: PathBuf,
+    /// File that collects the step's log (stdout/stderr of commands).
+    pub log_path: PathBuf,
+    /// Directory relative paths in params resolve against (where `cairn` was started).
+    pub cwd: PathBuf,
+    /// The store.
+    pub store: Arc<Store>,
+    /// Progress reporting.
+    pub progress: Progress,
+    /// Fires on Ctrl-C; long loops check it.
+    pub cancel: CancellationToken,
+}
+
+impl StepContext {
+    /// Where the step should write output `name` (a file or a directory it creates).
+    pub fn output_path(&self, name: &str) -> PathBuf {
+        self.work_dir.join("out").join(name)
+    }
+
+    /// Resolves a user-given path against the working directory.
+    pub fn resolve_path(&self, p: &str) -> PathBuf {
+        let path = Path::new(p);
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.cwd.join(path)
+        }
+    }
+
+    /// Hashes and stores what the step wrote at `output_path(name)`.
+    pub fn commit_output(&self, name: &str, metadata: Value) -> Result<Produced, StepError> {
+        let kind =
+            self.outputs.get(name).cloned().ok_or_else(|| {
+                StepError::Failed(format!("step has no declared output `{name}`"))
+            })?;
+        let path = self.output_path(name);
+        if std::fs::symlink_metadata(&path).is_err() {
+            return Err(StepError::Failed(format!(
+                "declared output `{name}` was not created (expected at {})",
+                path.display()
+            )));
+        }
+        let committed = self.store.commit(&path)?;
+        Ok(Produced {
+            digest: committed.digest,
+            kind,
+            size: committed.size,
+            is_dir: committed.is_dir,
+            metadata,
+        })
+    }
+}

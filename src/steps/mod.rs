@@ -1,0 +1,155 @@
+//! Step kinds: one module per kind, each implementing the one [`Step`] trait, all listed in
+//! one [`REGISTRY`] table that also drives `cairn steps ls` and `cairn steps show`.
+
+pub mod command;
+pub mod context;
+pub mod source;
+
+use async_trait::async_trait;
+use indexmap::IndexMap;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use thiserror::Error;
+
+pub use context::{InputArtifact, Produced, Progress, StepContext, StepOutputs};
+
+/// The one interface every step kind implements.
+#[async_trait]
+pub trait Step: Send + Sync {
+    /// Name used in `uses:`.
+    fn kind(&self) -> &str;
+
+    /// Implementation version; bump it when the same params and inputs would now give a
+    /// different result, so caches of the old code are not reused.
+    fn version(&self) -> String;
+
+    /// One-line description for `cairn steps ls`.
+    fn summary(&self) -> &str;
+
+    /// JSON Schema of the parameters (`with:`), with defaults and doc strings.
+    fn params_schema(&self) -> Value;
+
+    /// Volatile steps (reading the outside world) always execute, cheaply, and report
+    /// `cached` when what they produce equals the last result.
+    fn volatile(&self) -> bool {
+        false
+    }
+
+    /// Validates parameters and declared outputs at load time and returns the step's
+    /// input/output contract. Nothing runs before every step of a pipeline passes this.
+    fn check(
+        &self,
+        params: &Value,
+        declared_outputs: &IndexMap<String, String>,
+    ) -> Result<StepIo, Vec<ParamIssue>>;
+
+    /// Executes the step. Outputs are written under `ctx.work_dir` and committed with
+    /// [`StepContext::commit_output`].
+    async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError>;
+}
+
+/// What a step consumes and produces.
+#[derive(Clone, Debug, Default)]
+pub struct StepIo {
+    /// Named inputs it accepts; `None` means any names (as `command` does).
+    pub inputs: Option<Vec<InputDecl>>,
+    /// Outputs by name, with their artifact kinds.
+    pub outputs: IndexMap<String, String>,
+}
+
+/// One declared input.
+#[derive(Clone, Debug)]
+pub struct InputDecl {
+    /// Name used in `inputs:`.
+    pub name: String,
+    /// Expected artifact kind (informational; `any` accepts all).
+    pub kind: String,
+    /// Whether the pipeline must bind it.
+    pub required: bool,
+}
+
+/// A problem with a step's configuration, at a path relative to the step
+/// (`with.size`, `outputs`, ...).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamIssue {
+    /// Path below the step, dotted.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+    /// A hint, if any.
+    pub help: Option<String>,
+}
+
+impl ParamIssue {
+    /// A problem at `path`.
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+            help: None,
+        }
+    }
+}
+
+/// Why a step failed.
+#[derive(Debug, Error)]
+pub enum StepError {
+    /// The step's own work failed; the message says why.
+    #[error("{0}")]
+    Failed(String),
+    /// The run was cancelled (Ctrl-C) while the step ran.
+    #[error("cancelled")]
+    Cancelled,
+    /// Storing outputs failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// Deserializes `with:` into a step's typed params, naming the offending key on error.
+pub fn parse_params<P: DeserializeOwned>(params: &Value) -> Result<P, ParamIssue> {
+    serde_path_to_error::deserialize::<_, P>(params.clone()).map_err(|err| {
+        let mut path = String::from("with");
+        for seg in err.path().iter() {
+            use serde_path_to_error::Segment;
+            match seg {
+                Segment::Seq { index } => path.push_str(&format!(".{index}")),
+                Segment::Map { key } => path.push_str(&format!(".{key}")),
+                Segment::Enum { variant } => path.push_str(&format!(".{variant}")),
+                Segment::Unknown => {}
+            }
+        }
+        let message = err.inner().to_string();
+        let help = unknown_field_help(&message);
+        ParamIssue {
+            path,
+            message: format!("invalid parameter: {message}"),
+            help,
+        }
+    })
+}
+
+fn unknown_field_help(message: &str) -> Option<String> {
+    // serde's text: "unknown field `sise`, expected one of `a`, `b`"
+    let rest = message.strip_prefix("unknown field `")?;
+    let (wrong, rest) = rest.split_once('`')?;
+    let candidates: Vec<&str> = rest.split('`').skip(1).step_by(2).collect();
+    crate::pipeline::diagnostic::did_you_mean(wrong, candidates.iter().copied())
+}
+
+/// The JSON Schema of a params type, as plain JSON.
+pub fn schema_of<P: schemars::JsonSchema>() -> Value {
+    serde_json::to_value(schemars::schema_for!(P)).unwrap_or(Value::Null)
+}
+
+/// Every built-in step kind. Add new kinds here (one line each).
+pub static REGISTRY: &[&dyn Step] = &[&source::SourceStep, &command::CommandStep];
+
+/// Looks up a built-in step kind.
+pub fn lookup(kind: &str) -> Option<&'static dyn Step> {
+    REGISTRY.iter().copied().find(|s| s.kind() == kind)
+}
+
+/// Names of all built-in kinds, for "did you mean".
+pub fn kinds() -> impl Iterator<Item = &'static str> {
+    REGISTRY.iter().map(|s| s.kind())
+}

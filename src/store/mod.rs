@@ -1,0 +1,263 @@
+//! The artifact store: content-addressed objects on disk plus a record database.
+//!
+//! Layout under the store root:
+//!   objects/ab/cdef...   immutable files and trees, named by blake3 digest
+//!   tmp/                 per-process staging; anything here is untrusted
+//!   cairn.db             SQLite (WAL): runs, step records, cache index, artifacts
+//!   lock                 flock: runs hold it shared, `gc` exclusive
+//!
+//! An object becomes visible by rename after fsync, and only a database record written
+//! after that makes a later run trust it: a kill at any moment leaves at worst an
+//! unreferenced object or temp folder, which `gc` removes.
+
+pub mod db;
+pub mod digest;
+pub mod hash;
+pub mod objects;
+pub mod records;
+
+use std::collections::HashSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use thiserror::Error;
+
+pub use db::{Database, StatEntry, StepWrite};
+pub use digest::{CacheKey, ObjectDigest};
+pub use objects::{Committed, ObjectArea};
+pub use records::*;
+
+/// Errors of the store layer.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// A filesystem operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The record database failed.
+    #[error("store database: {0}")]
+    Db(#[from] rusqlite::Error),
+    /// The store holds something this version cannot read.
+    #[error("store is inconsistent: {0}")]
+    Corrupt(String),
+    /// A digest or id prefix matched more than one entry.
+    #[error("`{0}` is ambiguous: give more characters")]
+    Ambiguous(String),
+    /// Another process holds the store lock.
+    #[error("the store at {0} is in use by another cairn process (gc needs it alone); try again when it finishes")]
+    Busy(PathBuf),
+}
+
+impl StoreError {
+    /// Wraps an I/O error with what was being done.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        StoreError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// How a process holds the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Runs and readers: many at once.
+    Shared,
+    /// gc: alone, fails fast if others are inside.
+    Exclusive,
+}
+
+/// An open store.
+pub struct Store {
+    root: PathBuf,
+    objects: ObjectArea,
+    db: Mutex<Database>,
+    _lock: fs::File,
+}
+
+impl Store {
+    /// Opens or creates the store at `root`.
+    pub fn open(root: &Path, access: Access) -> Result<Self, StoreError> {
+        fs::create_dir_all(root)
+            .map_err(|e| StoreError::io(format!("creating store {}", root.display()), e))?;
+        let fsync = std::env::var_os("CAIRN_NO_FSYNC").is_none();
+        let objects = ObjectArea::new(root, fsync);
+        objects
+            .create_dirs()
+            .map_err(|e| StoreError::io("creating store folders", e))?;
+        let lock_path = root.join("lock");
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| StoreError::io(format!("opening {}", lock_path.display()), e))?;
+        match access {
+            Access::Shared => lock
+                .lock_shared()
+                .map_err(|e| StoreError::io("locking the store", e))?,
+            Access::Exclusive => lock.try_lock().map_err(|e| match e {
+                fs::TryLockError::WouldBlock => StoreError::Busy(root.to_path_buf()),
+                fs::TryLockError::Error(e) => StoreError::io("locking the store", e),
+            })?,
+        }
+        let db = Database::open(&root.join("cairn.db"))?;
+        Ok(Self {
+            root: root.to_path_buf(),
+            objects,
+            db: Mutex::new(db),
+            _lock: lock,
+        })
+    }
+
+    /// Opens an existing store for reading; errors if there is none.
+    pub fn open_existing(root: &Path) -> Result<Self, StoreError> {
+        if !root.join("cairn.db").exists() {
+            return Err(StoreError::io(
+                format!(
+                    "no cairn store at {} (run a pipeline first, or pass --store DIR)",
+                    root.display()
+                ),
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            ));
+        }
+        Self::open(root, Access::Shared)
+    }
+
+    /// The store root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The object area.
+    pub fn objects(&self) -> &ObjectArea {
+        &self.objects
+    }
+
+    /// The record database (short critical sections only).
+    pub fn db(&self) -> MutexGuard<'_, Database> {
+        self.db
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Path of an object.
+    pub fn object_path(&self, digest: &ObjectDigest) -> PathBuf {
+        self.objects.path(digest)
+    }
+
+    /// Commits a staged path (under `tmp/`) as an object.
+    pub fn commit(&self, staged: &Path) -> Result<Committed, StoreError> {
+        self.objects
+            .commit(staged)
+            .map_err(|e| StoreError::io(format!("storing {}", staged.display()), e))
+    }
+
+    /// Removes unreferenced objects (and, with `keep_runs`, run records beyond the newest
+    /// `keep_runs` per pipeline first). Returns what was (or would be) freed.
+    pub fn gc(&self, keep_runs: Option<usize>, dry_run: bool) -> Result<GcReport, StoreError> {
+        let mut db = self.db();
+        let dropped_runs = match keep_runs {
+            Some(keep) => db.prune_runs(keep, dry_run)?,
+            None => Vec::new(),
+        };
+        let referenced = db.referenced_objects(&dropped_runs, dry_run)?;
+        drop(db);
+        let mut report = GcReport {
+            dropped_runs,
+            ..GcReport::default()
+        };
+        for (digest, path) in self
+            .objects
+            .list()
+            .map_err(|e| StoreError::io("listing objects", e))?
+        {
+            if referenced.contains(&digest) {
+                report.kept += 1;
+                continue;
+            }
+            let size = objects::tree_size(&path).unwrap_or(0);
+            report.freed_bytes += size;
+            report.removed.push(digest);
+            if !dry_run {
+                self.objects
+                    .remove(&digest)
+                    .map_err(|e| StoreError::io(format!("removing {}", path.display()), e))?;
+            }
+        }
+        if !dry_run {
+            report.stale_temp = self
+                .objects
+                .clean_stale_temp()
+                .map_err(|e| StoreError::io("cleaning tmp/", e))?;
+        }
+        Ok(report)
+    }
+
+    /// Rehashes every object and checks that every record points at a present object.
+    pub fn fsck(&self) -> Result<FsckReport, StoreError> {
+        let mut report = FsckReport::default();
+        let present: Vec<(ObjectDigest, PathBuf)> = self
+            .objects
+            .list()
+            .map_err(|e| StoreError::io("listing objects", e))?;
+        let present_set: HashSet<ObjectDigest> = present.iter().map(|(d, _)| *d).collect();
+        for (digest, path) in &present {
+            report.checked += 1;
+            match hash::hash_path(path) {
+                Ok(actual) if actual == *digest => {}
+                Ok(actual) => report.problems.push(format!(
+                    "object {digest} has content hashing to {actual} (corrupted)"
+                )),
+                Err(e) => report
+                    .problems
+                    .push(format!("object {digest} cannot be read: {e}")),
+            }
+        }
+        let recorded = self.db().all_recorded_objects()?;
+        let mut missing: Vec<_> = recorded.difference(&present_set).collect();
+        missing.sort();
+        for digest in missing {
+            report.problems.push(format!(
+                "object {digest} is recorded but missing from objects/"
+            ));
+        }
+        report.unreferenced = present_set.difference(&recorded).count();
+        Ok(report)
+    }
+}
+
+/// What `gc` did or would do.
+#[derive(Debug, Default)]
+pub struct GcReport {
+    /// Runs whose records were dropped by `--keep-runs`.
+    pub dropped_runs: Vec<String>,
+    /// Objects removed (or to remove, on a dry run).
+    pub removed: Vec<ObjectDigest>,
+    /// Bytes freed.
+    pub freed_bytes: u64,
+    /// Objects kept because a record references them.
+    pub kept: usize,
+    /// Stale temp folders of dead processes removed.
+    pub stale_temp: usize,
+}
+
+/// What `fsck` found.
+#[derive(Debug, Default)]
+pub struct FsckReport {
+    /// Objects rehashed.
+    pub checked: usize,
+    /// Objects no record references (harmless; `gc` frees them).
+    pub unreferenced: usize,
+    /// Mismatches and missing objects.
+    pub problems: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,287 @@
+//! The object area: content-addressed files and directory trees under `objects/`, written
+//! through a private temp folder, fsynced and renamed into place so a reader (or a run
+//! after a kill -9) never sees half an object.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use super::digest::ObjectDigest;
+use super::hash;
+
+/// Where objects and temp work live inside a store root.
+#[derive(Clone, Debug)]
+pub struct ObjectArea {
+    objects: PathBuf,
+    tmp: PathBuf,
+    fsync: bool,
+}
+
+/// What committing a path into the store produced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Committed {
+    /// Content digest of the object.
+    pub digest: ObjectDigest,
+    /// Total bytes of file content.
+    pub size: u64,
+    /// Whether the object is a directory tree.
+    pub is_dir: bool,
+}
+
+impl ObjectArea {
+    /// An object area rooted at `root` (folders are created on demand).
+    pub fn new(root: &Path, fsync: bool) -> Self {
+        Self {
+            objects: root.join("objects"),
+            tmp: root.join("tmp"),
+            fsync,
+        }
+    }
+
+    /// Creates the folders of the object area.
+    pub fn create_dirs(&self) -> io::Result<()> {
+        fs::create_dir_all(&self.objects)?;
+        fs::create_dir_all(&self.tmp)
+    }
+
+    /// The path an object with this digest has (whether or not it exists).
+    pub fn path(&self, digest: &ObjectDigest) -> PathBuf {
+        let hex = digest.to_hex();
+        self.objects.join(&hex[..2]).join(&hex[2..])
+    }
+
+    /// Whether an object with this digest is present.
+    pub fn contains(&self, digest: &ObjectDigest) -> bool {
+        fs::symlink_metadata(self.path(digest)).is_ok()
+    }
+
+    /// A fresh, empty folder under `tmp/` owned by this process; its name carries our pid
+    /// so that a later process can clean it up when we are gone.
+    pub fn temp_dir(&self, label: &str) -> io::Result<PathBuf> {
+        let label: String = label
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .take(40)
+            .collect();
+        let dir = self.tmp.join(format!(
+            "p{}-{}-{:016x}",
+            std::process::id(),
+            label,
+            rand::random::<u64>()
+        ));
+        fs::create_dir_all(&dir)?;
+        Ok(dir)
+    }
+
+    /// Removes temp folders left by processes that no longer exist (a killed run).
+    pub fn clean_stale_temp(&self) -> io::Result<usize> {
+        let mut removed = 0;
+        let entries = match fs::read_dir(&self.tmp) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().to_string();
+            let pid = name
+                .strip_prefix('p')
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|p| p.parse::<i32>().ok());
+            let alive = pid.is_some_and(process_alive);
+            if !alive {
+                remove_any(&entry.path())?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Moves a file or directory (which must live under this area's `tmp/`) into the
+    /// object area under its content digest. The source is consumed either way.
+    pub fn commit(&self, src: &Path) -> io::Result<Committed> {
+        let digest = hash::hash_path(src)?;
+        let meta = fs::symlink_metadata(src)?;
+        let is_dir = meta.is_dir();
+        let size = tree_size(src)?;
+        let dest = self.path(&digest);
+        if fs::symlink_metadata(&dest).is_ok() {
+            remove_any(src)?;
+            return Ok(Committed {
+                digest,
+                size,
+                is_dir,
+            });
+        }
+        seal(src, self.fsync)?;
+        let parent = dest.parent().expect("object path has a parent");
+        fs::create_dir_all(parent)?;
+        match fs::rename(src, &dest) {
+            Ok(()) => {}
+            // Another process committed the same content first: theirs is as good as ours.
+            Err(_) if fs::symlink_metadata(&dest).is_ok() => remove_any(src)?,
+            Err(e) => return Err(e),
+        }
+        if self.fsync {
+            fs::File::open(parent)?.sync_all()?;
+        }
+        Ok(Committed {
+            digest,
+            size,
+            is_dir,
+        })
+    }
+
+    /// Copies an outside path into a temp folder and commits it.
+    pub fn import_copy(&self, src: &Path) -> io::Result<Committed> {
+        let staging = self.temp_dir("import")?;
+        let target = staging.join("object");
+        copy_tree(src, &target)?;
+        let committed = self.commit(&target);
+        let _ = fs::remove_dir_all(&staging);
+        committed
+    }
+
+    /// Every object digest present on disk, with its path.
+    pub fn list(&self) -> io::Result<Vec<(ObjectDigest, PathBuf)>> {
+        let mut out = Vec::new();
+        let shards = match fs::read_dir(&self.objects) {
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e),
+        };
+        for shard in shards {
+            let shard = shard?;
+            let prefix = shard.file_name().to_string_lossy().to_string();
+            if !shard.file_type()?.is_dir() {
+                continue;
+            }
+            for obj in fs::read_dir(shard.path())? {
+                let obj = obj?;
+                let name = format!("{prefix}{}", obj.file_name().to_string_lossy());
+                if let Ok(digest) = name.parse::<ObjectDigest>() {
+                    out.push((digest, obj.path()));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Deletes one object (files inside a tree are read-only, their folders are not).
+    pub fn remove(&self, digest: &ObjectDigest) -> io::Result<()> {
+        remove_any(&self.path(digest))
+    }
+}
+
+/// Total size in bytes of the files under a path.
+pub fn tree_size(path: &Path) -> io::Result<u64> {
+    let meta = fs::symlink_metadata(path)?;
+    if !meta.is_dir() {
+        return Ok(if meta.is_file() { meta.len() } else { 0 });
+    }
+    let mut total = 0;
+    for entry in walkdir::WalkDir::new(path) {
+        let entry = entry.map_err(io::Error::other)?;
+        if entry.file_type().is_file() {
+            total += entry.metadata().map_err(io::Error::other)?.len();
+        }
+    }
+    Ok(total)
+}
+
+/// Makes files read-only (an object must never change in place) and fsyncs them.
+fn seal(path: &Path, fsync: bool) -> io::Result<()> {
+    for entry in walkdir::WalkDir::new(path) {
+        let entry = entry.map_err(io::Error::other)?;
+        let ft = entry.file_type();
+        if ft.is_file() {
+            let meta = entry.metadata().map_err(io::Error::other)?;
+            let mode = meta.permissions().mode() & !0o222;
+            fs::set_permissions(entry.path(), fs::Permissions::from_mode(mode))?;
+            if fsync {
+                fs::File::open(entry.path())?.sync_all()?;
+            }
+        } else if ft.is_dir() && fsync {
+            fs::File::open(entry.path())?.sync_all()?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies a file, symlink or directory tree, keeping the executable bit.
+pub fn copy_tree(src: &Path, dest: &Path) -> io::Result<()> {
+    let meta = fs::symlink_metadata(src)?;
+    if meta.file_type().is_symlink() {
+        std::os::unix::fs::symlink(fs::read_link(src)?, dest)
+    } else if meta.is_dir() {
+        fs::create_dir_all(dest)?;
+        for (name, _) in hash::read_sorted_dir(src)? {
+            copy_tree(&src.join(&name), &dest.join(&name))?;
+        }
+        Ok(())
+    } else {
+        fs::copy(src, dest)?;
+        let mode = meta.permissions().mode() | 0o200;
+        fs::set_permissions(dest, fs::Permissions::from_mode(mode))
+    }
+}
+
+/// Removes a file, symlink or tree; a missing path is not an error.
+pub fn remove_any(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether a process with this pid exists (signal 0 probes without sending).
+pub fn process_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 performs only the permission and existence check.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_is_idempotent_and_read_only() {
+        let root = tempfile::tempdir().unwrap();
+        let area = ObjectArea::new(root.path(), false);
+        area.create_dirs().unwrap();
+        let mut digests = Vec::new();
+        for _ in 0..2 {
+            let t = area.temp_dir("t").unwrap();
+            fs::write(t.join("f"), b"same").unwrap();
+            digests.push(area.commit(&t.join("f")).unwrap().digest);
+        }
+        assert_eq!(digests[0], digests[1]);
+        assert_eq!(area.list().unwrap().len(), 1);
+        let mode = fs::metadata(area.path(&digests[0]))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o222, 0, "objects are read-only");
+    }
+
+    #[test]
+    fn stale_temp_of_dead_process_is_removed() {
+        let root = tempfile::tempdir().unwrap();
+        let area = ObjectArea::new(root.path(), false);
+        area.create_dirs().unwrap();
+        let live = area.temp_dir("live").unwrap();
+        let dead = root.path().join("tmp/p999999999-x-1");
+        fs::create_dir_all(&dead).unwrap();
+        assert_eq!(area.clean_stale_temp().unwrap(), 1);
+        assert!(live.exists());
+        assert!(!dead.exists());
+    }
+}

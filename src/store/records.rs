@@ -1,0 +1,185 @@
+//! Typed records kept in the store's database: runs, step executions, cache entries and
+//! artifacts. These are what the CLI and the UI read; they serialize to the JSON contract.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::digest::{CacheKey, ObjectDigest};
+
+/// Serde helpers so digests serialize as hex strings.
+pub mod hex {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::str::FromStr;
+
+    /// Serializes any digest as hex.
+    pub fn serialize<T: std::fmt::Display, S: Serializer>(d: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(d)
+    }
+
+    /// Parses a hex digest.
+    pub fn deserialize<'de, T: FromStr<Err = String>, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<T, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// How a step fared in a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    /// Executed and succeeded.
+    Ran,
+    /// Outputs reused from the cache (or a volatile step found nothing changed).
+    Cached,
+    /// Executed and failed.
+    Failed,
+    /// Not executed: an upstream failed, the run was cancelled, or it was not selected.
+    Skipped,
+    /// Planned to execute (plan and dry runs only).
+    WillRun,
+}
+
+impl StepStatus {
+    /// The status word used in text and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepStatus::Ran => "ran",
+            StepStatus::Cached => "cached",
+            StepStatus::Failed => "failed",
+            StepStatus::Skipped => "skipped",
+            StepStatus::WillRun => "will_run",
+        }
+    }
+
+    /// Parses a status word from the database.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "ran" => StepStatus::Ran,
+            "cached" => StepStatus::Cached,
+            "failed" => StepStatus::Failed,
+            "skipped" => StepStatus::Skipped,
+            "will_run" => StepStatus::WillRun,
+            _ => return None,
+        })
+    }
+}
+
+/// One output of a step: the artifact it produced and its kind.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputRef {
+    /// Content digest of the artifact.
+    #[serde(with = "hex")]
+    pub digest: ObjectDigest,
+    /// Artifact kind (file, dir, documents, ...).
+    pub kind: String,
+}
+
+/// One input of a step: the artifact it consumed and the step that produced it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputRef {
+    /// Content digest of the artifact.
+    #[serde(with = "hex")]
+    pub digest: ObjectDigest,
+    /// Producing step and output, as written in the pipeline (`clean.documents`).
+    pub from: String,
+}
+
+/// A cache entry: a cache key and the outputs that execution produced.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CacheEntry {
+    /// The key.
+    #[serde(with = "hex")]
+    pub key: CacheKey,
+    /// Outputs by name.
+    pub outputs: BTreeMap<String, OutputRef>,
+    /// Run that first produced the entry.
+    pub run_id: String,
+    /// Step name in that run.
+    pub step: String,
+}
+
+/// A run of a pipeline.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// Time-sortable id, e.g. `20261122-041502-3fa2c1`.
+    pub id: String,
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Pipeline file as given on the command line.
+    pub pipeline_file: String,
+    /// running | succeeded | failed | interrupted
+    pub status: String,
+    /// RFC 3339 start time.
+    pub started_at: String,
+    /// RFC 3339 end time.
+    pub finished_at: Option<String>,
+    /// Process that ran it (to detect runs killed mid-way).
+    pub pid: i64,
+    /// Command-line selection and overrides (`--set`, `--only`, ...).
+    pub args: Value,
+}
+
+/// A step's execution record within one run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// Run id.
+    pub run_id: String,
+    /// Step name.
+    pub step: String,
+    /// Step kind (`command`, `source`, `./steps/x.yaml`).
+    pub kind: String,
+    /// Step implementation version.
+    pub version: String,
+    /// Outcome.
+    pub status: StepStatus,
+    /// Why it ran or was cached, in words.
+    pub reason: String,
+    /// Cache key, when one could be computed.
+    pub cache_key: Option<String>,
+    /// Wall time in milliseconds.
+    pub duration_ms: u64,
+    /// RFC 3339 start time.
+    pub started_at: String,
+    /// Resolved parameters (the effective configuration).
+    pub params: Value,
+    /// Pipeline parameters the step references, with their values.
+    pub param_refs: BTreeMap<String, Value>,
+    /// Inputs consumed.
+    pub inputs: BTreeMap<String, InputRef>,
+    /// Outputs produced or reused.
+    pub outputs: BTreeMap<String, OutputRef>,
+    /// Error message when failed.
+    pub error: Option<String>,
+    /// Digest of the captured log object, if any.
+    pub log: Option<String>,
+}
+
+/// An artifact: an object plus what is known of how it came to be.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactRecord {
+    /// Content digest.
+    #[serde(with = "hex")]
+    pub digest: ObjectDigest,
+    /// Artifact kind.
+    pub kind: String,
+    /// Directory tree (true) or single file.
+    pub is_dir: bool,
+    /// Bytes of content.
+    pub size: u64,
+    /// RFC 3339 time of first production.
+    pub created_at: String,
+    /// Run that first produced it.
+    pub producer_run: String,
+    /// Step that first produced it.
+    pub producer_step: String,
+    /// Output name on that step.
+    pub output: String,
+    /// Pipeline of that run.
+    pub pipeline: String,
+    /// Step-provided metadata (counts, metrics, ...).
+    pub metadata: Value,
+}

@@ -1,0 +1,153 @@
+//! Store properties: gc never deletes a referenced object; identical content is stored once.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+use serde_json::json;
+
+use super::*;
+
+fn record_run(store: &Store, run: &str, outputs: &[ObjectDigest]) {
+    store
+        .db()
+        .insert_run(&RunRecord {
+            id: run.into(),
+            pipeline: "p".into(),
+            pipeline_file: "p.yaml".into(),
+            status: "succeeded".into(),
+            started_at: "2026-01-01T00:00:00Z".into(),
+            finished_at: None,
+            pid: 1,
+            args: json!({}),
+        })
+        .unwrap();
+    let outs: BTreeMap<String, OutputRef> = outputs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            (
+                format!("o{i}"),
+                OutputRef {
+                    digest: *d,
+                    kind: "file".into(),
+                },
+            )
+        })
+        .collect();
+    let record = StepRecord {
+        run_id: run.into(),
+        step: "s".into(),
+        kind: "command".into(),
+        version: "1".into(),
+        status: StepStatus::Ran,
+        reason: "test".into(),
+        cache_key: Some(blake3::hash(run.as_bytes()).to_hex().to_string()),
+        duration_ms: 0,
+        started_at: "2026-01-01T00:00:00Z".into(),
+        params: json!({}),
+        param_refs: BTreeMap::new(),
+        inputs: BTreeMap::new(),
+        outputs: outs.clone(),
+        error: None,
+        log: None,
+    };
+    let entry = CacheEntry {
+        key: CacheKey::from(blake3::hash(run.as_bytes())),
+        outputs: outs,
+        run_id: run.into(),
+        step: "s".into(),
+    };
+    store
+        .db()
+        .write_steps(&[StepWrite {
+            record: &record,
+            seq: 0,
+            artifacts: &[],
+            cache: Some(&entry),
+        }])
+        .unwrap();
+}
+
+fn put(store: &Store, content: &[u8]) -> ObjectDigest {
+    let dir = store.objects().temp_dir("t").unwrap();
+    let f = dir.join("f");
+    std::fs::write(&f, content).unwrap();
+    let c = store.commit(&f).unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+    c.digest
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn gc_never_deletes_a_referenced_object(
+        contents in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 1..12),
+        runs in prop::collection::vec(prop::collection::vec(any::<prop::sample::Index>(), 0..4), 1..6),
+        keep in 1usize..4,
+    ) {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path(), Access::Shared).unwrap();
+        let digests: Vec<ObjectDigest> = contents.iter().map(|c| put(&store, c)).collect();
+        let mut referenced_by_run = Vec::new();
+        for (i, picks) in runs.iter().enumerate() {
+            let outs: Vec<ObjectDigest> = picks.iter().map(|ix| digests[ix.index(digests.len())]).collect();
+            let id = format!("2026010{}-000000-{i:06x}", i);
+            record_run(&store, &id, &outs);
+            referenced_by_run.push((id, outs));
+        }
+        let report = store.gc(Some(keep), false).unwrap();
+        let kept_runs: Vec<_> = referenced_by_run.iter().rev().take(keep).collect();
+        for (_, outs) in &kept_runs {
+            for d in outs {
+                prop_assert!(store.objects().contains(d), "referenced object {d} was deleted");
+                prop_assert_eq!(hash::hash_path(&store.object_path(d)).unwrap(), *d);
+            }
+        }
+        for d in &report.removed {
+            prop_assert!(!kept_runs.iter().any(|(_, outs)| outs.contains(d)));
+        }
+        prop_assert!(store.fsck().unwrap().problems.is_empty());
+    }
+
+    #[test]
+    fn identical_content_is_stored_once(content in prop::collection::vec(any::<u8>(), 0..256), copies in 1usize..5) {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path(), Access::Shared).unwrap();
+        let digests: Vec<ObjectDigest> = (0..copies).map(|_| put(&store, &content)).collect();
+        prop_assert!(digests.windows(2).all(|w| w[0] == w[1]));
+        prop_assert_eq!(store.objects().list().unwrap().len(), 1);
+        prop_assert_eq!(std::fs::read(store.object_path(&digests[0])).unwrap(), content);
+    }
+}
+
+#[test]
+fn gc_without_records_removes_orphans_only() {
+    let root = tempfile::tempdir().unwrap();
+    let store = Store::open(root.path(), Access::Shared).unwrap();
+    let kept = put(&store, b"kept");
+    let orphan = put(&store, b"orphan");
+    record_run(&store, "20260101-000000-000001", &[kept]);
+    let dry = store.gc(None, true).unwrap();
+    assert_eq!(dry.removed, vec![orphan]);
+    assert!(store.objects().contains(&orphan), "dry run removes nothing");
+    store.gc(None, false).unwrap();
+    assert!(!store.objects().contains(&orphan));
+    assert!(store.objects().contains(&kept));
+}
+
+#[test]
+fn fsck_finds_corruption() {
+    let root = tempfile::tempdir().unwrap();
+    let store = Store::open(root.path(), Access::Shared).unwrap();
+    let d = put(&store, b"content");
+    record_run(&store, "20260101-000000-000001", &[d]);
+    assert!(store.fsck().unwrap().problems.is_empty());
+    let path = store.object_path(&d);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&path, b"tampered").unwrap();
+    let report = store.fsck().unwrap();
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    assert!(report.problems[0].contains("corrupted"));
+}
