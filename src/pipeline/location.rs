@@ -92,18 +92,19 @@ impl LocationIndex {
         self.children.get(path).map(Vec::as_slice).unwrap_or(&[])
     }
 
-    /// The location of `path` or of its closest indexed ancestor.
+    /// The location of `path`, else the key of its closest indexed ancestor.
     pub fn nearest(&self, path: &str) -> Option<Location> {
+        if let Some(l) = self.value(path).or_else(|| self.keys.get(path).copied()) {
+            return Some(l);
+        }
         let mut p = path;
-        loop {
-            if let Some(l) = self.value(p).or_else(|| self.keys.get(p).copied()) {
+        while let Some(i) = p.rfind('.') {
+            p = &p[..i];
+            if let Some(l) = self.keys.get(p).copied().or_else(|| self.value(p)) {
                 return Some(l);
             }
-            match p.rfind('.') {
-                Some(i) => p = &p[..i],
-                None => return self.value(""),
-            }
         }
+        self.value("")
     }
 }
 

@@ -137,18 +137,25 @@ impl SourceFile {
             let tab_help = (line_text.starts_with('\t')
                 || text.lines().any(|l| l.starts_with('\t')) && e.message.contains("tab"))
             .then(|| "YAML does not allow tabs for indentation; indent with spaces".to_string());
+            let flow_help = e
+                .message
+                .contains("flow")
+                .then(|| "check for an unclosed `{`, `[` or quote before this point".to_string());
             Diagnostic::at(
                 path,
                 Some(e.location),
                 format!("invalid YAML: {}", e.message),
             )
-            .with_optional_help(tab_help)
+            .with_optional_help(tab_help.or(flow_help))
         })?;
         if index.empty {
             return Err(empty_file(path, what).into());
         }
         Ok(Self {
-            path: path.to_path_buf(),
+            path: path
+                .components()
+                .filter(|c| !matches!(c, std::path::Component::CurDir))
+                .collect(),
             text,
             index,
         })
@@ -216,7 +223,12 @@ impl SourceFile {
             if let Some(i) = message.rfind(" at line ") {
                 message.truncate(i);
             }
-            Diagnostic::at(&self.path, location, message)
+            let help = if message.contains("repetition limit") {
+                Some("anchors and aliases (`&a`, `*a`) expand to too much data; write the values out".to_string())
+            } else {
+                None
+            };
+            Diagnostic::at(&self.path, location, crate::steps::plain_type_names(&message)).with_optional_help(help)
         })
     }
 }
@@ -391,9 +403,10 @@ impl<'a> Resolver<'a> {
         if raw.steps.is_empty() {
             self.error("steps", "the pipeline has no steps", None);
         }
-        self.check_input_targets(&raw);
+        let raw_steps = self.deserialize_steps(&raw);
+        self.check_input_targets(&raw_steps);
         let mut steps = Vec::new();
-        for (name, step) in &raw.steps {
+        for (name, step) in &raw_steps {
             if !valid_step_name(name) {
                 self.error(
                     &format!("steps.{name}"),
@@ -428,6 +441,34 @@ impl<'a> Resolver<'a> {
             params,
             steps,
         })
+    }
+
+    /// Each step on its own, so a type error in one does not hide the others.
+    fn deserialize_steps(&mut self, raw: &RawPipeline) -> IndexMap<String, raw::RawStep> {
+        let mut out = IndexMap::new();
+        for (name, value) in &raw.steps {
+            match serde_path_to_error::deserialize::<_, raw::RawStep>(value.clone()) {
+                Ok(step) => {
+                    out.insert(name.clone(), step);
+                }
+                Err(err) => {
+                    let sub = err.path().to_string();
+                    let path = if sub == "." {
+                        format!("steps.{name}")
+                    } else {
+                        format!("steps.{name}.{sub}")
+                    };
+                    let message = crate::steps::plain_type_names(&err.inner().to_string());
+                    let message = if sub == "." {
+                        message
+                    } else {
+                        format!("{sub}: {message}")
+                    };
+                    self.error(&path, format!("step `{name}`: {message}"), None);
+                }
+            }
+        }
+        out
     }
 
     fn pipeline_params(&mut self, raw: &RawPipeline, sets: &[String]) -> IndexMap<String, Value> {
@@ -562,13 +603,20 @@ impl<'a> Resolver<'a> {
     ) -> Option<ResolvedStep> {
         let base = format!("steps.{name}");
         let mut with = serde_json::Map::new();
+        let mut unreadable = false;
         for (k, v) in raw.with.iter().flatten() {
             match yaml_to_json(v) {
                 Ok(j) => {
                     with.insert(k.clone(), j);
                 }
-                Err(e) => self.error(&format!("{base}.with.{k}"), format!("`{k}`: {e}"), None),
+                Err(e) => {
+                    unreadable = true;
+                    self.error(&format!("{base}.with.{k}"), format!("`{k}`: {e}"), None);
+                }
             }
+        }
+        if unreadable {
+            return None;
         }
         let mut with = Value::Object(with);
         let mut param_refs = BTreeMap::new();
@@ -651,7 +699,13 @@ impl<'a> Resolver<'a> {
                 }
                 Err(issues) => {
                     for issue in issues {
-                        self.error(&format!("{base}.{}", issue.path), issue.message, issue.help);
+                        let help = issue.help.or_else(|| {
+                            issue
+                                .message
+                                .contains("missing field")
+                                .then(|| format!("`cairn steps show {uses}` lists its parameters"))
+                        });
+                        self.error(&format!("{base}.{}", issue.path), issue.message, help);
                     }
                     self.check_io_references(&base, &with, &inputs, None);
                     return None;
@@ -777,14 +831,14 @@ impl<'a> Resolver<'a> {
     }
 
     /// Every `inputs:` reference names a step of this pipeline.
-    fn check_input_targets(&mut self, raw: &RawPipeline) {
-        for (name, step) in &raw.steps {
+    fn check_input_targets(&mut self, raw_steps: &IndexMap<String, raw::RawStep>) {
+        for (name, step) in raw_steps {
             for (input, reference) in step.inputs.iter().flatten() {
                 let Some((target, _)) = reference.split_once('.') else {
                     continue;
                 };
-                if !target.is_empty() && !raw.steps.contains_key(target) {
-                    let help = did_you_mean(target, raw.steps.keys().map(|k| k.as_str()));
+                if !target.is_empty() && !raw_steps.contains_key(target) {
+                    let help = did_you_mean(target, raw_steps.keys().map(|k| k.as_str()));
                     self.error(
                         &format!("steps.{name}.inputs.{input}"),
                         format!("input `{input}` refers to unknown step `{target}`"),

@@ -34,8 +34,9 @@ pub struct RawPipeline {
     /// Pipeline parameters, referenced as `${params.NAME}`.
     #[serde(default)]
     pub params: Option<IndexMap<String, serde_yaml::Value>>,
-    /// Steps by name.
-    pub steps: IndexMap<String, RawStep>,
+    /// Steps by name; each is deserialized on its own so that type errors in several
+    /// steps are all reported.
+    pub steps: IndexMap<String, serde_yaml::Value>,
 }
 
 /// A step entry (unknown keys: see `RawPipeline`).

@@ -84,6 +84,16 @@ fn type_name(t: ParamType) -> &'static str {
     }
 }
 
+fn with_article(t: ParamType) -> String {
+    let name = type_name(t);
+    let article = if matches!(t, ParamType::Integer | ParamType::Any) {
+        "an"
+    } else {
+        "a"
+    };
+    format!("{article} {name}")
+}
+
 fn type_matches(t: ParamType, v: &Value) -> bool {
     match t {
         ParamType::String => v.is_string(),
@@ -144,7 +154,7 @@ impl Spec {
                 if !type_matches(ty, d) {
                     diags.push(src.diag(
                         &format!("params.{name}.default"),
-                        format!("default of `{name}` is {d}, not a {}", type_name(ty)),
+                        format!("default of `{name}` is {d}, not {}", with_article(ty)),
                     ));
                 }
             }
@@ -256,7 +266,7 @@ impl Spec {
                 }),
                 Some(p) if !type_matches(p.ty, v) => issues.push(ParamIssue::new(
                     format!("with.{k}"),
-                    format!("parameter `{k}` must be a {}, got {v}", type_name(p.ty)),
+                    format!("parameter `{k}` must be {}, got {v}", with_article(p.ty)),
                 )),
                 Some(_) => {
                     values.insert(k.clone(), v.clone());

@@ -60,6 +60,11 @@ pub fn substitute(
             ))
         })?;
         let inner = after[..end].trim();
+        if inner.contains("${") {
+            return Err(TemplateError(format!(
+                "unterminated `${{` in `{text}`: close each reference with `}}`, or write `$${{` for a literal"
+            )));
+        }
         let reference = parse_reference(inner)?;
         match replace(&reference)? {
             Some(value) => out.push_str(&value),

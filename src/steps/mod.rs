@@ -118,7 +118,7 @@ pub fn parse_params<P: DeserializeOwned>(params: &Value) -> Result<P, ParamIssue
                 Segment::Unknown => {}
             }
         }
-        let message = err.inner().to_string();
+        let message = plain_type_names(&err.inner().to_string());
         let help = unknown_field_help(&message);
         ParamIssue {
             path,
@@ -126,6 +126,16 @@ pub fn parse_params<P: DeserializeOwned>(params: &Value) -> Result<P, ParamIssue
             help,
         }
     })
+}
+
+/// serde speaks Rust ("expected u32"); users write YAML.
+pub fn plain_type_names(message: &str) -> String {
+    message
+        .replace("expected u32", "expected a whole number >= 0")
+        .replace("expected u64", "expected a whole number >= 0")
+        .replace("expected i64", "expected a whole number")
+        .replace("expected f64", "expected a number")
+        .replace("expected usize", "expected a whole number >= 0")
 }
 
 fn unknown_field_help(message: &str) -> Option<String> {

@@ -1,0 +1,274 @@
+//! Cache semantics on diamond and wide DAGs: cold run, no-op rerun, a param change in the
+//! middle, revert, early cutoff, partial runs and real parallelism.
+
+mod common;
+use common::Project;
+
+/// src -> (upper, words) -> report; `upper` uses params `case` and `noise`.
+const DIAMOND: &str = r#"
+name: diamond
+params: {case: upper, noise: 1, lines: 2}
+steps:
+  src:
+    uses: source
+    with: {path: data}
+  upper:
+    uses: command
+    inputs: {text: src.data}
+    outputs: {out: file}
+    with:
+      # `noise` changes the command but not its output: exercises early cutoff.
+      run: "cat ${inputs.text}/*.txt | tr '[:lower:]' '[:${params.case}:]' > ${outputs.out} # ${params.noise}"
+  words:
+    uses: command
+    inputs: {text: src.data}
+    outputs: {out: file}
+    with:
+      run: "cat ${inputs.text}/*.txt | wc -w | tr -d ' ' > ${outputs.out}"
+  report:
+    uses: command
+    inputs: {upper: upper.out, words: words.out}
+    outputs: {out: file}
+    with:
+      run: "head -n ${params.lines} ${inputs.upper} > ${outputs.out}; cat ${inputs.words} >> ${outputs.out}"
+"#;
+
+fn diamond() -> Project {
+    let p = Project::new();
+    p.write("data/a.txt", "hello world\nfrom my blog\n")
+        .write("data/b.txt", "second post\n")
+        .write("p.yaml", DIAMOND);
+    p
+}
+
+#[test]
+fn cold_noop_change_revert() {
+    let p = diamond();
+    let cold = p.run("p.yaml", &[]);
+    assert_eq!(cold.code, 0, "{}", cold.stderr);
+    assert_eq!(cold.with_status("ran"), ["report", "src", "upper", "words"]);
+    assert_eq!(cold.reason("upper"), "no earlier result");
+    let report = cold.output("report", "out");
+    let (_, cat, _) = p.exec(&["artifacts", "cat", &report]);
+    assert_eq!(cat, "HELLO WORLD\nFROM MY BLOG\n7\n");
+
+    let noop = p.run("p.yaml", &[]);
+    assert_eq!(
+        noop.with_status("cached"),
+        ["report", "src", "upper", "words"],
+        "{}",
+        noop.stderr
+    );
+    assert!(
+        noop.reason("src").starts_with("source unchanged"),
+        "{}",
+        noop.reason("src")
+    );
+
+    // A param only `report` uses: only report reruns.
+    let changed = p.run("p.yaml", &["--set", "lines=1"]);
+    assert_eq!(changed.with_status("ran"), ["report"]);
+    assert_eq!(changed.reason("report"), "param lines changed 2 -> 1");
+
+    // A param in the middle: upper and report rerun, words stays cached.
+    let mid = p.run("p.yaml", &["--set", "case=lower"]);
+    assert_eq!(mid.with_status("ran"), ["report", "upper"]);
+    assert_eq!(mid.with_status("cached"), ["src", "words"]);
+    assert_eq!(mid.reason("upper"), "param case changed upper -> lower");
+    // Compared with the last run (lines=1), two things changed for report.
+    assert_eq!(
+        mid.reason("report"),
+        "param lines changed 1 -> 2; input upper changed (from step upper)"
+    );
+
+    // Back to the file's values: everything comes from the cache, nothing executes.
+    let revert = p.run("p.yaml", &[]);
+    assert_eq!(
+        revert.with_status("cached"),
+        ["report", "src", "upper", "words"]
+    );
+    assert_eq!(revert.output("report", "out"), report);
+}
+
+#[test]
+fn early_cutoff_stops_the_wave() {
+    let p = diamond();
+    assert_eq!(p.run("p.yaml", &[]).code, 0);
+    let out = p.run("p.yaml", &["--set", "noise=2"]);
+    assert_eq!(out.with_status("ran"), ["upper"], "{}", out.stderr);
+    assert_eq!(out.step("report")["status"], "cached");
+    assert!(
+        out.reason("report")
+            .starts_with("early cutoff: upper reran"),
+        "{}",
+        out.reason("report")
+    );
+}
+
+#[test]
+fn source_edits_rerun_and_touch_does_not() {
+    let p = diamond();
+    assert_eq!(p.run("p.yaml", &[]).code, 0);
+    // Same bytes, new mtime: rehashed, identical digest, nothing below reruns.
+    let a = p.path("data/a.txt");
+    let content = std::fs::read(&a).unwrap();
+    std::fs::write(&a, &content).unwrap();
+    let touched = p.run("p.yaml", &[]);
+    assert_eq!(
+        touched.with_status("ran"),
+        Vec::<String>::new(),
+        "{}",
+        touched.stderr
+    );
+    std::fs::write(&a, "new words here\n").unwrap();
+    let edited = p.run("p.yaml", &[]);
+    assert_eq!(
+        edited.with_status("ran"),
+        ["report", "src", "upper", "words"]
+    );
+    assert!(edited.reason("src").starts_with("source changed"));
+}
+
+#[test]
+fn partial_runs_only_from_force() {
+    let p = diamond();
+    // --only on an empty store: upstream outputs are missing -> clear error, exit 2.
+    let missing = p.run("p.yaml", &["--only", "report"]);
+    assert_eq!(missing.code, 2);
+    assert!(
+        missing.stderr.contains("need the outputs of `src`"),
+        "{}",
+        missing.stderr
+    );
+
+    assert_eq!(p.run("p.yaml", &[]).code, 0);
+    let only = p.run("p.yaml", &["--only", "report", "--force", "report"]);
+    assert_eq!(only.with_status("ran"), ["report"]);
+    assert_eq!(only.reason("report"), "forced");
+    assert!(only
+        .reason("upper")
+        .starts_with("not selected; outputs from the cache"));
+
+    let from = p.run("p.yaml", &["--from", "upper", "--set", "case=lower"]);
+    assert_eq!(from.with_status("ran"), ["report", "upper"]);
+    assert_eq!(from.with_status("skipped"), ["src", "words"]);
+
+    // Forcing a step that reproduces its output: downstream stays cached.
+    let forced = p.run("p.yaml", &["--force", "words"]);
+    assert_eq!(forced.with_status("ran"), ["words"]);
+    assert!(forced.reason("report").starts_with("early cutoff"));
+
+    let all = p.run("p.yaml", &["--force-all"]);
+    assert_eq!(all.with_status("ran").len(), 4);
+
+    let typo = p.run("p.yaml", &["--only", "reprot"]);
+    assert_eq!(typo.code, 2);
+    assert!(
+        typo.stderr.contains("did you mean `report`?"),
+        "{}",
+        typo.stderr
+    );
+}
+
+#[test]
+fn plan_explains_without_executing() {
+    let p = diamond();
+    let fresh = p.plan("p.yaml", &[]);
+    assert_eq!(fresh.code, 0, "{}", fresh.stderr);
+    assert_eq!(fresh.json["status"], "planned");
+    assert!(fresh.statuses().values().all(|s| s == "will_run"));
+    assert!(!p.store().exists(), "plan must not create a store");
+
+    assert_eq!(p.run("p.yaml", &[]).code, 0);
+    let plan = p.plan("p.yaml", &["--set", "case=lower"]);
+    assert_eq!(plan.step("upper")["status"], "will_run");
+    assert_eq!(plan.reason("upper"), "param case changed upper -> lower");
+    assert_eq!(plan.step("words")["status"], "cached");
+    assert_eq!(
+        plan.reason("report"),
+        "input upper will be recomputed by step upper"
+    );
+    // The plan executed nothing: a real run still has to do the work.
+    let run = p.run("p.yaml", &["--set", "case=lower"]);
+    assert_eq!(run.with_status("ran"), ["report", "upper"]);
+    let dry = p.run("p.yaml", &["--dry-run", "--set", "case=upper"]);
+    assert_eq!(dry.json["status"], "planned");
+    assert_eq!(dry.json["run_id"], serde_json::Value::Null);
+}
+
+#[test]
+fn wide_dag_change_one_branch() {
+    let p = Project::new();
+    let mut yaml = String::from("name: wide\nparams: {k3: 3}\nsteps:\n");
+    let n = 24;
+    for i in 0..n {
+        let value = if i == 3 {
+            "${params.k3}".to_string()
+        } else {
+            i.to_string()
+        };
+        yaml.push_str(&format!(
+            "  b{i}:\n    uses: command\n    outputs: {{out: file}}\n    with: {{run: \"echo {value} > ${{outputs.out}}\"}}\n"
+        ));
+    }
+    yaml.push_str("  sum:\n    uses: command\n    inputs:\n");
+    for i in 0..n {
+        yaml.push_str(&format!("      i{i}: b{i}.out\n"));
+    }
+    yaml.push_str("    outputs: {total: file}\n    with: {run: \"cat ");
+    for i in 0..n {
+        yaml.push_str(&format!("${{inputs.i{i}}} "));
+    }
+    yaml.push_str("| awk '{s += $1} END {print s}' > ${outputs.total}\"}\n");
+    p.write("w.yaml", &yaml);
+    let cold = p.run("w.yaml", &["--jobs", "4"]);
+    assert_eq!(cold.code, 0, "{}", cold.stderr);
+    assert_eq!(cold.with_status("ran").len(), n + 1);
+    let total: i64 = (0..n as i64).sum();
+    let (_, cat, _) = p.exec(&["artifacts", "cat", &cold.output("sum", "total")]);
+    assert_eq!(cat.trim(), total.to_string());
+    let change = p.run("w.yaml", &["--set", "k3=100"]);
+    assert_eq!(change.with_status("ran"), ["b3", "sum"]);
+    assert_eq!(change.with_status("cached").len(), n - 1);
+}
+
+#[test]
+fn independent_steps_really_overlap() {
+    // Each step waits until the other has started: this only finishes when they run at
+    // the same time; with one job at a time both time out.
+    let p = Project::new();
+    let flags = p.path("flags");
+    std::fs::create_dir_all(&flags).unwrap();
+    let step = |me: &str, other: &str| {
+        format!(
+            "  {me}:\n    uses: command\n    outputs: {{out: file}}\n    with:\n      timeout: 4\n      run: \"touch {f}/{me}; while [ ! -e {f}/{other} ]; do sleep 0.02; done; echo ok > ${{outputs.out}}\"\n",
+            f = flags.display()
+        )
+    };
+    p.write(
+        "par.yaml",
+        &format!(
+            "name: par\nsteps:\n{}{}",
+            step("left", "right"),
+            step("right", "left")
+        ),
+    );
+    let out = p.run("par.yaml", &["--jobs", "2"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.with_status("ran"), ["left", "right"]);
+
+    std::fs::remove_dir_all(&flags).unwrap();
+    std::fs::create_dir_all(&flags).unwrap();
+    let serial = p.run("par.yaml", &["--jobs", "1", "--force-all"]);
+    assert_eq!(serial.code, 1, "with one job the rendezvous cannot happen");
+    assert!(
+        serial.step("left")["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("timed out")
+            || serial.step("right")["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("timed out")
+    );
+}

@@ -1,0 +1,138 @@
+//! Test helper: a temp project folder with its own store, and the real `cairn` binary.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+use serde_json::Value;
+
+pub struct Project {
+    pub dir: tempfile::TempDir,
+}
+
+pub struct Outcome {
+    pub code: i32,
+    pub json: Value,
+    pub stderr: String,
+}
+
+impl Outcome {
+    /// step name -> status
+    pub fn statuses(&self) -> BTreeMap<String, String> {
+        self.json["steps"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no steps in {}\nstderr: {}", self.json, self.stderr))
+            .iter()
+            .map(|s| {
+                (
+                    s["name"].as_str().unwrap().to_string(),
+                    s["status"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    pub fn step(&self, name: &str) -> &Value {
+        self.json["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no step {name} in {}", self.json))
+    }
+
+    pub fn reason(&self, name: &str) -> String {
+        self.step(name)["reason"].as_str().unwrap().to_string()
+    }
+
+    pub fn output(&self, step: &str, output: &str) -> String {
+        self.step(step)["outputs"][output]
+            .as_str()
+            .unwrap_or_else(|| panic!("no output {step}.{output}"))
+            .to_string()
+    }
+
+    /// Steps with the given status, sorted.
+    pub fn with_status(&self, status: &str) -> Vec<String> {
+        self.statuses()
+            .into_iter()
+            .filter(|(_, s)| s == status)
+            .map(|(n, _)| n)
+            .collect()
+    }
+}
+
+impl Project {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn store(&self) -> PathBuf {
+        self.path("store")
+    }
+
+    pub fn write(&self, rel: &str, content: &str) -> &Self {
+        let p = self.path(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+        self
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::cargo_bin("cairn").unwrap();
+        c.current_dir(self.dir.path())
+            .env("CAIRN_STORE", self.store())
+            .env_remove("RUST_LOG");
+        c
+    }
+
+    /// `cairn run FILE --json ARGS...`
+    pub fn run(&self, file: &str, args: &[&str]) -> Outcome {
+        self.json_cmd("run", file, args)
+    }
+
+    /// `cairn plan FILE --json ARGS...`
+    pub fn plan(&self, file: &str, args: &[&str]) -> Outcome {
+        self.json_cmd("plan", file, args)
+    }
+
+    fn json_cmd(&self, verb: &str, file: &str, args: &[&str]) -> Outcome {
+        let out = self
+            .cmd()
+            .arg(verb)
+            .arg(file)
+            .arg("--json")
+            .args(args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        let json = serde_json::from_str(&stdout).unwrap_or(Value::Null);
+        Outcome {
+            code: out.status.code().unwrap_or(-1),
+            json,
+            stderr,
+        }
+    }
+
+    /// Runs any cairn command; returns (exit code, stdout, stderr).
+    pub fn exec(&self, args: &[&str]) -> (i32, String, String) {
+        let out = self.cmd().args(args).output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    }
+}
+
+pub fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap()
+}
