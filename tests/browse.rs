@@ -50,13 +50,10 @@ fn runs_and_artifacts() {
     assert!(err.contains("ambiguous"), "{err}");
     let (_, show_json, _) = p.exec(&["runs", "show", &run_id, "--json"]);
     let v: serde_json::Value = serde_json::from_str(&show_json).unwrap();
-    assert_eq!(
-        v["steps"][1]["params"]["run"]
-            .as_str()
-            .unwrap()
-            .contains("grep -h beta"),
-        true,
-        "effective params are recorded"
+    let run = v["steps"][1]["params"]["run"].as_str().unwrap();
+    assert!(
+        run.contains("grep -h beta"),
+        "effective params are recorded: {run}"
     );
 
     let picked = second.output("pick", "out");

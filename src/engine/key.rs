@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::pipeline::ResolvedStep;
 use crate::store::{CacheKey, ObjectDigest};
@@ -22,25 +22,43 @@ pub fn canonical(value: &Value) -> Value {
     }
 }
 
-/// The cache key of `step` given the digests of its inputs.
+/// The cache key of `step` given the digests of its inputs: kind, version, canonical
+/// params, exported params, input digests and declared outputs, each length-prefixed so
+/// no two different combinations can produce the same byte stream.
 pub fn cache_key(step: &ResolvedStep, inputs: &BTreeMap<String, ObjectDigest>) -> CacheKey {
-    let doc = json!({
-        "kind": step.implementation.kind(),
-        "version": step.version,
-        "params": canonical(&step.params),
-        "param_env": canonical(&serde_json::to_value(&step.param_env).unwrap_or(Value::Null)),
-        "inputs": inputs.iter().map(|(k, d)| (k.clone(), Value::String(d.to_hex()))).collect::<serde_json::Map<_, _>>(),
-        "outputs": step.outputs,
-    });
+    fn field(hasher: &mut blake3::Hasher, bytes: &[u8]) {
+        hasher.update(&(bytes.len() as u64).to_le_bytes());
+        hasher.update(bytes);
+    }
     let mut hasher = blake3::Hasher::new();
     hasher.update(DOMAIN);
-    hasher.update(canonical(&doc).to_string().as_bytes());
+    field(&mut hasher, step.implementation.kind().as_bytes());
+    field(&mut hasher, step.version.as_bytes());
+    field(&mut hasher, canonical(&step.params).to_string().as_bytes());
+    hasher.update(&(step.param_env.len() as u64).to_le_bytes());
+    for (name, value) in &step.param_env {
+        field(&mut hasher, name.as_bytes());
+        field(&mut hasher, canonical(value).to_string().as_bytes());
+    }
+    hasher.update(&(inputs.len() as u64).to_le_bytes());
+    for (name, digest) in inputs {
+        field(&mut hasher, name.as_bytes());
+        hasher.update(digest.as_bytes());
+    }
+    let outputs: BTreeMap<&String, &String> = step.outputs.iter().collect();
+    hasher.update(&(outputs.len() as u64).to_le_bytes());
+    for (name, kind) in outputs {
+        field(&mut hasher, name.as_bytes());
+        field(&mut hasher, kind.as_bytes());
+    }
     hasher.finalize().into()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use serde_json::json;
 
     #[test]
     fn canonical_sorts_keys_deeply() {

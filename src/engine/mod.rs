@@ -167,6 +167,26 @@ enum Decision {
     },
 }
 
+/// How one execution went, for its record.
+struct Execution {
+    duration_ms: u64,
+    started_at: String,
+    error: Option<String>,
+    log: Option<String>,
+}
+
+impl Execution {
+    /// A step decided without executing (cached, skipped).
+    fn settled() -> Self {
+        Self {
+            duration_ms: 0,
+            started_at: now_rfc3339(),
+            error: None,
+            log: None,
+        }
+    }
+}
+
 struct Finished {
     index: usize,
     result: Result<StepOutputs, StepError>,
@@ -191,6 +211,8 @@ struct RunState<'a> {
     ran: BTreeSet<usize>,
     pending_writes: Vec<(StepRecord, usize)>,
     seq: Vec<usize>,
+    /// Step name -> index, for input bindings.
+    index_of: HashMap<&'a str, usize>,
     display: Display,
 }
 
@@ -225,6 +247,12 @@ pub async fn execute(
         ran: BTreeSet::new(),
         pending_writes: Vec::new(),
         seq,
+        index_of: pipeline
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect(),
         display: Display::new(opts.quiet),
     };
     st.resolve_unselected()?;
@@ -298,10 +326,10 @@ impl<'a> RunState<'a> {
     /// Steps outside the selection: those feeding selected steps take their outputs from
     /// the cache (or the run stops, naming what is missing); the rest are just skipped.
     fn resolve_unselected(&mut self) -> Result<(), EngineError> {
-        let mut needed = BTreeSet::new();
-        for &i in &self.sel.selected {
-            needed.extend(self.sel.dag.ancestors(i));
+        if self.sel.selected.len() == self.pipeline.steps.len() {
+            return Ok(());
         }
+        let needed = self.sel.dag.ancestors_of_all(&self.sel.selected);
         for &i in self.sel.dag.order() {
             if self.sel.selected.contains(&i) {
                 continue;
@@ -352,12 +380,7 @@ impl<'a> RunState<'a> {
         let step = self.step(i);
         let mut out = BTreeMap::new();
         for (name, binding) in &step.inputs {
-            let producer = self
-                .pipeline
-                .steps
-                .iter()
-                .position(|s| s.name == binding.step)
-                .expect("inputs are linked at load time");
+            let producer = self.index_of[binding.step.as_str()];
             let outputs = match &self.states[producer] {
                 State::Done(o) | State::Planned(Some(o)) => o,
                 State::Planned(None) => {
@@ -472,11 +495,14 @@ impl<'a> RunState<'a> {
         i: usize,
         status: StepStatus,
         reason: &str,
-        duration_ms: u64,
-        started_at: String,
-        error: Option<String>,
-        log: Option<String>,
+        exec: Execution,
     ) -> StepRecord {
+        let Execution {
+            duration_ms,
+            started_at,
+            error,
+            log,
+        } = exec;
         let step = self.step(i);
         let outputs = match &self.states[i] {
             State::Done(o) => o.clone(),
@@ -524,7 +550,7 @@ impl<'a> RunState<'a> {
         self.display.finish(&report, None);
         self.reports[i] = Some(report);
         if !self.opts.dry_run && status != StepStatus::WillRun {
-            let record = self.step_record(i, status, &reason, 0, now_rfc3339(), None, None);
+            let record = self.step_record(i, status, &reason, Execution::settled());
             self.pending_writes.push((record, self.seq[i]));
         }
     }
@@ -541,6 +567,7 @@ impl<'a> RunState<'a> {
                 seq: *seq,
                 artifacts: &[],
                 cache: None,
+                index_io: false,
             })
             .collect();
         self.store.db().write_steps(&batch)?;
@@ -818,14 +845,24 @@ impl<'a> RunState<'a> {
                     run_id: self.run_id.clone(),
                     step: step.name.clone(),
                 };
-                let record =
-                    self.step_record(i, status, &reason, f.duration_ms, f.started_at, None, log);
+                let record = self.step_record(
+                    i,
+                    status,
+                    &reason,
+                    Execution {
+                        duration_ms: f.duration_ms,
+                        started_at: f.started_at,
+                        error: None,
+                        log,
+                    },
+                );
                 self.flush()?;
                 self.store.db().write_steps(&[StepWrite {
                     record: &record,
                     seq: self.seq[i],
                     artifacts: &artifacts,
                     cache: Some(&entry),
+                    index_io: true,
                 }])?;
                 let report = self.report(i, status, reason, f.duration_ms, None);
                 self.display.finish(&report, Some(&f.progress));
@@ -868,10 +905,12 @@ impl<'a> RunState<'a> {
             i,
             StepStatus::Failed,
             &reason,
-            duration_ms,
-            started_at,
-            Some(error.clone()),
-            log,
+            Execution {
+                duration_ms,
+                started_at,
+                error: Some(error.clone()),
+                log,
+            },
         );
         self.flush()?;
         self.store.db().write_steps(&[StepWrite {
@@ -879,6 +918,7 @@ impl<'a> RunState<'a> {
             seq: self.seq[i],
             artifacts: &[],
             cache: None,
+            index_io: true,
         }])?;
         let report = self.report(i, StepStatus::Failed, reason, duration_ms, Some(error));
         self.display.finish(&report, None);

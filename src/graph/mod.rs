@@ -100,6 +100,25 @@ impl Dag {
     }
 }
 
+impl Dag {
+    /// The given steps and everything above any of them (one traversal).
+    pub fn ancestors_of_all(&self, steps: &BTreeSet<usize>) -> BTreeSet<usize> {
+        let mut seen: BTreeSet<usize> = BTreeSet::new();
+        let mut stack: Vec<usize> = steps.iter().copied().collect();
+        while let Some(i) = stack.pop() {
+            if seen.insert(i) {
+                stack.extend(
+                    self.graph
+                        .neighbors_directed(NodeIndex::new(i), Direction::Incoming)
+                        .map(|n| self.graph[n])
+                        .filter(|u| !seen.contains(u)),
+                );
+            }
+        }
+        seen
+    }
+}
+
 /// One cycle, as node weights in order, starting at its lowest step index.
 fn find_cycle(graph: &DiGraph<usize, ()>) -> Vec<usize> {
     for scc in tarjan_scc(graph) {

@@ -128,7 +128,6 @@ enum Frame {
     Mapping {
         path: String,
         pending_key: Option<String>,
-        seen: HashMap<String, Location>,
     },
     Sequence {
         path: String,
@@ -165,24 +164,23 @@ impl Builder {
     }
 
     fn record_key(&mut self, key: String, at: Location) {
-        if let Some(Frame::Mapping {
-            path,
-            pending_key,
-            seen,
-        }) = self.stack.last_mut()
-        {
+        if let Some(Frame::Mapping { path, pending_key }) = self.stack.last_mut() {
             let full = join(path, &key);
-            if let Some(first) = seen.get(&key) {
-                self.index.duplicates.push((full.clone(), *first, at));
-            } else {
-                seen.insert(key.clone(), at);
-                self.index
-                    .children
-                    .entry(path.clone())
-                    .or_default()
-                    .push(key.clone());
-                self.index.keys.insert(full, at);
+            // A full path is unique per mapping key, so a repeat is a duplicate key.
+            if let Some(first) = self.index.keys.get(&full) {
+                self.index.duplicates.push((full, *first, at));
+                // Index the duplicate's value under a path of its own, so its children
+                // are not mistaken for duplicates of the first copy's children.
+                *pending_key = Some(format!("{key}\u{1}{}", self.index.duplicates.len()));
+                return;
             }
+            match self.index.children.get_mut(path.as_str()) {
+                Some(children) => children.push(key.clone()),
+                None => {
+                    self.index.children.insert(path.clone(), vec![key.clone()]);
+                }
+            }
+            self.index.keys.insert(full, at);
             *pending_key = Some(key);
         }
     }
@@ -252,7 +250,6 @@ impl MarkedEventReceiver for Builder {
                     Frame::Mapping {
                         path,
                         pending_key: None,
-                        seen: HashMap::new(),
                     }
                 } else {
                     Frame::Sequence { path, next: 0 }
@@ -294,6 +291,18 @@ mod tests {
         let deep = format!("{}1{}", "[".repeat(100), "]".repeat(100));
         let err = LocationIndex::build(&deep).unwrap_err();
         assert!(err.message.contains("nesting"));
+    }
+
+    #[test]
+    fn regression_children_of_a_duplicate_key_are_not_duplicates() {
+        let src = "steps:\n  a: {uses: x, with: {run: 1}}\n  a: {uses: y, with: {run: 2}}\n";
+        let idx = LocationIndex::build(src).unwrap();
+        assert_eq!(idx.duplicates.len(), 1, "{:?}", idx.duplicates);
+        assert_eq!(idx.duplicates[0].0, "steps.a");
+        assert_eq!(
+            idx.value("steps.a.uses"),
+            Some(Location { line: 2, col: 13 })
+        );
     }
 
     #[test]

@@ -61,8 +61,6 @@ pub struct ResolvedStep {
     pub inputs: IndexMap<String, InputBinding>,
     /// Outputs by name, with kinds.
     pub outputs: IndexMap<String, String>,
-    /// Where the step is defined.
-    pub location: Option<Location>,
 }
 
 impl std::fmt::Debug for ResolvedStep {
@@ -92,15 +90,16 @@ impl std::fmt::Display for InputBinding {
     }
 }
 
-/// A YAML file read, decoded and indexed.
+/// A YAML file read and decoded. Its location index is built only when a diagnostic needs
+/// a location (or the file needs a careful look), so a valid file is parsed once.
 pub(crate) struct SourceFile {
     pub path: PathBuf,
     pub text: String,
-    pub index: LocationIndex,
+    index: std::cell::OnceCell<LocationIndex>,
 }
 
 impl SourceFile {
-    /// Reads and indexes a YAML file; `what` names it in messages ("pipeline", "step spec").
+    /// Reads a YAML file; `what` names it in messages ("pipeline", "step spec").
     pub fn read(path: &Path, what: &str) -> Result<Self, Diagnostics> {
         let bytes = std::fs::read(path)
             .map_err(|e| Diagnostic::at(path, None, format!("cannot read {what} file: {e}")))?;
@@ -129,7 +128,27 @@ impl SourceFile {
         if text.trim().is_empty() {
             return Err(empty_file(path, what).into());
         }
-        let index = LocationIndex::build(&text).map_err(|e| {
+        Ok(Self {
+            path: path
+                .components()
+                .filter(|c| !matches!(c, std::path::Component::CurDir))
+                .collect(),
+            text,
+            index: std::cell::OnceCell::new(),
+        })
+    }
+
+    /// The location index (built on first use; empty if the YAML cannot be indexed).
+    pub fn index(&self) -> &LocationIndex {
+        self.index
+            .get_or_init(|| LocationIndex::build(&self.text).unwrap_or_default())
+    }
+
+    /// Builds the index now, turning YAML syntax problems and empty documents into
+    /// diagnostics.
+    pub fn check_syntax(&self, what: &str) -> Result<(), Diagnostic> {
+        let text = &self.text;
+        let index = LocationIndex::build(text).map_err(|e| {
             let line_text = text
                 .lines()
                 .nth(e.location.line.saturating_sub(1))
@@ -142,40 +161,36 @@ impl SourceFile {
                 .contains("flow")
                 .then(|| "check for an unclosed `{`, `[` or quote before this point".to_string());
             Diagnostic::at(
-                path,
+                &self.path,
                 Some(e.location),
                 format!("invalid YAML: {}", e.message),
             )
             .with_optional_help(tab_help.or(flow_help))
         })?;
-        if index.empty {
-            return Err(empty_file(path, what).into());
+        let empty = index.empty;
+        let _ = self.index.set(index);
+        if empty {
+            return Err(empty_file(&self.path, what));
         }
-        Ok(Self {
-            path: path
-                .components()
-                .filter(|c| !matches!(c, std::path::Component::CurDir))
-                .collect(),
-            text,
-            index,
-        })
+        Ok(())
     }
 
     /// A diagnostic at `path`: a scalar's value, a mapping's or sequence's key, or the
     /// nearest indexed ancestor.
     pub fn diag(&self, path: &str, message: impl Into<String>) -> Diagnostic {
-        let location = match self.index.kind(path) {
-            Some(NodeKind::Scalar) => self.index.value(path),
-            Some(_) => self.index.key(path),
+        let index = self.index();
+        let location = match index.kind(path) {
+            Some(NodeKind::Scalar) => index.value(path),
+            Some(_) => index.key(path),
             None => None,
         }
-        .or_else(|| self.index.nearest(path));
+        .or_else(|| index.nearest(path));
         Diagnostic::at(&self.path, location, message)
     }
 
     /// Duplicate keys as diagnostics.
     pub fn duplicate_diags(&self) -> Vec<Diagnostic> {
-        self.index
+        self.index()
             .duplicates
             .iter()
             .map(|(key_path, first, _second)| {
@@ -195,7 +210,7 @@ impl SourceFile {
 
     /// Unknown keys of the mapping at `path`.
     pub fn unknown_keys(&self, path: &str, allowed: &[&str], what: &str) -> Vec<Diagnostic> {
-        self.index
+        self.index()
             .keys_of(path)
             .iter()
             .filter(|k| !allowed.contains(&k.as_str()))
@@ -204,7 +219,7 @@ impl SourceFile {
                     .unwrap_or_else(|| format!("expected one of: {}", allowed.join(", ")));
                 Diagnostic::at(
                     &self.path,
-                    self.index.key(&location::join(path, k)),
+                    self.index().key(&location::join(path, k)),
                     format!("unknown key `{k}` in {what}"),
                 )
                 .with_help(help)
@@ -312,19 +327,58 @@ fn valid_step_name(name: &str) -> bool {
 /// Loads, checks and resolves a pipeline file with `--set KEY=VALUE` overrides.
 pub fn load(file: &Path, sets: &[String]) -> Result<ResolvedPipeline, Diagnostics> {
     let src = SourceFile::read(file, "pipeline")?;
-    if src.index.kind("") != Some(NodeKind::Mapping) {
+    let (raw, soft) = match quick_parse(&src) {
+        Some(raw) => (raw, Vec::new()),
+        None => careful_parse(&src)?,
+    };
+    let mut resolver = Resolver::new(&src);
+    resolver.diags = soft;
+    resolver.resolve(raw, sets)
+}
+
+/// The common case, a well-formed file: one serde parse, no location index. serde_yaml's
+/// `Mapping` rejects duplicate keys, and the shape check below covers unknown and missing
+/// keys; anything unusual returns `None` and takes the careful path.
+fn quick_parse(src: &SourceFile) -> Option<RawPipeline> {
+    let value: serde_yaml::Value = serde_yaml::from_str(&src.text).ok()?;
+    let only_keys = |m: &serde_yaml::Mapping, allowed: &[&str]| {
+        m.keys()
+            .all(|k| k.as_str().is_some_and(|k| allowed.contains(&k)))
+    };
+    let root = value.as_mapping()?;
+    let steps = root.get("steps")?.as_mapping()?;
+    let well_formed = only_keys(root, PIPELINE_KEYS)
+        && root.contains_key("name")
+        && steps.iter().all(|(name, step)| {
+            name.is_string()
+                && step
+                    .as_mapping()
+                    .is_some_and(|m| m.contains_key("uses") && only_keys(m, STEP_KEYS))
+        });
+    if !well_formed {
+        return None;
+    }
+    serde_yaml::from_value(value).ok()
+}
+
+/// The careful path: index the file and report every shape problem with its location.
+/// Shape errors stop here (serde could not read the file); unknown keys are "soft" and
+/// are reported together with the semantic errors found later.
+fn careful_parse(src: &SourceFile) -> Result<(RawPipeline, Vec<Diagnostic>), Diagnostics> {
+    let file = src.path.as_path();
+    src.check_syntax("pipeline")?;
+    let index = src.index();
+    if index.kind("") != Some(NodeKind::Mapping) {
         return Err(src
             .diag("", "the top level of a pipeline must be a mapping")
             .with_help("a pipeline needs at least `name:` and `steps:`")
             .into());
     }
-    // Shape errors stop here (serde could not read the file); the rest are collected
-    // and reported together with the semantic errors found below.
     let mut soft = src.duplicate_diags();
     soft.extend(src.unknown_keys("", PIPELINE_KEYS, "the pipeline"));
     let mut diags = Vec::new();
     for required in ["name", "steps"] {
-        if !src.index.keys_of("").iter().any(|k| k == required) {
+        if !index.keys_of("").iter().any(|k| k == required) {
             diags.push(
                 Diagnostic::at(
                     file,
@@ -335,14 +389,14 @@ pub fn load(file: &Path, sets: &[String]) -> Result<ResolvedPipeline, Diagnostic
             );
         }
     }
-    match src.index.kind("steps") {
+    match index.kind("steps") {
         Some(NodeKind::Mapping) => {
-            for step in src.index.keys_of("steps") {
+            for step in index.keys_of("steps") {
                 let path = format!("steps.{step}");
-                match src.index.kind(&path) {
+                match index.kind(&path) {
                     Some(NodeKind::Mapping) => {
                         soft.extend(src.unknown_keys(&path, STEP_KEYS, &format!("step `{step}`")));
-                        if !src.index.keys_of(&path).iter().any(|k| k == "uses") {
+                        if !index.keys_of(&path).iter().any(|k| k == "uses") {
                             diags.push(src.diag(&path, format!("step `{step}` has no `uses`")).with_help(
                                 "name a step kind (see `cairn steps ls`) or a spec file such as ./steps/x.yaml",
                             ));
@@ -362,13 +416,13 @@ pub fn load(file: &Path, sets: &[String]) -> Result<ResolvedPipeline, Diagnostic
         diags.extend(soft);
         return Err(Diagnostics(diags).normalized());
     }
-    let raw: RawPipeline = src.deserialize().map_err(|d| {
-        soft.push(d);
-        Diagnostics(soft.clone()).normalized()
-    })?;
-    let mut resolver = Resolver::new(&src);
-    resolver.diags = soft;
-    resolver.resolve(raw, sets)
+    match src.deserialize::<RawPipeline>() {
+        Ok(raw) => Ok((raw, soft)),
+        Err(d) => {
+            soft.push(d);
+            Err(Diagnostics(soft).normalized())
+        }
+    }
 }
 
 struct Resolver<'a> {
@@ -393,7 +447,7 @@ impl<'a> Resolver<'a> {
 
     fn resolve(
         mut self,
-        raw: RawPipeline,
+        mut raw: RawPipeline,
         sets: &[String],
     ) -> Result<ResolvedPipeline, Diagnostics> {
         if raw.name.trim().is_empty() {
@@ -403,7 +457,7 @@ impl<'a> Resolver<'a> {
         if raw.steps.is_empty() {
             self.error("steps", "the pipeline has no steps", None);
         }
-        let raw_steps = self.deserialize_steps(&raw);
+        let raw_steps = self.deserialize_steps(std::mem::take(&mut raw.steps));
         self.check_input_targets(&raw_steps);
         let mut steps = Vec::new();
         for (name, step) in &raw_steps {
@@ -444,12 +498,15 @@ impl<'a> Resolver<'a> {
     }
 
     /// Each step on its own, so a type error in one does not hide the others.
-    fn deserialize_steps(&mut self, raw: &RawPipeline) -> IndexMap<String, raw::RawStep> {
+    fn deserialize_steps(
+        &mut self,
+        steps: IndexMap<String, serde_yaml::Value>,
+    ) -> IndexMap<String, raw::RawStep> {
         let mut out = IndexMap::new();
-        for (name, value) in &raw.steps {
-            match serde_path_to_error::deserialize::<_, raw::RawStep>(value.clone()) {
+        for (name, value) in steps {
+            match serde_path_to_error::deserialize::<_, raw::RawStep>(value) {
                 Ok(step) => {
-                    out.insert(name.clone(), step);
+                    out.insert(name, step);
                 }
                 Err(err) => {
                     let sub = err.path().to_string();
@@ -587,11 +644,8 @@ impl<'a> Resolver<'a> {
     }
 
     fn undefined_param(&mut self, path: &str, name: &str, params: &IndexMap<String, Value>) {
-        let help = did_you_mean(name, params.keys().map(|k| k.as_str())).or_else(|| {
-            Some(format!(
-                "declare it under `params:` at the top of the pipeline"
-            ))
-        });
+        let help = did_you_mean(name, params.keys().map(|k| k.as_str()))
+            .or_else(|| Some("declare it under `params:` at the top of the pipeline".to_string()));
         self.error(path, format!("undefined `${{params.{name}}}`"), help);
     }
 
@@ -723,7 +777,6 @@ impl<'a> Resolver<'a> {
             param_env,
             inputs,
             outputs: io.outputs,
-            location: self.src.index.key(&base),
         })
     }
 
@@ -855,42 +908,39 @@ impl<'a> Resolver<'a> {
         for step in steps {
             for (input, binding) in &step.inputs {
                 let path = format!("steps.{}.inputs.{input}", step.name);
-                match by_name.get(binding.step.as_str()) {
-                    Some(target) => {
-                        if !target.outputs.contains_key(&binding.output) {
-                            let help = did_you_mean(
-                                &binding.output,
-                                target.outputs.keys().map(|k| k.as_str()),
-                            )
-                            .or_else(|| {
-                                Some(format!(
-                                    "`{}` has outputs: {}",
-                                    target.name,
-                                    if target.outputs.is_empty() {
-                                        "none".to_string()
-                                    } else {
-                                        target
-                                            .outputs
-                                            .keys()
-                                            .cloned()
-                                            .collect::<Vec<_>>()
-                                            .join(", ")
-                                    }
-                                ))
-                            });
-                            self.error(
-                                &path,
-                                format!(
-                                    "step `{}` has no output `{}`",
-                                    binding.step, binding.output
-                                ),
-                                help,
-                            );
-                        }
+                // Unknown steps are reported by `check_input_targets`; steps that failed to
+                // resolve have their own errors.
+                let target = by_name
+                    .get(binding.step.as_str())
+                    .filter(|t| !t.outputs.contains_key(&binding.output));
+                {
+                    if let Some(target) = target {
+                        let help = did_you_mean(
+                            &binding.output,
+                            target.outputs.keys().map(|k| k.as_str()),
+                        )
+                        .or_else(|| {
+                            Some(format!(
+                                "`{}` has outputs: {}",
+                                target.name,
+                                if target.outputs.is_empty() {
+                                    "none".to_string()
+                                } else {
+                                    target
+                                        .outputs
+                                        .keys()
+                                        .cloned()
+                                        .collect::<Vec<_>>()
+                                        .join(", ")
+                                }
+                            ))
+                        });
+                        self.error(
+                            &path,
+                            format!("step `{}` has no output `{}`", binding.step, binding.output),
+                            help,
+                        );
                     }
-                    // Unknown steps are reported by `check_input_targets`; steps that failed
-                    // to resolve have their own errors.
-                    None => {}
                 }
             }
         }

@@ -110,7 +110,8 @@ impl Spec {
     /// Reads and checks a spec file; problems are located in the spec file.
     pub fn load(path: &Path) -> Result<Self, Diagnostics> {
         let src = SourceFile::read(path, "step spec")?;
-        if src.index.kind("") != Some(super::NodeKind::Mapping) {
+        src.check_syntax("step spec").map_err(Diagnostics::from)?;
+        if src.index().kind("") != Some(super::NodeKind::Mapping) {
             return Err(src
                 .diag("", "the top level of a step spec must be a mapping")
                 .into());

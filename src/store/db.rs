@@ -109,6 +109,10 @@ pub struct StepWrite<'a> {
     pub artifacts: &'a [ArtifactRecord],
     /// Cache entry to insert when the step succeeded.
     pub cache: Option<&'a CacheEntry>,
+    /// Index the inputs and outputs by digest (for lineage). Executed steps only: a
+    /// cache hit consumed and produced nothing new, and a no-op run of a big pipeline
+    /// should not write thousands of index rows.
+    pub index_io: bool,
 }
 
 /// Connection to the record database.
@@ -196,6 +200,8 @@ impl Database {
 
     /// Records step executions, their artifacts and cache entries in one transaction.
     pub fn write_steps(&mut self, writes: &[StepWrite<'_>]) -> Result<(), StoreError> {
+        let empty_in = BTreeMap::new();
+        let empty_out = BTreeMap::new();
         let tx = self.conn.transaction()?;
         {
             let mut step_stmt = tx.prepare_cached(
@@ -233,7 +239,12 @@ impl Database {
                     r.error,
                     r.log
                 ])?;
-                for (name, input) in &r.inputs {
+                let io = if w.index_io {
+                    (&r.inputs, &r.outputs)
+                } else {
+                    (&empty_in, &empty_out)
+                };
+                for (name, input) in io.0 {
                     io_stmt.execute(params![
                         r.run_id,
                         r.step,
@@ -242,7 +253,7 @@ impl Database {
                         input.digest.to_hex()
                     ])?;
                 }
-                for (name, output) in &r.outputs {
+                for (name, output) in io.1 {
                     io_stmt.execute(params![
                         r.run_id,
                         r.step,

@@ -117,14 +117,14 @@ impl ObjectArea {
         seal(src, self.fsync)?;
         let parent = dest.parent().expect("object path has a parent");
         fs::create_dir_all(parent)?;
+        // File contents are fsynced before the rename (`seal`), so a name that survives a
+        // crash never has wrong bytes. The rename itself is not fsynced: if it is lost,
+        // the object is simply missing, which every reader treats as a cache miss.
         match fs::rename(src, &dest) {
             Ok(()) => {}
             // Another process committed the same content first: theirs is as good as ours.
             Err(_) if fs::symlink_metadata(&dest).is_ok() => remove_any(src)?,
             Err(e) => return Err(e),
-        }
-        if self.fsync {
-            fs::File::open(parent)?.sync_all()?;
         }
         Ok(Committed {
             digest,
@@ -201,10 +201,8 @@ fn seal(path: &Path, fsync: bool) -> io::Result<()> {
             let mode = meta.permissions().mode() & !0o222;
             fs::set_permissions(entry.path(), fs::Permissions::from_mode(mode))?;
             if fsync {
-                fs::File::open(entry.path())?.sync_all()?;
+                fs::File::open(entry.path())?.sync_data()?;
             }
-        } else if ft.is_dir() && fsync {
-            fs::File::open(entry.path())?.sync_all()?;
         }
     }
     Ok(())

@@ -64,6 +64,7 @@ fn record_run(store: &Store, run: &str, outputs: &[ObjectDigest]) {
             seq: 0,
             artifacts: &[],
             cache: Some(&entry),
+            index_io: true,
         }])
         .unwrap();
 }

@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""Orchestration overhead of cairn: linear chains and fan-out/fan-in DAGs of N trivial
+`command` steps, against the no-orchestrator floor (one `bash -c` per stage), plus
+`source` hashing of a large tree against b3sum and the stat-cache second pass.
+
+Prints markdown tables. Usage: scripts/bench-overhead [--sizes 10,100,1000] [--source-gb 1]
+"""
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def measure(cmd, cwd, env=None):
+    """Wall seconds and peak RSS (MiB) of one command, RSS isolated in a wrapper process."""
+    wrapper = (
+        "import resource,subprocess,sys,time;"
+        "t=time.perf_counter();r=subprocess.run(sys.argv[1:],stdout=subprocess.DEVNULL,stderr=subprocess.PIPE);"
+        "d=time.perf_counter()-t;"
+        "sys.stderr.write(r.stderr.decode()[-2000:]) if r.returncode else None;"
+        "print(d, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss);sys.exit(r.returncode)"
+    )
+    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], cwd=cwd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"command failed: {' '.join(cmd)}\n{out.stderr}")
+    secs, rss_kb = out.stdout.split()
+    return float(secs), int(rss_kb) / 1024.0
+
+
+def chain_yaml(n):
+    lines = ["name: chain", "params: {mid: 1}", "steps:"]
+    for i in range(n):
+        value = "${params.mid}" if i == n // 2 else str(i)
+        lines.append(f"  s{i}:")
+        lines.append("    uses: command")
+        if i > 0:
+            lines.append(f"    inputs: {{prev: s{i-1}.out}}")
+            run = f"cat ${{inputs.prev}} > ${{outputs.out}}; echo {value} >> ${{outputs.out}}"
+        else:
+            run = f"echo {value} > ${{outputs.out}}"
+        lines.append("    outputs: {out: file}")
+        lines.append(f'    with: {{run: "{run}"}}')
+    return "\n".join(lines) + "\n"
+
+
+def fan_yaml(n):
+    lines = ["name: fan", "params: {mid: 1}", "steps:",
+             "  root:", "    uses: command", "    outputs: {out: file}", '    with: {run: "echo root > ${outputs.out}"}']
+    for i in range(n):
+        value = "${params.mid}" if i == n // 2 else str(i)
+        lines += [f"  f{i}:", "    uses: command", "    inputs: {r: root.out}", "    outputs: {out: file}",
+                  f'    with: {{run: "cat ${{inputs.r}} > ${{outputs.out}}; echo {value} >> ${{outputs.out}}"}}']
+    lines += ["  join:", "    uses: command", "    inputs:"]
+    lines += [f"      i{i}: f{i}.out" for i in range(n)]
+    lines += ["    outputs: {out: file}", '    with: {run: "cat $(env | grep ^CAIRN_INPUT_ | cut -d= -f2 | sort) > ${outputs.out}"}']
+    return "\n".join(lines) + "\n"
+
+
+def floor_script(n, shape):
+    """The same work with no orchestrator: one `bash -c` per stage."""
+    if shape == "chain":
+        body = ['bash -c "echo 0 > o0"']
+        body += [f'bash -c "cat o{i-1} > o{i}; echo {i} >> o{i}"' for i in range(1, n)]
+    else:
+        body = ['bash -c "echo root > r"']
+        body += [f'bash -c "cat r > o{i}; echo {i} >> o{i}"' for i in range(n)]
+        body += ['bash -c "cat o* > joined"']
+    return "set -e\n" + "\n".join(body) + "\n"
+
+
+def median_of(k, fn):
+    runs = [fn() for _ in range(k)]
+    return statistics.median(r[0] for r in runs), max(r[1] for r in runs)
+
+
+def bench_dags(cairn, sizes, jobs):
+    print(f"\n### Orchestration overhead (trivial `command` steps, --jobs {jobs}, medians of 3 for reruns)\n")
+    print("| DAG | N | floor (bash -c per stage) | cold run | cold / floor | per-step overhead | no-op rerun | rerun after mid param change | peak RSS |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for shape in ("chain", "fan"):
+        for n in sizes:
+            work = tempfile.mkdtemp(prefix=f"cairn-bench-{shape}{n}-")
+            try:
+                with open(os.path.join(work, "p.yaml"), "w") as f:
+                    f.write(chain_yaml(n) if shape == "chain" else fan_yaml(n))
+                with open(os.path.join(work, "floor.sh"), "w") as f:
+                    f.write(floor_script(n, shape))
+                os.makedirs(os.path.join(work, "floor"))
+                floor, _ = measure(["bash", "../floor.sh"], cwd=os.path.join(work, "floor"))
+                env = dict(os.environ, CAIRN_STORE=os.path.join(work, "store"))
+                base = [cairn, "run", "p.yaml", "--quiet", "--jobs", str(jobs)]
+                cold, rss1 = measure(base, cwd=work, env=env)
+                noop, rss2 = median_of(3, lambda: measure(base, cwd=work, env=env))
+                toggle = iter(range(2, 100))
+                change, rss3 = median_of(3, lambda: measure(base + ["--set", f"mid={next(toggle)}"], cwd=work, env=env))
+                steps = n + (2 if shape == "fan" else 0)
+                per_step_ms = max(0.0, (cold - floor) / steps * 1000)
+                print(f"| {shape} | {n} | {floor*1000:.0f} ms | {cold*1000:.0f} ms | {cold/floor:.2f}x | {per_step_ms:.2f} ms "
+                      f"| {noop*1000:.1f} ms | {change*1000:.0f} ms | {max(rss1, rss2, rss3):.0f} MiB |")
+                sys.stdout.flush()
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_source(cairn, gib):
+    print(f"\n### `source` hashing of a {gib:g} GiB tree (64 MiB files)\n")
+    work = tempfile.mkdtemp(prefix="cairn-bench-source-")
+    try:
+        tree = os.path.join(work, "tree")
+        os.makedirs(tree)
+        n_files = max(1, int(gib * 16))
+        chunk = os.urandom(1 << 20)
+        for i in range(n_files):
+            sub = os.path.join(tree, f"d{i % 4}")
+            os.makedirs(sub, exist_ok=True)
+            with open(os.path.join(sub, f"f{i}.bin"), "wb") as f:
+                for j in range(64):
+                    f.write(chunk[j:] + chunk[:j])
+        total_mb = n_files * 64 * 1.048576
+        rows = []
+        files = sorted(os.path.join(dp, fn) for dp, _, fns in os.walk(tree) for fn in fns)
+        if shutil.which("b3sum"):
+            t, _ = measure(["b3sum", *files], cwd=work)
+            rows.append(("b3sum (all cores, mmap)", t, total_mb / t))
+        t, _ = measure([cairn, "hash", tree], cwd=work)
+        rows.append(("cairn hash (tree digest)", t, total_mb / t))
+        with open(os.path.join(work, "s.yaml"), "w") as f:
+            f.write("name: src\nsteps:\n  s: {uses: source, with: {path: tree}}\n")
+        env = dict(os.environ, CAIRN_STORE=os.path.join(work, "store"))
+        t, rss = measure([cairn, "run", "s.yaml", "--quiet"], cwd=work, env=env)
+        rows.append(("cairn run: first pass (hash + copy into store)", t, total_mb / t))
+        second, rss2 = median_of(3, lambda: measure([cairn, "run", "s.yaml", "--quiet"], cwd=work, env=env))
+        print("| what | time | throughput |")
+        print("|---|---:|---:|")
+        for name, t, mbs in rows:
+            print(f"| {name} | {t*1000:.0f} ms | {mbs:.0f} MB/s |")
+        print(f"| cairn run: second pass, tree unchanged (stat cache) | {second*1000:.1f} ms | - |")
+        print(f"\npeak RSS: first pass {rss:.0f} MiB, second pass {rss2:.0f} MiB")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cairn", default=os.path.join(ROOT, "target/release/cairn"))
+    ap.add_argument("--sizes", default="10,100,1000")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--source-gb", type=float, default=1.0, help="size of the source tree (0 skips)")
+    args = ap.parse_args()
+    if not os.path.exists(args.cairn):
+        sys.exit(f"{args.cairn} not found: run `cargo build --release` first")
+    print(f"cairn: {args.cairn}; cores: {os.cpu_count()}")
+    bench_dags(os.path.abspath(args.cairn), [int(s) for s in args.sizes.split(",")], args.jobs)
+    if args.source_gb > 0:
+        bench_source(os.path.abspath(args.cairn), args.source_gb)
+
+
+if __name__ == "__main__":
+    main()
