@@ -4,6 +4,7 @@
 `source` hashing of a large tree against b3sum and the stat-cache second pass.
 
 Prints markdown tables. Usage: scripts/bench-overhead [--sizes 10,100,1000] [--source-gb 1]
+    [--snakemake scripts/.bench-venv/bin/snakemake]   (pip install 'snakemake>=9,<10' in a venv)
 """
 import argparse
 import os
@@ -16,6 +17,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SNAKE_CAIRN = None
 
 
 def measure(cmd, cwd, env=None):
@@ -63,16 +65,50 @@ def fan_yaml(n):
     return "\n".join(lines) + "\n"
 
 
-def floor_script(n, shape):
-    """The same work with no orchestrator: one `bash -c` per stage."""
+def floor_script(n, shape, shell="bash"):
+    """The same work with no orchestrator: one `bash -c` (or `sh -c`) per stage."""
     if shape == "chain":
-        body = ['bash -c "echo 0 > o0"']
-        body += [f'bash -c "cat o{i-1} > o{i}; echo {i} >> o{i}"' for i in range(1, n)]
+        body = [f'{shell} -c "echo 0 > o0"']
+        body += [f'{shell} -c "cat o{i-1} > o{i}; echo {i} >> o{i}"' for i in range(1, n)]
     else:
-        body = ['bash -c "echo root > r"']
-        body += [f'bash -c "cat r > o{i}; echo {i} >> o{i}"' for i in range(n)]
-        body += ['bash -c "cat o* > joined"']
+        body = [f'{shell} -c "echo root > r"']
+        body += [f'{shell} -c "cat r > o{i}; echo {i} >> o{i}"' for i in range(n)]
+        body += [f'{shell} -c "cat o* > joined"']
     return "set -e\n" + "\n".join(body) + "\n"
+
+
+def snakefile(n):
+    rules = ["rule all:", f'    input: "o{n-1}"', ""]
+    rules += ["rule s0:", '    output: "o0"', '    shell: "echo 0 > {output}"', ""]
+    for i in range(1, n):
+        rules += [f"rule s{i}:", f'    input: "o{i-1}"', f'    output: "o{i}"',
+                  f'    shell: "cat {{input}} > {{output}}; echo {i} >> {{output}}"', ""]
+    return "\n".join(rules)
+
+
+def bench_snakemake(snakemake, sizes, jobs):
+    print(f"\n### Side by side: Snakemake {subprocess.run([snakemake, '--version'], capture_output=True, text=True).stdout.strip()} on the same chains (-c {jobs})\n")
+    print("| N | Snakemake cold | Snakemake no-op | cairn no-op | no-op speed-up |")
+    print("|---:|---:|---:|---:|---:|")
+    cairn = SNAKE_CAIRN
+    for n in sizes:
+        work = tempfile.mkdtemp(prefix=f"snake-bench-{n}-")
+        try:
+            with open(os.path.join(work, "Snakefile"), "w") as f:
+                f.write(snakefile(n))
+            cmd = [snakemake, "-c", str(jobs), "--quiet", "all"]
+            cold, _ = measure(cmd, cwd=work)
+            noop, _ = median_of(3, lambda: measure(cmd, cwd=work))
+            with open(os.path.join(work, "p.yaml"), "w") as f:
+                f.write(chain_yaml(n))
+            env = dict(os.environ, CAIRN_STORE=os.path.join(work, "store"))
+            base = [cairn, "run", "p.yaml", "--quiet", "--jobs", str(jobs)]
+            measure(base, cwd=work, env=env)
+            cnoop, _ = median_of(3, lambda: measure(base, cwd=work, env=env))
+            print(f"| {n} | {cold*1000:.0f} ms | {noop*1000:.0f} ms | {cnoop*1000:.1f} ms | {noop/cnoop:.0f}x |")
+            sys.stdout.flush()
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def median_of(k, fn):
@@ -82,18 +118,20 @@ def median_of(k, fn):
 
 def bench_dags(cairn, sizes, jobs):
     print(f"\n### Orchestration overhead (trivial `command` steps, --jobs {jobs}, medians of 3 for reruns)\n")
-    print("| DAG | N | floor (bash -c per stage) | cold run | cold / floor | per-step overhead | no-op rerun | rerun after mid param change | peak RSS |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| DAG | N | floor: bash -c per stage | floor: sh -c per stage | cairn cold run | cold / bash floor | cold / sh floor | overhead per step vs sh floor | no-op rerun | rerun after mid param change | peak RSS |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for shape in ("chain", "fan"):
         for n in sizes:
             work = tempfile.mkdtemp(prefix=f"cairn-bench-{shape}{n}-")
             try:
                 with open(os.path.join(work, "p.yaml"), "w") as f:
                     f.write(chain_yaml(n) if shape == "chain" else fan_yaml(n))
-                with open(os.path.join(work, "floor.sh"), "w") as f:
-                    f.write(floor_script(n, shape))
-                os.makedirs(os.path.join(work, "floor"))
-                floor, _ = measure(["bash", "../floor.sh"], cwd=os.path.join(work, "floor"))
+                floors = {}
+                for shell in ("bash", "sh"):
+                    with open(os.path.join(work, f"floor-{shell}.sh"), "w") as f:
+                        f.write(floor_script(n, shape, shell))
+                    os.makedirs(os.path.join(work, f"floor-{shell}"))
+                    floors[shell], _ = measure(["bash", f"../floor-{shell}.sh"], cwd=os.path.join(work, f"floor-{shell}"))
                 env = dict(os.environ, CAIRN_STORE=os.path.join(work, "store"))
                 base = [cairn, "run", "p.yaml", "--quiet", "--jobs", str(jobs)]
                 cold, rss1 = measure(base, cwd=work, env=env)
@@ -101,8 +139,9 @@ def bench_dags(cairn, sizes, jobs):
                 toggle = iter(range(2, 100))
                 change, rss3 = median_of(3, lambda: measure(base + ["--set", f"mid={next(toggle)}"], cwd=work, env=env))
                 steps = n + (2 if shape == "fan" else 0)
-                per_step_ms = max(0.0, (cold - floor) / steps * 1000)
-                print(f"| {shape} | {n} | {floor*1000:.0f} ms | {cold*1000:.0f} ms | {cold/floor:.2f}x | {per_step_ms:.2f} ms "
+                per_step_ms = (cold - floors["sh"]) / steps * 1000
+                print(f"| {shape} | {n} | {floors['bash']*1000:.0f} ms | {floors['sh']*1000:.0f} ms | {cold*1000:.0f} ms "
+                      f"| {cold/floors['bash']:.2f}x | {cold/floors['sh']:.2f}x | {per_step_ms:.2f} ms "
                       f"| {noop*1000:.1f} ms | {change*1000:.0f} ms | {max(rss1, rss2, rss3):.0f} MiB |")
                 sys.stdout.flush()
             finally:
@@ -153,11 +192,17 @@ def main():
     ap.add_argument("--sizes", default="10,100,1000")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--source-gb", type=float, default=1.0, help="size of the source tree (0 skips)")
+    ap.add_argument("--snakemake", metavar="PATH", help="also run these chains with this snakemake executable, side by side")
+    ap.add_argument("--snakemake-sizes", default="100,1000")
     args = ap.parse_args()
     if not os.path.exists(args.cairn):
         sys.exit(f"{args.cairn} not found: run `cargo build --release` first")
     print(f"cairn: {args.cairn}; cores: {os.cpu_count()}")
     bench_dags(os.path.abspath(args.cairn), [int(s) for s in args.sizes.split(",")], args.jobs)
+    if args.snakemake:
+        global SNAKE_CAIRN
+        SNAKE_CAIRN = os.path.abspath(args.cairn)
+        bench_snakemake(os.path.abspath(args.snakemake), [int(s) for s in args.snakemake_sizes.split(",")], args.jobs)
     if args.source_gb > 0:
         bench_source(os.path.abspath(args.cairn), args.source_gb)
 
