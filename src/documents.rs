@@ -13,7 +13,19 @@ pub const KIND: &str = "documents";
 
 /// What sort of writing a document is; decides cleaning, chunking and the collection it
 /// lands in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Category {
     /// A blog post or article page.
@@ -105,7 +117,10 @@ impl Document {
 }
 
 /// Writes documents as JSON Lines.
-pub fn write_jsonl<'a>(path: &Path, docs: impl IntoIterator<Item = &'a Document>) -> std::io::Result<()> {
+pub fn write_jsonl<'a>(
+    path: &Path,
+    docs: impl IntoIterator<Item = &'a Document>,
+) -> std::io::Result<()> {
     let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
     for d in docs {
         serde_json::to_writer(&mut out, d)?;
@@ -123,7 +138,10 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Document>, String> {
         if line.trim().is_empty() {
             continue;
         }
-        docs.push(serde_json::from_str(&line).map_err(|e| format!("{}:{}: {e}", path.display(), n + 1))?);
+        docs.push(
+            serde_json::from_str(&line)
+                .map_err(|e| format!("{}:{}: {e}", path.display(), n + 1))?,
+        );
     }
     Ok(docs)
 }

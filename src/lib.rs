@@ -6,7 +6,10 @@
 //! objects and records, `cli` is the thin command-line layer.
 
 pub mod cli;
+pub mod crawl;
+pub mod documents;
 pub mod engine;
+pub mod extract;
 pub mod graph;
 pub mod pipeline;
 pub mod steps;

@@ -3,6 +3,7 @@
 
 pub mod command;
 pub mod context;
+pub mod crawl;
 pub mod source;
 
 use async_trait::async_trait;
@@ -152,7 +153,11 @@ pub fn schema_of<P: schemars::JsonSchema>() -> Value {
 }
 
 /// Every built-in step kind. Add new kinds here (one line each).
-pub static REGISTRY: &[&dyn Step] = &[&source::SourceStep, &command::CommandStep];
+pub static REGISTRY: &[&dyn Step] = &[
+    &source::SourceStep,
+    &command::CommandStep,
+    &crawl::CrawlStep,
+];
 
 /// Looks up a built-in step kind.
 pub fn lookup(kind: &str) -> Option<&'static dyn Step> {
