@@ -505,7 +505,7 @@ async fn fetch_page(shared: &Shared, url: &Url) -> PageResult {
         if status == reqwest::StatusCode::NOT_MODIFIED {
             if let (Some(p), Some(doc)) = (previous, previous_doc) {
                 return PageResult::Document {
-                    doc: doc.clone(),
+                    doc: Box::new(doc.clone()),
                     page: p.clone(),
                     links: p.links.clone(),
                     fresh: false,
@@ -573,7 +573,7 @@ async fn fetch_page(shared: &Shared, url: &Url) -> PageResult {
                     document: doc.url.clone(),
                 };
                 return PageResult::Document {
-                    doc: doc.clone(),
+                    doc: Box::new(doc.clone()),
                     page,
                     links: p.links.clone(),
                     fresh: false,
@@ -637,7 +637,7 @@ async fn fetch_page(shared: &Shared, url: &Url) -> PageResult {
             document: doc.url.clone(),
         };
         return PageResult::Document {
-            doc,
+            doc: Box::new(doc),
             page,
             links,
             fresh: true,
