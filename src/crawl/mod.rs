@@ -143,7 +143,7 @@ struct Host {
 
 enum PageResult {
     Document {
-        doc: Document,
+        doc: Box<Document>,
         page: PageState,
         links: Vec<String>,
         fresh: bool,
