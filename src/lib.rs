@@ -11,6 +11,7 @@ pub mod documents;
 pub mod engine;
 pub mod extract;
 pub mod graph;
+pub mod ingest;
 pub mod pipeline;
 pub mod steps;
 pub mod store;

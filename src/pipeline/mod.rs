@@ -762,6 +762,11 @@ impl<'a> Resolver<'a> {
                         self.error(&format!("{base}.{}", issue.path), issue.message, help);
                     }
                     self.check_io_references(&base, &with, &inputs, None);
+                    let io = StepIo {
+                        inputs: implementation.inputs(),
+                        outputs: IndexMap::new(),
+                    };
+                    self.check_input_names(&base, &inputs, &io);
                     return None;
                 }
             }

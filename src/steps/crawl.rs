@@ -292,6 +292,10 @@ impl Step for CrawlStep {
         true
     }
 
+    fn inputs(&self) -> Option<Vec<super::InputDecl>> {
+        Some(Vec::new())
+    }
+
     fn check(
         &self,
         params: &Value,
@@ -306,7 +310,7 @@ impl Step for CrawlStep {
             )]);
         }
         Ok(StepIo {
-            inputs: Some(Vec::new()),
+            inputs: self.inputs(),
             outputs: IndexMap::from([
                 (DOCUMENTS.to_string(), documents::KIND.to_string()),
                 (STATE.to_string(), "crawl-state".to_string()),

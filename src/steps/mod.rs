@@ -4,6 +4,7 @@
 pub mod command;
 pub mod context;
 pub mod crawl;
+pub mod ingest;
 pub mod source;
 
 use async_trait::async_trait;
@@ -29,6 +30,11 @@ pub trait Step: Send + Sync {
 
     /// JSON Schema of the parameters (`with:`), with defaults and doc strings.
     fn params_schema(&self) -> Value;
+
+    /// The named inputs the kind takes; `None` means any names (as `command` does).
+    fn inputs(&self) -> Option<Vec<InputDecl>> {
+        None
+    }
 
     /// Volatile steps (reading the outside world) always execute, cheaply, and report
     /// `cached` when what they produce equals the last result.
@@ -157,6 +163,7 @@ pub static REGISTRY: &[&dyn Step] = &[
     &source::SourceStep,
     &command::CommandStep,
     &crawl::CrawlStep,
+    &ingest::IngestStep,
 ];
 
 /// Looks up a built-in step kind.

@@ -59,6 +59,10 @@ impl Step for SourceStep {
         true
     }
 
+    fn inputs(&self) -> Option<Vec<super::InputDecl>> {
+        Some(Vec::new())
+    }
+
     fn check(
         &self,
         params: &Value,
@@ -79,7 +83,7 @@ impl Step for SourceStep {
             return Err(issues);
         }
         Ok(StepIo {
-            inputs: Some(Vec::new()),
+            inputs: self.inputs(),
             outputs: IndexMap::from([(OUTPUT.to_string(), "path".to_string())]),
         })
     }
