@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod crawl;
+pub mod docstore;
 pub mod documents;
 pub mod engine;
 pub mod extract;

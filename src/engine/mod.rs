@@ -608,7 +608,16 @@ impl<'a> RunState<'a> {
                         "run cancelled".into(),
                     );
                 } else {
-                    match self.decide(i)? {
+                    let mut decision = self.decide(i)?;
+                    if let Decision::Cached { entry } = &decision {
+                        if let Some(why) = self.verify_external(i, entry).await {
+                            decision = Decision::Run {
+                                reason: format!("external state changed: {why}"),
+                                previous: None,
+                            };
+                        }
+                    }
+                    match decision {
                         Decision::Blocked { reason } => {
                             self.settle(i, State::Skipped, StepStatus::Skipped, reason)
                         }
@@ -761,10 +770,37 @@ impl<'a> RunState<'a> {
             log_path: work_dir.join("log.txt"),
             work_dir,
             cwd: self.opts.cwd.clone(),
+            docstore_uri: self.docstore_uri(),
             store: self.store.clone(),
             progress: Progress::hidden(),
             cancel: cancel.child_token(),
         })
+    }
+
+    /// The pipeline's document store, else `CAIRN_MONGODB_URI`, else embedded.
+    fn docstore_uri(&self) -> Option<String> {
+        self.pipeline.docstore_uri.clone().or_else(|| {
+            std::env::var("CAIRN_MONGODB_URI")
+                .ok()
+                .filter(|u| !u.is_empty())
+        })
+    }
+
+    /// For steps that write outside the store: `Some(what differs)` when the outside no
+    /// longer matches the cached receipt.
+    async fn verify_external(&self, i: usize, entry: &CacheEntry) -> Option<String> {
+        let step = self.step(i);
+        if !step.implementation.external() {
+            return None;
+        }
+        let uri = self.docstore_uri();
+        let ctx = crate::steps::VerifyContext {
+            params: &step.params,
+            outputs: &entry.outputs,
+            store: &self.store,
+            docstore_uri: uri.as_deref(),
+        };
+        step.implementation.verify(&ctx).await.err()
     }
 
     fn store_log(&self, log_path: &std::path::Path) -> Option<String> {

@@ -36,6 +36,8 @@ pub struct ResolvedPipeline {
     pub file: PathBuf,
     /// Effective pipeline parameters (file values with `--set` applied).
     pub params: IndexMap<String, Value>,
+    /// Document store URI from `docstore: {uri}` (may hold a password: never recorded).
+    pub docstore_uri: Option<String>,
     /// Steps in file order.
     pub steps: Vec<ResolvedStep>,
 }
@@ -493,6 +495,7 @@ impl<'a> Resolver<'a> {
             description: raw.description,
             file: self.src.path.clone(),
             params,
+            docstore_uri: raw.docstore.and_then(|d| d.uri),
             steps,
         })
     }

@@ -5,7 +5,7 @@ use indexmap::IndexMap;
 use serde::Deserialize;
 
 /// Top-level keys of a pipeline file.
-pub const PIPELINE_KEYS: &[&str] = &["name", "description", "params", "steps"];
+pub const PIPELINE_KEYS: &[&str] = &["name", "description", "params", "docstore", "steps"];
 /// Keys of a step entry.
 pub const STEP_KEYS: &[&str] = &["uses", "description", "inputs", "with", "outputs"];
 /// Top-level keys of a step-spec file.
@@ -34,9 +34,21 @@ pub struct RawPipeline {
     /// Pipeline parameters, referenced as `${params.NAME}`.
     #[serde(default)]
     pub params: Option<IndexMap<String, serde_yaml::Value>>,
+    /// Where document-store steps write (default: the embedded store).
+    #[serde(default)]
+    pub docstore: Option<RawDocstore>,
     /// Steps by name; each is deserialized on its own so that type errors in several
     /// steps are all reported.
     pub steps: IndexMap<String, serde_yaml::Value>,
+}
+
+/// The pipeline's document store.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDocstore {
+    /// `mongodb://...`, `sqlite:PATH`, or absent for the embedded store.
+    #[serde(default)]
+    pub uri: Option<String>,
 }
 
 /// A step entry (unknown keys: see `RawPipeline`).

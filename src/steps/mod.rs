@@ -4,6 +4,7 @@
 pub mod command;
 pub mod context;
 pub mod crawl;
+pub mod docstore;
 pub mod ingest;
 pub mod source;
 
@@ -50,9 +51,33 @@ pub trait Step: Send + Sync {
         declared_outputs: &IndexMap<String, String>,
     ) -> Result<StepIo, Vec<ParamIssue>>;
 
+    /// Steps that write to an external system (a document or vector store) record a
+    /// receipt; on a cache hit the engine calls [`Step::verify`] and reruns the step when
+    /// the external state no longer matches.
+    fn external(&self) -> bool {
+        false
+    }
+
+    /// Checks a cached result against the outside world; `Err` says what differs.
+    async fn verify(&self, _ctx: &VerifyContext<'_>) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Executes the step. Outputs are written under `ctx.work_dir` and committed with
     /// [`StepContext::commit_output`].
     async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError>;
+}
+
+/// What `verify` gets: the cached outputs and where external systems are.
+pub struct VerifyContext<'a> {
+    /// Resolved parameters.
+    pub params: &'a Value,
+    /// The cached outputs.
+    pub outputs: &'a std::collections::BTreeMap<String, crate::store::OutputRef>,
+    /// The artifact store.
+    pub store: &'a crate::store::Store,
+    /// Document store URI from the pipeline or the environment (`None`: embedded).
+    pub docstore_uri: Option<&'a str>,
 }
 
 /// What a step consumes and produces.
@@ -164,6 +189,7 @@ pub static REGISTRY: &[&dyn Step] = &[
     &command::CommandStep,
     &crawl::CrawlStep,
     &ingest::IngestStep,
+    &docstore::DocstoreStep,
 ];
 
 /// Looks up a built-in step kind.
