@@ -60,45 +60,70 @@ pub struct Extracted {
 }
 
 /// Tags never part of the main text.
-const SKIP_TAGS: &[&str] = &[
-    "script", "style", "noscript", "template", "svg", "canvas", "iframe", "form", "button",
-    "input", "select", "textarea", "nav", "header", "footer", "aside", "head", "title", "meta",
-    "link", "object", "embed", "dialog",
-];
+fn is_skip_tag(name: &str) -> bool {
+    matches!(
+        name,
+        "script"
+            | "style"
+            | "noscript"
+            | "template"
+            | "svg"
+            | "canvas"
+            | "iframe"
+            | "form"
+            | "button"
+            | "input"
+            | "select"
+            | "textarea"
+            | "nav"
+            | "header"
+            | "footer"
+            | "aside"
+            | "head"
+            | "title"
+            | "meta"
+            | "link"
+            | "object"
+            | "embed"
+            | "dialog"
+    )
+}
 
 /// Block-level tags: each starts a new paragraph of text.
-const BLOCK_TAGS: &[&str] = &[
-    "p",
-    "div",
-    "section",
-    "article",
-    "main",
-    "h1",
-    "h2",
-    "h3",
-    "h4",
-    "h5",
-    "h6",
-    "li",
-    "ul",
-    "ol",
-    "dl",
-    "dt",
-    "dd",
-    "blockquote",
-    "pre",
-    "table",
-    "tr",
-    "td",
-    "th",
-    "figure",
-    "figcaption",
-    "br",
-    "hr",
-    "address",
-    "details",
-    "summary",
-];
+fn is_block_tag(name: &str) -> bool {
+    matches!(
+        name,
+        "p" | "div"
+            | "section"
+            | "article"
+            | "main"
+            | "h1"
+            | "h2"
+            | "h3"
+            | "h4"
+            | "h5"
+            | "h6"
+            | "li"
+            | "ul"
+            | "ol"
+            | "dl"
+            | "dt"
+            | "dd"
+            | "blockquote"
+            | "pre"
+            | "table"
+            | "tr"
+            | "td"
+            | "th"
+            | "figure"
+            | "figcaption"
+            | "br"
+            | "hr"
+            | "address"
+            | "details"
+            | "summary"
+    )
+}
 
 const NEGATIVE: &[&str] = &[
     "comment",
@@ -166,39 +191,128 @@ fn class_id(el: &ElementRef<'_>) -> String {
     s
 }
 
+/// Whether a class/id token is `word`, or `word-...`, `word_...`, `...-word`.
+fn token_matches(token: &str, word: &str) -> bool {
+    token == word
+        || token
+            .strip_prefix(word)
+            .is_some_and(|rest| rest.starts_with(['-', '_']))
+        || token
+            .strip_suffix(word)
+            .is_some_and(|rest| rest.ends_with('-'))
+}
+
 fn matches_any(text: &str, words: &[&str]) -> bool {
-    text.split(|c: char| c.is_whitespace()).any(|token| {
-        words.iter().any(|w| {
-            token == *w
-                || token.starts_with(&format!("{w}-"))
-                || token.ends_with(&format!("-{w}"))
-                || token.starts_with(&format!("{w}_"))
-        })
-    })
+    text.split_whitespace()
+        .any(|token| words.iter().any(|w| token_matches(token, w)))
+}
+
+/// Every boilerplate element of the page, decided once.
+type Boilerplate = std::collections::HashSet<ego_tree::NodeId>;
+
+/// What one pass over a page's elements finds.
+#[derive(Default)]
+struct PageFacts {
+    metas: Vec<(String, String)>,
+    title: Option<String>,
+    h1: Option<String>,
+    byline: Option<String>,
+    time: Option<String>,
+    canonical: Option<String>,
+    links: Vec<String>,
+    boilerplate: Boilerplate,
+}
+
+impl PageFacts {
+    fn observe(&mut self, el: ElementRef<'_>, url: &url::Url) {
+        let v = el.value();
+        let text_of = |el: ElementRef<'_>| {
+            Some(normalize_space(&el.text().collect::<String>())).filter(|t| !t.is_empty())
+        };
+        match v.name() {
+            "meta" => {
+                if let (Some(key), Some(content)) = (
+                    v.attr("property").or_else(|| v.attr("name")),
+                    v.attr("content"),
+                ) {
+                    let content = normalize_space(content);
+                    if !content.is_empty() {
+                        self.metas.push((key.to_ascii_lowercase(), content));
+                    }
+                }
+            }
+            "title" if self.title.is_none() => self.title = text_of(el),
+            "h1" if self.h1.is_none() => self.h1 = text_of(el),
+            "time" if self.time.is_none() => self.time = v.attr("datetime").map(str::to_string),
+            "link"
+                if self.canonical.is_none()
+                    && v.attr("rel")
+                        .is_some_and(|r| r.eq_ignore_ascii_case("canonical")) =>
+            {
+                self.canonical = v
+                    .attr("href")
+                    .and_then(|h| url.join(h).ok())
+                    .map(|u| u.to_string());
+            }
+            "a" => {
+                if let Some(u) = v.attr("href").and_then(|h| url.join(h.trim()).ok()) {
+                    if matches!(u.scheme(), "http" | "https") {
+                        self.links.push(u.to_string());
+                    }
+                }
+            }
+            _ => {}
+        }
+        if self.byline.is_none()
+            && (v.attr("rel") == Some("author")
+                || v.classes().any(|c| c == "author" || c == "byline"))
+        {
+            self.byline = text_of(el);
+        }
+        if is_boilerplate(&el) {
+            self.boilerplate.insert(el.id());
+        }
+    }
+
+    fn meta(&self, key: &str) -> Option<String> {
+        self.metas
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    }
 }
 
 /// Boilerplate by name (navigation, share widgets, cookie banners, ...).
 fn is_boilerplate(el: &ElementRef<'_>) -> bool {
-    let name = el.value().name();
-    if SKIP_TAGS.contains(&name) {
+    let v = el.value();
+    if is_skip_tag(v.name()) {
         return true;
     }
-    let ci = class_id(el);
-    if ci.is_empty() {
-        return false;
-    }
-    let v = el.value();
-    v.attr("aria-hidden") == Some("true")
+    if v.attr("aria-hidden") == Some("true")
         || v.attr("hidden").is_some()
         || matches!(
             v.attr("role"),
             Some("navigation" | "banner" | "contentinfo" | "complementary" | "search")
         )
-        || (matches_any(&ci, NEGATIVE)
-            && !matches_any(
-                &ci,
-                &["body", "article", "main", "content", "post", "entry"],
-            ))
+    {
+        return true;
+    }
+    // Most elements have no id or class: decide those without allocating.
+    if v.id().is_none() && v.classes().next().is_none() {
+        return false;
+    }
+    let tokens = || v.id().into_iter().chain(v.classes());
+    let any = |words: &[&str]| {
+        tokens().any(|t| {
+            if t.bytes().any(|b| b.is_ascii_uppercase()) {
+                let lower = t.to_ascii_lowercase();
+                words.iter().any(|w| token_matches(&lower, w))
+            } else {
+                words.iter().any(|w| token_matches(t, w))
+            }
+        })
+    };
+    any(NEGATIVE) && !any(&["body", "article", "main", "content", "post", "entry"])
 }
 
 fn normalize_space(s: &str) -> String {
@@ -208,12 +322,12 @@ fn normalize_space(s: &str) -> String {
 /// Extracts from `html` served at `url`, with optional per-site rules.
 pub fn extract(html: &str, url: &url::Url, rules: Option<&Rules>) -> Extracted {
     let doc = Html::parse_document(html);
-    let meta = |sel: &str| -> Option<String> {
-        doc.select(&selector(sel))
-            .filter_map(|e| e.value().attr("content"))
-            .map(normalize_space)
-            .find(|s| !s.is_empty())
-    };
+    // One pass over the elements collects metadata, links and boilerplate; a page can
+    // hold tens of thousands of elements, so a dozen selector scans would dominate.
+    let mut page = PageFacts::default();
+    for el in doc.root_element().descendent_elements() {
+        page.observe(el, url);
+    }
     let first_text = |sel: &Selector| -> Option<String> {
         doc.select(sel)
             .map(|e| normalize_space(&e.text().collect::<String>()))
@@ -223,32 +337,22 @@ pub fn extract(html: &str, url: &url::Url, rules: Option<&Rules>) -> Extracted {
         .and_then(|r| r.title.as_deref())
         .and_then(|s| Selector::parse(s).ok())
         .and_then(|s| first_text(&s))
-        .or_else(|| meta("meta[property='og:title']"))
-        .or_else(|| first_text(&selector("title")))
-        .or_else(|| first_text(&selector("h1")));
-    let author = meta("meta[name='author']")
-        .or_else(|| meta("meta[property='article:author']"))
-        .or_else(|| first_text(&selector("[rel='author'], .author, .byline")))
-        .or_else(|| meta("meta[property='og:site_name']"));
-    let published = meta("meta[property='article:published_time']")
-        .or_else(|| meta("meta[name='date']"))
-        .or_else(|| meta("meta[name='dc.date']"))
-        .or_else(|| {
-            doc.select(&selector("time[datetime]"))
-                .find_map(|t| t.value().attr("datetime").map(str::to_string))
-        });
-    let canonical = doc
-        .select(&selector("link[rel='canonical']"))
-        .find_map(|l| l.value().attr("href"))
-        .and_then(|h| url.join(h).ok())
-        .map(|u| u.to_string());
-    let links = doc
-        .select(&selector("a[href]"))
-        .filter_map(|a| a.value().attr("href"))
-        .filter_map(|h| url.join(h.trim()).ok())
-        .filter(|u| matches!(u.scheme(), "http" | "https"))
-        .map(|u| u.to_string())
-        .collect();
+        .or_else(|| page.meta("og:title"))
+        .or_else(|| page.title.take())
+        .or_else(|| page.h1.take());
+    let author = page
+        .meta("author")
+        .or_else(|| page.meta("article:author"))
+        .or_else(|| page.byline.take())
+        .or_else(|| page.meta("og:site_name"));
+    let published = page
+        .meta("article:published_time")
+        .or_else(|| page.meta("date"))
+        .or_else(|| page.meta("dc.date"))
+        .or_else(|| page.time.take());
+    let canonical = page.canonical;
+    let links = page.links;
+    let boiler = page.boilerplate;
 
     let excluded: Vec<Selector> = rules
         .map(|r| {
@@ -258,7 +362,7 @@ pub fn extract(html: &str, url: &url::Url, rules: Option<&Rules>) -> Extracted {
                 .collect()
         })
         .unwrap_or_default();
-    let excluded_ids: std::collections::HashSet<_> = excluded
+    let excluded_ids: Boilerplate = excluded
         .iter()
         .flat_map(|s| doc.select(s).map(|e| e.id()))
         .collect();
@@ -268,11 +372,11 @@ pub fn extract(html: &str, url: &url::Url, rules: Option<&Rules>) -> Extracted {
         .and_then(|s| Selector::parse(s).ok())
     {
         Some(sel) => doc.select(&sel).collect(),
-        None => best_candidate(&doc).into_iter().collect(),
+        None => best_candidate(&doc, &boiler).into_iter().collect(),
     };
     let mut text = String::new();
     for root in &roots {
-        render(*root, &excluded_ids, true, &mut text);
+        render(*root, &excluded_ids, &boiler, true, &mut text);
         text.push_str("\n\n");
     }
     Extracted {
@@ -286,7 +390,7 @@ pub fn extract(html: &str, url: &url::Url, rules: Option<&Rules>) -> Extracted {
 }
 
 /// The container most likely to hold the main text.
-fn best_candidate(doc: &Html) -> Option<ElementRef<'_>> {
+fn best_candidate<'a>(doc: &'a Html, boiler: &Boilerplate) -> Option<ElementRef<'a>> {
     let body = doc.select(&selector("body")).next()?;
     let mut best: Option<(f64, ElementRef<'_>)> = None;
     for el in body.descendent_elements() {
@@ -294,10 +398,10 @@ fn best_candidate(doc: &Html) -> Option<ElementRef<'_>> {
         if !matches!(name, "article" | "main" | "div" | "section" | "td" | "body") {
             continue;
         }
-        if has_boilerplate_ancestor(el) || is_boilerplate(&el) {
+        if boiler.contains(&el.id()) || el.ancestors().any(|a| boiler.contains(&a.id())) {
             continue;
         }
-        let (text_len, link_len, paragraphs) = measure(el);
+        let (text_len, link_len, paragraphs) = measure(el, boiler);
         if text_len < 80 {
             continue;
         }
@@ -318,20 +422,14 @@ fn best_candidate(doc: &Html) -> Option<ElementRef<'_>> {
     best.map(|(_, el)| el).or(Some(body))
 }
 
-fn has_boilerplate_ancestor(el: ElementRef<'_>) -> bool {
-    el.ancestors()
-        .filter_map(ElementRef::wrap)
-        .any(|a| is_boilerplate(&a))
-}
-
 /// Text length, link text length and paragraph count of the readable parts under `el`.
-fn measure(el: ElementRef<'_>) -> (usize, usize, usize) {
+fn measure(el: ElementRef<'_>, boiler: &Boilerplate) -> (usize, usize, usize) {
     let mut text = 0;
     let mut links = 0;
     let mut paragraphs = 0;
     let mut stack = vec![(el, false)];
     while let Some((e, in_link)) = stack.pop() {
-        if e != el && is_boilerplate(&e) {
+        if e != el && boiler.contains(&e.id()) {
             continue;
         }
         let name = e.value().name();
@@ -362,11 +460,12 @@ fn measure(el: ElementRef<'_>) -> (usize, usize, usize) {
 
 fn render(
     el: ElementRef<'_>,
-    excluded: &std::collections::HashSet<ego_tree::NodeId>,
+    excluded: &Boilerplate,
+    boiler: &Boilerplate,
     root: bool,
     out: &mut String,
 ) {
-    if excluded.contains(&el.id()) || (!root && is_boilerplate(&el)) {
+    if excluded.contains(&el.id()) || (!root && boiler.contains(&el.id())) {
         return;
     }
     let name = el.value().name();
@@ -376,7 +475,7 @@ fn render(
         out.push_str("\n\n");
         return;
     }
-    let block = BLOCK_TAGS.contains(&name);
+    let block = is_block_tag(name);
     if block {
         out.push_str("\n\n");
     }
@@ -403,7 +502,7 @@ fn render(
             }
             Node::Element(_) => {
                 if let Some(c) = ElementRef::wrap(child) {
-                    render(c, excluded, false, out);
+                    render(c, excluded, boiler, false, out);
                 }
             }
             _ => {}

@@ -559,3 +559,80 @@ fn crawl_the_python_docs_sphinx_site() {
         }
     }
 }
+
+#[test]
+fn the_shipped_ingestion_pipeline_runs() {
+    let counters = Arc::new(Counters::default());
+    let addr = serve(
+        Router::new()
+            .fallback(site)
+            .with_state((counters, Arc::new(gzip_bomb()))),
+    );
+    let work = Project::new();
+    let repo = work.path("proj.git");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(repo.join("main.py"), "print('hello')\n").unwrap();
+    for args in [
+        &["init", "-q"][..],
+        &["add", "."],
+        &[
+            "-c",
+            "user.email=t@e.org",
+            "-c",
+            "user.name=t",
+            "commit",
+            "-q",
+            "-m",
+            "x",
+        ],
+    ] {
+        assert!(std::process::Command::new("git")
+            .current_dir(&repo)
+            .args(args)
+            .status()
+            .unwrap()
+            .success());
+    }
+    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("cairn"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("CAIRN_STORE", work.store())
+        .args(["run", "pipelines/ingestion.yaml", "--json", "--quiet"])
+        .args([
+            "--set",
+            &format!("blog=http://{addr}/blog/a"),
+            "--set",
+            &format!("repository=file://{}", repo.display()),
+        ])
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "{}\n{report}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs_id = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "documents")
+        .unwrap()["outputs"]["documents"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, jsonl, _) = work.exec(&["artifacts", "cat", &docs_id]);
+    let categories: std::collections::BTreeSet<String> = jsonl
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["category"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let expected: std::collections::BTreeSet<String> = ["article", "chat", "qa", "repository"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(categories, expected);
+}

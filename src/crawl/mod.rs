@@ -590,7 +590,17 @@ async fn fetch_page(shared: &Shared, url: &Url) -> PageResult {
                     .get(h.trim_start_matches("www."))
                     .or_else(|| cfg.rules.get(h))
             });
-            let e = extract::extract(&text, &final_url, rules);
+            // Parsing and scoring are CPU work: keep them off the fetching threads.
+            let (page_text, page_url, page_rules) =
+                (text.clone(), final_url.clone(), rules.cloned());
+            let e = match tokio::task::spawn_blocking(move || {
+                extract::extract(&page_text, &page_url, page_rules.as_ref())
+            })
+            .await
+            {
+                Ok(e) => e,
+                Err(err) => return PageResult::Failed(format!("extraction failed: {err}")),
+            };
             let mut meta = BTreeMap::new();
             if let Some(c) = &e.canonical {
                 meta.insert(
