@@ -106,37 +106,74 @@ fn schema_type(schema: &Value) -> String {
     "any".into()
 }
 
-fn print_params(schema: &Value) {
+fn print_properties(schema: &Value, indent: &str) {
     let required: Vec<&str> = schema["required"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|v| v.as_str())
         .collect();
-    let Some(props) = schema["properties"].as_object() else {
-        println!("(no parameters)");
-        return;
-    };
-    println!("Parameters (under `with:`):");
-    for (name, p) in props {
+    for (name, p) in schema["properties"].as_object().into_iter().flatten() {
         let ty = schema_type(p);
         let default = match p.get("default") {
+            Some(Value::Array(items)) if Value::Array(items.clone()).to_string().len() > 40 => {
+                let shown: Vec<String> = items.iter().take(6).map(|v| v.to_string()).collect();
+                format!("default {} values: {}, ...", items.len(), shown.join(", "))
+            }
+            Some(d) if d.to_string().len() > 40 => "default: the fields below".to_string(),
             Some(d) => format!("default {d}"),
             None if required.contains(&name.as_str()) => "required".into(),
             None => "optional".into(),
         };
-        println!("  {name:<18} {ty:<20} {default}");
+        println!("{indent}{name:<22} {ty:<16} {default}");
         if let Some(doc) = p.get("description").and_then(|d| d.as_str()) {
             for line in doc.lines() {
-                println!("      {line}");
+                println!("{indent}    {line}");
             }
         }
     }
-    if let Some(defs) = schema.get("$defs").and_then(|d| d.as_object()) {
-        for (name, def) in defs {
-            if let Some(doc) = def.get("description").and_then(|d| d.as_str()) {
-                println!("\n  {name}: {doc}");
+}
+
+fn print_params(schema: &Value) {
+    if schema["properties"]
+        .as_object()
+        .is_none_or(|p| p.is_empty())
+    {
+        println!("(no parameters)");
+        return;
+    }
+    println!("Parameters (under `with:`):");
+    print_properties(schema, "  ");
+    for (name, def) in schema
+        .get("$defs")
+        .and_then(|d| d.as_object())
+        .into_iter()
+        .flatten()
+    {
+        println!();
+        let doc = def
+            .get("description")
+            .and_then(|d| d.as_str())
+            .unwrap_or("");
+        println!("  {name}: {}", doc.replace('\n', " "));
+        if def.get("properties").is_some() {
+            print_properties(def, "    ");
+        }
+        let alternatives = def
+            .get("oneOf")
+            .or_else(|| def.get("anyOf"))
+            .and_then(|a| a.as_array());
+        for alt in alternatives.into_iter().flatten() {
+            let value = alt
+                .get("const")
+                .or_else(|| alt.get("enum").and_then(|e| e.get(0)));
+            if let (Some(v), Some(d)) = (value, alt.get("description").and_then(|d| d.as_str())) {
+                println!("    {:<24} {}", v.to_string(), d.replace('\n', " "));
             }
+        }
+        if let Some(values) = def.get("enum").and_then(|e| e.as_array()) {
+            let list: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+            println!("    one of: {}", list.join(", "));
         }
     }
 }

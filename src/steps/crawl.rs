@@ -42,8 +42,8 @@ pub struct DomainRule {
 #[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CrawlParams {
-    /// Start URLs: web pages, or git repositories (a `.git` URL, `git@...`, or a
-    /// github/gitlab/bitbucket/codeberg `owner/project` URL).
+    /// Start URLs: web pages, or git repositories (an https:// or file:// URL ending in
+    /// `.git`, or a github/gitlab/bitbucket/codeberg `owner/project` URL).
     pub links: Vec<String>,
     /// Which discovered links to follow: `none`, `same-domain` or `same-prefix`.
     #[serde(default = "default_follow")]
