@@ -462,41 +462,6 @@ fn crawl_a_git_repository() {
     );
 }
 
-/// Serves a folder of static files (what `python3 -m http.server` would do).
-async fn static_files(State(root): State<Arc<std::path::PathBuf>>, req: Request) -> Response {
-    let rel = req.uri().path().trim_start_matches('/');
-    if rel.split('/').any(|s| s == "..") {
-        return Response::builder()
-            .status(StatusCode::BAD_REQUEST)
-            .body(Body::empty())
-            .unwrap();
-    }
-    let mut path = root.join(rel);
-    if path.is_dir() {
-        path = path.join("index.html");
-    }
-    match tokio::fs::read(&path).await {
-        Ok(bytes) => {
-            let ct = match path.extension().and_then(|e| e.to_str()) {
-                Some("html") => "text/html; charset=utf-8",
-                Some("css") => "text/css",
-                Some("js") => "application/javascript",
-                Some("png") => "image/png",
-                Some("txt") => "text/plain",
-                _ => "application/octet-stream",
-            };
-            Response::builder()
-                .header(header::CONTENT_TYPE, ct)
-                .body(Body::from(bytes))
-                .unwrap()
-        }
-        Err(_) => Response::builder()
-            .status(StatusCode::NOT_FOUND)
-            .body(Body::empty())
-            .unwrap(),
-    }
-}
-
 #[test]
 fn crawl_the_python_docs_sphinx_site() {
     let root = std::path::PathBuf::from("/usr/share/doc/python3.11/html");
@@ -506,7 +471,7 @@ fn crawl_the_python_docs_sphinx_site() {
     }
     let addr = serve(
         Router::new()
-            .fallback(static_files)
+            .fallback(common::static_files::static_files)
             .with_state(Arc::new(root)),
     );
     let p = Project::new();

@@ -1,6 +1,8 @@
 //! Test helper: a temp project folder with its own store, and the real `cairn` binary.
 #![allow(dead_code)]
 
+pub mod static_files;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
