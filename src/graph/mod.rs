@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use petgraph::algo::{tarjan_scc, toposort};
+use petgraph::algo::{kosaraju_scc, toposort};
 use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::visit::{Dfs, Reversed};
 use petgraph::Direction;
@@ -121,7 +121,7 @@ impl Dag {
 
 /// One cycle, as node weights in order, starting at its lowest step index.
 fn find_cycle(graph: &DiGraph<usize, ()>) -> Vec<usize> {
-    for scc in tarjan_scc(graph) {
+    for scc in kosaraju_scc(graph) {
         let self_loop = scc.len() == 1 && graph.contains_edge(scc[0], scc[0]);
         if scc.len() < 2 && !self_loop {
             continue;
@@ -131,41 +131,91 @@ fn find_cycle(graph: &DiGraph<usize, ()>) -> Vec<usize> {
             .iter()
             .min_by_key(|n| graph[**n])
             .expect("non-empty scc");
-        // Walk inside the component until we return to the start (a shortest-first BFS
-        // would also do; any cycle through `start` is a true cycle to show the user).
+        // Depth-first walk inside the component until an edge returns to the start; an
+        // explicit stack, so even a cycle through thousands of steps cannot overflow.
         let mut path = vec![start];
         let mut visited = BTreeSet::from([start]);
-        if extend_to(graph, &members, start, &mut path, &mut visited) {
-            return path.into_iter().map(|n| graph[n]).collect();
+        let mut frontier: Vec<Vec<NodeIndex>> = vec![next_in(graph, &members, start)];
+        while let Some(options) = frontier.last_mut() {
+            match options.pop() {
+                Some(n) if n == start => return path.into_iter().map(|n| graph[n]).collect(),
+                Some(n) => {
+                    if visited.insert(n) {
+                        path.push(n);
+                        frontier.push(next_in(graph, &members, n));
+                    }
+                }
+                None => {
+                    frontier.pop();
+                    path.pop();
+                }
+            }
         }
     }
     Vec::new()
 }
 
-fn extend_to(
+/// Successors of `n` inside the component, lowest step index last (popped first).
+fn next_in(
     graph: &DiGraph<usize, ()>,
     members: &BTreeSet<NodeIndex>,
-    start: NodeIndex,
-    path: &mut Vec<NodeIndex>,
-    visited: &mut BTreeSet<NodeIndex>,
-) -> bool {
-    let last = *path.last().expect("path starts non-empty");
-    let mut next: Vec<NodeIndex> = graph
-        .neighbors(last)
-        .filter(|n| members.contains(n))
-        .collect();
-    next.sort_by_key(|n| graph[*n]);
-    for n in next {
-        if n == start {
-            return true;
-        }
-        if visited.insert(n) {
-            path.push(n);
-            if extend_to(graph, members, start, path, visited) {
-                return true;
-            }
-            path.pop();
+    n: NodeIndex,
+) -> Vec<NodeIndex> {
+    let mut next: Vec<NodeIndex> = graph.neighbors(n).filter(|m| members.contains(m)).collect();
+    next.sort_by_key(|m| std::cmp::Reverse(graph[*m]));
+    next
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::InputBinding;
+
+    fn step(name: &str, input_from: Option<&str>) -> ResolvedStep {
+        ResolvedStep {
+            name: name.into(),
+            uses: "command".into(),
+            implementation: crate::steps::lookup("command").unwrap(),
+            version: "1".into(),
+            params: serde_json::json!({"run": "true"}),
+            param_refs: Default::default(),
+            param_env: Default::default(),
+            inputs: input_from
+                .map(|p| {
+                    indexmap::IndexMap::from([(
+                        "in".to_string(),
+                        InputBinding {
+                            step: p.into(),
+                            output: "out".into(),
+                        },
+                    )])
+                })
+                .unwrap_or_default(),
+            outputs: indexmap::IndexMap::from([("out".to_string(), "file".to_string())]),
         }
     }
-    false
+
+    #[test]
+    fn orders_and_selects() {
+        let steps = vec![step("a", None), step("b", Some("a")), step("c", Some("b"))];
+        let dag = Dag::build(&steps).unwrap();
+        assert_eq!(dag.order(), [0, 1, 2]);
+        assert_eq!(dag.descendants(1), BTreeSet::from([1, 2]));
+        assert_eq!(
+            dag.ancestors_of_all(&BTreeSet::from([2])),
+            BTreeSet::from([0, 1, 2])
+        );
+    }
+
+    #[test]
+    fn regression_a_huge_cycle_does_not_overflow_the_stack() {
+        let n = 100_000;
+        let steps: Vec<ResolvedStep> = (0..n)
+            .map(|i| step(&format!("s{i}"), Some(&format!("s{}", (i + n - 1) % n))))
+            .collect();
+        let cycle = Dag::build(&steps).unwrap_err();
+        assert_eq!(cycle.len(), n);
+        assert_eq!(cycle[0], "s0");
+        assert_eq!(cycle[1], "s1");
+    }
 }

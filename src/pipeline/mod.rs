@@ -476,9 +476,21 @@ impl<'a> Resolver<'a> {
         }
         self.link_inputs(&steps);
         if self.diags.is_empty() {
-            if let Err(cycle) = crate::graph::Dag::build(&steps) {
+            if let Err(cycle) = crate::graph::Dag::build(&steps).map_err(|mut c| {
+                if c.is_empty() {
+                    c.push(steps[0].name.clone());
+                }
+                c
+            }) {
                 let path = format!("steps.{}", cycle[0]);
-                let mut shown = cycle.clone();
+                let mut shown = if cycle.len() > 50 {
+                    let mut s = cycle[..25].to_vec();
+                    s.push(format!("... ({} more) ...", cycle.len() - 50));
+                    s.extend_from_slice(&cycle[cycle.len() - 25..]);
+                    s
+                } else {
+                    cycle.clone()
+                };
                 shown.push(cycle[0].clone());
                 self.error(
                     &path,
