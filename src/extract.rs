@@ -319,6 +319,96 @@ fn normalize_space(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// Deepest element nesting accepted. html5ever's tree building is quadratic in nesting
+/// depth (40,000 levels take seconds, a 5 MB page can hold a million), and real pages nest
+/// a few dozen levels, so deeper pages are refused instead of parsed.
+pub const MAX_NESTING: usize = 2_500;
+
+/// A cheap linear estimate of a page's element nesting (void and auto-closing elements,
+/// comments, scripts and styles skipped). `Some(depth)` when it exceeds [`MAX_NESTING`].
+pub fn too_deeply_nested(html: &str) -> Option<usize> {
+    let bytes = html.as_bytes();
+    let (mut depth, mut max, mut i) = (0usize, 0usize, 0usize);
+    let lower_at = |i: usize, pat: &[u8]| {
+        bytes.len() >= i + pat.len() && bytes[i..i + pat.len()].eq_ignore_ascii_case(pat)
+    };
+    while let Some(off) = bytes[i..].iter().position(|&b| b == b'<') {
+        i += off + 1;
+        if lower_at(i, b"!--") {
+            i = html[i..].find("-->").map_or(bytes.len(), |e| i + e + 3);
+            continue;
+        }
+        let closing = bytes.get(i) == Some(&b'/');
+        let start = if closing { i + 1 } else { i };
+        let end = bytes[start..]
+            .iter()
+            .position(|b| !b.is_ascii_alphanumeric())
+            .map_or(bytes.len(), |e| start + e);
+        if end == start {
+            continue;
+        }
+        let name = html[start..end].to_ascii_lowercase();
+        if !closing && (name == "script" || name == "style") {
+            let close = format!("</{name}");
+            i = html[end..]
+                .to_ascii_lowercase()
+                .find(&close)
+                .map_or(bytes.len(), |e| end + e);
+            continue;
+        }
+        let self_closing = bytes[end..]
+            .iter()
+            .position(|&b| b == b'>')
+            .is_some_and(|gt| gt > 0 && bytes[end + gt - 1] == b'/');
+        let implicit = matches!(
+            name.as_str(),
+            "area"
+                | "base"
+                | "br"
+                | "col"
+                | "embed"
+                | "hr"
+                | "img"
+                | "input"
+                | "link"
+                | "meta"
+                | "param"
+                | "source"
+                | "track"
+                | "wbr"
+                | "p"
+                | "li"
+                | "td"
+                | "th"
+                | "tr"
+                | "dt"
+                | "dd"
+                | "option"
+                | "optgroup"
+                | "thead"
+                | "tbody"
+                | "tfoot"
+                | "colgroup"
+                | "rb"
+                | "rt"
+                | "rp"
+                | "html"
+                | "head"
+                | "body"
+        );
+        if implicit || self_closing {
+            continue;
+        }
+        if closing {
+            depth = depth.saturating_sub(1);
+        } else {
+            depth += 1;
+            max = max.max(depth);
+        }
+    }
+    (max > MAX_NESTING).then_some(max)
+}
+
 /// Extracts from `html` served at `url`, with optional per-site rules.
 pub fn extract(html: &str, url: &url::Url, rules: Option<&Rules>) -> Extracted {
     let doc = Html::parse_document(html);
@@ -376,7 +466,7 @@ pub fn extract(html: &str, url: &url::Url, rules: Option<&Rules>) -> Extracted {
     };
     let mut text = String::new();
     for root in &roots {
-        render(*root, &excluded_ids, &boiler, true, &mut text);
+        render(*root, &excluded_ids, &boiler, 0, &mut text);
         text.push_str("\n\n");
     }
     Extracted {
@@ -392,80 +482,89 @@ pub fn extract(html: &str, url: &url::Url, rules: Option<&Rules>) -> Extracted {
 /// The container most likely to hold the main text.
 fn best_candidate<'a>(doc: &'a Html, boiler: &Boilerplate) -> Option<ElementRef<'a>> {
     let body = doc.select(&selector("body")).next()?;
+    // Pre-order list; children come after their parent, so one reverse sweep sums each
+    // subtree (bottom-up) and one forward sweep marks everything under boilerplate
+    // (top-down). Both linear: a page nested 100,000 deep costs no more than a flat one.
+    let elems: Vec<ElementRef<'a>> = body.descendent_elements().collect();
+    let index: std::collections::HashMap<ego_tree::NodeId, usize> =
+        elems.iter().enumerate().map(|(i, e)| (e.id(), i)).collect();
+    let parent_of = |e: &ElementRef<'a>| e.parent().and_then(|p| index.get(&p.id()).copied());
+    let mut hidden = vec![false; elems.len()];
+    for (i, e) in elems.iter().enumerate() {
+        hidden[i] = boiler.contains(&e.id()) || parent_of(e).is_some_and(|p| hidden[p]);
+    }
+    // (text length, link text length, paragraphs) of each readable subtree.
+    let mut stats = vec![(0usize, 0usize, 0usize); elems.len()];
+    for i in (0..elems.len()).rev() {
+        let e = elems[i];
+        let mut text: usize = e
+            .children()
+            .filter_map(|c| c.value().as_text().map(|t| t.trim().len()))
+            .sum();
+        let (mut links, mut paragraphs) = (0, 0);
+        for child in e.children().filter_map(ElementRef::wrap) {
+            if let Some(&c) = index.get(&child.id()) {
+                if !boiler.contains(&child.id()) {
+                    text += stats[c].0;
+                    links += stats[c].1;
+                    paragraphs += stats[c].2;
+                }
+            }
+        }
+        let name = e.value().name();
+        if name == "a" {
+            links = text;
+        }
+        if matches!(name, "p" | "pre" | "li" | "blockquote") {
+            paragraphs += 1;
+        }
+        stats[i] = (text, links, paragraphs);
+    }
     let mut best: Option<(f64, ElementRef<'_>)> = None;
-    for el in body.descendent_elements() {
+    for (i, el) in elems.iter().enumerate() {
         let name = el.value().name();
-        if !matches!(name, "article" | "main" | "div" | "section" | "td" | "body") {
+        if hidden[i] || !matches!(name, "article" | "main" | "div" | "section" | "td" | "body") {
             continue;
         }
-        if boiler.contains(&el.id()) || el.ancestors().any(|a| boiler.contains(&a.id())) {
-            continue;
-        }
-        let (text_len, link_len, paragraphs) = measure(el, boiler);
+        let (text_len, link_len, paragraphs) = stats[i];
         if text_len < 80 {
             continue;
         }
         let link_density = link_len as f64 / text_len.max(1) as f64;
         let mut score =
             (text_len as f64).sqrt() * (1.0 - link_density).powi(2) + paragraphs as f64 * 3.0;
-        let ci = class_id(&el);
-        if matches_any(&ci, POSITIVE) {
+        if matches_any(&class_id(el), POSITIVE) {
             score *= 1.25;
         }
         if name == "article" || name == "main" || el.value().attr("role") == Some("main") {
             score *= 1.5;
         }
         if best.as_ref().is_none_or(|(s, _)| score > *s) {
-            best = Some((score, el));
+            best = Some((score, *el));
         }
     }
     best.map(|(_, el)| el).or(Some(body))
 }
 
-/// Text length, link text length and paragraph count of the readable parts under `el`.
-fn measure(el: ElementRef<'_>, boiler: &Boilerplate) -> (usize, usize, usize) {
-    let mut text = 0;
-    let mut links = 0;
-    let mut paragraphs = 0;
-    let mut stack = vec![(el, false)];
-    while let Some((e, in_link)) = stack.pop() {
-        if e != el && boiler.contains(&e.id()) {
-            continue;
-        }
-        let name = e.value().name();
-        if matches!(name, "p" | "pre" | "li" | "blockquote") {
-            paragraphs += 1;
-        }
-        let is_link = in_link || name == "a";
-        for child in e.children() {
-            match child.value() {
-                Node::Text(t) => {
-                    let n = t.trim().len();
-                    text += n;
-                    if is_link {
-                        links += n;
-                    }
-                }
-                Node::Element(_) => {
-                    if let Some(c) = ElementRef::wrap(child) {
-                        stack.push((c, is_link));
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-    (text, links, paragraphs)
-}
+/// Nesting below which `render` stops recursing (hostile pages nest 100,000 deep).
+const MAX_RENDER_DEPTH: usize = 256;
 
 fn render(
     el: ElementRef<'_>,
     excluded: &Boilerplate,
     boiler: &Boilerplate,
-    root: bool,
+    depth: usize,
     out: &mut String,
 ) {
+    let root = depth == 0;
     if excluded.contains(&el.id()) || (!root && boiler.contains(&el.id())) {
+        return;
+    }
+    if depth > MAX_RENDER_DEPTH {
+        // Keep the text, flattened, without going deeper (the walk is iterative).
+        out.push(' ');
+        out.push_str(&normalize_space(&el.text().collect::<String>()));
+        out.push(' ');
         return;
     }
     let name = el.value().name();
@@ -502,7 +601,7 @@ fn render(
             }
             Node::Element(_) => {
                 if let Some(c) = ElementRef::wrap(child) {
-                    render(c, excluded, boiler, false, out);
+                    render(c, excluded, boiler, depth + 1, out);
                 }
             }
             _ => {}
@@ -594,6 +693,57 @@ mod tests {
             assert!(!e.text.contains(junk), "`{junk}` leaked into: {}", e.text);
         }
         assert!(e.links.contains(&"https://blog.example.org/x".to_string()));
+    }
+
+    #[test]
+    fn regression_absurdly_deep_nesting_does_not_overflow_the_stack() {
+        let depth = 20_000;
+        let html = format!(
+            "<html><body><article><p>Start of a hostile page with plenty of words in it.</p>{}deep text{}</article></body></html>",
+            "<div>".repeat(depth),
+            "</div>".repeat(depth)
+        );
+        let url = url::Url::parse("https://x.org/").unwrap();
+        let e = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || extract(&html, &url, None))
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(
+            e.text.contains("Start of a hostile page"),
+            "{}",
+            &e.text[..100.min(e.text.len())]
+        );
+        assert!(e.text.contains("deep text"));
+    }
+
+    #[test]
+    fn nesting_estimate_refuses_hostile_pages_only() {
+        assert_eq!(too_deeply_nested(PAGE), None);
+        let real = std::fs::read_to_string("/usr/share/doc/python3.11/html/library/stdtypes.html")
+            .unwrap_or_default();
+        assert_eq!(too_deeply_nested(&real), None);
+        let hostile = format!(
+            "<html><body>{}x{}</body></html>",
+            "<div>".repeat(3000),
+            "</div>".repeat(3000)
+        );
+        assert_eq!(too_deeply_nested(&hostile), Some(3000));
+        let many_paragraphs = format!(
+            "<html><body>{}</body></html>",
+            "<p>unclosed paragraph".repeat(10_000)
+        );
+        assert_eq!(
+            too_deeply_nested(&many_paragraphs),
+            None,
+            "auto-closing tags do not nest"
+        );
+        let script = format!(
+            "<script>{}</script><div>ok</div>",
+            "if (a<b) {}".repeat(5000)
+        );
+        assert_eq!(too_deeply_nested(&script), None, "script text is skipped");
     }
 
     #[test]

@@ -73,7 +73,7 @@ async fn site(
             <a href="/blog/b?y=2&x=1">b q1</a> <a href="/blog/b?x=1&y=2">b q2</a> <a href="/blog/c/">c</a>
             <a href="/private/secret">secret</a> <a href="/redirect">moved</a> <a href="/loop1">loop</a>
             <a href="/big">big</a> <a href="/slow">slow</a> <a href="/flaky">flaky</a> <a href="/error">error</a>
-            <a href="/bad-utf8">bad</a> <a href="/bomb">bomb</a> <a href="/image.png">image</a>
+            <a href="/bad-utf8">bad</a> <a href="/bomb">bomb</a> <a href="/image.png">image</a> <a href="/deep">deep</a>
             <a href="http://other.invalid/">elsewhere</a>"#,
         )),
         "/blog/a" => {
@@ -180,6 +180,14 @@ async fn site(
             .header(header::CONTENT_ENCODING, "gzip")
             .body(Body::from(bomb.as_ref().clone()))
             .unwrap(),
+        "/deep" => html(page(
+            "Deep",
+            &format!(
+                "{}too deep{}",
+                "<div>".repeat(50_000),
+                "</div>".repeat(50_000)
+            ),
+        )),
         "/image.png" => Response::builder()
             .header(header::CONTENT_TYPE, "image/png")
             .body(Body::from(vec![0x89, b'P', b'N', b'G']))
@@ -370,6 +378,10 @@ steps:
         "{reasons:?}"
     );
     assert!(reasons["/image.png"].contains("image/png"), "{reasons:?}");
+    assert!(
+        reasons["/deep"].contains("nested 50001 levels deep"),
+        "{reasons:?}"
+    );
     assert_eq!(meta["by_category"]["article"], 7);
 
     let hits = counters.hits.lock().unwrap().clone();

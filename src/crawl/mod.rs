@@ -590,6 +590,12 @@ async fn fetch_page(shared: &Shared, url: &Url) -> PageResult {
                     .get(h.trim_start_matches("www."))
                     .or_else(|| cfg.rules.get(h))
             });
+            if let Some(depth) = extract::too_deeply_nested(&text) {
+                return PageResult::Failed(format!(
+                    "HTML nested {depth} levels deep (limit {}): hostile or broken page, not parsed",
+                    extract::MAX_NESTING
+                ));
+            }
             // Parsing and scoring are CPU work: keep them off the fetching threads.
             let (page_text, page_url, page_rules) =
                 (text.clone(), final_url.clone(), rules.cloned());

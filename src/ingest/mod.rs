@@ -194,6 +194,10 @@ fn ingest_file(rel: &str, text: &str, format: Format, s: &Settings, out: &mut Ou
             ));
         }
         Format::Html => {
+            if crate::extract::too_deeply_nested(text).is_some() {
+                out.drop("HTML nested too deeply to parse", rel.to_string());
+                return;
+            }
             let base = url::Url::parse(&format!("file:///{rel}"))
                 .unwrap_or_else(|_| url::Url::parse("file:///").expect("valid"));
             let e = crate::extract::extract(text, &base, None);
