@@ -74,10 +74,8 @@ impl Display {
             Some(multi) => {
                 let bar = multi.add(ProgressBar::new_spinner());
                 bar.set_style(
-                    ProgressStyle::with_template(
-                        "{spinner} {prefix:<20} {elapsed:>4} {wide_msg} {pos:>7}/{len:7}",
-                    )
-                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                    ProgressStyle::with_template("{spinner} {prefix:<20} {elapsed:>4} {wide_msg}")
+                        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
                 );
                 bar.set_prefix(step.to_string());
                 bar.enable_steady_tick(Duration::from_millis(120));
@@ -105,6 +103,14 @@ impl Display {
             format_duration(report.duration_ms),
             report.reason
         );
+        if !report.outputs.is_empty() && report.status != StepStatus::Skipped {
+            let outs: Vec<String> = report
+                .outputs
+                .iter()
+                .map(|(name, digest)| format!("{name}={}", &digest[..12.min(digest.len())]))
+                .collect();
+            line.push_str(&format!("  [{}]", outs.join(" ")));
+        }
         if let Some(err) = &report.error {
             for l in err.lines() {
                 line.push_str(&format!("\n           | {l}"));

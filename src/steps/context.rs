@@ -66,8 +66,15 @@ impl Progress {
         }
     }
 
-    /// Sets the total amount of work.
+    /// Sets the total amount of work (the spinner becomes a bar with a count and ETA).
     pub fn set_length(&self, len: u64) {
+        if self.bar.length().is_none() && !self.bar.is_hidden() {
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{spinner} {prefix:<20} {elapsed:>4} [{bar:30}] {pos}/{len} {wide_msg} eta {eta}",
+            ) {
+                self.bar.set_style(style.progress_chars("=> "));
+            }
+        }
         self.bar.set_length(len);
     }
 
