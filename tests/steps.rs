@@ -205,3 +205,59 @@ steps:
         bad.stderr
     );
 }
+
+#[test]
+fn ctrl_c_cancels_running_steps_and_kills_their_processes() {
+    let p = Project::new();
+    let marker = p.path("still-running");
+    p.write(
+        "p.yaml",
+        &format!(
+            "name: cancel\nsteps:\n  long:\n    uses: command\n    outputs: {{o: file}}\n    with: {{run: \"sleep 20; touch {m}; echo > ${{outputs.o}}\"}}\n  after:\n    uses: command\n    inputs: {{x: long.o}}\n    outputs: {{o: file}}\n    with: {{run: \"cp ${{inputs.x}} ${{outputs.o}}\"}}\n",
+            m = marker.display()
+        ),
+    );
+    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("cairn"))
+        .current_dir(p.dir.path())
+        .env("CAIRN_STORE", p.store())
+        .args(["run", "p.yaml", "--json", "--quiet"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let t0 = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(10),
+        "Ctrl-C must not wait for the step to finish"
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["status"], "cancelled");
+    let steps = report["steps"].as_array().unwrap();
+    assert_eq!(steps[0]["status"], "failed");
+    assert_eq!(steps[0]["error"], "cancelled");
+    assert_eq!(steps[1]["status"], "skipped");
+    // The program's whole process group was killed: no process still runs its command line.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let needle = marker.display().to_string();
+    let survivors: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&needle))
+        .collect();
+    assert!(
+        survivors.is_empty(),
+        "still running after Ctrl-C: {survivors:?}"
+    );
+    assert!(!marker.exists());
+    let (_, runs, _) = p.exec(&["runs", "ls", "--json"]);
+    assert!(runs.contains("\"cancelled\""), "{runs}");
+}
