@@ -44,6 +44,16 @@ fn gzip_bomb() -> Vec<u8> {
     enc.finish().unwrap()
 }
 
+/// Counts a conditional request answered 304 Not Modified.
+fn not_modified(counters: &Counters) -> Response {
+    counters.conditional.fetch_add(1, Ordering::SeqCst);
+    counters.not_modified.fetch_add(1, Ordering::SeqCst);
+    Response::builder()
+        .status(StatusCode::NOT_MODIFIED)
+        .body(Body::empty())
+        .unwrap()
+}
+
 async fn site(
     State((counters, bomb)): State<(Arc<Counters>, Arc<Vec<u8>>)>,
     req: Request,
@@ -81,12 +91,7 @@ async fn site(
                 .get(header::IF_NONE_MATCH)
                 .is_some_and(|v| v == "\"a-v1\"")
             {
-                counters.conditional.fetch_add(1, Ordering::SeqCst);
-                counters.not_modified.fetch_add(1, Ordering::SeqCst);
-                return Response::builder()
-                    .status(StatusCode::NOT_MODIFIED)
-                    .body(Body::empty())
-                    .unwrap();
+                return not_modified(&counters);
             }
             let mut r = html(page(
                 "Post A",
@@ -98,12 +103,7 @@ async fn site(
         }
         "/blog/b" => {
             if headers.get(header::IF_MODIFIED_SINCE).is_some() {
-                counters.conditional.fetch_add(1, Ordering::SeqCst);
-                counters.not_modified.fetch_add(1, Ordering::SeqCst);
-                return Response::builder()
-                    .status(StatusCode::NOT_MODIFIED)
-                    .body(Body::empty())
-                    .unwrap();
+                return not_modified(&counters);
             }
             let mut r = html(page(
                 "Post B",

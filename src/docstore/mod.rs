@@ -84,13 +84,18 @@ pub fn redact(uri: &str) -> String {
     }
 }
 
+/// Environment variable naming the document store when the pipeline does not.
+pub const URI_ENV: &str = "CAIRN_MONGODB_URI";
+
 /// Opens the store a URI names: `mongodb://...` / `mongodb+srv://...` for MongoDB,
-/// `sqlite:PATH` for an embedded store at PATH; `None` for the embedded default in the
-/// artifact store folder.
+/// `sqlite:PATH` for an embedded store at PATH. Without a URI, `CAIRN_MONGODB_URI` is
+/// used if set, else the embedded default in the artifact store folder.
 pub async fn open(
     uri: Option<&str>,
     store_root: &Path,
 ) -> Result<Box<dyn DocStore>, DocStoreError> {
+    let from_env = std::env::var(URI_ENV).ok().filter(|u| !u.is_empty());
+    let uri = uri.filter(|u| !u.is_empty()).or(from_env.as_deref());
     match uri {
         None | Some("") => Ok(Box::new(SqliteStore::open(&store_root.join("docstore.sqlite"))?)),
         Some(u) if u.starts_with("sqlite:") => Ok(Box::new(SqliteStore::open(Path::new(&u["sqlite:".len()..]))?)),

@@ -777,13 +777,9 @@ impl<'a> RunState<'a> {
         })
     }
 
-    /// The pipeline's document store, else `CAIRN_MONGODB_URI`, else embedded.
+    /// The pipeline's `docstore: {uri}`; the docstore module applies its own fallbacks.
     fn docstore_uri(&self) -> Option<String> {
-        self.pipeline.docstore_uri.clone().or_else(|| {
-            std::env::var("CAIRN_MONGODB_URI")
-                .ok()
-                .filter(|u| !u.is_empty())
-        })
+        self.pipeline.docstore_uri.clone()
     }
 
     /// For steps that write outside the store: `Some(what differs)` when the outside no

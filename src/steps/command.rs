@@ -16,6 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{parse_params, ParamIssue, Step, StepContext, StepError, StepIo, StepOutputs};
 use crate::pipeline::template::{self, Escapes, Reference, TemplateError};
+use crate::pipeline::value_text;
 
 /// The `command` step kind.
 pub struct CommandStep;
@@ -180,13 +181,6 @@ pub fn env_name(prefix: &str, name: &str) -> String {
         "CAIRN_{prefix}_{}",
         name.to_ascii_uppercase().replace('-', "_")
     )
-}
-
-fn value_text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
 }
 
 fn environment(ctx: &StepContext, params: &CommandParams) -> Vec<(String, String)> {

@@ -114,8 +114,9 @@ pub struct StepContext {
     pub log_path: PathBuf,
     /// Directory relative paths in params resolve against (where `cairn` was started).
     pub cwd: PathBuf,
-    /// Document store URI from the pipeline (`docstore: {uri}`) or `CAIRN_MONGODB_URI`;
-    /// `None` means the embedded store. Kept out of params so secrets are never recorded.
+    /// Document store URI from the pipeline (`docstore: {uri}`); `None` lets
+    /// `docstore::open` fall back to `CAIRN_MONGODB_URI`, then the embedded store. Kept
+    /// out of params so secrets are never recorded.
     pub docstore_uri: Option<String>,
     /// The store.
     pub store: Arc<Store>,

@@ -76,7 +76,7 @@ pub struct VerifyContext<'a> {
     pub outputs: &'a std::collections::BTreeMap<String, crate::store::OutputRef>,
     /// The artifact store.
     pub store: &'a crate::store::Store,
-    /// Document store URI from the pipeline or the environment (`None`: embedded).
+    /// Document store URI from the pipeline (`None`: `docstore::open`'s fallbacks).
     pub docstore_uri: Option<&'a str>,
 }
 
