@@ -209,3 +209,50 @@ fn two_runs_share_one_store() {
         );
     }
 }
+
+#[test]
+fn regression_concurrent_runs_on_fresh_stores_are_never_locked_out() {
+    // Two bugs, both "database is locked": processes opening a brand-new store raced on
+    // the WAL switch and schema creation (about 1 run in 60), and concurrent `docstore`
+    // upserts read before writing in a deferred transaction, which SQLite refuses to
+    // upgrade once another writer got in (this test failed 5 times in 5).
+    let p = project();
+    p.write(
+        "d.yaml",
+        "name: d\nparams: {w: a}\nsteps:\n  src: {uses: source, with: {path: data}}\n  docs: {uses: ingest, inputs: {files: src.data}}\n  load: {uses: docstore, inputs: {documents: docs.documents}, with: {collection_prefix: \"${params.w}_\"}}\n",
+    );
+    let bin = assert_cmd::cargo::cargo_bin("cairn");
+    for round in 0..12 {
+        let store = p.path(&format!("fresh-{round}"));
+        let children: Vec<_> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|w| {
+                std::process::Command::new(&bin)
+                    .current_dir(p.dir.path())
+                    .env("CAIRN_STORE", &store)
+                    .args([
+                        "run",
+                        "d.yaml",
+                        "--quiet",
+                        "--json",
+                        "--set",
+                        &format!("w={w}"),
+                    ])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for child in children {
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "round {round}: {:?}\n{}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr),
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+    }
+}

@@ -210,11 +210,13 @@ steps:
 fn ctrl_c_cancels_running_steps_and_kills_their_processes() {
     let p = Project::new();
     let marker = p.path("still-running");
+    let started = p.path("started");
     p.write(
         "p.yaml",
         &format!(
-            "name: cancel\nsteps:\n  long:\n    uses: command\n    outputs: {{o: file}}\n    with: {{run: \"sleep 20; touch {m}; echo > ${{outputs.o}}\"}}\n  after:\n    uses: command\n    inputs: {{x: long.o}}\n    outputs: {{o: file}}\n    with: {{run: \"cp ${{inputs.x}} ${{outputs.o}}\"}}\n",
-            m = marker.display()
+            "name: cancel\nsteps:\n  long:\n    uses: command\n    outputs: {{o: file}}\n    with: {{run: \"touch {s}; sleep 20; touch {m}; echo > ${{outputs.o}}\"}}\n  after:\n    uses: command\n    inputs: {{x: long.o}}\n    outputs: {{o: file}}\n    with: {{run: \"cp ${{inputs.x}} ${{outputs.o}}\"}}\n",
+            m = marker.display(),
+            s = started.display()
         ),
     );
     let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("cairn"))
@@ -225,7 +227,15 @@ fn ctrl_c_cancels_running_steps_and_kills_their_processes() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // Interrupt only once the step's program is really running.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !started.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the step never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let sent = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()

@@ -143,13 +143,19 @@ fn finish(
     }
     let rt = runtime()?;
     let cancel = CancellationToken::new();
+    // Registered before any step starts, so an early Ctrl-C is never lost to the default
+    // handler (which would kill cairn without recording the run).
+    let mut interrupts = {
+        let _runtime = rt.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?
+    };
     let report = rt.block_on(async {
         let signal_cancel = cancel.clone();
         tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
+            if interrupts.recv().await.is_some() {
                 eprintln!("interrupted: stopping running steps (Ctrl-C again to force)");
                 signal_cancel.cancel();
-                if tokio::signal::ctrl_c().await.is_ok() {
+                if interrupts.recv().await.is_some() {
                     std::process::exit(130);
                 }
             }

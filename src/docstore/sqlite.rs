@@ -11,6 +11,22 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::{DocStore, DocStoreError, UpsertStats};
 use crate::documents::Document;
 
+const SCHEMA: &str = "
+    PRAGMA journal_mode=WAL;
+    PRAGMA synchronous=NORMAL;
+    CREATE TABLE IF NOT EXISTS documents (
+        collection TEXT NOT NULL,
+        url TEXT NOT NULL,
+        id TEXT NOT NULL,
+        category TEXT NOT NULL,
+        title TEXT,
+        doc TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (collection, url)
+    );
+    CREATE INDEX IF NOT EXISTS documents_by_id ON documents(collection, id);
+";
+
 /// A document store in one SQLite file.
 pub struct SqliteStore {
     path: String,
@@ -25,20 +41,7 @@ impl SqliteStore {
         }
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(60))?;
-        conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;
-             CREATE TABLE IF NOT EXISTS documents (
-                 collection TEXT NOT NULL,
-                 url TEXT NOT NULL,
-                 id TEXT NOT NULL,
-                 category TEXT NOT NULL,
-                 title TEXT,
-                 doc TEXT NOT NULL,
-                 updated_at TEXT NOT NULL,
-                 PRIMARY KEY (collection, url)
-             );
-             CREATE INDEX IF NOT EXISTS documents_by_id ON documents(collection, id);",
-        )?;
+        crate::store::db::init_retrying_busy(&conn, |conn| conn.execute_batch(SCHEMA))?;
         Ok(Self {
             path: path.display().to_string(),
             conn: Mutex::new(conn),
@@ -77,7 +80,7 @@ impl DocStore for SqliteStore {
         let mut stats = UpsertStats::default();
         let now = crate::engine::now_rfc3339();
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         {
             let mut existing =
                 tx.prepare_cached("SELECT id FROM documents WHERE collection = ?1 AND url = ?2")?;

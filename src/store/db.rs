@@ -15,6 +15,34 @@ use super::StoreError;
 
 const SCHEMA_VERSION: i64 = 1;
 
+/// How long a writer waits for another process's transaction.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
+/// Runs a database's set-up (WAL switch, schema creation), retrying while another
+/// process does the same: two processes opening a brand-new file race there, and SQLite
+/// answers some of those steps with BUSY without consulting the busy handler.
+pub fn init_retrying_busy<T>(
+    conn: &Connection,
+    mut init: impl FnMut(&Connection) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    let started = std::time::Instant::now();
+    loop {
+        match init(conn) {
+            Err(e) if is_busy(&e) && started.elapsed() < BUSY_TIMEOUT => {
+                std::thread::sleep(Duration::from_millis(5 + rand::random::<u64>() % 20));
+            }
+            other => return other,
+        }
+    }
+}
+
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY,
@@ -132,19 +160,33 @@ impl Database {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let conn = Connection::open(path)?;
-        conn.busy_timeout(Duration::from_secs(60))?;
-        conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;",
-        )?;
-        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let version = init_retrying_busy(&conn, |conn| {
+            conn.execute_batch(
+                "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;",
+            )?;
+            let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+            if version < SCHEMA_VERSION {
+                // IMMEDIATE takes the write lock first; re-check, since another process
+                // may have created the schema meanwhile.
+                let tx = rusqlite::Transaction::new_unchecked(
+                    conn,
+                    rusqlite::TransactionBehavior::Immediate,
+                )?;
+                let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+                if version < SCHEMA_VERSION {
+                    tx.execute_batch(SCHEMA)?;
+                    tx.execute_batch(&format!("PRAGMA user_version={SCHEMA_VERSION}"))?;
+                }
+                tx.commit()?;
+                return Ok(SCHEMA_VERSION);
+            }
+            Ok(version)
+        })?;
         if version > SCHEMA_VERSION {
             return Err(StoreError::Corrupt(format!(
                 "store schema version {version} is newer than this cairn understands ({SCHEMA_VERSION}); upgrade cairn"
             )));
-        }
-        if version < SCHEMA_VERSION {
-            conn.execute_batch(SCHEMA)?;
-            conn.execute_batch(&format!("PRAGMA user_version={SCHEMA_VERSION}"))?;
         }
         Ok(Self { conn })
     }
@@ -202,7 +244,9 @@ impl Database {
     pub fn write_steps(&mut self, writes: &[StepWrite<'_>]) -> Result<(), StoreError> {
         let empty_in = BTreeMap::new();
         let empty_out = BTreeMap::new();
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         {
             let mut step_stmt = tx.prepare_cached(
                 "INSERT OR REPLACE INTO run_steps (run_id, step, seq, kind, version, status, reason,
@@ -483,7 +527,9 @@ impl Database {
         root: &str,
         entries: &[(String, StatEntry)],
     ) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute(
             "DELETE FROM stat_cache WHERE path = ?1 OR (path >= ?1 || '/' AND path < ?1 || '0')",
             params![root],
@@ -517,7 +563,9 @@ impl Database {
             .collect::<Result<_, _>>()?;
         drop(stmt);
         if !dry_run {
-            let tx = self.conn.transaction()?;
+            let tx = self
+                .conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             for id in &ids {
                 tx.execute("DELETE FROM runs WHERE id = ?1", params![id])?;
             }
@@ -582,7 +630,9 @@ impl Database {
             }
         }
         if !dry_run {
-            let tx = self.conn.transaction()?;
+            let tx = self
+                .conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             for key in &dead_keys {
                 tx.execute("DELETE FROM cache WHERE key = ?1", params![key])?;
             }
