@@ -116,34 +116,34 @@ impl Document {
     }
 }
 
-/// Writes documents as JSON Lines.
-pub fn write_jsonl<'a>(
+/// Writes records as JSON Lines (one compact JSON object per line).
+pub fn write_jsonl<'a, T: Serialize + 'a>(
     path: &Path,
-    docs: impl IntoIterator<Item = &'a Document>,
+    records: impl IntoIterator<Item = &'a T>,
 ) -> std::io::Result<()> {
     let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
-    for d in docs {
-        serde_json::to_writer(&mut out, d)?;
+    for r in records {
+        serde_json::to_writer(&mut out, r)?;
         out.write_all(b"\n")?;
     }
     out.flush()
 }
 
-/// Reads documents from JSON Lines; the error names the line.
-pub fn read_jsonl(path: &Path) -> Result<Vec<Document>, String> {
+/// Reads records (documents, chunks) from JSON Lines; the error names the line.
+pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>, String> {
     let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut docs = Vec::new();
+    let mut records = Vec::new();
     for (n, line) in std::io::BufReader::new(f).lines().enumerate() {
         let line = line.map_err(|e| format!("{}: {e}", path.display()))?;
         if line.trim().is_empty() {
             continue;
         }
-        docs.push(
+        records.push(
             serde_json::from_str(&line)
                 .map_err(|e| format!("{}:{}: {e}", path.display(), n + 1))?,
         );
     }
-    Ok(docs)
+    Ok(records)
 }
 
 /// Counts per category and per domain, for artifact metadata.

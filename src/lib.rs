@@ -5,14 +5,19 @@
 //! steps, `engine` decides and schedules, `steps` holds the step kinds, `store` keeps
 //! objects and records, `cli` is the thin command-line layer.
 
+pub mod chunk;
+pub mod clean;
 pub mod cli;
 pub mod crawl;
 pub mod docstore;
 pub mod documents;
+pub mod embed;
 pub mod engine;
 pub mod extract;
 pub mod graph;
 pub mod ingest;
+pub mod models;
 pub mod pipeline;
 pub mod steps;
 pub mod store;
+pub mod vectorstore;

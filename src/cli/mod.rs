@@ -3,6 +3,7 @@
 
 mod browse;
 mod maintenance;
+mod query;
 mod run;
 
 use std::path::PathBuf;
@@ -68,6 +69,9 @@ enum Command {
     Fsck,
     /// Print the digest cairn gives a file or folder (files: the same as b3sum).
     Hash(maintenance::HashArgs),
+    /// Search a vector collection: embed the text with the collection's model, print the
+    /// nearest chunks with scores, titles and snippets.
+    Query(query::QueryArgs),
 }
 
 impl Cli {
@@ -107,9 +111,10 @@ pub fn main() -> ExitCode {
 }
 
 fn init_tracing(verbose: u8) {
+    // Qdrant Edge logs internal start-up chatter at warn level; only its errors matter here.
     let default = match verbose {
-        0 => "warn",
-        1 => "info",
+        0 => "warn,qdrant_edge=error",
+        1 => "info,qdrant_edge=warn",
         _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -132,6 +137,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Gc(args) => maintenance::gc(cli, args),
         Command::Fsck => maintenance::fsck(cli),
         Command::Hash(args) => maintenance::hash(args),
+        Command::Query(args) => query::query(cli, args),
     }
 }
 

@@ -78,6 +78,12 @@ pub fn why_rerun(
     let input_names: BTreeSet<&String> = prev.inputs.keys().chain(inputs.keys()).collect();
     for name in input_names {
         match (prev.inputs.get(name), inputs.get(name)) {
+            (Some(old), Some(new)) if old.digest != *new && old.from.starts_with("files:") => {
+                reasons.push(format!(
+                    "{name} files changed ({})",
+                    old.from.trim_start_matches("files:")
+                ));
+            }
             (Some(old), Some(new)) if old.digest != *new => {
                 let from = step
                     .inputs

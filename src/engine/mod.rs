@@ -165,6 +165,10 @@ enum Decision {
     Blocked {
         reason: String,
     },
+    /// The step cannot even be keyed (a model directory it names is missing).
+    Invalid {
+        reason: String,
+    },
 }
 
 /// How one execution went, for its record.
@@ -409,7 +413,33 @@ impl<'a> RunState<'a> {
                 })?;
             out.insert(name.clone(), output.digest);
         }
+        let extra = step
+            .implementation
+            .content_inputs(&step.params, &self.opts.cwd)
+            .map_err(|reason| Decision::Invalid { reason })?;
+        for (name, path) in extra {
+            let hashed = crate::steps::source::hash_with_stat_cache(
+                &self.store,
+                &path,
+                &crate::steps::Progress::hidden(),
+            )
+            .map_err(|e| Decision::Invalid {
+                reason: format!("hashing {name} files at {}: {e}", path.display()),
+            })?;
+            out.insert(name, hashed.digest);
+        }
         Ok(out)
+    }
+
+    /// Where a content input (not produced by a step) came from, for its record.
+    fn content_origin(&self, i: usize, name: &str) -> String {
+        let step = self.step(i);
+        step.implementation
+            .content_inputs(&step.params, &self.opts.cwd)
+            .ok()
+            .and_then(|extra| extra.into_iter().find(|(n, _)| n == name))
+            .map(|(_, path)| format!("files:{}", path.display()))
+            .unwrap_or_default()
     }
 
     fn decide(&mut self, i: usize) -> Result<Decision, EngineError> {
@@ -527,7 +557,7 @@ impl<'a> RunState<'a> {
                         .inputs
                         .get(name)
                         .map(|b| b.to_string())
-                        .unwrap_or_default();
+                        .unwrap_or_else(|| self.content_origin(i, name));
                     (
                         name.clone(),
                         InputRef {
@@ -620,6 +650,9 @@ impl<'a> RunState<'a> {
                     match decision {
                         Decision::Blocked { reason } => {
                             self.settle(i, State::Skipped, StepStatus::Skipped, reason)
+                        }
+                        Decision::Invalid { reason } => {
+                            self.settle(i, State::Failed, StepStatus::Failed, reason)
                         }
                         Decision::WillRunUnknown { reason } => {
                             self.settle(i, State::Planned(None), StepStatus::WillRun, reason)

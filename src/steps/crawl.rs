@@ -397,7 +397,7 @@ fn load_previous(ctx: &StepContext) -> crawl::Previous {
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
     let documents: HashMap<String, documents::Document> =
-        documents::read_jsonl(&ctx.store.object_path(&docs.digest))
+        documents::read_jsonl::<documents::Document>(&ctx.store.object_path(&docs.digest))
             .unwrap_or_default()
             .into_iter()
             .filter(|d| d.category != Category::Repository)

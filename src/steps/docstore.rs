@@ -107,7 +107,8 @@ impl Step for DocstoreStep {
             .inputs
             .get("documents")
             .ok_or_else(|| StepError::Failed("input `documents` is missing".into()))?;
-        let docs = documents::read_jsonl(&input.path).map_err(StepError::Failed)?;
+        let docs: Vec<documents::Document> =
+            documents::read_jsonl(&input.path).map_err(StepError::Failed)?;
         let store = docstore::open(ctx.docstore_uri.as_deref(), ctx.store.root())
             .await
             .map_err(|e| StepError::Failed(e.to_string()))?;

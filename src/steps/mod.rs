@@ -1,12 +1,16 @@
 //! Step kinds: one module per kind, each implementing the one [`Step`] trait, all listed in
 //! one [`REGISTRY`] table that also drives `cairn steps ls` and `cairn steps show`.
 
+pub mod chunk;
+pub mod clean;
 pub mod command;
 pub mod context;
 pub mod crawl;
 pub mod docstore;
+pub mod embed;
 pub mod ingest;
 pub mod source;
+pub mod vector_load;
 
 use async_trait::async_trait;
 use indexmap::IndexMap;
@@ -56,6 +60,18 @@ pub trait Step: Send + Sync {
     /// the external state no longer matches.
     fn external(&self) -> bool {
         false
+    }
+
+    /// Local files the result depends on beyond its inputs, such as a model directory
+    /// named in the params: the engine hashes them (through the stat cache) into the cache
+    /// key as extra inputs, so swapping a model reruns the step and everything after it.
+    /// Returns `(name, resolved path)` pairs; `Err` says what is wrong (the step fails).
+    fn content_inputs(
+        &self,
+        _params: &Value,
+        _cwd: &std::path::Path,
+    ) -> Result<Vec<(String, std::path::PathBuf)>, String> {
+        Ok(Vec::new())
     }
 
     /// Checks a cached result against the outside world; `Err` says what differs.
@@ -190,6 +206,10 @@ pub static REGISTRY: &[&dyn Step] = &[
     &crawl::CrawlStep,
     &ingest::IngestStep,
     &docstore::DocstoreStep,
+    &clean::CleanStep,
+    &chunk::ChunkStep,
+    &embed::EmbedStep,
+    &vector_load::VectorLoadStep,
 ];
 
 /// Looks up a built-in step kind.

@@ -110,11 +110,25 @@ fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
     meta.mtime().saturating_mul(1_000_000_000) + meta.mtime_nsec()
 }
 
-fn snapshot(
+/// What hashing a tree through the stat cache found.
+pub struct Hashed {
+    /// Content digest (plain blake3 for a file, Merkle for a directory).
+    pub digest: ObjectDigest,
+    /// Files seen.
+    pub files: u64,
+    /// Bytes seen.
+    pub bytes: u64,
+    /// Files whose content had to be read (stat changed or unknown).
+    pub rehashed: u64,
+}
+
+/// Hashes `root` (file or directory), reading only files whose size, mtime or inode
+/// changed since the store last saw them; remembers what it read.
+pub fn hash_with_stat_cache(
     store: &crate::store::Store,
     root: &Path,
     progress: &super::Progress,
-) -> Result<StepOutputs, StepError> {
+) -> Result<Hashed, StepError> {
     let root_key = root.to_string_lossy().to_string();
     let known: HashMap<String, StatEntry> = store.db().stat_entries_under(&root_key)?;
     let now_ns = SystemTime::now()
@@ -155,6 +169,34 @@ fn snapshot(
         };
     let digest = hash::hash_path_with(root, &hash_with_cache)
         .map_err(|e| StepError::Failed(format!("reading {}: {e}", root.display())))?;
+    let seen = seen.into_inner().unwrap_or_else(|p| p.into_inner());
+    let rehashed = rehashed.into_inner();
+    let unchanged_rows = rehashed == 0
+        && seen.len() == known.len()
+        && seen.iter().all(|(k, e)| known.get(k) == Some(e));
+    if !unchanged_rows {
+        store.db().replace_stat_entries(&root_key, &seen)?;
+    }
+    Ok(Hashed {
+        digest,
+        files: files.into_inner(),
+        bytes: bytes.into_inner(),
+        rehashed,
+    })
+}
+
+fn snapshot(
+    store: &crate::store::Store,
+    root: &Path,
+    progress: &super::Progress,
+) -> Result<StepOutputs, StepError> {
+    let root_key = root.to_string_lossy().to_string();
+    let Hashed {
+        digest,
+        files,
+        bytes: size,
+        rehashed,
+    } = hash_with_stat_cache(store, root, progress)?;
     let is_dir = root.is_dir();
     if !store.objects().contains(&digest) {
         progress.set_message("copying into the store");
@@ -168,16 +210,6 @@ fn snapshot(
             )));
         }
     }
-    let seen = seen.into_inner().unwrap_or_else(|p| p.into_inner());
-    let rehashed = rehashed.into_inner();
-    let unchanged_rows = rehashed == 0
-        && seen.len() == known.len()
-        && seen.iter().all(|(k, e)| known.get(k) == Some(e));
-    if !unchanged_rows {
-        store.db().replace_stat_entries(&root_key, &seen)?;
-    }
-    let files = files.into_inner();
-    let size = bytes.into_inner();
     let mut outputs = BTreeMap::new();
     outputs.insert(
         OUTPUT.to_string(),

@@ -1,0 +1,226 @@
+//! Near-duplicate detection: MinHash signatures over word shingles, banded LSH to find
+//! candidates, exact Jaccard over the shingle sets to confirm them.
+//!
+//! Written here rather than taken from a crate: the MinHash crates on crates.io are either
+//! unmaintained (gaoya, last release 2023) or self-described partial ports
+//! (datasketch-minhash-lsh 0.0.1), and the whole algorithm is ~100 lines.
+
+use std::collections::{HashMap, HashSet};
+
+/// Signature width (number of hash permutations).
+pub const PERMUTATIONS: usize = 128;
+/// Words per shingle.
+pub const SHINGLE_WORDS: usize = 5;
+const MERSENNE_61: u64 = (1 << 61) - 1;
+
+/// The shingle set of a text: hashes of every run of [`SHINGLE_WORDS`] lowercase words
+/// (the whole text as one shingle when it is shorter).
+pub fn shingles(text: &str) -> HashSet<u64> {
+    let words: Vec<String> = text.split_whitespace().map(str::to_lowercase).collect();
+    let width = SHINGLE_WORDS.min(words.len()).max(1);
+    let mut out = HashSet::new();
+    if words.is_empty() {
+        return out;
+    }
+    for window in words.windows(width) {
+        let mut h = blake3::Hasher::new();
+        for w in window {
+            h.update(w.as_bytes());
+            h.update(b" ");
+        }
+        let bytes = h.finalize();
+        out.insert(u64::from_le_bytes(bytes.as_bytes()[..8].try_into().unwrap()) & MERSENNE_61);
+    }
+    out
+}
+
+/// Exact Jaccard similarity of two shingle sets.
+pub fn jaccard(a: &HashSet<u64>, b: &HashSet<u64>) -> f64 {
+    if a.is_empty() && b.is_empty() {
+        return 1.0;
+    }
+    let (small, large) = if a.len() <= b.len() { (a, b) } else { (b, a) };
+    let inter = small.iter().filter(|x| large.contains(x)).count();
+    inter as f64 / (a.len() + b.len() - inter) as f64
+}
+
+/// Universal hash permutations `(a*x + b) mod p`, from a fixed seed so signatures are
+/// reproducible.
+fn permutations() -> Vec<(u64, u64)> {
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    (0..PERMUTATIONS)
+        .map(|_| ((next() % (MERSENNE_61 - 1)) + 1, next() % MERSENNE_61))
+        .collect()
+}
+
+/// MinHash signature of a shingle set.
+pub fn signature(set: &HashSet<u64>, perms: &[(u64, u64)]) -> Vec<u64> {
+    perms
+        .iter()
+        .map(|&(a, b)| {
+            set.iter()
+                .map(|&x| ((a as u128 * x as u128 + b as u128) % MERSENNE_61 as u128) as u64)
+                .min()
+                .unwrap_or(u64::MAX)
+        })
+        .collect()
+}
+
+/// Probability that two items with Jaccard `s` share at least one band.
+fn collision_probability(s: f64, bands: usize, rows: usize) -> f64 {
+    1.0 - (1.0 - s.powi(rows as i32)).powi(bands as i32)
+}
+
+/// Bands x rows (product = [`PERMUTATIONS`]) minimising false positives below and false
+/// negatives above `threshold` (the rule datasketch uses, integrated numerically).
+pub fn band_layout(threshold: f64) -> (usize, usize) {
+    let integrate = |f: &dyn Fn(f64) -> f64, lo: f64, hi: f64| {
+        let steps = 200;
+        let h = (hi - lo) / steps as f64;
+        (0..steps)
+            .map(|i| f(lo + (i as f64 + 0.5) * h) * h)
+            .sum::<f64>()
+    };
+    let mut best = (PERMUTATIONS, 1, f64::INFINITY);
+    for rows in 1..=PERMUTATIONS {
+        if PERMUTATIONS % rows != 0 {
+            continue;
+        }
+        let bands = PERMUTATIONS / rows;
+        let fp = integrate(&|s| collision_probability(s, bands, rows), 0.0, threshold);
+        let fn_ = integrate(
+            &|s| 1.0 - collision_probability(s, bands, rows),
+            threshold,
+            1.0,
+        );
+        if fp + fn_ < best.2 {
+            best = (bands, rows, fp + fn_);
+        }
+    }
+    (best.0, best.1)
+}
+
+/// Finds near-duplicates in order: item i is reported as a duplicate of the earliest kept
+/// item j < i whose Jaccard similarity is >= `threshold`.
+pub struct NearDuplicates {
+    threshold: f64,
+    bands: usize,
+    rows: usize,
+    perms: Vec<(u64, u64)>,
+    buckets: Vec<HashMap<Vec<u64>, Vec<usize>>>,
+    kept: Vec<HashSet<u64>>,
+}
+
+impl NearDuplicates {
+    /// An empty index for `threshold` (Jaccard, 0..=1).
+    pub fn new(threshold: f64) -> Self {
+        let (bands, rows) = band_layout(threshold);
+        Self {
+            threshold,
+            bands,
+            rows,
+            perms: permutations(),
+            buckets: (0..bands).map(|_| HashMap::new()).collect(),
+            kept: Vec::new(),
+        }
+    }
+
+    /// Checks `text` against everything kept so far. Returns the index (in insertion order
+    /// of kept items) and similarity of the duplicate it matches, or keeps it and returns
+    /// `None`.
+    pub fn check_and_insert(&mut self, text: &str) -> Option<(usize, f64)> {
+        let set = shingles(text);
+        let sig = signature(&set, &self.perms);
+        let mut seen = HashSet::new();
+        let mut best: Option<(usize, f64)> = None;
+        for (band, chunk) in sig.chunks(self.rows).enumerate().take(self.bands) {
+            if let Some(ids) = self.buckets[band].get(chunk) {
+                for &id in ids {
+                    if seen.insert(id) {
+                        let sim = jaccard(&set, &self.kept[id]);
+                        if sim >= self.threshold && best.is_none_or(|(b, _)| id < b) {
+                            best = Some((id, sim));
+                        }
+                    }
+                }
+            }
+        }
+        if best.is_some() {
+            return best;
+        }
+        let id = self.kept.len();
+        for (band, chunk) in sig.chunks(self.rows).enumerate().take(self.bands) {
+            self.buckets[band]
+                .entry(chunk.to_vec())
+                .or_default()
+                .push(id);
+        }
+        self.kept.push(set);
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jaccard_of_known_sets() {
+        let a: HashSet<u64> = [1, 2, 3, 4].into();
+        let b: HashSet<u64> = [3, 4, 5, 6].into();
+        assert!((jaccard(&a, &b) - 2.0 / 6.0).abs() < 1e-12);
+        assert_eq!(jaccard(&a, &a), 1.0);
+    }
+
+    #[test]
+    fn layout_threshold_is_near_the_requested_one() {
+        for t in [0.5, 0.7, 0.85, 0.95] {
+            let (b, r) = band_layout(t);
+            assert_eq!(b * r, PERMUTATIONS);
+            let approx = (1.0 / b as f64).powf(1.0 / r as f64);
+            assert!(
+                (approx - t).abs() < 0.15,
+                "t={t} b={b} r={r} approx={approx}"
+            );
+        }
+    }
+
+    #[test]
+    fn signature_estimates_jaccard() {
+        let perms = permutations();
+        let a: HashSet<u64> = (0..1000).collect();
+        let b: HashSet<u64> = (200..1200).collect();
+        let (sa, sb) = (signature(&a, &perms), signature(&b, &perms));
+        let est = sa.iter().zip(&sb).filter(|(x, y)| x == y).count() as f64 / PERMUTATIONS as f64;
+        let exact = jaccard(&a, &b);
+        assert!(
+            (est - exact).abs() < 0.12,
+            "estimate {est} vs exact {exact}"
+        );
+    }
+
+    #[test]
+    fn finds_near_duplicates_and_keeps_distinct_texts() {
+        let base: Vec<String> = (0..300).map(|i| format!("word{i}")).collect();
+        let original = base.join(" ");
+        let mut edited = base.clone();
+        edited[150] = "changed".into();
+        let edited = edited.join(" ");
+        let other: String = (0..300).map(|i| format!("other{i} ")).collect();
+        let mut index = NearDuplicates::new(0.85);
+        assert_eq!(index.check_and_insert(&original), None);
+        let (id, sim) = index
+            .check_and_insert(&edited)
+            .expect("edited copy is a near duplicate");
+        assert_eq!(id, 0);
+        assert!(sim > 0.9 && sim < 1.0, "{sim}");
+        assert_eq!(index.check_and_insert(&other), None);
+    }
+}

@@ -1,0 +1,225 @@
+//! `clean`: normalises, filters and deduplicates `documents` (see [`crate::clean`]); the
+//! output's metadata counts every dropped document by reason and category.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use indexmap::IndexMap;
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{
+    parse_params, InputDecl, ParamIssue, Step, StepContext, StepError, StepIo, StepOutputs,
+};
+use crate::clean::{self, CleanOptions, MaskMode};
+use crate::documents;
+
+/// The `clean` step kind.
+pub struct CleanStep;
+
+/// Parameters of `clean`.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CleanParams {
+    /// URLs in text: `keep`, `mask` (`[URL]`) or `remove`.
+    #[serde(default)]
+    pub urls: MaskMode,
+    /// E-mail addresses in text: `keep`, `mask` (`[EMAIL]`) or `remove`.
+    #[serde(default)]
+    pub emails: MaskMode,
+    /// Extra boilerplate: lines matching any of these regular expressions are dropped.
+    #[serde(default)]
+    pub drop_patterns: Vec<String>,
+    /// Drop documents shorter than this many characters after cleaning.
+    #[serde(default = "default_min_chars")]
+    pub min_chars: usize,
+    /// Drop documents longer than this many characters (unset: no limit).
+    #[serde(default)]
+    pub max_chars: Option<usize>,
+    /// Drop documents containing any of these words or phrases (case-insensitive).
+    #[serde(default)]
+    pub exclude_keywords: Vec<String>,
+    /// Keep only documents in these languages (ISO 639-3 codes: `eng`, `deu`, `fra` ...);
+    /// empty keeps all. Code repositories are never language-filtered.
+    #[serde(default)]
+    pub languages: Vec<String>,
+    /// Jaccard similarity (word 5-shingles, MinHash + LSH) at or above which a document
+    /// counts as a near duplicate of an earlier one and is dropped.
+    #[serde(default = "default_threshold")]
+    pub near_dup_threshold: f64,
+    /// Turn near-duplicate removal off (exact duplicates are always removed).
+    #[serde(default = "default_true")]
+    pub near_dedup: bool,
+}
+
+fn default_min_chars() -> usize {
+    CleanOptions::default().min_chars
+}
+fn default_threshold() -> f64 {
+    0.85
+}
+fn default_true() -> bool {
+    true
+}
+
+impl CleanParams {
+    fn options(&self) -> Result<CleanOptions, ParamIssue> {
+        let mut drop_patterns = Vec::new();
+        for (i, p) in self.drop_patterns.iter().enumerate() {
+            drop_patterns.push(regex::Regex::new(p).map_err(|e| {
+                ParamIssue::new(
+                    format!("with.drop_patterns.{i}"),
+                    format!("invalid regular expression {p:?}: {e}"),
+                )
+            })?);
+        }
+        let mut languages = Vec::new();
+        for (i, code) in self.languages.iter().enumerate() {
+            let lang = whatlang::Lang::from_code(code.to_lowercase()).ok_or_else(|| {
+                let mut issue = ParamIssue::new(
+                    format!("with.languages.{i}"),
+                    format!("unknown language code {code:?}"),
+                );
+                issue.help = Some("use ISO 639-3 codes, e.g. eng, deu, fra, spa, rus, cmn".into());
+                issue
+            })?;
+            languages.push(lang);
+        }
+        if !(0.0..=1.0).contains(&self.near_dup_threshold) || self.near_dup_threshold == 0.0 {
+            return Err(ParamIssue::new(
+                "with.near_dup_threshold",
+                format!(
+                    "near_dup_threshold must be in (0, 1], got {}",
+                    self.near_dup_threshold
+                ),
+            ));
+        }
+        if let Some(max) = self.max_chars {
+            if max < self.min_chars {
+                return Err(ParamIssue::new(
+                    "with.max_chars",
+                    format!("max_chars {max} is below min_chars {}", self.min_chars),
+                ));
+            }
+        }
+        Ok(CleanOptions {
+            urls: self.urls,
+            emails: self.emails,
+            drop_patterns,
+            min_chars: self.min_chars,
+            max_chars: self.max_chars,
+            exclude_keywords: self.exclude_keywords.clone(),
+            languages,
+            near_dup_threshold: self.near_dedup.then_some(self.near_dup_threshold),
+        })
+    }
+}
+
+#[async_trait]
+impl Step for CleanStep {
+    fn kind(&self) -> &str {
+        "clean"
+    }
+
+    fn version(&self) -> String {
+        "1".into()
+    }
+
+    fn summary(&self) -> &str {
+        "Normalise, filter and deduplicate `documents` (NFKC, boilerplate, MinHash near-duplicates)"
+    }
+
+    fn params_schema(&self) -> Value {
+        super::schema_of::<CleanParams>()
+    }
+
+    fn inputs(&self) -> Option<Vec<InputDecl>> {
+        Some(vec![InputDecl {
+            name: "documents".into(),
+            kind: documents::KIND.into(),
+            required: true,
+        }])
+    }
+
+    fn check(
+        &self,
+        params: &Value,
+        declared_outputs: &IndexMap<String, String>,
+    ) -> Result<StepIo, Vec<ParamIssue>> {
+        let p = parse_params::<CleanParams>(params).map_err(|i| vec![i])?;
+        p.options().map_err(|i| vec![i])?;
+        if !declared_outputs.is_empty() {
+            return Err(vec![ParamIssue::new(
+                "outputs",
+                "`clean` declares its own output (`documents`); remove `outputs`",
+            )]);
+        }
+        Ok(StepIo {
+            inputs: self.inputs(),
+            outputs: IndexMap::from([("documents".to_string(), documents::KIND.to_string())]),
+        })
+    }
+
+    async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError> {
+        let p: CleanParams = parse_params(&ctx.params).map_err(|i| StepError::Failed(i.message))?;
+        let opts = p.options().map_err(|i| StepError::Failed(i.message))?;
+        let input = ctx
+            .inputs
+            .get("documents")
+            .ok_or_else(|| StepError::Failed("input `documents` is missing".into()))?
+            .path
+            .clone();
+        let out = ctx.output_path("documents");
+        ctx.progress.set_message("cleaning");
+        let report = tokio::task::spawn_blocking(move || {
+            let docs = documents::read_jsonl(&input)?;
+            let (kept, report) = clean::clean_documents(docs, &opts);
+            documents::write_jsonl(&out, &kept).map_err(|e| format!("writing documents: {e}"))?;
+            Ok::<_, String>((report, documents::summary(&kept)))
+        })
+        .await
+        .map_err(|e| StepError::Failed(format!("clean panicked: {e}")))?
+        .map_err(StepError::Failed);
+        let (report, summary) = report?;
+        let dropped: BTreeMap<&str, usize> = report
+            .dropped
+            .iter()
+            .map(|(reason, by_cat)| (reason.as_str(), by_cat.values().sum()))
+            .collect();
+        let note = format!(
+            "kept {} of {} documents{}",
+            report.kept,
+            report.input,
+            if dropped.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (dropped: {})",
+                    dropped
+                        .iter()
+                        .map(|(r, n)| format!("{n} {}", r.replace('_', " ")))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        );
+        let meta = json!({
+            "documents": summary["documents"],
+            "by_category": summary["by_category"],
+            "by_domain": summary["by_domain"],
+            "characters": summary["characters"],
+            "clean": report,
+            "dropped_by_reason": dropped,
+        });
+        let mut outputs = BTreeMap::new();
+        outputs.insert(
+            "documents".to_string(),
+            ctx.commit_output("documents", meta)?,
+        );
+        Ok(StepOutputs {
+            outputs,
+            note: Some(note),
+        })
+    }
+}

@@ -1,0 +1,224 @@
+//! `embed`: turns `chunks` into sentence vectors with a BERT-family model through libtorch
+//! (see [`crate::embed`]). Output: a directory with `embeddings.safetensors` (f32
+//! `[n, dim]`, row i = line i of `chunks.jsonl`) and a copy of `chunks.jsonl`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use indexmap::IndexMap;
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::chunk::{model_content_input, DEFAULT_MODEL};
+use super::{
+    parse_params, InputDecl, ParamIssue, Step, StepContext, StepError, StepIo, StepOutputs,
+};
+use crate::chunk::{self, Chunk};
+use crate::embed::{self, DeviceChoice, Embedder, Precision};
+use crate::{documents, models};
+
+/// The `embed` step kind.
+pub struct EmbedStep;
+
+/// Parameters of `embed`.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EmbedParams {
+    /// A Hugging Face model directory (config.json, tokenizer.json, model.safetensors,
+    /// sentence-transformers pooling files) or a model id in the local HF cache. Its files
+    /// are part of the cache key: swapping the model reruns embed and what follows.
+    #[serde(default = "default_model")]
+    pub model: String,
+    /// `auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// `auto` (f16 on CUDA, f32 on CPU), `f32`, `f16` or `bf16`.
+    #[serde(default = "default_precision")]
+    pub precision: Precision,
+    /// Sentences per forward pass (batches are sorted by length to minimise padding).
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// CPU threads for libtorch (0: libtorch's default, one per core).
+    #[serde(default)]
+    pub threads: usize,
+}
+
+fn default_model() -> String {
+    DEFAULT_MODEL.to_string()
+}
+fn default_device() -> String {
+    "auto".into()
+}
+fn default_precision() -> Precision {
+    Precision::Auto
+}
+fn default_batch() -> usize {
+    32
+}
+
+#[async_trait]
+impl Step for EmbedStep {
+    fn kind(&self) -> &str {
+        "embed"
+    }
+
+    fn version(&self) -> String {
+        "1".into()
+    }
+
+    fn summary(&self) -> &str {
+        "Embed `chunks` with a BERT-family sentence model through libtorch (CUDA when available)"
+    }
+
+    fn params_schema(&self) -> Value {
+        super::schema_of::<EmbedParams>()
+    }
+
+    fn inputs(&self) -> Option<Vec<InputDecl>> {
+        Some(vec![InputDecl {
+            name: "chunks".into(),
+            kind: chunk::KIND.into(),
+            required: true,
+        }])
+    }
+
+    fn content_inputs(&self, params: &Value, cwd: &Path) -> Result<Vec<(String, PathBuf)>, String> {
+        model_content_input(params, cwd)
+    }
+
+    fn check(
+        &self,
+        params: &Value,
+        declared_outputs: &IndexMap<String, String>,
+    ) -> Result<StepIo, Vec<ParamIssue>> {
+        let p = parse_params::<EmbedParams>(params).map_err(|i| vec![i])?;
+        let mut issues = Vec::new();
+        if let Err(e) = p.device.parse::<DeviceChoice>() {
+            issues.push(ParamIssue::new("with.device", e));
+        }
+        if p.batch_size == 0 {
+            issues.push(ParamIssue::new(
+                "with.batch_size",
+                "batch_size must be at least 1",
+            ));
+        }
+        if !declared_outputs.is_empty() {
+            issues.push(ParamIssue::new(
+                "outputs",
+                "`embed` declares its own output (`embeddings`); remove `outputs`",
+            ));
+        }
+        if !issues.is_empty() {
+            return Err(issues);
+        }
+        Ok(StepIo {
+            inputs: self.inputs(),
+            outputs: IndexMap::from([("embeddings".to_string(), embed::KIND.to_string())]),
+        })
+    }
+
+    async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError> {
+        let p: EmbedParams = parse_params(&ctx.params).map_err(|i| StepError::Failed(i.message))?;
+        let device: DeviceChoice = p.device.parse().map_err(StepError::Failed)?;
+        let model_dir =
+            models::resolve(&p.model, &ctx.cwd).map_err(|e| StepError::Failed(e.to_string()))?;
+        let input = ctx
+            .inputs
+            .get("chunks")
+            .ok_or_else(|| StepError::Failed("input `chunks` is missing".into()))?
+            .path
+            .clone();
+        let out_dir = ctx.output_path("embeddings");
+        let progress = ctx.progress.clone();
+        let cancel = ctx.cancel.clone();
+        let (meta, note) =
+            tokio::task::spawn_blocking(move || -> Result<(Value, String), StepError> {
+                let fail = |e: String| StepError::Failed(e);
+                progress.set_message("loading the model");
+                let embedder = Embedder::load(&model_dir, device, p.precision, p.threads)
+                    .map_err(|e| fail(e.to_string()))?;
+                let chunks: Vec<Chunk> = documents::read_jsonl(&input).map_err(fail)?;
+                let texts: Vec<&str> = chunks.iter().map(|c| c.text.as_str()).collect();
+                progress.set_length(texts.len() as u64);
+                let info = embedder.info().clone();
+                progress.set_message(format!("{} on {}", info.model, info.device));
+                let t0 = Instant::now();
+                let mut last = 0usize;
+                let vectors = embedder
+                    .embed(&texts, p.batch_size, &mut |done| {
+                        progress.inc((done - last) as u64);
+                        last = done;
+                        let rate = done as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+                        progress.set_message(format!("{rate:.0} sentences/s on {}", info.device));
+                        !cancel.is_cancelled()
+                    })
+                    .map_err(|e| {
+                        if cancel.is_cancelled() {
+                            StepError::Cancelled
+                        } else {
+                            fail(e.to_string())
+                        }
+                    })?;
+                let seconds = t0.elapsed().as_secs_f64();
+                std::fs::create_dir_all(&out_dir)
+                    .map_err(|e| fail(format!("{}: {e}", out_dir.display())))?;
+                embed::write_tensor(&out_dir.join(embed::TENSOR_FILE), &vectors, info.dim)
+                    .map_err(fail)?;
+                std::fs::copy(&input, out_dir.join(embed::CHUNKS_FILE))
+                    .map_err(|e| fail(format!("copying chunks: {e}")))?;
+                let tokens: usize = embedder
+                    .tokenize(&texts)
+                    .map_err(|e| fail(e.to_string()))?
+                    .iter()
+                    .map(Vec::len)
+                    .sum();
+                let rate = texts.len() as f64 / seconds.max(1e-9);
+                let note = format!(
+                    "{} vectors of {} dims, {rate:.1} sentences/s on {} ({})",
+                    texts.len(),
+                    info.dim,
+                    info.device,
+                    info.precision
+                );
+                let mut by_category: BTreeMap<&str, usize> = BTreeMap::new();
+                for c in &chunks {
+                    *by_category.entry(c.category.as_str()).or_default() += 1;
+                }
+                Ok((
+                    json!({
+                        "count": texts.len(),
+                        "dim": info.dim,
+                        "model": info.model,
+                        "model_dir": info.model_dir,
+                        "pooling": info.pooling,
+                        "normalize": info.normalize,
+                        "max_seq_length": info.max_seq_length,
+                        "device": info.device,
+                        "device_reason": info.device_reason,
+                        "precision": info.precision,
+                        "threads": info.threads,
+                        "batch_size": p.batch_size,
+                        "seconds": (seconds * 1000.0).round() / 1000.0,
+                        "sentences_per_second": (rate * 10.0).round() / 10.0,
+                        "tokens_per_second": (tokens as f64 / seconds.max(1e-9)).round(),
+                        "by_category": by_category,
+                    }),
+                    note,
+                ))
+            })
+            .await
+            .map_err(|e| StepError::Failed(format!("embed panicked: {e}")))??;
+        let mut outputs = BTreeMap::new();
+        outputs.insert(
+            "embeddings".to_string(),
+            ctx.commit_output("embeddings", meta)?,
+        );
+        Ok(StepOutputs {
+            outputs,
+            note: Some(note),
+        })
+    }
+}
