@@ -201,6 +201,19 @@ pub fn load_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer, ModelError> {
     Ok(tokenizer)
 }
 
+/// A short name for `model:` as the user wrote it: the HF id for cache snapshots, else the
+/// last component of the path they gave (not of where a symlink leads).
+pub fn display_name_for(reference: &str, dir: &Path) -> String {
+    let from_dir = display_name(dir);
+    if from_dir.contains('/') {
+        return from_dir;
+    }
+    Path::new(reference.trim_end_matches('/'))
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or(from_dir)
+}
+
 /// A short name for a model directory: the HF id for cache snapshots, else the folder name.
 pub fn display_name(dir: &Path) -> String {
     let parts: Vec<String> = dir

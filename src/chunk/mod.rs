@@ -181,8 +181,8 @@ fn sentence_pack(
     let n = offsets.len();
     let mut sentences = Vec::new();
     let mut start = 0;
-    for j in 1..=n {
-        if scores[j] >= 2 {
+    for (j, &score) in scores.iter().enumerate().take(n + 1).skip(1) {
+        if score >= 2 {
             sentences.push((start, j));
             start = j;
         }
@@ -369,11 +369,7 @@ mod tests {
         let chunks = chunk_document(&t, &doc(&text, Category::Post), settings).unwrap();
         assert!(chunks.iter().all(|c| c.token_count <= 20));
         for pair in chunks.windows(2) {
-            assert_eq!(
-                pair[1].start < pair[0].end,
-                true,
-                "consecutive chunks overlap"
-            );
+            assert!(pair[1].start < pair[0].end, "consecutive chunks overlap");
             let shared = &text[pair[1].start..pair[0].end];
             assert_eq!(shared.split_whitespace().count(), 5, "{shared:?}");
         }

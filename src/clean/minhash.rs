@@ -90,7 +90,7 @@ pub fn band_layout(threshold: f64) -> (usize, usize) {
     };
     let mut best = (PERMUTATIONS, 1, f64::INFINITY);
     for rows in 1..=PERMUTATIONS {
-        if PERMUTATIONS % rows != 0 {
+        if !PERMUTATIONS.is_multiple_of(rows) {
             continue;
         }
         let bands = PERMUTATIONS / rows;

@@ -337,7 +337,7 @@ impl Embedder {
 /// Writes `[rows, dim]` f32 vectors as `embeddings.safetensors` (tensor `embeddings`).
 pub fn write_tensor(path: &Path, vectors: &[f32], dim: usize) -> Result<(), String> {
     use safetensors::tensor::{Dtype, TensorView};
-    let rows = if dim == 0 { 0 } else { vectors.len() / dim };
+    let rows = vectors.len().checked_div(dim).unwrap_or(0);
     let bytes: Vec<u8> = vectors.iter().flat_map(|v| v.to_le_bytes()).collect();
     let view = TensorView::new(Dtype::F32, vec![rows, dim], &bytes).map_err(|e| e.to_string())?;
     safetensors::serialize_to_file([(TENSOR_NAME, view)], None, path)

@@ -244,7 +244,7 @@ impl Step for ChunkStep {
                         "chunks": results.len(),
                         "documents": docs.len(),
                         "tokens": tokens,
-                        "model": models::display_name(&model_dir),
+                        "model": models::display_name_for(&p.model, &model_dir),
                         "max_tokens": max_tokens,
                         "settings": settings,
                         "token_counts": chunk::token_stats(&results),

@@ -191,7 +191,7 @@ impl Step for EmbedStep {
                     json!({
                         "count": texts.len(),
                         "dim": info.dim,
-                        "model": info.model,
+                        "model": models::display_name_for(&p.model, &info.model_dir),
                         "model_dir": info.model_dir,
                         "pooling": info.pooling,
                         "normalize": info.normalize,

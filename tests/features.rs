@@ -1,0 +1,338 @@
+//! The feature pipeline through the real binary: documents -> clean -> chunk -> embed ->
+//! vector_load (embedded Qdrant Edge) -> `cairn query`, with the model from
+//! `scripts/setup` (.models/all-MiniLM-L6-v2).
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::Project;
+use serde_json::Value;
+
+fn model_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".models/all-MiniLM-L6-v2");
+    assert!(
+        dir.join("tokenizer.json").exists(),
+        "{} is missing: run `scripts/setup` first",
+        dir.display()
+    );
+    dir
+}
+
+fn artifact(p: &Project, digest: &str) -> Value {
+    let (code, out, err) = p.exec(&["artifacts", "show", digest, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+fn cat(p: &Project, digest: &str, path: Option<&str>) -> String {
+    let mut args = vec!["artifacts", "cat", digest];
+    args.extend(path);
+    let (code, out, err) = p.exec(&args);
+    assert_eq!(code, 0, "{err}");
+    out
+}
+
+const SOURDOUGH: &str = "# Feeding a sourdough starter\n\nI feed my sourdough starter twice a day with equal weights of rye flour and water. \
+A starter that doubles within six hours is ready to leaven bread dough. Keep it warm, discard half before each feeding, \
+and watch for bubbles on the surface.\n\nSubscribe\n\n12 likes\n";
+const BORROW: &str = "# Fighting the borrow checker\n\nRust's borrow checker rejects code where a mutable reference \
+overlaps another reference. Most of my fights with it ended when I restructured ownership: pass indices instead of \
+references, or clone the small thing. See https://doc.rust-lang.org/book/ for the rules.\n";
+const TOMATO: &str = "# Growing tomatoes on a balcony\n\nTomatoes need six hours of sun, a deep pot and steady watering. \
+I grow cherry tomatoes in forty litre containers and tie the stems to bamboo canes as they climb. \
+Pinch out the side shoots every week.\n";
+
+fn notes(p: &Project) {
+    p.write("mine/sourdough.md", SOURDOUGH)
+        .write("mine/borrow.md", BORROW)
+        .write("mine/tomato.md", TOMATO)
+        // same text under another name: an exact duplicate once cleaned
+        .write("mine/sourdough-copy.md", SOURDOUGH)
+        .write("mine/tiny.md", "ok\n");
+}
+
+fn pipeline(p: &Project, model: &str, with_vectors: bool) {
+    let mut yaml = format!(
+        "name: features\nparams: {{size: 64}}\nsteps:\n  \
+         mine: {{uses: source, with: {{path: mine}}}}\n  \
+         docs: {{uses: ingest, inputs: {{files: mine.data}}}}\n  \
+         clean: {{uses: clean, inputs: {{documents: docs.documents}}, with: {{urls: mask}}}}\n  \
+         chunk: {{uses: chunk, inputs: {{documents: clean.documents}}, with: {{model: \"{model}\", size: \"${{params.size}}\", overlap: 8}}}}\n"
+    );
+    if with_vectors {
+        yaml.push_str(&format!(
+            "  embed: {{uses: embed, inputs: {{chunks: chunk.chunks}}, with: {{model: \"{model}\", batch_size: 4}}}}\n  \
+             vectors: {{uses: vector_load, inputs: {{embeddings: embed.embeddings}}}}\n"
+        ));
+    }
+    p.write("f.yaml", &yaml);
+}
+
+#[test]
+fn clean_and_chunk_record_why_data_disappeared_and_rerun_only_what_changed() {
+    let p = Project::new();
+    notes(&p);
+    pipeline(&p, model_dir().to_str().unwrap(), false);
+    let first = p.run("f.yaml", &[]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+
+    let cleaned = artifact(&p, &first.output("clean", "documents"));
+    let meta = &cleaned["metadata"];
+    assert_eq!(meta["clean"]["input"], 5);
+    assert_eq!(meta["clean"]["kept"], 3);
+    assert_eq!(meta["dropped_by_reason"]["exact_duplicate"], 1);
+    assert_eq!(meta["dropped_by_reason"]["too_short"], 1);
+    assert_eq!(meta["clean"]["dropped"]["too_short"]["note"], 1);
+    let body = cat(&p, &first.output("clean", "documents"), None);
+    assert!(
+        !body.contains("Subscribe") && !body.contains("12 likes"),
+        "{body}"
+    );
+    assert!(
+        body.contains("[URL]") && !body.contains("doc.rust-lang.org"),
+        "{body}"
+    );
+    assert!(
+        !body.contains("# Feeding"),
+        "markdown heading markers are removed: {body}"
+    );
+
+    let chunks_digest = first.output("chunk", "chunks");
+    let chunks: Vec<Value> = cat(&p, &chunks_digest, None)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(chunks.len() >= 3, "{chunks:?}");
+    assert!(chunks
+        .iter()
+        .all(|c| c["token_count"].as_u64().unwrap() <= 64));
+    assert!(chunks.iter().all(|c| c["id"].as_str().unwrap().len() == 32));
+    let chunk_meta = artifact(&p, &chunks_digest)["metadata"].clone();
+    assert_eq!(chunk_meta["chunks"], chunks.len());
+    assert_eq!(chunk_meta["model"], "all-MiniLM-L6-v2");
+    assert_eq!(chunk_meta["max_tokens"], 254, "256 minus [CLS] and [SEP]");
+    let hist = chunk_meta["token_counts"]["all"]["histogram"]
+        .as_object()
+        .unwrap();
+    assert_eq!(
+        hist.values().map(|v| v.as_u64().unwrap()).sum::<u64>(),
+        chunks.len() as u64
+    );
+
+    // A smaller chunk size reruns chunk only; clean comes from the cache.
+    let second = p.run("f.yaml", &["--set", "size=24"]);
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    assert_eq!(second.step("clean")["status"], "cached");
+    assert_eq!(second.step("chunk")["status"], "ran");
+    assert!(
+        second
+            .reason("chunk")
+            .starts_with("param size changed 64 -> 24"),
+        "{}",
+        second.reason("chunk")
+    );
+    let small: Vec<Value> = cat(&p, &second.output("chunk", "chunks"), None)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(small.len() > chunks.len());
+    assert!(small
+        .iter()
+        .all(|c| c["token_count"].as_u64().unwrap() <= 24));
+}
+
+#[test]
+fn bad_feature_parameters_are_rejected_before_anything_runs() {
+    let p = Project::new();
+    notes(&p);
+    p.write(
+        "bad.yaml",
+        "name: bad\nsteps:\n  mine: {uses: source, with: {path: mine}}\n  docs: {uses: ingest, inputs: {files: mine.data}}\n  \
+         clean: {uses: clean, inputs: {documents: docs.documents}, with: {languages: [english], drop_patterns: [\"(\"]}}\n  \
+         chunk: {uses: chunk, inputs: {documents: clean.documents}, with: {size: 10, overlap: 10}}\n  \
+         embed: {uses: embed, inputs: {chunks: chunk.chunks}, with: {device: tpu}}\n",
+    );
+    let (code, _, err) = p.exec(&["run", "bad.yaml"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("bad.yaml:"),
+        "errors carry file:line:column: {err}"
+    );
+    assert!(err.contains("invalid regular expression"), "{err}");
+    assert!(
+        err.contains("overlap 10 must be smaller than size 10"),
+        "{err}"
+    );
+    assert!(err.contains("unknown device \"tpu\""), "{err}");
+    assert!(
+        !p.store().join("objects").exists()
+            || std::fs::read_dir(p.store().join("objects"))
+                .unwrap()
+                .count()
+                <= 1
+    );
+}
+
+#[test]
+fn a_missing_model_fails_the_step_with_a_fix() {
+    let p = Project::new();
+    notes(&p);
+    pipeline(&p, "no/such-model", false);
+    let out = p.run("f.yaml", &[]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert_eq!(out.step("chunk")["status"], "failed");
+    let reason = out.reason("chunk");
+    assert!(
+        reason.contains("model `no/such-model` not found"),
+        "{reason}"
+    );
+    assert!(reason.contains("scripts/setup"), "{reason}");
+}
+
+#[cfg(all(feature = "torch", feature = "qdrant-edge"))]
+mod vectors {
+    use super::*;
+
+    fn query(p: &Project, args: &[&str]) -> Value {
+        let mut all = vec!["query"];
+        all.extend_from_slice(args);
+        all.push("--json");
+        let (code, out, err) = p.exec(&all);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str(&out).unwrap()
+    }
+
+    #[test]
+    fn documents_become_searchable_vectors_and_reloads_are_verified() {
+        let p = Project::new();
+        notes(&p);
+        pipeline(&p, model_dir().to_str().unwrap(), true);
+        let first = p.run("f.yaml", &[]);
+        assert_eq!(first.code, 0, "{}", first.stderr);
+
+        // The embeddings artifact: one f32 row per chunk line.
+        let emb = first.output("embed", "embeddings");
+        let meta = artifact(&p, &emb)["metadata"].clone();
+        assert_eq!(meta["dim"], 384);
+        assert_eq!(meta["pooling"], "mean");
+        assert_eq!(meta["device"], "cpu");
+        let tensor = p.path("e.safetensors");
+        std::fs::write(&tensor, {
+            let out = p
+                .cmd()
+                .args(["artifacts", "cat", &emb, "embeddings.safetensors"])
+                .output()
+                .unwrap();
+            out.stdout
+        })
+        .unwrap();
+        let (rows, dim, values) = cairn::embed::read_tensor(&tensor).unwrap();
+        let lines = cat(&p, &emb, Some("chunks.jsonl")).lines().count();
+        assert_eq!((rows, dim), (lines, 384));
+        let norm: f32 = values[..dim].iter().map(|v| v * v).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "normalised: {norm}");
+
+        // Retrieval finds the right note for each topic.
+        for (question, expected) in [
+            (
+                "how often should I feed the starter for bread?",
+                "Feeding a sourdough starter",
+            ),
+            (
+                "why does the compiler reject my mutable reference",
+                "Fighting the borrow checker",
+            ),
+            (
+                "what pot size for cherry tomatoes",
+                "Growing tomatoes on a balcony",
+            ),
+        ] {
+            let res = query(&p, &["embedded_notes", question, "-k", "3"]);
+            let hits = res["hits"].as_array().unwrap();
+            assert_eq!(hits[0]["payload"]["title"], expected, "{question}: {res:#}");
+            assert!(hits[0]["score"].as_f64().unwrap() > hits[1]["score"].as_f64().unwrap());
+        }
+        let filtered = query(
+            &p,
+            &["embedded_notes", "bread", "--filter", "category=article"],
+        );
+        assert_eq!(filtered["hits"].as_array().unwrap().len(), 0);
+        let (code, _, err) = p.exec(&["query", "embedded_articles", "bread"]);
+        assert_eq!(code, 2);
+        assert!(
+            err.contains("collections loaded here: embedded_notes"),
+            "{err}"
+        );
+
+        // Rerun: everything cached, the vector load verified against the collection.
+        let again = p.run("f.yaml", &[]);
+        assert_eq!(
+            again.with_status("ran"),
+            Vec::<String>::new(),
+            "{}",
+            again.json
+        );
+
+        // Someone wiped the vector store: vector_load notices and reloads.
+        std::fs::remove_dir_all(p.store().join("vectors")).unwrap();
+        let reload = p.run("f.yaml", &[]);
+        assert_eq!(reload.step("vectors")["status"], "ran");
+        assert!(
+            reload
+                .reason("vectors")
+                .starts_with("external state changed: collection embedded_notes is gone"),
+            "{}",
+            reload.reason("vectors")
+        );
+        assert_eq!(reload.step("embed")["status"], "cached");
+        let res = query(&p, &["embedded_notes", "sourdough starter"]);
+        assert_eq!(
+            res["hits"][0]["payload"]["title"],
+            "Feeding a sourdough starter"
+        );
+    }
+
+    #[test]
+    fn changing_the_model_files_reruns_chunk_and_embed() {
+        let p = Project::new();
+        notes(&p);
+        let model = p.path("model");
+        std::fs::create_dir(&model).unwrap();
+        for entry in std::fs::read_dir(model_dir()).unwrap() {
+            let entry = entry.unwrap();
+            let target = model.join(entry.file_name());
+            if entry.path().is_dir() {
+                std::fs::create_dir(&target).unwrap();
+                for f in std::fs::read_dir(entry.path()).unwrap() {
+                    let f = f.unwrap();
+                    std::fs::copy(f.path(), target.join(f.file_name())).unwrap();
+                }
+            } else {
+                std::fs::copy(entry.path(), &target).unwrap();
+            }
+        }
+        pipeline(&p, "model", true);
+        let first = p.run("f.yaml", &[]);
+        assert_eq!(first.code, 0, "{}", first.stderr);
+        std::fs::write(model.join("README.md"), "edited model card\n").unwrap();
+        let second = p.run("f.yaml", &[]);
+        assert_eq!(second.code, 0, "{}", second.stderr);
+        assert_eq!(second.step("clean")["status"], "cached");
+        for step in ["chunk", "embed"] {
+            assert_eq!(second.step(step)["status"], "ran", "{step}");
+            assert!(
+                second.reason(step).starts_with("model files changed ("),
+                "{step}: {}",
+                second.reason(step)
+            );
+        }
+        // Same weights: the vectors are identical, so the load is cut off early.
+        assert_eq!(
+            second.step("vectors")["status"],
+            "cached",
+            "{}",
+            second.reason("vectors")
+        );
+    }
+}
