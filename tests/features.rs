@@ -182,7 +182,7 @@ fn a_missing_model_fails_the_step_with_a_fix() {
     let out = p.run("f.yaml", &[]);
     assert_eq!(out.code, 1, "{}", out.stderr);
     assert_eq!(out.step("chunk")["status"], "failed");
-    let reason = out.reason("chunk");
+    let reason = out.step("chunk")["error"].as_str().unwrap().to_string();
     assert!(
         reason.contains("model `no/such-model` not found"),
         "{reason}"
@@ -290,6 +290,37 @@ mod vectors {
         assert_eq!(
             res["hits"][0]["payload"]["title"],
             "Feeding a sourdough starter"
+        );
+    }
+
+    #[test]
+    fn a_pytorch_bin_only_model_gets_a_conversion_hint() {
+        let p = Project::new();
+        notes(&p);
+        let model = p.path("binmodel");
+        std::fs::create_dir(&model).unwrap();
+        for f in [
+            "config.json",
+            "tokenizer.json",
+            "modules.json",
+            "sentence_bert_config.json",
+        ] {
+            std::fs::copy(model_dir().join(f), model.join(f)).unwrap();
+        }
+        std::fs::write(model.join("pytorch_model.bin"), b"not really a checkpoint").unwrap();
+        pipeline(&p, "binmodel", true);
+        let out = p.run("f.yaml", &[]);
+        assert_eq!(out.code, 1, "{}", out.stderr);
+        assert_eq!(
+            out.step("chunk")["status"],
+            "ran",
+            "the tokenizer is enough to chunk"
+        );
+        let reason = out.step("embed")["error"].as_str().unwrap().to_string();
+        assert!(reason.contains("missing model.safetensors"), "{reason}");
+        assert!(
+            reason.contains("save_pretrained(DIR, safe_serialization=True)"),
+            "{reason}"
         );
     }
 

@@ -84,6 +84,19 @@ async fn contract(store: &dyn VectorStore, collection: &str) {
     assert!(filtered.iter().all(|h| h.payload["category"] == "article"));
     assert_ne!(filtered[0].id, batch[3].id.to_string(), "point 3 is a post");
 
+    // A re-chunk leaves 150 of the 200 chunks: the other 50 points go.
+    let keep: std::collections::HashSet<uuid::Uuid> =
+        batch.iter().take(150).map(|p| p.id).collect();
+    assert_eq!(store.retain(collection, &keep).await.unwrap(), 50);
+    assert_eq!(store.count(collection).await.unwrap(), Some(150));
+    assert_eq!(
+        store
+            .count_existing(collection, &[batch[199].id])
+            .await
+            .unwrap(),
+        0
+    );
+
     let mut receipt = Receipt {
         store: store.describe(),
         model: "m".into(),

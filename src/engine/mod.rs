@@ -585,6 +585,27 @@ impl<'a> RunState<'a> {
         }
     }
 
+    /// A step that failed before it could run (its cache key could not be computed):
+    /// the message is both its reason and its error.
+    fn settle_invalid(&mut self, i: usize, message: String) {
+        self.states[i] = State::Failed;
+        let report = self.report(
+            i,
+            StepStatus::Failed,
+            message.clone(),
+            0,
+            Some(message.clone()),
+        );
+        self.display.finish(&report, None);
+        self.reports[i] = Some(report);
+        if !self.opts.dry_run {
+            let mut exec = Execution::settled();
+            exec.error = Some(message.clone());
+            let record = self.step_record(i, StepStatus::Failed, &message, exec);
+            self.pending_writes.push((record, self.seq[i]));
+        }
+    }
+
     fn flush(&mut self) -> Result<(), EngineError> {
         if self.pending_writes.is_empty() {
             return Ok(());
@@ -651,9 +672,7 @@ impl<'a> RunState<'a> {
                         Decision::Blocked { reason } => {
                             self.settle(i, State::Skipped, StepStatus::Skipped, reason)
                         }
-                        Decision::Invalid { reason } => {
-                            self.settle(i, State::Failed, StepStatus::Failed, reason)
-                        }
+                        Decision::Invalid { reason } => self.settle_invalid(i, reason),
                         Decision::WillRunUnknown { reason } => {
                             self.settle(i, State::Planned(None), StepStatus::WillRun, reason)
                         }

@@ -1,6 +1,7 @@
 //! `vector_load`: loads `embeddings` into the vector store (Qdrant Edge under the artifact
 //! store by default, a Qdrant server with `url:` or `CAIRN_QDRANT_URL`), one collection per
-//! category. Its output is a receipt; on a cache hit the receipt is checked against the
+//! category. Each collection ends up holding exactly this load's chunks: points of chunks
+//! that no longer exist (after a re-chunk) are deleted. Its output is a receipt; on a cache hit the receipt is checked against the
 //! store (point counts and a sample of ids), so a wiped collection is reloaded instead of
 //! silently skipped.
 
@@ -199,6 +200,7 @@ impl Step for VectorLoadStep {
         };
         let t0 = Instant::now();
         let mut index_seconds = 0.0;
+        let mut stale_removed = 0u64;
         for (name, points) in by_collection {
             if ctx.cancel.is_cancelled() {
                 return Err(StepError::Cancelled);
@@ -227,6 +229,12 @@ impl Step for VectorLoadStep {
                     .map_err(|e| fail(e.to_string()))?;
                 ctx.progress.inc(len as u64);
             }
+            let keep: std::collections::HashSet<uuid::Uuid> = ids.iter().copied().collect();
+            let removed = store
+                .retain(&name, &keep)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            stale_removed += removed;
             ctx.progress.set_message(format!("indexing {name}"));
             let ti = Instant::now();
             store.finish(&name).await.map_err(|e| fail(e.to_string()))?;
@@ -253,6 +261,7 @@ impl Step for VectorLoadStep {
             "collections": receipt.collections.iter().map(|(k, v)| (k.clone(), v.points)).collect::<BTreeMap<_, _>>(),
             "seconds": (seconds * 1000.0).round() / 1000.0,
             "index_seconds": (index_seconds * 1000.0).round() / 1000.0,
+            "stale_points_removed": stale_removed,
             "points_per_second": (rows as f64 / upsert_seconds).round(),
         });
         let note = format!(

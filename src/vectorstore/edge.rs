@@ -3,7 +3,7 @@
 //! of the store value; a file lock per collection keeps two processes from writing one
 //! shard at once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use qdrant_edge::{
     Condition, CountRequest, Distance, EdgeConfigBuilder, EdgeShard, EdgeVectorParamsBuilder,
     FieldCondition, Filter, Match, NamedQuery, PayloadFieldSchema, PayloadSchemaType, PointId,
-    PointInsertOperations, PointOperations, PointStruct, QueryEnum, SearchRequest, UpdateOperation,
-    WithPayloadInterface, WithVector,
+    PointInsertOperations, PointOperations, PointStruct, QueryEnum, ScrollRequest, SearchRequest,
+    UpdateOperation, WithPayloadInterface, WithVector,
 };
 
 use super::{Hit, Point, VectorError, VectorStore, INDEXED_FIELDS};
@@ -195,6 +195,50 @@ impl VectorStore for EdgeStore {
                 points = rest;
             }
             Ok(())
+        })
+        .await
+    }
+
+    async fn retain(&self, name: &str, keep: &HashSet<uuid::Uuid>) -> Result<u64, VectorError> {
+        let shard = self
+            .shard(name, None)?
+            .ok_or_else(|| VectorError::NoCollection(name.to_string()))?;
+        let keep: HashSet<PointId> = keep.iter().map(|&id| edge_id(id)).collect();
+        blocking(move || {
+            let mut stale = Vec::new();
+            let mut offset = None;
+            loop {
+                let (page, next) = shard
+                    .shard
+                    .scroll(ScrollRequest {
+                        offset,
+                        limit: Some(4096),
+                        filter: None,
+                        with_payload: Some(WithPayloadInterface::Bool(false)),
+                        with_vector: WithVector::Bool(false),
+                        order_by: None,
+                    })
+                    .map_err(backend)?;
+                stale.extend(
+                    page.into_iter()
+                        .map(|r| r.id)
+                        .filter(|id| !keep.contains(id)),
+                );
+                match next {
+                    Some(n) => offset = Some(n),
+                    None => break,
+                }
+            }
+            let removed = stale.len() as u64;
+            for ids in stale.chunks(BATCH) {
+                shard
+                    .shard
+                    .update(UpdateOperation::PointOperation(
+                        PointOperations::DeletePoints { ids: ids.to_vec() },
+                    ))
+                    .map_err(backend)?;
+            }
+            Ok(removed)
         })
         .await
     }

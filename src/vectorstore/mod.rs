@@ -85,6 +85,13 @@ pub trait VectorStore: Send + Sync {
     async fn ensure_collection(&self, name: &str, dim: usize) -> Result<(), VectorError>;
     /// Inserts or replaces points.
     async fn upsert(&self, name: &str, points: Vec<Point>) -> Result<(), VectorError>;
+    /// Deletes every point whose id is not in `keep` (chunks that no longer exist after
+    /// a re-chunk); returns how many went.
+    async fn retain(
+        &self,
+        name: &str,
+        keep: &std::collections::HashSet<uuid::Uuid>,
+    ) -> Result<u64, VectorError>;
     /// Makes the writes durable and searchable (flush, build indexes).
     async fn finish(&self, name: &str) -> Result<(), VectorError>;
     /// Exact point count; `None` when the collection does not exist.

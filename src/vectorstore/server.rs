@@ -3,8 +3,9 @@
 use async_trait::async_trait;
 use qdrant_client::qdrant::{
     vectors_config, Condition, CountPointsBuilder, CreateCollectionBuilder,
-    CreateFieldIndexCollectionBuilder, Distance, FieldType, Filter, GetPointsBuilder, PointId,
-    PointStruct, QueryPointsBuilder, UpsertPointsBuilder, VectorParamsBuilder,
+    CreateFieldIndexCollectionBuilder, DeletePointsBuilder, Distance, FieldType, Filter,
+    GetPointsBuilder, PointId, PointStruct, QueryPointsBuilder, ScrollPointsBuilder,
+    UpsertPointsBuilder, VectorParamsBuilder,
 };
 use qdrant_client::{Payload, Qdrant};
 
@@ -100,6 +101,54 @@ impl VectorStore for ServerStore {
             points = rest;
         }
         Ok(())
+    }
+
+    async fn retain(
+        &self,
+        name: &str,
+        keep: &std::collections::HashSet<uuid::Uuid>,
+    ) -> Result<u64, VectorError> {
+        let mut stale: Vec<PointId> = Vec::new();
+        let mut offset: Option<PointId> = None;
+        loop {
+            let mut req = ScrollPointsBuilder::new(name)
+                .limit(4096)
+                .with_payload(false)
+                .with_vectors(false);
+            if let Some(o) = offset.take() {
+                req = req.offset(o);
+            }
+            let page = self.client.scroll(req).await.map_err(backend)?;
+            for p in page.result {
+                if let Some(id) = p.id {
+                    let known = match &id.point_id_options {
+                        Some(qdrant_client::qdrant::point_id::PointIdOptions::Uuid(u)) => {
+                            u.parse::<uuid::Uuid>().is_ok_and(|u| keep.contains(&u))
+                        }
+                        _ => false,
+                    };
+                    if !known {
+                        stale.push(id);
+                    }
+                }
+            }
+            match page.next_page_offset {
+                Some(next) => offset = Some(next),
+                None => break,
+            }
+        }
+        let removed = stale.len() as u64;
+        for ids in stale.chunks(BATCH) {
+            self.client
+                .delete_points(
+                    DeletePointsBuilder::new(name)
+                        .points(ids.to_vec())
+                        .wait(true),
+                )
+                .await
+                .map_err(backend)?;
+        }
+        Ok(removed)
     }
 
     async fn finish(&self, _name: &str) -> Result<(), VectorError> {

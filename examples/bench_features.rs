@@ -1,0 +1,208 @@
+//! Measurements for the feature-pipeline benchmark (`scripts/bench-features` drives it and
+//! prints the table). Each subcommand prints one JSON object.
+//!
+//!   bench_features chunk DOCS.jsonl MODEL_DIR        cairn chunking vs raw encode_batch
+//!   bench_features embed CHUNKS.jsonl MODEL_DIR N T  cairn embedding of N chunks, T threads
+//!   bench_features gemm T                            fp32 matmul GFLOP/s in libtorch
+//!   bench_features vectors N                         Qdrant Edge upsert + query latency
+
+use std::path::Path;
+use std::time::Instant;
+
+use cairn::chunk::Chunk;
+use cairn::documents::{read_jsonl, Document};
+use serde_json::json;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("chunk") => chunk(Path::new(&args[2]), Path::new(&args[3])),
+        Some("embed") => embed(
+            Path::new(&args[2]),
+            Path::new(&args[3]),
+            args[4].parse().unwrap(),
+            args[5].parse().unwrap(),
+        ),
+        Some("gemm") => gemm(args[2].parse().unwrap()),
+        Some("vectors") => vectors(args[2].parse().unwrap()),
+        _ => {
+            eprintln!("usage: see the header of examples/bench_features.rs");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn best_of<T>(runs: usize, mut f: impl FnMut() -> T) -> (f64, T) {
+    let mut best = f64::INFINITY;
+    let mut last = None;
+    for _ in 0..runs {
+        let t0 = Instant::now();
+        let out = f();
+        best = best.min(t0.elapsed().as_secs_f64());
+        last = Some(out);
+    }
+    (best, last.unwrap())
+}
+
+fn chunk(docs: &Path, model: &Path) {
+    let docs: Vec<Document> = read_jsonl(docs).unwrap();
+    let tokenizer = cairn::models::load_tokenizer(model).unwrap();
+    let texts: Vec<&str> = docs.iter().map(|d| d.content.as_str()).collect();
+    let (raw_s, tokens) = best_of(3, || {
+        tokenizer
+            .encode_batch(texts.clone(), false)
+            .unwrap()
+            .iter()
+            .map(|e| e.get_ids().len())
+            .sum::<usize>()
+    });
+    let params: cairn::steps::chunk::ChunkParams =
+        serde_json::from_value(json!({"model": model, "size": 250, "overlap": 25})).unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let progress = cairn::steps::Progress::hidden();
+    let (cairn_s, chunks) = best_of(3, || {
+        cairn::steps::chunk::chunk_all(&tokenizer, &docs, &params, 254, &progress, &cancel).unwrap()
+    });
+    println!(
+        "{}",
+        json!({
+            "documents": docs.len(),
+            "tokens": tokens,
+            "chunks": chunks.len(),
+            "raw_encode_batch_s": raw_s,
+            "cairn_chunk_s": cairn_s,
+            "raw_tokens_per_s": tokens as f64 / raw_s,
+            "cairn_tokens_per_s": tokens as f64 / cairn_s,
+        })
+    );
+}
+
+/// FLOPs of one BERT forward for a sequence of `s` tokens (linear layers + attention).
+fn bert_flops(s: f64, h: f64, inter: f64, layers: f64) -> f64 {
+    layers * s * (8.0 * h * h + 4.0 * h * inter + 4.0 * s * h)
+}
+
+fn embed(chunks: &Path, model: &Path, n: usize, threads: usize) {
+    use cairn::embed::{DeviceChoice, Embedder, Precision};
+    let chunks: Vec<Chunk> = read_jsonl(chunks).unwrap();
+    let texts: Vec<&str> = chunks.iter().take(n).map(|c| c.text.as_str()).collect();
+    let embedder = Embedder::load(model, DeviceChoice::Cpu, Precision::F32, threads).unwrap();
+    let lens: Vec<usize> = embedder
+        .tokenize(&texts)
+        .unwrap()
+        .iter()
+        .map(Vec::len)
+        .collect();
+    let flops: f64 = lens
+        .iter()
+        .map(|&s| bert_flops(s as f64, 384.0, 1536.0, 6.0))
+        .sum();
+    embedder
+        .embed(&texts[..texts.len().min(32)], 32, &mut |_| true)
+        .unwrap(); // warm-up
+    let (secs, _) = best_of(2, || embedder.embed(&texts, 32, &mut |_| true).unwrap());
+    println!(
+        "{}",
+        json!({
+            "sentences": texts.len(),
+            "tokens": lens.iter().sum::<usize>(),
+            "seconds": secs,
+            "sentences_per_s": texts.len() as f64 / secs,
+            "gflops": flops / secs / 1e9,
+            "threads": embedder.info().threads,
+        })
+    );
+}
+
+fn gemm(threads: i32) {
+    tch::set_num_threads(threads);
+    let _guard = tch::no_grad_guard();
+    let mut results = serde_json::Map::new();
+    // Shapes like the encoder's linear layers: (tokens x 384) @ (384 x 1536).
+    for (m, k, n) in [(4096i64, 384i64, 1536i64), (1024, 1024, 1024)] {
+        let a = tch::Tensor::randn([m, k], (tch::Kind::Float, tch::Device::Cpu));
+        let b = tch::Tensor::randn([k, n], (tch::Kind::Float, tch::Device::Cpu));
+        let _ = a.matmul(&b);
+        let reps = 20;
+        let (secs, _) = best_of(3, || {
+            for _ in 0..reps {
+                let _ = a.matmul(&b);
+            }
+        });
+        results.insert(
+            format!("{m}x{k}x{n}"),
+            json!(2.0 * (m * k * n) as f64 * reps as f64 / secs / 1e9),
+        );
+    }
+    println!("{}", serde_json::Value::Object(results));
+}
+
+fn vectors(n: usize) {
+    use cairn::vectorstore::{self, Point};
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = vectorstore::open(None, tmp.path()).await.unwrap();
+        let dim = 384;
+        let make = |i: usize| {
+            let seed = blake3::hash(&(i as u64).to_le_bytes());
+            let mut xof = blake3::Hasher::new().update(seed.as_bytes()).finalize_xof();
+            let mut bytes = vec![0u8; dim * 2];
+            xof.fill(&mut bytes);
+            bytes
+                .chunks(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]) as f32 / 32768.0 - 1.0)
+                .collect::<Vec<f32>>()
+        };
+        let points: Vec<Point> = (0..n)
+            .map(|i| {
+                let mut payload = serde_json::Map::new();
+                payload.insert("text".into(), json!(format!("chunk {i} ").repeat(40)));
+                payload.insert(
+                    "category".into(),
+                    json!(["article", "post", "repository"][i % 3]),
+                );
+                payload.insert("author".into(), json!("me"));
+                payload.insert("url".into(), json!(format!("https://example.org/{i}")));
+                Point {
+                    id: vectorstore::point_id(&i.to_string()),
+                    vector: make(i),
+                    payload,
+                }
+            })
+            .collect();
+        store.ensure_collection("bench", dim).await.unwrap();
+        let t0 = Instant::now();
+        store.upsert("bench", points).await.unwrap();
+        let upsert_s = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        store.finish("bench").await.unwrap();
+        let index_s = t1.elapsed().as_secs_f64();
+        let mut latencies = Vec::new();
+        for q in 0..500 {
+            let v = make(1_000_000 + q);
+            let filter = if q % 2 == 0 {
+                vec![]
+            } else {
+                vec![("category".to_string(), "post".to_string())]
+            };
+            let t = Instant::now();
+            let hits = store.search("bench", v, 10, &filter).await.unwrap();
+            latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+            assert_eq!(hits.len(), 10);
+        }
+        latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
+        println!(
+            "{}",
+            json!({
+                "points": n,
+                "upsert_s": upsert_s,
+                "points_per_s": n as f64 / upsert_s,
+                "optimize_s": index_s,
+                "query_p50_ms": pct(0.5),
+                "query_p99_ms": pct(0.99),
+            })
+        );
+    });
+}
