@@ -2,14 +2,12 @@
 //! prints the table). Each subcommand prints one JSON object.
 //!
 //!   bench_features chunk DOCS.jsonl MODEL_DIR        cairn chunking vs raw encode_batch
-//!   bench_features embed CHUNKS.jsonl MODEL_DIR N T  cairn embedding of N chunks, T threads
-//!   bench_features gemm T                            fp32 matmul GFLOP/s in libtorch
+//!   bench_features flops TEXTS.jsonl MODEL_DIR       tokens and BERT FLOPs of the texts
 //!   bench_features vectors N                         Qdrant Edge upsert + query latency
 
 use std::path::Path;
 use std::time::Instant;
 
-use cairn::chunk::Chunk;
 use cairn::documents::{read_jsonl, Document};
 use serde_json::json;
 
@@ -17,13 +15,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("chunk") => chunk(Path::new(&args[2]), Path::new(&args[3])),
-        Some("embed") => embed(
-            Path::new(&args[2]),
-            Path::new(&args[3]),
-            args[4].parse().unwrap(),
-            args[5].parse().unwrap(),
-        ),
-        Some("gemm") => gemm(args[2].parse().unwrap()),
+        Some("flops") => flops(Path::new(&args[2]), Path::new(&args[3])),
         Some("vectors") => vectors(args[2].parse().unwrap()),
         _ => {
             eprintln!("usage: see the header of examples/bench_features.rs");
@@ -77,64 +69,49 @@ fn chunk(docs: &Path, model: &Path) {
     );
 }
 
-/// FLOPs of one BERT forward for a sequence of `s` tokens (linear layers + attention).
-fn bert_flops(s: f64, h: f64, inter: f64, layers: f64) -> f64 {
+/// FLOPs of one MiniLM-L6 forward for a sequence of `s` tokens (linear layers +
+/// attention; hidden 384, intermediate 1536, 6 layers).
+fn bert_flops(s: f64) -> f64 {
+    let (h, inter, layers) = (384.0, 1536.0, 6.0);
     layers * s * (8.0 * h * h + 4.0 * h * inter + 4.0 * s * h)
 }
 
-fn embed(chunks: &Path, model: &Path, n: usize, threads: usize) {
-    use cairn::embed::{DeviceChoice, Embedder, Precision};
-    let chunks: Vec<Chunk> = read_jsonl(chunks).unwrap();
-    let texts: Vec<&str> = chunks.iter().take(n).map(|c| c.text.as_str()).collect();
-    let embedder = Embedder::load(model, DeviceChoice::Cpu, Precision::F32, threads).unwrap();
-    let lens: Vec<usize> = embedder
-        .tokenize(&texts)
+/// Tokens (with special tokens, truncated at 256) and forward FLOPs of a texts file, for
+/// turning the helper's embedding time into GFLOP/s.
+fn flops(texts: &Path, model: &Path) {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        text: String,
+    }
+    let lines: Vec<Line> = read_jsonl(texts).unwrap();
+    let mut tokenizer = cairn::models::load_tokenizer(model).unwrap();
+    let max = cairn::models::sentence_config(model)
         .unwrap()
+        .max_seq_length;
+    tokenizer
+        .with_truncation(Some(tokenizers::TruncationParams {
+            max_length: max,
+            ..Default::default()
+        }))
+        .unwrap();
+    let lens: Vec<usize> = lines
         .iter()
-        .map(Vec::len)
+        .map(|l| {
+            tokenizer
+                .encode(l.text.as_str(), true)
+                .unwrap()
+                .get_ids()
+                .len()
+        })
         .collect();
-    let flops: f64 = lens
-        .iter()
-        .map(|&s| bert_flops(s as f64, 384.0, 1536.0, 6.0))
-        .sum();
-    embedder
-        .embed(&texts[..texts.len().min(32)], 32, &mut |_| true)
-        .unwrap(); // warm-up
-    let (secs, _) = best_of(2, || embedder.embed(&texts, 32, &mut |_| true).unwrap());
     println!(
         "{}",
         json!({
-            "sentences": texts.len(),
+            "sentences": lens.len(),
             "tokens": lens.iter().sum::<usize>(),
-            "seconds": secs,
-            "sentences_per_s": texts.len() as f64 / secs,
-            "gflops": flops / secs / 1e9,
-            "threads": embedder.info().threads,
+            "flops": lens.iter().map(|&s| bert_flops(s as f64)).sum::<f64>(),
         })
     );
-}
-
-fn gemm(threads: i32) {
-    tch::set_num_threads(threads);
-    let _guard = tch::no_grad_guard();
-    let mut results = serde_json::Map::new();
-    // Shapes like the encoder's linear layers: (tokens x 384) @ (384 x 1536).
-    for (m, k, n) in [(4096i64, 384i64, 1536i64), (1024, 1024, 1024)] {
-        let a = tch::Tensor::randn([m, k], (tch::Kind::Float, tch::Device::Cpu));
-        let b = tch::Tensor::randn([k, n], (tch::Kind::Float, tch::Device::Cpu));
-        let _ = a.matmul(&b);
-        let reps = 20;
-        let (secs, _) = best_of(3, || {
-            for _ in 0..reps {
-                let _ = a.matmul(&b);
-            }
-        });
-        results.insert(
-            format!("{m}x{k}x{n}"),
-            json!(2.0 * (m * k * n) as f64 * reps as f64 / secs / 1e9),
-        );
-    }
-    println!("{}", serde_json::Value::Object(results));
 }
 
 fn vectors(n: usize) {

@@ -120,7 +120,7 @@ fn read_json(path: &Path) -> Result<Option<Value>, ModelError> {
 }
 
 /// How token embeddings become one sentence vector.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Pooling {
     /// Average over non-padding tokens.

@@ -7,8 +7,6 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use cairn::embed::{DeviceChoice, Embedder, Precision};
-
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -50,23 +48,61 @@ fn embeddings_match_sentence_transformers() {
     let sentences: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
     assert!(sentences.len() >= 200);
 
-    let embedder = Embedder::load(&model, DeviceChoice::Cpu, Precision::F32, 2).unwrap();
-    assert_eq!(embedder.info().dim, 384);
-    assert!(embedder.info().normalize);
-    // Batches of 7 mix lengths differently from the reference's 32, which must not matter.
-    let ours = embedder.embed(&sentences, 7, &mut |_| true).unwrap();
-
+    // cairn's side: the real helper binary, as the embed step runs it.
     let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("reference.f32");
-    reference(&model, &sentences_path, &out);
-    let bytes = std::fs::read(&out).unwrap();
+    let input = tmp.path().join("sentences.jsonl");
+    let lines: Vec<String> = sentences
+        .iter()
+        .map(|s| serde_json::json!({"text": s}).to_string())
+        .collect();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let ours_path = tmp.path().join("ours.safetensors");
+    let out = Command::new(env!("CARGO_BIN_EXE_cairn-torch"))
+        .args([
+            "embed",
+            "--device",
+            "cpu",
+            "--precision",
+            "f32",
+            "--threads",
+            "2",
+        ])
+        // Batches of 7 mix lengths differently from the reference's 32, which must not matter.
+        .args(["--batch-size", "7"])
+        .arg("--model")
+        .arg(&model)
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&ours_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        events
+            .lines()
+            .next()
+            .unwrap()
+            .contains("\"pooling\":\"mean\""),
+        "{events}"
+    );
+    let (rows, dim, ours) = cairn::embed::read_tensor(&ours_path).unwrap();
+    assert_eq!((rows, dim), (sentences.len(), 384));
+
+    let reference_path = tmp.path().join("reference.f32");
+    reference(&model, &sentences_path, &reference_path);
+    let bytes = std::fs::read(&reference_path).unwrap();
     let theirs: Vec<f32> = bytes
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
     assert_eq!(theirs.len(), ours.len(), "row count or width differs");
 
-    let dim = 384;
     let mut worst = (f64::INFINITY, 0usize);
     let mut max_abs = 0f32;
     for i in 0..sentences.len() {

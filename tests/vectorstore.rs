@@ -107,7 +107,7 @@ async fn contract(store: &dyn VectorStore, collection: &str) {
     receipt.collections.insert(
         collection.to_string(),
         vectorstore::CollectionReceipt {
-            points: 200,
+            points: 150,
             sample_ids: ids.clone(),
         },
     );
@@ -133,7 +133,7 @@ async fn qdrant_edge_store_meets_the_contract_and_persists() {
     }
     // Reopened from disk in a new store value.
     let store = vectorstore::open(None, tmp.path()).await.unwrap();
-    assert_eq!(store.count("edge_contract").await.unwrap(), Some(200));
+    assert_eq!(store.count("edge_contract").await.unwrap(), Some(150));
     let err = store.ensure_collection("bad name/..", 4).await.unwrap_err();
     assert!(err.to_string().contains("invalid collection name"), "{err}");
 }

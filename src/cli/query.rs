@@ -8,9 +8,10 @@ use clap::Args;
 use serde_json::json;
 
 use super::{print_json, Cli, UsageError};
-use crate::embed::{DeviceChoice, Embedder, Precision};
+use crate::embed::{worker, DeviceChoice, EmbedJob, Precision};
 use crate::store::Store;
 use crate::vectorstore::{self, Receipt};
+use tokio_util::sync::CancellationToken;
 
 /// `cairn query`.
 #[derive(Debug, Args)]
@@ -59,7 +60,7 @@ pub fn query(cli: &Cli, args: &QueryArgs) -> anyhow::Result<ExitCode> {
             })?;
         filter.push((k.to_string(), v.to_string()));
     }
-    let device: DeviceChoice = args.device.parse().map_err(UsageError)?;
+    args.device.parse::<DeviceChoice>().map_err(UsageError)?;
     let store = Store::open_existing(&cli.store_dir())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -98,8 +99,20 @@ pub fn query(cli: &Cli, args: &QueryArgs) -> anyhow::Result<ExitCode> {
             (None, Some(r)) if !r.model_dir.is_empty() => PathBuf::from(&r.model_dir),
             _ => PathBuf::from(crate::steps::chunk::DEFAULT_MODEL),
         };
-        let embedder = Embedder::load(&model_dir, device, Precision::Auto, 0)?;
-        let vector = embedder.embed(&[args.text.as_str()], 1, &mut |_| true)?;
+        let tmp = tempfile::tempdir()?;
+        let input = tmp.path().join("query.jsonl");
+        std::fs::write(&input, format!("{}\n", json!({"text": args.text})))?;
+        let job = EmbedJob {
+            model: model_dir,
+            device: args.device.clone(),
+            precision: Precision::Auto,
+            batch_size: 1,
+            threads: 0,
+            input,
+            output: tmp.path().join("query.safetensors"),
+        };
+        let outcome = worker::run(&job, &mut |_| {}, &mut |_| {}, &CancellationToken::new()).await?;
+        let (_, _, vector) = crate::embed::read_tensor(&job.output).map_err(anyhow::Error::msg)?;
         let hits = vectors
             .search(&args.collection, vector, args.k, &filter)
             .await?;
@@ -107,7 +120,7 @@ pub fn query(cli: &Cli, args: &QueryArgs) -> anyhow::Result<ExitCode> {
             print_json(&json!({
                 "collection": args.collection,
                 "query": args.text,
-                "model": embedder.info().model,
+                "model": outcome.info.model,
                 "store": vectors.describe(),
                 "hits": hits,
             }))?;

@@ -1,5 +1,5 @@
-//! `embed`: turns `chunks` into sentence vectors with a BERT-family model through libtorch
-//! (see [`crate::embed`]). Output: a directory with `embeddings.safetensors` (f32
+//! `embed`: turns `chunks` into sentence vectors with a BERT-family model through libtorch,
+//! run in the `cairn-torch` helper process (see [`crate::embed`]). Output: a directory with `embeddings.safetensors` (f32
 //! `[n, dim]`, row i = line i of `chunks.jsonl`) and a copy of `chunks.jsonl`.
 
 use std::collections::BTreeMap;
@@ -17,7 +17,7 @@ use super::{
     parse_params, InputDecl, ParamIssue, Step, StepContext, StepError, StepIo, StepOutputs,
 };
 use crate::chunk::{self, Chunk};
-use crate::embed::{self, DeviceChoice, Embedder, Precision};
+use crate::embed::{self, DeviceChoice, EmbedError, EmbedJob, Precision};
 use crate::{documents, models};
 
 /// The `embed` step kind.
@@ -122,7 +122,9 @@ impl Step for EmbedStep {
 
     async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError> {
         let p: EmbedParams = parse_params(&ctx.params).map_err(|i| StepError::Failed(i.message))?;
-        let device: DeviceChoice = p.device.parse().map_err(StepError::Failed)?;
+        p.device
+            .parse::<DeviceChoice>()
+            .map_err(StepError::Failed)?;
         let model_dir =
             models::resolve(&p.model, &ctx.cwd).map_err(|e| StepError::Failed(e.to_string()))?;
         let input = ctx
@@ -132,85 +134,77 @@ impl Step for EmbedStep {
             .path
             .clone();
         let out_dir = ctx.output_path("embeddings");
+        std::fs::create_dir_all(&out_dir)
+            .map_err(|e| StepError::Failed(format!("{}: {e}", out_dir.display())))?;
+        let chunks: Vec<Chunk> = documents::read_jsonl(&input).map_err(StepError::Failed)?;
+        let job = EmbedJob {
+            model: model_dir,
+            device: p.device.clone(),
+            precision: p.precision,
+            batch_size: p.batch_size,
+            threads: p.threads,
+            input: input.clone(),
+            output: out_dir.join(embed::TENSOR_FILE),
+        };
         let progress = ctx.progress.clone();
-        let cancel = ctx.cancel.clone();
-        let (meta, note) =
-            tokio::task::spawn_blocking(move || -> Result<(Value, String), StepError> {
-                let fail = |e: String| StepError::Failed(e);
-                progress.set_message("loading the model");
-                let embedder = Embedder::load(&model_dir, device, p.precision, p.threads)
-                    .map_err(|e| fail(e.to_string()))?;
-                let chunks: Vec<Chunk> = documents::read_jsonl(&input).map_err(fail)?;
-                let texts: Vec<&str> = chunks.iter().map(|c| c.text.as_str()).collect();
-                progress.set_length(texts.len() as u64);
-                let info = embedder.info().clone();
+        progress.set_message("loading the model");
+        progress.set_length(chunks.len() as u64);
+        let t0 = Instant::now();
+        let mut device = String::new();
+        let mut last = 0u64;
+        let outcome = embed::worker::run(
+            &job,
+            &mut |info| {
+                device = info.device.clone();
                 progress.set_message(format!("{} on {}", info.model, info.device));
-                let t0 = Instant::now();
-                let mut last = 0usize;
-                let vectors = embedder
-                    .embed(&texts, p.batch_size, &mut |done| {
-                        progress.inc((done - last) as u64);
-                        last = done;
-                        let rate = done as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-                        progress.set_message(format!("{rate:.0} sentences/s on {}", info.device));
-                        !cancel.is_cancelled()
-                    })
-                    .map_err(|e| {
-                        if cancel.is_cancelled() {
-                            StepError::Cancelled
-                        } else {
-                            fail(e.to_string())
-                        }
-                    })?;
-                let seconds = t0.elapsed().as_secs_f64();
-                std::fs::create_dir_all(&out_dir)
-                    .map_err(|e| fail(format!("{}: {e}", out_dir.display())))?;
-                embed::write_tensor(&out_dir.join(embed::TENSOR_FILE), &vectors, info.dim)
-                    .map_err(fail)?;
-                std::fs::copy(&input, out_dir.join(embed::CHUNKS_FILE))
-                    .map_err(|e| fail(format!("copying chunks: {e}")))?;
-                let tokens: usize = embedder
-                    .tokenize(&texts)
-                    .map_err(|e| fail(e.to_string()))?
-                    .iter()
-                    .map(Vec::len)
-                    .sum();
-                let rate = texts.len() as f64 / seconds.max(1e-9);
-                let note = format!(
-                    "{} vectors of {} dims, {rate:.1} sentences/s on {} ({})",
-                    texts.len(),
-                    info.dim,
-                    info.device,
-                    info.precision
-                );
-                let mut by_category: BTreeMap<&str, usize> = BTreeMap::new();
-                for c in &chunks {
-                    *by_category.entry(c.category.as_str()).or_default() += 1;
-                }
-                Ok((
-                    json!({
-                        "count": texts.len(),
-                        "dim": info.dim,
-                        "model": models::display_name_for(&p.model, &info.model_dir),
-                        "model_dir": info.model_dir,
-                        "pooling": info.pooling,
-                        "normalize": info.normalize,
-                        "max_seq_length": info.max_seq_length,
-                        "device": info.device,
-                        "device_reason": info.device_reason,
-                        "precision": info.precision,
-                        "threads": info.threads,
-                        "batch_size": p.batch_size,
-                        "seconds": (seconds * 1000.0).round() / 1000.0,
-                        "sentences_per_second": (rate * 10.0).round() / 10.0,
-                        "tokens_per_second": (tokens as f64 / seconds.max(1e-9)).round(),
-                        "by_category": by_category,
-                    }),
-                    note,
-                ))
-            })
-            .await
-            .map_err(|e| StepError::Failed(format!("embed panicked: {e}")))??;
+            },
+            &mut |done| {
+                progress.inc(done.saturating_sub(last));
+                last = done;
+                let rate = done as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+                progress.set_message(format!("{rate:.0} sentences/s"));
+            },
+            &ctx.cancel,
+        )
+        .await
+        .map_err(|e| match e {
+            EmbedError::Cancelled => StepError::Cancelled,
+            other => StepError::Failed(other.to_string()),
+        })?;
+        std::fs::copy(&input, out_dir.join(embed::CHUNKS_FILE))
+            .map_err(|e| StepError::Failed(format!("copying chunks: {e}")))?;
+        let info = &outcome.info;
+        let seconds = outcome.seconds;
+        let rate = chunks.len() as f64 / seconds.max(1e-9);
+        let note = format!(
+            "{} vectors of {} dims, {rate:.1} sentences/s on {} ({})",
+            chunks.len(),
+            info.dim,
+            info.device,
+            info.precision
+        );
+        let mut by_category: BTreeMap<&str, usize> = BTreeMap::new();
+        for c in &chunks {
+            *by_category.entry(c.category.as_str()).or_default() += 1;
+        }
+        let meta = json!({
+            "count": chunks.len(),
+            "dim": info.dim,
+            "model": models::display_name_for(&p.model, &info.model_dir),
+            "model_dir": info.model_dir,
+            "pooling": info.pooling,
+            "normalize": info.normalize,
+            "max_seq_length": info.max_seq_length,
+            "device": info.device,
+            "device_reason": info.device_reason,
+            "precision": info.precision,
+            "threads": info.threads,
+            "batch_size": p.batch_size,
+            "seconds": (seconds * 1000.0).round() / 1000.0,
+            "sentences_per_second": (rate * 10.0).round() / 10.0,
+            "tokens_per_second": (outcome.tokens as f64 / seconds.max(1e-9)).round(),
+            "by_category": by_category,
+        });
         let mut outputs = BTreeMap::new();
         outputs.insert(
             "embeddings".to_string(),

@@ -8,8 +8,8 @@ use std::path::Path;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-use super::EmbedError;
-use crate::models::Pooling;
+use cairn::embed::EmbedError;
+use cairn::models::Pooling;
 
 /// The hyper-parameters of `config.json` the forward pass needs.
 #[derive(Clone, Debug)]
