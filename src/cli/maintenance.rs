@@ -121,6 +121,8 @@ fn print_properties(schema: &Value, indent: &str) {
                 format!("default {} values: {}, ...", items.len(), shown.join(", "))
             }
             Some(d) if d.to_string().len() > 40 => "default: the fields below".to_string(),
+            // `Option` fields: unset unless given.
+            Some(Value::Null) => "optional".into(),
             Some(d) => format!("default {d}"),
             None if required.contains(&name.as_str()) => "required".into(),
             None => "optional".into(),
