@@ -117,7 +117,13 @@ pub async fn open(
     let env_url = std::env::var(URL_ENV).ok().filter(|u| !u.is_empty());
     match url.map(str::to_string).or(env_url) {
         Some(url) => open_server(&url).await,
-        None => open_edge(&store_root.join("vectors")),
+        // Absolute, so the receipt names the same store whatever directory cairn ran in.
+        None => open_edge(
+            &store_root
+                .canonicalize()
+                .unwrap_or_else(|_| store_root.to_path_buf())
+                .join("vectors"),
+        ),
     }
 }
 
