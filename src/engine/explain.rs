@@ -10,6 +10,10 @@ use crate::store::{ObjectDigest, StepRecord};
 
 const MAX_REASONS: usize = 3;
 
+/// How a content input (files named in params, see `Step::content_inputs`) records where
+/// it came from in `InputRef::from`, in place of a producing `STEP.OUTPUT`.
+pub const FILES_ORIGIN: &str = "files:";
+
 /// Short display of a value inside a reason.
 pub fn show(v: Option<&Value>) -> String {
     let text = match v {
@@ -78,10 +82,10 @@ pub fn why_rerun(
     let input_names: BTreeSet<&String> = prev.inputs.keys().chain(inputs.keys()).collect();
     for name in input_names {
         match (prev.inputs.get(name), inputs.get(name)) {
-            (Some(old), Some(new)) if old.digest != *new && old.from.starts_with("files:") => {
+            (Some(old), Some(new)) if old.digest != *new && old.from.starts_with(FILES_ORIGIN) => {
                 reasons.push(format!(
                     "{name} files changed ({})",
-                    old.from.trim_start_matches("files:")
+                    old.from.trim_start_matches(FILES_ORIGIN)
                 ));
             }
             (Some(old), Some(new)) if old.digest != *new => {

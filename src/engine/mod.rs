@@ -438,7 +438,7 @@ impl<'a> RunState<'a> {
             .content_inputs(&step.params, &self.opts.cwd)
             .ok()
             .and_then(|extra| extra.into_iter().find(|(n, _)| n == name))
-            .map(|(_, path)| format!("files:{}", path.display()))
+            .map(|(_, path)| format!("{}{}", explain::FILES_ORIGIN, path.display()))
             .unwrap_or_default()
     }
 

@@ -183,28 +183,20 @@ impl Step for ChunkStep {
     ) -> Result<StepIo, Vec<ParamIssue>> {
         let p = parse_params::<ChunkParams>(params).map_err(|i| vec![i])?;
         p.validate().map_err(|i| vec![i])?;
-        if !declared_outputs.is_empty() {
-            return Err(vec![ParamIssue::new(
-                "outputs",
-                "`chunk` declares its own output (`chunks`); remove `outputs`",
-            )]);
-        }
-        Ok(StepIo {
-            inputs: self.inputs(),
-            outputs: IndexMap::from([("chunks".to_string(), chunk::KIND.to_string())]),
-        })
+        super::fixed_outputs(
+            self.kind(),
+            self.inputs(),
+            declared_outputs,
+            &[("chunks", chunk::KIND)],
+        )
+        .map_err(|i| vec![i])
     }
 
     async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError> {
         let p: ChunkParams = parse_params(&ctx.params).map_err(|i| StepError::Failed(i.message))?;
         let model_dir =
             models::resolve(&p.model, &ctx.cwd).map_err(|e| StepError::Failed(e.to_string()))?;
-        let input = ctx
-            .inputs
-            .get("documents")
-            .ok_or_else(|| StepError::Failed("input `documents` is missing".into()))?
-            .path
-            .clone();
+        let input = ctx.input_path("documents")?;
         let out = ctx.output_path("chunks");
         let progress = ctx.progress.clone();
         let cancel = ctx.cancel.clone();

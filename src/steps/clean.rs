@@ -149,27 +149,19 @@ impl Step for CleanStep {
     ) -> Result<StepIo, Vec<ParamIssue>> {
         let p = parse_params::<CleanParams>(params).map_err(|i| vec![i])?;
         p.options().map_err(|i| vec![i])?;
-        if !declared_outputs.is_empty() {
-            return Err(vec![ParamIssue::new(
-                "outputs",
-                "`clean` declares its own output (`documents`); remove `outputs`",
-            )]);
-        }
-        Ok(StepIo {
-            inputs: self.inputs(),
-            outputs: IndexMap::from([("documents".to_string(), documents::KIND.to_string())]),
-        })
+        super::fixed_outputs(
+            self.kind(),
+            self.inputs(),
+            declared_outputs,
+            &[("documents", documents::KIND)],
+        )
+        .map_err(|i| vec![i])
     }
 
     async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError> {
         let p: CleanParams = parse_params(&ctx.params).map_err(|i| StepError::Failed(i.message))?;
         let opts = p.options().map_err(|i| StepError::Failed(i.message))?;
-        let input = ctx
-            .inputs
-            .get("documents")
-            .ok_or_else(|| StepError::Failed("input `documents` is missing".into()))?
-            .path
-            .clone();
+        let input = ctx.input_path("documents")?;
         let out = ctx.output_path("documents");
         ctx.progress.set_message("cleaning");
         let report = tokio::task::spawn_blocking(move || {

@@ -132,6 +132,15 @@ impl StepContext {
         self.work_dir.join("out").join(name)
     }
 
+    /// The store path of input `name` (the pipeline loader guarantees required inputs
+    /// are bound; the error covers optional ones).
+    pub fn input_path(&self, name: &str) -> Result<PathBuf, StepError> {
+        self.inputs
+            .get(name)
+            .map(|i| i.path.clone())
+            .ok_or_else(|| StepError::Failed(format!("input `{name}` is missing")))
+    }
+
     /// Resolves a user-given path against the working directory.
     pub fn resolve_path(&self, p: &str) -> PathBuf {
         let path = Path::new(p);

@@ -303,19 +303,13 @@ impl Step for CrawlStep {
     ) -> Result<StepIo, Vec<ParamIssue>> {
         let p: CrawlParams = parse_params(params).map_err(|i| vec![i])?;
         compile(&p)?;
-        if !declared_outputs.is_empty() {
-            return Err(vec![ParamIssue::new(
-                "outputs",
-                "`crawl` declares its own outputs (`documents`, `state`); remove `outputs`",
-            )]);
-        }
-        Ok(StepIo {
-            inputs: self.inputs(),
-            outputs: IndexMap::from([
-                (DOCUMENTS.to_string(), documents::KIND.to_string()),
-                (STATE.to_string(), "crawl-state".to_string()),
-            ]),
-        })
+        super::fixed_outputs(
+            self.kind(),
+            self.inputs(),
+            declared_outputs,
+            &[(DOCUMENTS, documents::KIND), (STATE, "crawl-state")],
+        )
+        .map_err(|i| vec![i])
     }
 
     async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError> {

@@ -69,24 +69,17 @@ impl Step for DocstoreStep {
         declared_outputs: &IndexMap<String, String>,
     ) -> Result<StepIo, Vec<ParamIssue>> {
         parse_params::<DocstoreParams>(params).map_err(|i| vec![i])?;
-        if !declared_outputs.is_empty() {
-            return Err(vec![ParamIssue::new(
-                "outputs",
-                "`docstore` declares its own output (`receipt`); remove `outputs`",
-            )]);
-        }
-        Ok(StepIo {
-            inputs: self.inputs(),
-            outputs: IndexMap::from([(RECEIPT.to_string(), "docstore-receipt".to_string())]),
-        })
+        super::fixed_outputs(
+            self.kind(),
+            self.inputs(),
+            declared_outputs,
+            &[(RECEIPT, "docstore-receipt")],
+        )
+        .map_err(|i| vec![i])
     }
 
     async fn verify(&self, ctx: &VerifyContext<'_>) -> Result<(), String> {
-        let receipt = ctx.outputs.get(RECEIPT).ok_or("no receipt recorded")?;
-        let receipt: Receipt = std::fs::read(ctx.store.object_path(&receipt.digest))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or("the receipt cannot be read")?;
+        let receipt: Receipt = ctx.read_output(RECEIPT)?;
         let store = docstore::open(ctx.docstore_uri, ctx.store.root())
             .await
             .map_err(|e| e.to_string())?;
@@ -103,12 +96,9 @@ impl Step for DocstoreStep {
     async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError> {
         let p: DocstoreParams =
             parse_params(&ctx.params).map_err(|i| StepError::Failed(i.message))?;
-        let input = ctx
-            .inputs
-            .get("documents")
-            .ok_or_else(|| StepError::Failed("input `documents` is missing".into()))?;
+        let input = ctx.input_path("documents")?;
         let docs: Vec<documents::Document> =
-            documents::read_jsonl(&input.path).map_err(StepError::Failed)?;
+            documents::read_jsonl(&input).map_err(StepError::Failed)?;
         let store = docstore::open(ctx.docstore_uri.as_deref(), ctx.store.root())
             .await
             .map_err(|e| StepError::Failed(e.to_string()))?;

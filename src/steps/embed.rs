@@ -105,19 +105,19 @@ impl Step for EmbedStep {
                 "batch_size must be at least 1",
             ));
         }
-        if !declared_outputs.is_empty() {
-            issues.push(ParamIssue::new(
-                "outputs",
-                "`embed` declares its own output (`embeddings`); remove `outputs`",
-            ));
+        match super::fixed_outputs(
+            self.kind(),
+            self.inputs(),
+            declared_outputs,
+            &[("embeddings", embed::KIND)],
+        ) {
+            Ok(io) if issues.is_empty() => Ok(io),
+            Ok(_) => Err(issues),
+            Err(issue) => {
+                issues.push(issue);
+                Err(issues)
+            }
         }
-        if !issues.is_empty() {
-            return Err(issues);
-        }
-        Ok(StepIo {
-            inputs: self.inputs(),
-            outputs: IndexMap::from([("embeddings".to_string(), embed::KIND.to_string())]),
-        })
     }
 
     async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError> {
@@ -127,12 +127,7 @@ impl Step for EmbedStep {
             .map_err(StepError::Failed)?;
         let model_dir =
             models::resolve(&p.model, &ctx.cwd).map_err(|e| StepError::Failed(e.to_string()))?;
-        let input = ctx
-            .inputs
-            .get("chunks")
-            .ok_or_else(|| StepError::Failed("input `chunks` is missing".into()))?
-            .path
-            .clone();
+        let input = ctx.input_path("chunks")?;
         let out_dir = ctx.output_path("embeddings");
         std::fs::create_dir_all(&out_dir)
             .map_err(|e| StepError::Failed(format!("{}: {e}", out_dir.display())))?;

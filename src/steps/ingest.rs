@@ -98,16 +98,13 @@ impl Step for IngestStep {
         declared_outputs: &IndexMap<String, String>,
     ) -> Result<StepIo, Vec<ParamIssue>> {
         parse_params::<IngestParams>(params).map_err(|i| vec![i])?;
-        if !declared_outputs.is_empty() {
-            return Err(vec![ParamIssue::new(
-                "outputs",
-                "`ingest` declares its own output (`documents`); remove `outputs`",
-            )]);
-        }
-        Ok(StepIo {
-            inputs: self.inputs(),
-            outputs: IndexMap::from([("documents".to_string(), documents::KIND.to_string())]),
-        })
+        super::fixed_outputs(
+            self.kind(),
+            self.inputs(),
+            declared_outputs,
+            &[("documents", documents::KIND)],
+        )
+        .map_err(|i| vec![i])
     }
 
     async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError> {

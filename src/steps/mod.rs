@@ -96,6 +96,52 @@ pub struct VerifyContext<'a> {
     pub docstore_uri: Option<&'a str>,
 }
 
+impl VerifyContext<'_> {
+    /// Reads the cached output `name` (a receipt) as JSON.
+    pub fn read_output<T: DeserializeOwned>(&self, name: &str) -> Result<T, String> {
+        let output = self
+            .outputs
+            .get(name)
+            .ok_or_else(|| format!("no {name} recorded"))?;
+        std::fs::read(self.store.object_path(&output.digest))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| format!("the {name} cannot be read"))
+    }
+}
+
+/// The `StepIo` of a kind whose outputs are fixed by the kind itself: a pipeline's own
+/// `outputs:` for it is an error.
+pub fn fixed_outputs(
+    kind: &str,
+    inputs: Option<Vec<InputDecl>>,
+    declared_outputs: &IndexMap<String, String>,
+    outputs: &[(&str, &str)],
+) -> Result<StepIo, ParamIssue> {
+    if !declared_outputs.is_empty() {
+        let names: Vec<String> = outputs.iter().map(|(n, _)| format!("`{n}`")).collect();
+        let noun = if outputs.len() == 1 {
+            "output"
+        } else {
+            "outputs"
+        };
+        return Err(ParamIssue::new(
+            "outputs",
+            format!(
+                "`{kind}` declares its own {noun} ({}); remove `outputs`",
+                names.join(", ")
+            ),
+        ));
+    }
+    Ok(StepIo {
+        inputs,
+        outputs: outputs
+            .iter()
+            .map(|(n, k)| (n.to_string(), k.to_string()))
+            .collect(),
+    })
+}
+
 /// What a step consumes and produces.
 #[derive(Clone, Debug, Default)]
 pub struct StepIo {

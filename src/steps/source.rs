@@ -72,20 +72,19 @@ impl Step for SourceStep {
         if let Err(issue) = parse_params::<SourceParams>(params) {
             issues.push(issue);
         }
-        if !declared_outputs.is_empty() {
-            issues.push(ParamIssue {
-                path: "outputs".into(),
-                message: "`source` declares its own output (`data`); remove `outputs`".into(),
-                help: None,
-            });
+        match super::fixed_outputs(
+            self.kind(),
+            self.inputs(),
+            declared_outputs,
+            &[(OUTPUT, "path")],
+        ) {
+            Ok(io) if issues.is_empty() => Ok(io),
+            Ok(_) => Err(issues),
+            Err(issue) => {
+                issues.push(issue);
+                Err(issues)
+            }
         }
-        if !issues.is_empty() {
-            return Err(issues);
-        }
-        Ok(StepIo {
-            inputs: self.inputs(),
-            outputs: IndexMap::from([(OUTPUT.to_string(), "path".to_string())]),
-        })
     }
 
     async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError> {

@@ -102,25 +102,18 @@ impl Step for VectorLoadStep {
                 ),
             )]);
         }
-        if !declared_outputs.is_empty() {
-            return Err(vec![ParamIssue::new(
-                "outputs",
-                "`vector_load` declares its own output (`receipt`); remove `outputs`",
-            )]);
-        }
-        Ok(StepIo {
-            inputs: self.inputs(),
-            outputs: IndexMap::from([("receipt".to_string(), RECEIPT_KIND.to_string())]),
-        })
+        super::fixed_outputs(
+            self.kind(),
+            self.inputs(),
+            declared_outputs,
+            &[("receipt", RECEIPT_KIND)],
+        )
+        .map_err(|i| vec![i])
     }
 
     async fn verify(&self, ctx: &VerifyContext<'_>) -> Result<(), String> {
         let p: VectorLoadParams = parse_params(ctx.params).map_err(|i| i.message)?;
-        let receipt = ctx.outputs.get("receipt").ok_or("no receipt recorded")?;
-        let receipt: Receipt = std::fs::read(ctx.store.object_path(&receipt.digest))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or("the receipt cannot be read")?;
+        let receipt: Receipt = ctx.read_output("receipt")?;
         let store = vectorstore::open(p.url.as_deref(), ctx.store.root())
             .await
             .map_err(|e| e.to_string())?;
