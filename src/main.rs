@@ -4,5 +4,11 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Like other Unix filters, die quietly when the reader goes away (`cairn ... | head`)
+    // instead of panicking in `println!` on a broken pipe.
+    // SAFETY: setting a signal disposition to the default before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     cairn::cli::main()
 }

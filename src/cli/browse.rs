@@ -296,6 +296,12 @@ pub fn artifacts(cli: &Cli, cmd: &ArtifactsCommand) -> anyhow::Result<ExitCode> 
                     ))
                     .into())
                 }
+                // A dataset's records are its splits, train then test.
+                (true, None) if a.kind == crate::dataset::KIND => {
+                    for split in [crate::dataset::TRAIN_FILE, crate::dataset::TEST_FILE] {
+                        copy_to_stdout(&root.join(split))?;
+                    }
+                }
                 (true, None) => {
                     eprintln!(
                         "artifact {} is a directory; give a path. Files:",

@@ -6,9 +6,11 @@ pub mod clean;
 pub mod command;
 pub mod context;
 pub mod crawl;
+pub mod dataset_merge;
 pub mod docstore;
 pub mod embed;
 pub mod ingest;
+pub mod instruct;
 pub mod source;
 pub mod vector_load;
 
@@ -256,6 +258,8 @@ pub static REGISTRY: &[&dyn Step] = &[
     &chunk::ChunkStep,
     &embed::EmbedStep,
     &vector_load::VectorLoadStep,
+    &instruct::InstructStep,
+    &dataset_merge::DatasetMergeStep,
 ];
 
 /// Looks up a built-in step kind.

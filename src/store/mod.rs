@@ -5,6 +5,8 @@
 //!   tmp/                 per-process staging; anything here is untrusted
 //!   cairn.db             SQLite (WAL): runs, step records, cache index, artifacts
 //!   lock                 flock: runs hold it shared, `gc` exclusive
+//!   llm-cache/ab/<hex>.json  answered LLM requests (`crate::llm::cache`); not artifacts,
+//!                        so `gc` leaves them
 //!
 //! An object becomes visible by rename after fsync, and only a database record written
 //! after that makes a later run trust it: a kill at any moment leaves at worst an

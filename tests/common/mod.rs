@@ -1,6 +1,7 @@
 //! Test helper: a temp project folder with its own store, and the real `cairn` binary.
 #![allow(dead_code)]
 
+pub mod mock_llm;
 pub mod static_files;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,196 @@
+//! `dataset_merge`: several `instruct` steps (one per builder) feeding one dataset. Takes
+//! any number of `dataset` inputs of one format, drops records whose id was already seen
+//! (the same example from two builders), and re-splits by digest with one `test_size`.
+
+use std::collections::{BTreeMap, HashSet};
+
+use async_trait::async_trait;
+use indexmap::IndexMap;
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{parse_params, ParamIssue, Step, StepContext, StepError, StepIo, StepOutputs};
+use crate::dataset::{self, Format, Split};
+
+/// The `dataset_merge` step kind.
+pub struct DatasetMergeStep;
+
+/// Parameters of `dataset_merge`.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MergeParams {
+    /// Share of examples in the test split of the merged dataset.
+    #[serde(default = "default_test_size")]
+    pub test_size: f64,
+}
+
+fn default_test_size() -> f64 {
+    0.1
+}
+
+#[async_trait]
+impl Step for DatasetMergeStep {
+    fn kind(&self) -> &str {
+        "dataset_merge"
+    }
+
+    fn version(&self) -> String {
+        "1".into()
+    }
+
+    fn summary(&self) -> &str {
+        "Merge `dataset` inputs of one format (any input names) into one dataset, re-split by digest"
+    }
+
+    fn params_schema(&self) -> Value {
+        super::schema_of::<MergeParams>()
+    }
+
+    fn check(
+        &self,
+        params: &Value,
+        declared_outputs: &IndexMap<String, String>,
+    ) -> Result<StepIo, Vec<ParamIssue>> {
+        let p = parse_params::<MergeParams>(params).map_err(|i| vec![i])?;
+        let mut issues = Vec::new();
+        if !(0.0..1.0).contains(&p.test_size) {
+            issues.push(ParamIssue::new(
+                "with.test_size",
+                format!("test_size {} is outside 0 (inclusive) .. 1", p.test_size),
+            ));
+        }
+        match super::fixed_outputs(
+            self.kind(),
+            None,
+            declared_outputs,
+            &[("dataset", dataset::KIND)],
+        ) {
+            Ok(io) if issues.is_empty() => Ok(io),
+            Ok(_) => Err(issues),
+            Err(issue) => {
+                issues.push(issue);
+                Err(issues)
+            }
+        }
+    }
+
+    async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError> {
+        let p: MergeParams = parse_params(&ctx.params).map_err(|i| StepError::Failed(i.message))?;
+        if ctx.inputs.is_empty() {
+            return Err(StepError::Failed(
+                "dataset_merge needs at least one dataset input".into(),
+            ));
+        }
+        let mut format: Option<(Format, &str)> = None;
+        let mut seen = HashSet::new();
+        let mut records = Vec::new();
+        let mut per_input = BTreeMap::new();
+        let mut duplicates = 0usize;
+        for (name, input) in &ctx.inputs {
+            if input.kind != dataset::KIND {
+                return Err(StepError::Failed(format!(
+                    "input `{name}` is a `{}` artifact, not a dataset",
+                    input.kind
+                )));
+            }
+            let (f, a, b) = dataset::read_records(&input.path).map_err(StepError::Failed)?;
+            match format {
+                Some((first, first_name)) if first != f => {
+                    return Err(StepError::Failed(format!(
+                        "input `{name}` is in format `{}` but `{first_name}` is `{}`: give every instruct step the same `format`",
+                        f.as_str(),
+                        first.as_str()
+                    )))
+                }
+                None => format = Some((f, name)),
+                _ => {}
+            }
+            let mut n = 0;
+            for record in a.into_iter().chain(b) {
+                let id = record["id"].as_str().unwrap_or_default().to_string();
+                if !seen.insert(id.clone()) {
+                    duplicates += 1;
+                    continue;
+                }
+                n += 1;
+                records.push((id, record));
+            }
+            per_input.insert(
+                name.clone(),
+                json!({"digest": input.digest.to_string(), "examples": n}),
+            );
+        }
+        let ids: Vec<String> = records.iter().map(|(id, _)| id.clone()).collect();
+        let (mut train, mut test) = (Vec::new(), Vec::new());
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for ((_, record), split) in records
+            .into_iter()
+            .zip(dataset::assign_splits(&ids, p.test_size))
+        {
+            let key = format!(
+                "{}/{}/{}",
+                record["builder"].as_str().unwrap_or("?"),
+                record["category"].as_str().unwrap_or("?"),
+                if split == Split::Test {
+                    "test"
+                } else {
+                    "train"
+                }
+            );
+            *counts.entry(key).or_default() += 1;
+            match split {
+                Split::Train => train.push(record),
+                Split::Test => test.push(record),
+            }
+        }
+        let (format, _) = format.expect("at least one input");
+        let out = ctx.output_path("dataset");
+        std::fs::create_dir_all(&out).map_err(|e| StepError::Failed(e.to_string()))?;
+        crate::documents::write_jsonl(&out.join(dataset::TRAIN_FILE), &train)
+            .map_err(|e| StepError::Failed(e.to_string()))?;
+        crate::documents::write_jsonl(&out.join(dataset::TEST_FILE), &test)
+            .map_err(|e| StepError::Failed(e.to_string()))?;
+        let info = json!({
+            "format": format.as_str(),
+            "features": format.features(),
+            "splits": {
+                "train": {"num_examples": train.len(), "file": dataset::TRAIN_FILE},
+                "test": {"num_examples": test.len(), "file": dataset::TEST_FILE},
+            },
+            "test_size": p.test_size,
+            "builder": "merge",
+            "sources": per_input,
+            "counts": counts,
+            "duplicates_dropped": duplicates,
+        });
+        std::fs::write(
+            out.join(dataset::INFO_FILE),
+            serde_json::to_string_pretty(&info).unwrap_or_default() + "\n",
+        )
+        .map_err(|e| StepError::Failed(e.to_string()))?;
+        let note = format!(
+            "{} examples ({} train / {} test) from {} datasets, {duplicates} duplicates dropped",
+            train.len() + test.len(),
+            train.len(),
+            test.len(),
+            per_input.len()
+        );
+        let meta = json!({
+            "builder": "merge",
+            "format": format.as_str(),
+            "count": train.len() + test.len(),
+            "train": train.len(),
+            "test": test.len(),
+            "counts": counts,
+            "sources": per_input,
+            "dropped": {"exact duplicate": duplicates},
+        });
+        let mut outputs = BTreeMap::new();
+        outputs.insert("dataset".to_string(), ctx.commit_output("dataset", meta)?);
+        Ok(StepOutputs {
+            outputs,
+            note: Some(note),
+        })
+    }
+}

@@ -1,0 +1,562 @@
+//! The `instruct` step through the real binary against a local OpenAI-compatible server
+//! (tests/common/mock_llm.rs): parsing, retries on 429/500, concurrency limit, the call
+//! cache (a rerun makes zero calls), cost accounting, dry runs, hard failures; the
+//! non-LLM builders and the recipes; and every dataset loaded by Hugging Face `datasets`
+//! from the project venv.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::mock_llm::MockLlm;
+use common::{Outcome, Project};
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn artifact(p: &Project, digest: &str) -> Value {
+    let (code, out, err) = p.exec(&["artifacts", "show", digest, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+fn note(i: usize, marker: &str) -> String {
+    format!(
+        "# Workshop note {i}\n\nNote {i} is about keeping a workshop tidy. {marker} Every tool has a hook, \
+         every hook has a label, and the bench is cleared before dinner. A tidy bench turns a weekend \
+         project into an evening one, because nothing has to be searched for twice. Note {i} ends here.\n"
+    )
+}
+
+fn llm_pipeline(base_url: &str, extra_llm: &str) -> String {
+    format!(
+        r#"name: gen
+params: {{test_size: 0.25}}
+steps:
+  notes: {{uses: source, with: {{path: notes}}}}
+  docs: {{uses: ingest, inputs: {{files: notes.data}}}}
+  pairs:
+    uses: instruct
+    inputs: {{documents: docs.documents}}
+    with:
+      builder: generate
+      pairs_per_extract: 2
+      test_size: "${{params.test_size}}"
+      llm: {{base_url: "{base_url}", model: mock-1, concurrency: 2, api_key_env: CAIRN_TEST_LLM_KEY,
+             price_input_per_1m: 1.0, price_output_per_1m: 2.0{extra_llm}}}
+"#
+    )
+}
+
+/// `datasets.load_dataset("json", ...)` on a dataset directory: {split: [rows, columns]}.
+fn load_with_hf_datasets(dir: &Path) -> Value {
+    let python = repo().join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run `scripts/setup --test`",
+        python.display()
+    );
+    let script = r#"
+import json, sys, datasets
+datasets.disable_progress_bars()
+d = sys.argv[1]
+ds = datasets.load_dataset("json", data_files={"train": d + "/train.jsonl", "test": d + "/test.jsonl"}, cache_dir=sys.argv[2])
+print(json.dumps({k: [v.num_rows, sorted(v.column_names)] for k, v in ds.items()}))
+"#;
+    let cache = tempfile::tempdir().unwrap();
+    let out = Command::new(python)
+        .args(["-c", script])
+        .arg(dir)
+        .arg(cache.path())
+        .env("HF_DATASETS_OFFLINE", "1")
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "datasets failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap()
+}
+
+/// The dataset directory of an artifact and its dataset_info.json.
+fn dataset_dir(store: &Path, digest: &str) -> (PathBuf, Value) {
+    let dir = store.join("objects").join(&digest[..2]).join(&digest[2..]);
+    let info: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("dataset_info.json")).unwrap()).unwrap();
+    (dir, info)
+}
+
+fn assert_loads(store: &Path, digest: &str) -> Value {
+    let (dir, info) = dataset_dir(store, digest);
+    let loaded = load_with_hf_datasets(&dir);
+    let features: Vec<String> = info["features"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    let mut features = features;
+    features.sort();
+    for split in ["train", "test"] {
+        let n = info["splits"][split]["num_examples"].as_u64().unwrap();
+        if n == 0 {
+            continue;
+        }
+        assert_eq!(
+            loaded[split][0].as_u64().unwrap(),
+            n,
+            "{split} rows of {}",
+            dir.display()
+        );
+        let columns: Vec<String> = serde_json::from_value(loaded[split][1].clone()).unwrap();
+        assert_eq!(columns, features, "{split} columns");
+    }
+    info
+}
+
+#[test]
+fn generate_retries_limits_caches_and_counts_cost() {
+    let server = MockLlm::start();
+    let p = Project::new();
+    p.write("notes/1.md", &note(1, ""));
+    p.write("notes/2.md", &note(2, "MOCK_RATELIMIT"));
+    p.write("notes/3.md", &note(3, "MOCK_FLAKY"));
+    p.write("notes/4.md", &note(4, "MOCK_MALFORMED"));
+    p.write("notes/5.md", &note(5, "MOCK_SLOW"));
+    p.write("gen.yaml", &llm_pipeline(&server.base_url, ""));
+    let run = |args: &[&str]| -> Outcome {
+        let out = p
+            .cmd()
+            .env("CAIRN_TEST_LLM_KEY", "sk-test-secret")
+            .args(["run", "gen.yaml", "--json"])
+            .args(args)
+            .output()
+            .unwrap();
+        Outcome {
+            code: out.status.code().unwrap_or(-1),
+            json: serde_json::from_slice(&out.stdout).unwrap_or(Value::Null),
+            stderr: String::from_utf8_lossy(&out.stderr).into(),
+        }
+    };
+    let first = run(&[]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    // 5 requests; one 429 and one 500 retried.
+    assert_eq!(server.calls(), 7);
+    assert!(
+        server.max_in_flight() <= 2,
+        "concurrency 2 exceeded: {}",
+        server.max_in_flight()
+    );
+    assert!(server
+        .state
+        .auth
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|a| a == "Bearer sk-test-secret"));
+    let digest = first.output("pairs", "dataset");
+    let meta = artifact(&p, &digest)["metadata"].clone();
+    let llm = &meta["llm"];
+    assert_eq!(llm["calls"], 5, "{meta:#}");
+    assert_eq!(llm["retries"], 2);
+    assert_eq!(llm["cached_calls"], 0);
+    let prompt = llm["prompt_tokens"].as_f64().unwrap();
+    let completion = llm["completion_tokens"].as_f64().unwrap();
+    assert!(prompt > 0.0 && completion > 0.0);
+    let cost = llm["cost_usd"].as_f64().unwrap();
+    assert!(
+        (cost - (prompt * 1.0 + completion * 2.0) / 1e6).abs() < 1e-12,
+        "{cost}"
+    );
+    // 4 well-formed replies x 2 pairs; the malformed one is dropped with its reason.
+    assert_eq!(meta["count"], 8, "{meta:#}");
+    assert_eq!(
+        meta["train"].as_u64().unwrap() + meta["test"].as_u64().unwrap(),
+        8
+    );
+    let dropped = meta["dropped"].as_object().unwrap();
+    assert_eq!(dropped.len(), 1, "{dropped:?}");
+    assert!(dropped
+        .keys()
+        .next()
+        .unwrap()
+        .starts_with("malformed reply: reply is not JSON"));
+    // The key never reaches the store.
+    let (_, stdout, _) = p.exec(&["artifacts", "show", &digest, "--json"]);
+    assert!(!stdout.contains("sk-test-secret"));
+    let cache_files = walkdir::WalkDir::new(p.store().join("llm-cache"))
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .count();
+    assert_eq!(cache_files, 5);
+
+    // A parameter change reruns the step, but every request is answered from the cache.
+    let second = run(&["--set", "test_size=0.5"]);
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    assert_eq!(second.step("pairs")["status"], "ran");
+    assert_eq!(server.calls(), 7, "the rerun called the server");
+    let meta2 = artifact(&p, &second.output("pairs", "dataset"))["metadata"].clone();
+    assert_eq!(meta2["llm"]["calls"], 0);
+    assert_eq!(meta2["llm"]["cached_calls"], 5);
+    assert_eq!(meta2["llm"]["cost_usd"], 0.0);
+    assert!((meta2["llm"]["saved_usd"].as_f64().unwrap() - cost).abs() < 1e-12);
+    assert_eq!(meta2["count"], 8);
+
+    // `artifacts cat` prints the records; HF datasets loads the directory.
+    let (code, records, err) = p.exec(&["artifacts", "cat", &digest]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(records.lines().count(), 8);
+    let first_record: Value = serde_json::from_str(records.lines().next().unwrap()).unwrap();
+    assert!(first_record["instruction"]
+        .as_str()
+        .unwrap()
+        .starts_with("Write a paragraph"));
+    let info = assert_loads(&p.store(), &digest);
+    assert_eq!(info["format"], "alpaca");
+    assert_eq!(info["builder"], "generate");
+}
+
+#[test]
+fn dry_run_prints_prompts_and_projection_without_calling() {
+    let server = MockLlm::start();
+    let p = Project::new();
+    p.write("notes/1.md", &note(1, ""));
+    p.write("notes/2.md", &note(2, ""));
+    p.write(
+        "gen.yaml",
+        &llm_pipeline(&server.base_url, ", max_tokens: 500"),
+    );
+    let out = p.run("gen.yaml", &["--set", "test_size=0.1"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(server.calls(), 2);
+    p.write("notes/3.md", &note(3, ""));
+    let yaml = llm_pipeline(&server.base_url, ", max_tokens: 500").replace(
+        "pairs_per_extract: 2",
+        "pairs_per_extract: 2\n      dry_run: true",
+    );
+    p.write("dry.yaml", &yaml);
+    let dry = p.run("dry.yaml", &[]);
+    assert_eq!(dry.code, 1, "a dry run stops the pipeline: {}", dry.stderr);
+    assert_eq!(server.calls(), 2, "a dry run made calls");
+    let reason = dry.step("pairs")["error"].as_str().unwrap().to_string();
+    assert!(
+        reason.contains("dry run: 3 requests to mock-1")
+            && reason.contains("(2 already cached, 1 to pay)"),
+        "{reason}"
+    );
+    assert!(reason.contains("up to 500 completion tokens"), "{reason}");
+    assert!(
+        reason.contains("--- prompt 1 of 3 ---") && reason.contains("Extract:\n# Workshop note"),
+        "{reason}"
+    );
+    assert!(reason.contains("set dry_run: false"), "{reason}");
+}
+
+#[test]
+fn rejected_requests_fail_at_once_with_a_hint() {
+    let server = MockLlm::start();
+    let p = Project::new();
+    p.write("notes/1.md", &note(1, "MOCK_401"));
+    p.write("gen.yaml", &llm_pipeline(&server.base_url, ""));
+    let out = p.run("gen.yaml", &[]);
+    assert_eq!(out.code, 1);
+    assert_eq!(server.calls(), 1, "a 401 must not be retried");
+    let reason = out.step("pairs")["error"].as_str().unwrap().to_string();
+    assert!(
+        reason.contains("answered 401") && reason.contains("$CAIRN_TEST_LLM_KEY"),
+        "{reason}"
+    );
+    assert!(
+        !p.store().join("llm-cache").exists()
+            || walkdir::WalkDir::new(p.store().join("llm-cache"))
+                .into_iter()
+                .filter_map(Result::ok)
+                .all(|e| !e.file_type().is_file())
+    );
+}
+
+#[test]
+fn unreachable_server_gives_up_after_retries() {
+    // A port nobody listens on: connection refused, retried, then a clear failure.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let p = Project::new();
+    p.write("notes/1.md", &note(1, ""));
+    p.write(
+        "gen.yaml",
+        &llm_pipeline(&format!("http://127.0.0.1:{port}/v1"), ", max_retries: 1"),
+    );
+    let out = p.run("gen.yaml", &[]);
+    assert_eq!(out.code, 1);
+    let reason = out.step("pairs")["error"].as_str().unwrap().to_string();
+    assert!(
+        reason.contains("gave up after 2 attempts") && reason.contains("cannot connect"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn invalid_builder_settings_are_rejected_before_anything_runs() {
+    let p = Project::new();
+    p.write(
+        "bad.yaml",
+        "name: bad\nsteps:\n  files: {uses: source, with: {path: x}}\n  docs: {uses: ingest, inputs: {files: files.data}}\n  \
+         a: {uses: instruct, inputs: {documents: docs.documents}, with: {builder: qa, format: preference}}\n  \
+         b: {uses: instruct, inputs: {documents: docs.documents}, with: {builder: generate}}\n  \
+         c: {uses: instruct, with: {builder: chat_replies}}\n  \
+         d: {uses: instruct, inputs: {documents: docs.documents}, with: {builder: style_pairs, prompt: \"no placeholder\", llm: {base_url: \"localhost:1\"}}}\n",
+    );
+    let (code, _, err) = p.exec(&["validate", "bad.yaml"]);
+    assert_eq!(code, 2, "{err}");
+    for needle in [
+        "format `preference` does not fit builder `qa`",
+        "builder `generate` calls an LLM: add an `llm:` block",
+        "documents",
+        "the prompt template must contain `{extract}`",
+        "`localhost:1` is not an http(s) URL",
+    ] {
+        assert!(err.contains(needle), "missing `{needle}` in:\n{err}");
+    }
+    assert!(!p.store().exists(), "validation wrote a store");
+}
+
+/// Runs a repository pipeline from the repository root with a temporary store.
+fn run_repo_pipeline(store: &Path, file: &str, args: &[&str]) -> Outcome {
+    let out = Command::new(assert_cmd::cargo::cargo_bin("cairn"))
+        .current_dir(repo())
+        .env("CAIRN_STORE", store)
+        .env_remove("RUST_LOG")
+        .args(["run", file, "--json"])
+        .args(args)
+        .output()
+        .unwrap();
+    Outcome {
+        code: out.status.code().unwrap_or(-1),
+        json: serde_json::from_slice(&out.stdout).unwrap_or(Value::Null),
+        stderr: String::from_utf8_lossy(&out.stderr).into(),
+    }
+}
+
+fn meta_of(store: &Path, digest: &str) -> Value {
+    let out = Command::new(assert_cmd::cargo::cargo_bin("cairn"))
+        .env("CAIRN_STORE", store)
+        .args(["artifacts", "show", digest, "--json"])
+        .output()
+        .unwrap();
+    serde_json::from_slice::<Value>(&out.stdout).unwrap()["metadata"].clone()
+}
+
+#[test]
+fn qa_recipe_builds_one_example_per_exchange() {
+    let store = tempfile::tempdir().unwrap();
+    let out = run_repo_pipeline(store.path(), "pipelines/recipes/qa_advice_column.yaml", &[]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let digest = out.output("dataset", "dataset");
+    let meta = meta_of(store.path(), &digest);
+    assert_eq!(meta["count"], 6, "{meta:#}");
+    let (dir, info) = dataset_dir(store.path(), &digest);
+    let text = std::fs::read_to_string(dir.join("train.jsonl")).unwrap()
+        + &std::fs::read_to_string(dir.join("test.jsonl")).unwrap();
+    let records: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let flat = records
+        .iter()
+        .find(|r| r["instruction"].as_str().unwrap().contains("come out flat"))
+        .expect("the sourdough question");
+    let answer = flat["output"].as_str().unwrap();
+    assert!(
+        answer.starts_with("Flat loaves usually mean") && !answer.contains("12 Likes"),
+        "{answer}"
+    );
+    assert_eq!(info["test_size"], 0.2);
+    assert_loads(store.path(), &digest);
+}
+
+#[test]
+fn chat_twin_recipe_with_retrieval_and_window_context() {
+    let store = tempfile::tempdir().unwrap();
+    let out = run_repo_pipeline(store.path(), "pipelines/recipes/chat_twin.yaml", &[]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let retrieval = out.output("dataset", "dataset");
+    let meta = meta_of(store.path(), &retrieval);
+    // Maya writes 15 messages, all after someone else spoke.
+    assert_eq!(meta["count"], 15, "{meta:#}");
+    assert_eq!(meta["role_tokens"]["Maya"], "<TWIN>");
+    assert_eq!(meta["role_tokens"]["Jonas"], "<USR_B>");
+    assert!(
+        meta["retrieval_model"]
+            .as_str()
+            .unwrap()
+            .contains("all-MiniLM-L6-v2"),
+        "{meta:#}"
+    );
+    let (dir, _) = dataset_dir(store.path(), &retrieval);
+    let all: Vec<Value> = ["train.jsonl", "test.jsonl"]
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(dir.join(f))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect::<Vec<Value>>()
+        })
+        .collect();
+    let reply = all
+        .iter()
+        .find(|r| {
+            r["messages"][2]["content"]
+                == "Then feed it the night before and try again. Flat starter, flat bread."
+        })
+        .expect("the flat-bread reply");
+    let context = reply["messages"][1]["content"].as_str().unwrap();
+    assert_eq!(reply["messages"][0]["role"], "system");
+    assert_eq!(reply["messages"][2]["role"], "assistant");
+    let lines: Vec<&str> = context.lines().collect();
+    // <SYS> line, top_k = 3 retrieved messages, then the message being answered.
+    assert_eq!(lines.len(), 5, "{context}");
+    assert!(lines[0].starts_with("<SYS> Maya chats with friends"));
+    assert_eq!(lines[4], "<USR_C> It was a bit flat too, honestly.");
+    // Retrieval picks the earlier bread messages over the cycling talk.
+    assert!(
+        context.contains("<USR_C> My bread came out flat again."),
+        "{context}"
+    );
+    assert_loads(store.path(), &retrieval);
+
+    let window = run_repo_pipeline(
+        store.path(),
+        "pipelines/recipes/chat_twin.yaml",
+        &["--set", "context=window"],
+    );
+    assert_eq!(window.code, 0, "{}", window.stderr);
+    let wmeta = meta_of(store.path(), &window.output("dataset", "dataset"));
+    assert_eq!(wmeta["count"], 15);
+    assert!(wmeta.get("retrieval_model").is_none());
+    let (wdir, _) = dataset_dir(store.path(), &window.output("dataset", "dataset"));
+    let wtext = std::fs::read_to_string(wdir.join("train.jsonl")).unwrap()
+        + &std::fs::read_to_string(wdir.join("test.jsonl")).unwrap();
+    let wreply: Value = wtext
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|r| r["messages"][2]["content"] == reply["messages"][2]["content"])
+        .unwrap();
+    let wcontext = wreply["messages"][1]["content"].as_str().unwrap();
+    // The window: the 6 messages right before the reply (the cycling talk is out of reach).
+    assert_eq!(wcontext.lines().count(), 7, "{wcontext}");
+    assert!(
+        !wcontext.contains("tram") && wcontext.contains("No tags? No recommendations?"),
+        "{wcontext}"
+    );
+    assert_ne!(wcontext, context);
+}
+
+#[test]
+fn blog_style_transfer_recipe_crawls_and_calls_the_llm_once_per_variant() {
+    let server = MockLlm::start_on(
+        "127.0.0.1:0",
+        Some(repo().join("pipelines/recipes/data/blog")),
+    );
+    let site = server.base_url.trim_end_matches("v1").to_string();
+    let store = tempfile::tempdir().unwrap();
+    let set_site = format!("site={site}");
+    let set_llm = format!("llm_url={}", server.base_url);
+    let out = run_repo_pipeline(
+        store.path(),
+        "pipelines/recipes/blog_style_transfer.yaml",
+        &["--set", &set_site, "--set", &set_llm],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let meta = meta_of(store.path(), &out.output("style_pairs", "dataset"));
+    let requests = meta["llm"]["requests"].as_u64().unwrap();
+    let extracts = meta["llm"]["extracts"].as_u64().unwrap();
+    assert!(extracts >= 3, "{meta:#}");
+    assert_eq!(requests, extracts * 3);
+    // Every variant of every extract is kept: the original recurs, the rewrites differ.
+    assert_eq!(meta["count"].as_u64().unwrap(), requests, "{meta:#}");
+    // Identical chunks (a page's text repeated on the index) are answered once.
+    let calls = meta["llm"]["calls"].as_u64().unwrap();
+    assert_eq!(
+        calls + meta["llm"]["cached_calls"].as_u64().unwrap(),
+        requests
+    );
+    assert_eq!(server.calls() as u64, calls);
+    let (dir, info) = dataset_dir(store.path(), &out.output("style_pairs", "dataset"));
+    assert_eq!(info["format"], "messages");
+    let record: Value = serde_json::from_str(
+        std::fs::read_to_string(dir.join("train.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        record["messages"][0]["content"],
+        "Rewrite this in the author's style."
+    );
+    assert!(
+        record["messages"][2]["content"].as_str().unwrap().len()
+            > record["messages"][1]["content"].as_str().unwrap().len() / 2
+    );
+    assert_loads(store.path(), &out.output("style_pairs", "dataset"));
+}
+
+#[test]
+fn generate_datasets_pipeline_merges_every_builder() {
+    let server = MockLlm::start();
+    let store = tempfile::tempdir().unwrap();
+    let set_llm = format!("llm_url={}", server.base_url);
+    let out = run_repo_pipeline(
+        store.path(),
+        "pipelines/generate_datasets.yaml",
+        &["--set", &set_llm],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let merged = meta_of(store.path(), &out.output("dataset", "dataset"));
+    let counts = merged["counts"].as_object().unwrap();
+    for builder in ["qa/", "chat_replies/", "generate/"] {
+        assert!(
+            counts.keys().any(|k| k.starts_with(builder)),
+            "no {builder} in {counts:?}"
+        );
+    }
+    let parts: u64 = ["qa", "chat", "generated"]
+        .iter()
+        .map(|s| {
+            meta_of(store.path(), &out.output(s, "dataset"))["count"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(
+        merged["count"].as_u64().unwrap() + merged["dropped"]["exact duplicate"].as_u64().unwrap(),
+        parts
+    );
+    assert_loads(store.path(), &out.output("dataset", "dataset"));
+    let preference = out.output("preference", "dataset");
+    let pmeta = meta_of(store.path(), &preference);
+    assert!(pmeta["count"].as_u64().unwrap() > 0, "{pmeta:#}");
+    let info = assert_loads(store.path(), &preference);
+    assert_eq!(info["format"], "preference");
+    // Everything again: all cached, no calls.
+    let calls = server.calls();
+    let again = run_repo_pipeline(
+        store.path(),
+        "pipelines/generate_datasets.yaml",
+        &["--set", &set_llm],
+    );
+    assert_eq!(again.code, 0);
+    assert_eq!(server.calls(), calls);
+}
