@@ -20,6 +20,8 @@ pub mod ingest;
 pub mod llm;
 pub mod models;
 pub mod pipeline;
+pub mod redact;
 pub mod steps;
 pub mod store;
+pub mod ui;
 pub mod vectorstore;

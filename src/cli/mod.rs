@@ -5,6 +5,7 @@ mod browse;
 mod maintenance;
 mod query;
 mod run;
+mod ui;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -72,6 +73,9 @@ enum Command {
     /// Search a vector collection: embed the text with the collection's model, print the
     /// nearest chunks with scores, titles and snippets.
     Query(query::QueryArgs),
+    /// Serve runs, artifacts and lineage to a browser (read-only, 127.0.0.1 by default);
+    /// the same data as JSON under /api.
+    Ui(ui::UiArgs),
 }
 
 impl Cli {
@@ -138,6 +142,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Fsck => maintenance::fsck(cli),
         Command::Hash(args) => maintenance::hash(args),
         Command::Query(args) => query::query(cli, args),
+        Command::Ui(args) => ui::ui(cli, args),
     }
 }
 

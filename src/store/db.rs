@@ -105,6 +105,7 @@ CREATE TABLE IF NOT EXISTS artifacts (
 );
 CREATE INDEX IF NOT EXISTS artifacts_by_step ON artifacts(producer_step);
 CREATE INDEX IF NOT EXISTS artifacts_by_kind ON artifacts(kind);
+CREATE INDEX IF NOT EXISTS artifacts_by_created ON artifacts(created_at);
 CREATE TABLE IF NOT EXISTS stat_cache (
     path TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
@@ -384,6 +385,66 @@ impl Database {
             .query_map(params![limit as i64], raw_run_row)?
             .collect::<Result<Vec<_>, _>>()?;
         rows.into_iter().map(run_from_raw).collect()
+    }
+
+    /// A page of runs, newest first, filtered by pipeline and status (`None`: any).
+    pub fn list_runs_page(
+        &self,
+        pipeline: Option<&str>,
+        status: Option<&str>,
+        limit: usize,
+        offset: usize,
+    ) -> Result<Vec<RunRecord>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, pipeline, pipeline_file, status, started_at, finished_at, pid, args
+             FROM runs WHERE (?1 IS NULL OR pipeline = ?1) AND (?2 IS NULL OR status = ?2)
+             ORDER BY rowid DESC LIMIT ?3 OFFSET ?4",
+        )?;
+        let rows = stmt
+            .query_map(
+                params![pipeline, status, limit as i64, offset as i64],
+                raw_run_row,
+            )?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(run_from_raw).collect()
+    }
+
+    /// Distinct pipeline names that have runs.
+    pub fn pipelines(&self) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT DISTINCT pipeline FROM runs ORDER BY pipeline")?;
+        let rows = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
+        Ok(rows)
+    }
+
+    /// A page of artifacts, newest first, filtered by producer step, kind, pipeline and
+    /// digest prefix (`None`: any).
+    pub fn list_artifacts_page(
+        &self,
+        step: Option<&str>,
+        kind: Option<&str>,
+        pipeline: Option<&str>,
+        digest_prefix: Option<&str>,
+        limit: usize,
+        offset: usize,
+    ) -> Result<Vec<ArtifactRecord>, StoreError> {
+        let sql = format!(
+            "{ARTIFACT_SELECT} WHERE (?1 IS NULL OR producer_step = ?1) AND (?2 IS NULL OR kind = ?2)
+             AND (?3 IS NULL OR pipeline = ?3) AND (?4 IS NULL OR (digest >= ?4 AND digest < ?4 || 'g'))
+             ORDER BY created_at DESC, digest LIMIT ?5 OFFSET ?6"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let prefix = digest_prefix.map(str::to_ascii_lowercase);
+        let rows = stmt
+            .query_map(
+                params![step, kind, pipeline, prefix, limit as i64, offset as i64],
+                raw_artifact_row,
+            )?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(artifact_from_raw).collect()
     }
 
     /// One run by id or unique id prefix.

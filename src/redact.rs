@@ -1,0 +1,124 @@
+//! Secret redaction for anything cairn displays or serves: values under secret-looking
+//! keys (`api_key`, `token`, `password`, `secret`, ...) and passwords inside URLs
+//! (`mongodb://user:pass@host`) become `***`. Names of environment variables that hold a
+//! key (`api_key_env: OPENAI_API_KEY`) are not secrets and stay.
+
+use serde_json::Value;
+
+/// The replacement text.
+pub const MASK: &str = "***";
+
+fn secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    if k.ends_with("_env") {
+        return false;
+    }
+    [
+        "api_key",
+        "apikey",
+        "password",
+        "passwd",
+        "secret",
+        "token",
+        "authorization",
+        "credential",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
+}
+
+static USERINFO: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+    regex::Regex::new(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]+:)[^@\s/]+@").expect("valid regex")
+});
+
+/// `text` with URL passwords masked wherever they appear (`mongodb://u:PASS@h` inside a
+/// command line too); a whole-string URL also gets `key`/`token`-like query values masked.
+pub fn redact_str(text: &str) -> String {
+    let text = USERINFO.replace_all(text, format!("${{1}}{MASK}@").as_str());
+    let Ok(mut url) = url::Url::parse(&text) else {
+        return text.into_owned();
+    };
+    if url.cannot_be_a_base() {
+        return text.into_owned();
+    }
+    let mut changed = false;
+    if url.query().is_some() {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| {
+                if secret_key(&k) || k.eq_ignore_ascii_case("key") {
+                    changed = true;
+                    (k.into_owned(), MASK.to_string())
+                } else {
+                    (k.into_owned(), v.into_owned())
+                }
+            })
+            .collect();
+        if changed {
+            url.query_pairs_mut().clear().extend_pairs(pairs);
+        }
+    }
+    if changed {
+        url.to_string()
+    } else {
+        text.into_owned()
+    }
+}
+
+/// `value` with every secret masked, recursively.
+pub fn redact(value: &Value) -> Value {
+    match value {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| {
+                    let v = if secret_key(k) && !v.is_null() {
+                        Value::String(MASK.into())
+                    } else {
+                        redact(v)
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(redact).collect()),
+        Value::String(s) => Value::String(redact_str(s)),
+        other => other.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn masks_secret_keys_and_url_passwords_but_not_env_names() {
+        let params = json!({
+            "uri": "mongodb://admin:hunter2@db.example:27017/cairn?authSource=admin",
+            "llm": {"api_key": "sk-live-123", "api_key_env": "OPENAI_API_KEY", "base_url": "https://api.openai.com/v1"},
+            "links": ["https://user:pw@example.org/feed?key=abc&page=2", "plain text"],
+            "run": "mysqldump --uri mysql://root:toor@127.0.0.1/db > out.sql",
+            "password": null,
+            "size": 250,
+        });
+        let r = redact(&params);
+        let text = r.to_string();
+        assert_eq!(
+            r["run"],
+            "mysqldump --uri mysql://root:***@127.0.0.1/db > out.sql"
+        );
+        for secret in ["hunter2", "sk-live-123", ":pw@", "key=abc", "toor"] {
+            assert!(!text.contains(secret), "{secret} leaked: {text}");
+        }
+        assert_eq!(
+            r["uri"],
+            "mongodb://admin:***@db.example:27017/cairn?authSource=admin"
+        );
+        assert_eq!(r["llm"]["api_key_env"], "OPENAI_API_KEY");
+        assert_eq!(r["llm"]["base_url"], "https://api.openai.com/v1");
+        assert_eq!(r["links"][1], "plain text");
+        assert!(r["links"][0].as_str().unwrap().contains("page=2"));
+        assert_eq!(r["password"], Value::Null);
+        assert_eq!(r["size"], 250);
+    }
+}

@@ -1,0 +1,289 @@
+//! `cairn ui`'s JSON API through the real binary on 127.0.0.1, over a store filled by real
+//! pipeline runs: runs and steps (with reasons and redacted parameters), logs, artifact
+//! search, lineage, file listing and download, and the path-traversal and secret cases.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use common::Project;
+use serde_json::Value;
+
+struct Ui {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Ui {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// The child is killed and waited for in `Ui::drop`.
+#[allow(clippy::zombie_processes)]
+fn start_ui(p: &Project, extra: &[&str]) -> (Ui, String) {
+    let mut child = Command::new(assert_cmd::cargo::cargo_bin("cairn"))
+        .current_dir(p.dir.path())
+        .env("CAIRN_STORE", p.store())
+        .args(["ui", "--port", "0"])
+        .args(extra)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut banner = String::new();
+    let mut reader = BufReader::new(child.stderr.take().unwrap());
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            let status = child.wait();
+            panic!("cairn ui exited ({status:?}): {banner}");
+        }
+        banner.push_str(&line);
+        if let Some(rest) = line.split("at http://").nth(1) {
+            let addr = rest.split('/').next().unwrap().to_string();
+            return (
+                Ui {
+                    child,
+                    base: format!("http://{addr}"),
+                },
+                banner,
+            );
+        }
+    }
+}
+
+/// GET over a raw TCP connection (HTTP/1.0): the path goes out exactly as written, so the
+/// traversal cases test the server, not a client's URL normalisation.
+fn get(ui: &Ui, path: &str) -> (u16, String, Vec<u8>) {
+    use std::io::{Read, Write};
+    let addr = ui.base.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, head, raw[split + 4..].to_vec())
+}
+
+fn get_json(ui: &Ui, path: &str) -> Value {
+    let (status, _, body) = get(ui, path);
+    assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&body));
+    serde_json::from_slice(&body).unwrap()
+}
+
+const PIPELINE: &str = r#"name: browse
+params: {words: 3}
+steps:
+  notes: {uses: source, with: {path: notes}}
+  count:
+    uses: command
+    inputs: {notes: notes.data}
+    outputs: {counts: file}
+    with:
+      run: "echo fetching mongodb://admin:s3cret-pw@127.0.0.1:27017/db >&2; wc -w ${inputs.notes}/a.md > ${outputs.counts}"
+  tree:
+    uses: command
+    inputs: {counts: count.counts}
+    outputs: {dir: directory}
+    with:
+      run: "mkdir -p ${outputs.dir}/sub && cp ${inputs.counts} ${outputs.dir}/sub/counts.txt && echo ${params.words} > ${outputs.dir}/words.txt && ln -s /etc/passwd ${outputs.dir}/escape"
+"#;
+
+fn filled_store() -> (Project, Value, Value) {
+    let p = Project::new();
+    p.write("notes/a.md", "one two three four\n");
+    p.write("browse.yaml", PIPELINE);
+    let first = p.run("browse.yaml", &[]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    let second = p.run("browse.yaml", &["--set", "words=5"]);
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    (p, first.json, second.json)
+}
+
+#[test]
+fn api_serves_runs_steps_logs_and_redacts_secrets() {
+    let (p, first, second) = filled_store();
+    let (ui, banner) = start_ui(&p, &[]);
+    assert!(banner.contains("at http://127.0.0.1:"), "{banner}");
+
+    let runs = get_json(&ui, "/api/runs");
+    let list = runs["runs"].as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0]["id"], second["run_id"], "newest first");
+    assert_eq!(list[0]["counts"]["cached"], 2);
+    assert_eq!(list[0]["counts"]["ran"], 1);
+    assert_eq!(runs["pipelines"], serde_json::json!(["browse"]));
+    let page = get_json(&ui, "/api/runs?limit=1&offset=1");
+    assert_eq!(page["runs"][0]["id"], first["run_id"]);
+    assert_eq!(
+        get_json(&ui, "/api/runs?pipeline=nope")["runs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+
+    let run_id = second["run_id"].as_str().unwrap();
+    let (status, _, body) = get(&ui, &format!("/api/runs/{run_id}"));
+    assert_eq!(status, 200);
+    let text = String::from_utf8_lossy(&body);
+    assert!(!text.contains("s3cret-pw"), "a password leaked: {text}");
+    let run: Value = serde_json::from_slice(&body).unwrap();
+    let steps = run["steps"].as_array().unwrap();
+    let tree = steps.iter().find(|s| s["name"] == "tree").unwrap();
+    assert_eq!(tree["status"], "ran");
+    assert_eq!(tree["reason"], "param words changed 3 -> 5");
+    assert!(tree["cache_key"].as_str().unwrap().len() == 64);
+    let count = steps.iter().find(|s| s["name"] == "count").unwrap();
+    assert_eq!(count["status"], "cached");
+    assert!(count["params"]["run"]
+        .as_str()
+        .unwrap()
+        .contains("mongodb://admin:***@127.0.0.1"));
+
+    // The step echoed the connection string into its log: served with the password masked.
+    let first_id = first["run_id"].as_str().unwrap();
+    let (status, head, log) = get(&ui, &format!("/api/runs/{first_id}/steps/count/log"));
+    assert_eq!(status, 200, "{head}");
+    let log = String::from_utf8_lossy(&log);
+    assert!(
+        log.contains("fetching mongodb://admin:***@127.0.0.1:27017/db"),
+        "{log}"
+    );
+    assert!(!log.contains("s3cret-pw"));
+    assert_eq!(get(&ui, "/api/runs/nope").0, 404);
+    assert_eq!(
+        get(&ui, &format!("/api/runs/{first_id}/steps/nope/log")).0,
+        404
+    );
+}
+
+#[test]
+fn api_searches_artifacts_draws_lineage_and_serves_files_safely() {
+    let (p, _first, second) = filled_store();
+    let (ui, _) = start_ui(&p, &[]);
+    let tree_digest = second["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "tree")
+        .unwrap()["outputs"]["dir"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let all = get_json(&ui, "/api/artifacts?limit=500");
+    assert!(all["artifacts"].as_array().unwrap().len() >= 4);
+    let by_step = get_json(&ui, "/api/artifacts?step=tree");
+    assert_eq!(
+        by_step["artifacts"].as_array().unwrap().len(),
+        2,
+        "one per words value"
+    );
+    let by_prefix = get_json(
+        &ui,
+        &format!("/api/artifacts?digest={}", &tree_digest[..10]),
+    );
+    assert_eq!(by_prefix["artifacts"][0]["digest"], tree_digest.as_str());
+    assert_eq!(get(&ui, "/api/artifacts?digest=zz").0, 400);
+    let kinds = get_json(&ui, "/api/artifacts?kind=directory");
+    assert!(kinds["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|a| a["kind"] == "directory"));
+
+    let record = get_json(&ui, &format!("/api/artifacts/{}", &tree_digest[..12]));
+    assert_eq!(record["producer_step"], "tree");
+    assert_eq!(record["is_dir"], true);
+
+    let lineage = get_json(&ui, &format!("/api/artifacts/{tree_digest}/lineage"));
+    let edges = lineage["edges"].as_array().unwrap();
+    let steps: Vec<&str> = edges.iter().map(|e| e["step"].as_str().unwrap()).collect();
+    assert!(
+        steps.contains(&"tree") && steps.contains(&"count"),
+        "{lineage:#}"
+    );
+    // Downstream of the notes source: count, then tree.
+    let notes = edges.iter().find(|e| e["step"] == "count").unwrap()["from"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let down = get_json(&ui, &format!("/api/artifacts/{notes}/lineage"));
+    assert!(
+        down["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["to"] == tree_digest.as_str()),
+        "{down:#}"
+    );
+
+    let files = get_json(&ui, &format!("/api/artifacts/{tree_digest}/files"));
+    let paths: Vec<&str> = files["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert!(
+        paths.contains(&"sub/counts.txt") && paths.contains(&"words.txt"),
+        "{paths:?}"
+    );
+    let (status, head, body) = get(
+        &ui,
+        &format!("/api/artifacts/{tree_digest}/files/words.txt"),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(body, b"5\n");
+    assert!(
+        head.to_lowercase()
+            .contains("content-disposition: attachment"),
+        "{head}"
+    );
+    assert_eq!(
+        get(
+            &ui,
+            &format!("/api/artifacts/{tree_digest}/files/sub/counts.txt")
+        )
+        .0,
+        200
+    );
+
+    // Nothing outside the object: encoded, double-encoded and plain `..`, absolute paths,
+    // a symlink pointing out of the store.
+    for evil in [
+        "../../cairn.db",
+        "..%2F..%2Fcairn.db",
+        "%2e%2e/%2e%2e/cairn.db",
+        "%252e%252e%252f%252e%252e%252fcairn.db",
+        "sub/../../../cairn.db",
+        "/etc/passwd",
+        "%2Fetc%2Fpasswd",
+        "escape",
+    ] {
+        let (status, _, body) = get(&ui, &format!("/api/artifacts/{tree_digest}/files/{evil}"));
+        assert!(status == 400 || status == 404, "{evil}: {status}");
+        let text = String::from_utf8_lossy(&body);
+        assert!(
+            !text.contains("root:") && !text.contains("SQLite"),
+            "{evil} served: {text}"
+        );
+    }
+    assert_eq!(get(&ui, "/api/artifacts/abc").0, 400);
+    assert_eq!(get(&ui, "/api/artifacts/0000000000").0, 404);
+}
+
+#[test]
+fn non_loopback_host_warns_and_bad_host_is_a_usage_error() {
+    let (p, _, _) = filled_store();
+    let (_ui, banner) = start_ui(&p, &["--host", "0.0.0.0"]);
+    assert!(banner.contains("warning: binding 0.0.0.0"), "{banner}");
+    let (code, _, err) = p.exec(&["ui", "--host", "localhost:80"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("is not an IP address"), "{err}");
+}
