@@ -13,18 +13,20 @@ fn secret_key(key: &str) -> bool {
     if k.ends_with("_env") {
         return false;
     }
-    [
-        "api_key",
-        "apikey",
-        "password",
-        "passwd",
-        "secret",
-        "token",
-        "authorization",
-        "credential",
-    ]
-    .iter()
-    .any(|s| k.contains(s))
+    // `token` alone or as a suffix (`access_token`), not counts like `prompt_tokens`.
+    k == "token"
+        || k.ends_with("_token")
+        || [
+            "api_key",
+            "apikey",
+            "password",
+            "passwd",
+            "secret",
+            "authorization",
+            "credential",
+        ]
+        .iter()
+        .any(|s| k.contains(s))
 }
 
 static USERINFO: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
@@ -100,6 +102,7 @@ mod tests {
             "run": "mysqldump --uri mysql://root:toor@127.0.0.1/db > out.sql",
             "password": null,
             "size": 250,
+            "usage": {"prompt_tokens": 12, "max_tokens": 100, "access_token": "at-1"},
         });
         let r = redact(&params);
         let text = r.to_string();
@@ -120,5 +123,8 @@ mod tests {
         assert!(r["links"][0].as_str().unwrap().contains("page=2"));
         assert_eq!(r["password"], Value::Null);
         assert_eq!(r["size"], 250);
+        assert_eq!(r["usage"]["prompt_tokens"], 12);
+        assert_eq!(r["usage"]["max_tokens"], 100);
+        assert_eq!(r["usage"]["access_token"], MASK);
     }
 }

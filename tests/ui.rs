@@ -287,3 +287,110 @@ fn non_loopback_host_warns_and_bad_host_is_a_usage_error() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("is not an IP address"), "{err}");
 }
+
+#[test]
+fn pages_and_assets_are_served_from_the_binary() {
+    let (p, _, _) = filled_store();
+    let (ui, _) = start_ui(&p, &[]);
+    let (status, head, body) = get(&ui, "/");
+    assert_eq!(status, 200);
+    assert!(
+        head.to_lowercase().contains("content-type: text/html"),
+        "{head}"
+    );
+    let html = String::from_utf8_lossy(&body);
+    assert!(
+        html.contains("/assets/app.js") && !html.contains("http://") && !html.contains("https://"),
+        "no CDN links: {html}"
+    );
+    let (status, _, js) = get(&ui, "/assets/app.js");
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&js).contains("/api/runs"));
+    assert_eq!(get(&ui, "/assets/style.css").0, 200);
+    assert_eq!(get(&ui, "/assets/../cairn.db").0, 404);
+}
+
+#[test]
+fn previews_page_records_project_embeddings_and_diff_artifacts() {
+    let model =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".models/all-MiniLM-L6-v2");
+    assert!(
+        model.join("tokenizer.json").exists(),
+        "run scripts/setup first"
+    );
+    let p = Project::new();
+    for i in 0..6 {
+        p.write(
+            &format!("notes/{i}.md"),
+            &format!("# Note {i}\n\nBread number {i} needs a starter, flour and patience. Bikes need chains and oil in winter.\n"),
+        );
+    }
+    p.write(
+        "feat.yaml",
+        &format!(
+            "name: feat\nparams: {{size: 64}}\nsteps:\n  notes: {{uses: source, with: {{path: notes}}}}\n  docs: {{uses: ingest, inputs: {{files: notes.data}}}}\n  \
+             chunk: {{uses: chunk, inputs: {{documents: docs.documents}}, with: {{model: \"{m}\", size: \"${{params.size}}\", overlap: 0}}}}\n  \
+             embed: {{uses: embed, inputs: {{chunks: chunk.chunks}}, with: {{model: \"{m}\", device: cpu}}}}\n",
+            m = model.display()
+        ),
+    );
+    let first = p.run("feat.yaml", &[]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    let second = p.run("feat.yaml", &["--set", "size=8"]);
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    let (ui, _) = start_ui(&p, &[]);
+
+    let docs = first.output("docs", "documents");
+    let page = get_json(
+        &ui,
+        &format!("/api/artifacts/{docs}/preview?limit=4&offset=2"),
+    );
+    let items = page["records"]["items"].as_array().unwrap();
+    assert_eq!(items.len(), 4);
+    assert_eq!(items[0]["index"], 2);
+    assert!(page["records"]["more"].as_bool().unwrap() == false || items.len() == 4);
+    assert!(items[0]["record"]["content"]
+        .as_str()
+        .unwrap()
+        .contains("Bread number"));
+
+    let emb = first.output("embed", "embeddings");
+    let e = get_json(&ui, &format!("/api/artifacts/{emb}/preview"));
+    assert_eq!(e["embeddings"]["dim"], 384);
+    let count = e["embeddings"]["count"].as_u64().unwrap();
+    assert!(count >= 6);
+    assert_eq!(
+        e["embeddings"]["projection"]["points"]
+            .as_array()
+            .unwrap()
+            .len() as u64,
+        count
+    );
+    assert!(e["embeddings"]["model"]
+        .as_str()
+        .unwrap()
+        .contains("all-MiniLM-L6-v2"));
+    assert_eq!(e["records"]["items"][0]["part"], "chunks");
+
+    let (a, b) = (
+        first.output("chunk", "chunks"),
+        second.output("chunk", "chunks"),
+    );
+    let d = get_json(&ui, &format!("/api/diff/{}/{}", &a[..10], &b[..10]));
+    assert_eq!(d["identical"], false);
+    assert_eq!(d["same_kind"], true);
+    assert_eq!(
+        d["metadata"]["chunks"]["a"].as_u64().unwrap() * 3,
+        d["metadata"]["chunks"]["b"].as_u64().unwrap(),
+        "{d:#}"
+    );
+    let change = &d["content"][0];
+    assert_eq!(change["change"], "changed");
+    assert!(
+        change["lines_added"].as_u64().unwrap() > change["lines_removed"].as_u64().unwrap(),
+        "{change}"
+    );
+    let same = get_json(&ui, &format!("/api/diff/{a}/{a}"));
+    assert_eq!(same["identical"], true);
+    assert_eq!(same["content"].as_array().unwrap().len(), 0);
+}

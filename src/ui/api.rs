@@ -61,6 +61,8 @@ pub(super) fn routes() -> Router<Arc<UiState>> {
         .route("/api/artifacts/{id}/lineage", get(lineage))
         .route("/api/artifacts/{id}/files", get(files))
         .route("/api/artifacts/{id}/files/{*path}", get(file))
+        .route("/api/artifacts/{id}/preview", get(preview))
+        .route("/api/diff/{a}/{b}", get(diff))
 }
 
 #[derive(Deserialize)]
@@ -258,6 +260,10 @@ async fn lineage(State(ui): Shared, UrlPath(id): UrlPath<String>) -> ApiResult {
                 match (direction, dir.as_str()) {
                     ("up", "out") => {
                         for (input, r) in &s.inputs {
+                            // A step may consume its own earlier output (crawl state).
+                            if r.digest == d {
+                                continue;
+                            }
                             if seen_edges.insert((r.digest, d, step.clone())) {
                                 edges.push(json!({"from": r.digest.to_hex(), "to": d.to_hex(), "step": step, "input": input, "output": name}));
                             }
@@ -266,6 +272,9 @@ async fn lineage(State(ui): Shared, UrlPath(id): UrlPath<String>) -> ApiResult {
                     }
                     ("down", "in") => {
                         for (output, r) in &s.outputs {
+                            if r.digest == d {
+                                continue;
+                            }
                             if seen_edges.insert((d, r.digest, step.clone())) {
                                 edges.push(json!({"from": d.to_hex(), "to": r.digest.to_hex(), "step": step, "input": name, "output": output}));
                             }
@@ -366,4 +375,51 @@ async fn file(State(ui): Shared, UrlPath((id, rel)): UrlPath<(String, String)>) 
         )
         .body(Body::from(bytes))
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+#[derive(Deserialize)]
+struct PreviewQuery {
+    offset: Option<usize>,
+    limit: Option<usize>,
+}
+
+/// Records (paged) for record-style kinds, shape + projection for embeddings.
+async fn preview(
+    State(ui): Shared,
+    UrlPath(id): UrlPath<String>,
+    Query(q): Query<PreviewQuery>,
+) -> ApiResult {
+    let a = find(&ui.store, &id)?;
+    let object = ui.store.object_path(&a.digest);
+    let limit = q.limit.unwrap_or(20).clamp(1, 200);
+    let offset = q.offset.unwrap_or(0);
+    let mut out = json!({"digest": a.digest.to_hex(), "kind": a.kind});
+    if a.kind == crate::embed::KIND {
+        let a2 = a.clone();
+        let o2 = object.clone();
+        let e = tokio::task::spawn_blocking(move || super::preview::embeddings(&a2, &o2))
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+        out["embeddings"] = e;
+    }
+    let files = super::preview::record_files(&a, &object);
+    if !files.is_empty() {
+        let (records, more) = super::preview::records(&files, offset, limit, 400);
+        out["records"] = json!({"offset": offset, "limit": limit, "items": records, "more": more});
+    }
+    Ok(Json(out).into_response())
+}
+
+async fn diff(State(ui): Shared, UrlPath((a, b)): UrlPath<(String, String)>) -> ApiResult {
+    let a = find(&ui.store, &a)?;
+    let b = find(&ui.store, &b)?;
+    let (pa, pb) = (
+        ui.store.object_path(&a.digest),
+        ui.store.object_path(&b.digest),
+    );
+    let d = tokio::task::spawn_blocking(move || super::preview::diff(&a, &pa, &b, &pb))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(d).into_response())
 }

@@ -4,6 +4,7 @@
 //! artifact's own object.
 
 mod api;
+mod preview;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,9 +20,29 @@ pub struct UiState {
     pub store: Store,
 }
 
+/// The page and its assets, embedded in the binary (no build step, no network).
+const INDEX_HTML: &str = include_str!("assets/index.html");
+const APP_JS: &str = include_str!("assets/app.js");
+const STYLE_CSS: &str = include_str!("assets/style.css");
+
 /// The router with every route, over `state`.
 pub fn router(state: Arc<UiState>) -> Router {
-    api::routes().with_state(state)
+    use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
+    use axum::routing::get;
+    let asset = |body: &'static str, mime: &'static str| {
+        get(move || async move { ([(CONTENT_TYPE, mime), (CACHE_CONTROL, "no-cache")], body) })
+    };
+    api::routes()
+        .route("/", asset(INDEX_HTML, "text/html; charset=utf-8"))
+        .route(
+            "/assets/app.js",
+            asset(APP_JS, "text/javascript; charset=utf-8"),
+        )
+        .route(
+            "/assets/style.css",
+            asset(STYLE_CSS, "text/css; charset=utf-8"),
+        )
+        .with_state(state)
 }
 
 /// Serves the store at `store_root` on `addr` until Ctrl-C.
