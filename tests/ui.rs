@@ -348,7 +348,10 @@ fn previews_page_records_project_embeddings_and_diff_artifacts() {
     let items = page["records"]["items"].as_array().unwrap();
     assert_eq!(items.len(), 4);
     assert_eq!(items[0]["index"], 2);
-    assert_eq!(page["records"]["more"], false, "6 documents: 2..6 is the last page");
+    assert_eq!(
+        page["records"]["more"], false,
+        "6 documents: 2..6 is the last page"
+    );
     let first_page = get_json(&ui, &format!("/api/artifacts/{docs}/preview?limit=2"));
     assert_eq!(first_page["records"]["more"], true);
     assert!(items[0]["record"]["content"]

@@ -156,7 +156,9 @@ pub fn runs(cli: &Cli, cmd: &RunsCommand) -> anyhow::Result<ExitCode> {
                 .ok_or_else(|| UsageError(format!("no run `{run}` (see `cairn runs ls`)")))?;
             let steps = store.db().run_steps(&record.id)?;
             if *json {
-                print_json(&json!({"run": record, "steps": steps}))?;
+                print_json(&crate::redact::redact(
+                    &json!({"run": record, "steps": steps}),
+                ))?;
             } else {
                 println!(
                     "run {}  pipeline {}  {}",
@@ -168,7 +170,7 @@ pub fn runs(cli: &Cli, cmd: &RunsCommand) -> anyhow::Result<ExitCode> {
                     record.started_at,
                     record.finished_at.as_deref().unwrap_or("-")
                 );
-                println!("args {}", record.args);
+                println!("args {}", crate::redact::redact(&record.args));
                 println!();
                 for s in steps {
                     let outputs = s
@@ -277,7 +279,8 @@ pub fn artifacts(cli: &Cli, cmd: &ArtifactsCommand) -> anyhow::Result<ExitCode> 
         }
         ArtifactsCommand::Lineage { id, json } => {
             let a = find(&store, id)?;
-            let tree = lineage(&store, &a.digest, 0)?;
+            // Parameters are shown: secrets in them are masked.
+            let tree = crate::redact::redact(&lineage(&store, &a.digest, 0)?);
             if *json {
                 print_json(&tree)?;
             } else {

@@ -1,0 +1,208 @@
+//! `cairn ui` in a real browser: Debian's headless Chromium driven over WebDriver
+//! (chromedriver + fantoccini) on a store filled by real runs. Clicks from the runs list
+//! to a run, to a step (its reason and effective parameters), to the step's output
+//! artifact, to an upstream artifact in its lineage graph; saves a screenshot of each page
+//! under target/ui-screenshots/. `.ci/run` installs `chromium` and `chromium-driver`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::Project;
+use fantoccini::{ClientBuilder, Locator};
+
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+// Children are killed and waited for in `Killed::drop`.
+#[allow(clippy::zombie_processes)]
+fn start_ui(p: &Project) -> (Killed, String) {
+    let mut child = Command::new(assert_cmd::cargo::cargo_bin("cairn"))
+        .env("CAIRN_STORE", p.store())
+        .args(["ui", "--port", "0"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let addr = line
+        .split("at http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap_or_else(|| panic!("no address in {line}"))
+        .to_string();
+    (Killed(child), format!("http://{addr}"))
+}
+
+async fn wait_text(c: &fantoccini::Client, css: &str, needle: &str) -> String {
+    for _ in 0..100 {
+        if let Ok(e) = c.find(Locator::Css(css)).await {
+            if let Ok(t) = e.text().await {
+                if t.contains(needle) {
+                    return t;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let body = c.source().await.unwrap_or_default();
+    panic!(
+        "`{css}` never showed `{needle}`; page:\n{}",
+        &body[..body.len().min(3000)]
+    );
+}
+
+async fn screenshot(c: &fantoccini::Client, name: &str) {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("../ui-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    let png = c.screenshot().await.unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+    std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn click_from_a_run_to_a_step_to_its_artifact_to_the_lineage() {
+    if !std::path::Path::new(CHROMEDRIVER).exists() || !std::path::Path::new(CHROMIUM).exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install chromium and chromium-driver"
+        );
+        eprintln!("skipped: {CHROMIUM} / {CHROMEDRIVER} not installed (apt-get install chromium chromium-driver)");
+        return;
+    }
+    let p = Project::new();
+    p.write("notes/a.md", "one two three four\n");
+    p.write(
+        "browse.yaml",
+        "name: browse\nparams: {words: 3}\nsteps:\n  notes: {uses: source, with: {path: notes}}\n  \
+         count:\n    uses: command\n    inputs: {notes: notes.data}\n    outputs: {counts: file}\n    \
+         with: {run: \"wc -w ${inputs.notes}/a.md > ${outputs.counts}\"}\n  \
+         tree:\n    uses: command\n    inputs: {counts: count.counts}\n    outputs: {dir: directory}\n    \
+         with: {run: \"mkdir -p ${outputs.dir} && cp ${inputs.counts} ${outputs.dir}/counts.txt && echo ${params.words} > ${outputs.dir}/words.txt\"}\n",
+    );
+    assert_eq!(p.run("browse.yaml", &[]).code, 0);
+    let second = p.run("browse.yaml", &["--set", "words=5"]);
+    assert_eq!(second.code, 0);
+    let run_id = second.json["run_id"].as_str().unwrap().to_string();
+    let tree_out = second.output("tree", "dir");
+
+    let (_ui, base) = start_ui(&p);
+    let port = free_port();
+    let _driver = Killed(
+        Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({
+            "binary": CHROMIUM,
+            "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--window-size=1400,1100"],
+        }),
+    );
+    let mut client = None;
+    for _ in 0..50 {
+        match ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps.clone())
+            .connect(&format!("http://127.0.0.1:{port}"))
+            .await
+        {
+            Ok(c) => {
+                client = Some(c);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    let c = client.expect("chromedriver did not accept a session");
+
+    // Runs list -> the newest run.
+    c.goto(&format!("{base}/#/runs")).await.unwrap();
+    wait_text(&c, "main table", &run_id).await;
+    screenshot(&c, "1-runs").await;
+    c.find(Locator::LinkText(&run_id))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_text(&c, "main h1", &format!("Run {run_id}")).await;
+
+    // The DAG: click the `tree` node; its reason and effective parameters appear.
+    c.find(Locator::Css("svg .node[data-id='tree']"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let reason = wait_text(&c, "#step-reason", "param words changed 3 -> 5").await;
+    assert_eq!(reason, "param words changed 3 -> 5");
+    let params = wait_text(&c, "#step-params", "echo 5").await;
+    assert!(params.contains("words.txt"), "{params}");
+    let cached = c
+        .find(Locator::Css("svg .node[data-id='count'] text"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(cached, "count");
+    screenshot(&c, "2-run").await;
+
+    // The step's output -> the artifact page.
+    c.find(Locator::Css(&format!(
+        "#step-detail a[href='#/artifacts/{tree_out}']"
+    )))
+    .await
+    .unwrap()
+    .click()
+    .await
+    .unwrap();
+    wait_text(&c, "#record", &tree_out).await;
+    let files = wait_text(&c, "main", "words.txt").await;
+    assert!(files.contains("counts.txt"));
+    screenshot(&c, "3-artifact").await;
+
+    // Its lineage: the upstream `count.counts` node -> that artifact's page.
+    let lineage = wait_text(&c, "#lineage", "count.counts").await;
+    assert!(lineage.contains("notes.data"), "{lineage}");
+    let count_out = second.output("count", "counts");
+    c.find(Locator::Css(&format!(
+        "#lineage .node[data-id='{count_out}']"
+    )))
+    .await
+    .unwrap()
+    .click()
+    .await
+    .unwrap();
+    let record = wait_text(&c, "#record", &count_out).await;
+    assert!(record.contains("count.counts"), "{record}");
+    screenshot(&c, "4-lineage").await;
+
+    c.close().await.unwrap();
+}
