@@ -91,7 +91,7 @@ steps:
     inputs: {counts: count.counts}
     outputs: {dir: directory}
     with:
-      run: "mkdir -p ${outputs.dir}/sub && cp ${inputs.counts} ${outputs.dir}/sub/counts.txt && echo ${params.words} > ${outputs.dir}/words.txt && ln -s /etc/passwd ${outputs.dir}/escape"
+      run: "mkdir -p ${outputs.dir}/sub && cp ${inputs.counts} ${outputs.dir}/sub/counts.txt && echo ${params.words} > ${outputs.dir}/words.txt && ln -s /etc/passwd ${outputs.dir}/escape && echo '{\"hidden_size\": 64, \"api_key\": \"sk-x\"}' > ${outputs.dir}/config.json && echo '{\"rouge_l\": 0.41}' > ${outputs.dir}/metrics.json && printf '{\"prompt\": \"p1\"}\\n{\"prompt\": \"p2\"}\\n' > ${outputs.dir}/samples.jsonl"
 "#;
 
 fn filled_store() -> (Project, Value, Value) {
@@ -275,6 +275,25 @@ fn api_searches_artifacts_draws_lineage_and_serves_files_safely() {
         );
     }
     assert_eq!(get(&ui, "/api/artifacts/abc").0, 400);
+
+    // A folder with a model config, report metrics and samples previews all three.
+    let preview = get_json(&ui, &format!("/api/artifacts/{tree_digest}/preview"));
+    assert_eq!(preview["config"]["hidden_size"], 64);
+    assert_eq!(preview["config"]["api_key"], "***");
+    assert_eq!(preview["metrics"]["rouge_l"], 0.41);
+    let samples = preview["records"]["items"].as_array().unwrap();
+    assert_eq!(samples.len(), 2);
+    assert_eq!(samples[1]["record"]["prompt"], "p2");
+    // The symlink really is in the object (so the refusal above is the server's doing).
+    let object = p
+        .store()
+        .join("objects")
+        .join(&tree_digest[..2])
+        .join(&tree_digest[2..]);
+    assert!(std::fs::symlink_metadata(object.join("escape"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
     assert_eq!(get(&ui, "/api/artifacts/0000000000").0, 404);
 }
 

@@ -204,5 +204,98 @@ async fn click_from_a_run_to_a_step_to_its_artifact_to_the_lineage() {
     assert!(record.contains("count.counts"), "{record}");
     screenshot(&c, "4-lineage").await;
 
+    // Training curves in metadata render as charts (a record written through the store
+    // API in the shape finetune records its per-step curve).
+    let model = add_model_record(&p);
+    c.goto(&format!("{base}/#/artifacts/{model}"))
+        .await
+        .unwrap();
+    wait_text(&c, "#curves", "curve: loss").await;
+    let charts = c.find_all(Locator::Css("#curves svg.chart")).await.unwrap();
+    assert_eq!(charts.len(), 3, "loss, eval_loss, lr");
+    let points = c
+        .find(Locator::Css(
+            "#curves svg[data-series='curve.loss'] polyline",
+        ))
+        .await
+        .unwrap()
+        .attr("points")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(points.split_whitespace().count(), 20);
+    screenshot(&c, "5-curves").await;
+
     c.close().await.unwrap();
+}
+
+/// A run with one `model` artifact whose metadata holds a 20-step training curve.
+fn add_model_record(p: &Project) -> String {
+    use cairn::store::{
+        Access, ArtifactRecord, OutputRef, RunRecord, StepRecord, StepStatus, StepWrite, Store,
+    };
+    use serde_json::json;
+    let store = Store::open(&p.store(), Access::Shared).unwrap();
+    let digest = cairn::store::ObjectDigest::from(blake3::hash(b"synthetic model"));
+    let now = "2026-11-22T10:00:00Z".to_string();
+    let run = RunRecord {
+        id: "20261122-100000-c0ffee".into(),
+        pipeline: "training".into(),
+        pipeline_file: "training.yaml".into(),
+        status: "succeeded".into(),
+        started_at: now.clone(),
+        finished_at: Some(now.clone()),
+        pid: 1,
+        args: json!({}),
+    };
+    store.db().insert_run(&run).unwrap();
+    let curve: Vec<_> = (1..=20)
+        .map(|s| json!({"step": s, "loss": 3.0 / s as f64, "lr": 1e-4 * (s as f64 / 20.0)}))
+        .chain((1..=4).map(|k| json!({"step": k * 5, "eval_loss": 3.2 / k as f64})))
+        .collect();
+    let artifact = ArtifactRecord {
+        digest,
+        kind: "model".into(),
+        is_dir: true,
+        size: 0,
+        created_at: now.clone(),
+        producer_run: run.id.clone(),
+        producer_step: "finetune".into(),
+        output: "model".into(),
+        pipeline: "training".into(),
+        metadata: json!({"curve": curve, "method": "lora"}),
+    };
+    let step = StepRecord {
+        run_id: run.id.clone(),
+        step: "finetune".into(),
+        kind: "finetune".into(),
+        version: "1".into(),
+        status: StepStatus::Ran,
+        reason: "no earlier result".into(),
+        cache_key: None,
+        duration_ms: 1,
+        started_at: now,
+        params: json!({}),
+        param_refs: Default::default(),
+        inputs: Default::default(),
+        outputs: [(
+            "model".to_string(),
+            OutputRef {
+                digest,
+                kind: "model".into(),
+            },
+        )]
+        .into(),
+        error: None,
+        log: None,
+    };
+    let write = StepWrite {
+        record: &step,
+        seq: 0,
+        artifacts: std::slice::from_ref(&artifact),
+        cache: None,
+        index_io: true,
+    };
+    store.db().write_steps(&[write]).unwrap();
+    digest.to_hex()
 }

@@ -403,6 +403,16 @@ async fn preview(
             .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
         out["embeddings"] = e;
     }
+    if a.is_dir {
+        for (key, name) in super::preview::SHOWN_JSON {
+            let shown = std::fs::read(object.join(name))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+            if let Some(v) = shown {
+                out[key] = redact(&v);
+            }
+        }
+    }
     let files = super::preview::record_files(&a, &object);
     if !files.is_empty() {
         let (records, more) = super::preview::records(&files, offset, limit, 400);

@@ -12,6 +12,10 @@ use serde_json::{json, Value};
 
 use crate::store::ArtifactRecord;
 
+/// JSON files of a folder artifact shown whole on its page (a model's `config.json`, a
+/// report's `metrics.json`), by preview key.
+pub const SHOWN_JSON: [(&str, &str); 2] = [("config", "config.json"), ("metrics", "metrics.json")];
+
 /// Points projected for the embeddings scatter.
 pub const PCA_SAMPLE: usize = 2000;
 
@@ -25,6 +29,10 @@ pub fn record_files(a: &ArtifactRecord, object: &Path) -> Vec<(String, PathBuf)>
     }
     if a.kind == crate::embed::KIND {
         return vec![("chunks".into(), object.join(crate::embed::CHUNKS_FILE))];
+    }
+    // Evaluation reports and other folders keep their records in samples.jsonl.
+    if a.is_dir && object.join("samples.jsonl").is_file() {
+        return vec![("samples".into(), object.join("samples.jsonl"))];
     }
     if !a.is_dir && looks_like_jsonl(object) {
         return vec![(a.kind.clone(), object.to_path_buf())];

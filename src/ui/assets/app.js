@@ -183,6 +183,31 @@ function scatter(points) {
     points.map((p) => el("svg:circle", { cx: sx(p[0]).toFixed(1), cy: sy(p[1]).toFixed(1), r: 2.5, fill: "#2f7ed8", "fill-opacity": 0.6 })));
 }
 
+// Line charts for every metadata array of points with a numeric `step` (training curves:
+// loss, eval_loss, lr, grad_norm, tokens_per_second ...), one chart per series.
+const num = (y) => (y !== 0 && Math.abs(y) < 1e-2 ? y.toExponential(1) : y.toPrecision(3));
+function curveCharts(meta) {
+  const out = [];
+  for (const [name, v] of Object.entries(meta || {})) {
+    if (!Array.isArray(v) || v.length < 2 || !v.every((p) => p && typeof p.step === "number")) continue;
+    const series = [...new Set(v.flatMap((p) => Object.keys(p).filter((k) => k !== "step" && typeof p[k] === "number")))];
+    for (const key of series) {
+      const pts = v.filter((p) => typeof p[key] === "number").map((p) => [p.step, p[key]]);
+      if (pts.length < 2) continue;
+      const W = 420, H = 200, xs = pts.map((p) => p[0]), ys = pts.map((p) => p[1]);
+      const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+      const sx = (x) => 48 + (x - x0) / ((x1 - x0) || 1) * (W - 58), sy = (y) => H - 20 - (y - y0) / ((y1 - y0) || 1) * (H - 35);
+      out.push(el("svg:svg", { width: W, height: H, class: "chart", "data-series": `${name}.${key}`, style: "background:#fff;border:1px solid #e3e3e3;margin:0 10px 10px 0" },
+        el("svg:text", { x: W / 2, y: 13, "font-weight": 600, "text-anchor": "middle" }, `${name}: ${key}`),
+        el("svg:text", { x: 2, y: sy(y1) + 4, fill: "#777" }, num(y1)),
+        el("svg:text", { x: 2, y: sy(y0) + 4, fill: "#777" }, num(y0)),
+        el("svg:text", { x: W - 10, y: H - 4, fill: "#777", "text-anchor": "end" }, `step ${x1}`),
+        el("svg:polyline", { fill: "none", stroke: "#2f7ed8", "stroke-width": 1.5, points: pts.map((p) => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" ") })));
+    }
+  }
+  return out;
+}
+
 async function recordsView(id, offset) {
   const box = el("div", { id: "records" });
   const load = async (o) => {
@@ -211,6 +236,11 @@ async function artifactPage(id) {
     compare,
     el("h2", {}, "Lineage"), el("div", { id: "lineage" }, nodes.length ? graph(nodes, edges, a.digest) : el("p", { class: "muted" }, "none recorded")),
     el("h2", {}, "Metadata"), el("div", { id: "metadata" }, valueView(a.metadata))];
+  const charts = curveCharts(a.metadata);
+  // Curves go above the (long) metadata tables.
+  if (charts.length) parts.splice(parts.length - 2, 0, el("h2", {}, "Curves"), el("div", { id: "curves" }, charts));
+  if (prev.config) parts.push(el("h2", {}, "Config"), el("div", { id: "config" }, valueView(prev.config)));
+  if (prev.metrics) parts.push(el("h2", {}, "Metrics"), el("div", { id: "metrics" }, valueView(prev.metrics)));
   if (prev.embeddings) {
     const e = prev.embeddings;
     parts.push(el("h2", {}, "Embeddings"), el("p", {}, `${e.count} vectors × ${e.dim} dims · model ${e.model || "?"} · ${e.projection.method}, ${e.projection.sampled} points`), scatter(e.projection.points));
