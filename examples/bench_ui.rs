@@ -171,7 +171,7 @@ fn main() -> anyhow::Result<()> {
         let client = reqwest::Client::new();
         let base = format!("http://{addr}");
         let art = docs.digest.to_hex();
-        let pages: [(&str, Vec<String>); 3] = [
+        let pages: [(&str, Vec<String>); 4] = [
             (
                 "runs list page",
                 vec![
@@ -183,6 +183,15 @@ fn main() -> anyhow::Result<()> {
             (
                 "runs list, page 100, filtered",
                 vec!["/api/runs?limit=50&offset=5000&status=succeeded".into()],
+            ),
+            (
+                "artifacts search",
+                vec![
+                    "/api/artifacts?limit=50".into(),
+                    "/api/artifacts?kind=chunks&limit=50&offset=5000".into(),
+                    "/api/artifacts?step=embed&pipeline=pipeline_3&limit=50".into(),
+                    format!("/api/artifacts?digest={}", &art[..8]),
+                ],
             ),
             (
                 "artifact page",

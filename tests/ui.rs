@@ -418,3 +418,61 @@ fn previews_page_records_project_embeddings_and_diff_artifacts() {
     assert_eq!(same["identical"], true);
     assert_eq!(same["content"].as_array().unwrap().len(), 0);
 }
+
+#[test]
+fn secrets_in_parameters_are_masked_in_stored_records_and_reasons() {
+    let p = Project::new();
+    p.write(
+        "secret.yaml",
+        "name: secret\nparams: {db: \"mongodb://app:pw-one@127.0.0.1:27017/twin\", n: 1}\nsteps:\n  \
+         dump:\n    uses: command\n    outputs: {out: file}\n    \
+         with: {run: \"test -n '${params.db}' && echo ${params.n} > ${outputs.out}\"}\n",
+    );
+    let first = p.run("secret.yaml", &[]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    let second = p.run(
+        "secret.yaml",
+        &[
+            "--set",
+            "db=mongodb://app:pw-two@127.0.0.1:27017/twin",
+            "--set",
+            "n=2",
+        ],
+    );
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    let reason = second.reason("dump");
+    assert!(reason.contains("param n changed 1 -> 2"), "{reason}");
+    assert!(!reason.contains("pw-"), "{reason}");
+    // Neither password is anywhere in the record database (nor its WAL).
+    for f in ["cairn.db", "cairn.db-wal"] {
+        if let Ok(bytes) = std::fs::read(p.store().join(f)) {
+            let text = String::from_utf8_lossy(&bytes);
+            assert!(
+                !text.contains("pw-one") && !text.contains("pw-two"),
+                "a password is stored in {f}"
+            );
+        }
+    }
+    let (code, out, _) = p.exec(&[
+        "runs",
+        "show",
+        second.json["run_id"].as_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("mongodb://app:***@127.0.0.1:27017/twin"),
+        "{out}"
+    );
+    // The masked record still lets an unchanged rerun hit the cache.
+    let third = p.run(
+        "secret.yaml",
+        &[
+            "--set",
+            "db=mongodb://app:pw-two@127.0.0.1:27017/twin",
+            "--set",
+            "n=2",
+        ],
+    );
+    assert_eq!(third.step("dump")["status"], "cached");
+}

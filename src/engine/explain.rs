@@ -57,20 +57,28 @@ pub fn why_rerun(
         .chain(step.param_refs.keys())
         .collect();
     for name in names {
-        let (old, new) = (prev.param_refs.get(name), step.param_refs.get(name));
+        // Stored records hold masked secrets; compare like with like.
+        let (old, new) = (
+            prev.param_refs.get(name).map(crate::redact::redact),
+            step.param_refs.get(name).map(crate::redact::redact),
+        );
         if old != new && old.is_some() && new.is_some() {
             reasons.push(format!(
                 "param {name} changed {} -> {}",
-                show(old),
-                show(new)
+                show(old.as_ref()),
+                show(new.as_ref())
             ));
             explained_by_pipeline_param = true;
         }
     }
     if !explained_by_pipeline_param {
         let empty = serde_json::Map::new();
-        let old_params = prev.params.as_object().unwrap_or(&empty);
-        let new_params = step.params.as_object().unwrap_or(&empty);
+        let (old_masked, new_masked) = (
+            crate::redact::redact(&prev.params),
+            crate::redact::redact(&step.params),
+        );
+        let old_params = old_masked.as_object().unwrap_or(&empty);
+        let new_params = new_masked.as_object().unwrap_or(&empty);
         let keys: BTreeSet<&String> = old_params.keys().chain(new_params.keys()).collect();
         for k in keys {
             let (old, new) = (old_params.get(k), new_params.get(k));

@@ -269,7 +269,7 @@ pub async fn execute(
             started_at: now_rfc3339(),
             finished_at: None,
             pid: std::process::id() as i64,
-            args: opts.args.clone(),
+            args: crate::redact::redact(&opts.args),
         })?;
         st.display
             .println(&format!("run {} of pipeline {}", st.run_id, pipeline.name));
@@ -548,8 +548,14 @@ impl<'a> RunState<'a> {
             cache_key: self.keys[i].map(|k| k.to_hex()),
             duration_ms,
             started_at,
-            params: step.params.clone(),
-            param_refs: step.param_refs.clone(),
+            // Records are displayed and kept: secrets in parameters are masked (the cache
+            // key was computed from the real values).
+            params: crate::redact::redact(&step.params),
+            param_refs: step
+                .param_refs
+                .iter()
+                .map(|(k, v)| (k.clone(), crate::redact::redact(v)))
+                .collect(),
             inputs: self.inputs_of[i]
                 .iter()
                 .map(|(name, digest)| {
