@@ -247,12 +247,7 @@ impl Step for ChunkStep {
             })
             .await
             .map_err(|e| StepError::Failed(format!("chunk panicked: {e}")))??;
-        let mut outputs = BTreeMap::new();
-        outputs.insert("chunks".to_string(), ctx.commit_output("chunks", meta)?);
-        Ok(StepOutputs {
-            outputs,
-            note: Some(note),
-        })
+        ctx.single_output("chunks", meta, note)
     }
 }
 

@@ -204,14 +204,6 @@ impl Step for CleanStep {
             "clean": report,
             "dropped_by_reason": dropped,
         });
-        let mut outputs = BTreeMap::new();
-        outputs.insert(
-            "documents".to_string(),
-            ctx.commit_output("documents", meta)?,
-        );
-        Ok(StepOutputs {
-            outputs,
-            note: Some(note),
-        })
+        ctx.single_output("documents", meta, note)
     }
 }

@@ -151,6 +151,20 @@ impl StepContext {
         }
     }
 
+    /// The outputs of a step with one output: commits `name` with `metadata`.
+    pub fn single_output(
+        &self,
+        name: &str,
+        metadata: Value,
+        note: String,
+    ) -> Result<StepOutputs, StepError> {
+        let produced = self.commit_output(name, metadata)?;
+        Ok(StepOutputs {
+            outputs: BTreeMap::from([(name.to_string(), produced)]),
+            note: Some(note),
+        })
+    }
+
     /// Hashes and stores what the step wrote at `output_path(name)`.
     pub fn commit_output(&self, name: &str, metadata: Value) -> Result<Produced, StepError> {
         let kind =

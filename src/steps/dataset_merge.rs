@@ -60,19 +60,15 @@ impl Step for DatasetMergeStep {
                 format!("test_size {} is outside 0 (inclusive) .. 1", p.test_size),
             ));
         }
-        match super::fixed_outputs(
-            self.kind(),
-            None,
-            declared_outputs,
-            &[("dataset", dataset::KIND)],
-        ) {
-            Ok(io) if issues.is_empty() => Ok(io),
-            Ok(_) => Err(issues),
-            Err(issue) => {
-                issues.push(issue);
-                Err(issues)
-            }
-        }
+        super::with_issues(
+            super::fixed_outputs(
+                self.kind(),
+                None,
+                declared_outputs,
+                &[("dataset", dataset::KIND)],
+            ),
+            issues,
+        )
     }
 
     async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError> {
@@ -186,11 +182,6 @@ impl Step for DatasetMergeStep {
             "sources": per_input,
             "dropped": {"exact duplicate": duplicates},
         });
-        let mut outputs = BTreeMap::new();
-        outputs.insert("dataset".to_string(), ctx.commit_output("dataset", meta)?);
-        Ok(StepOutputs {
-            outputs,
-            note: Some(note),
-        })
+        ctx.single_output("dataset", meta, note)
     }
 }

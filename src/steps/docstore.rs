@@ -161,11 +161,6 @@ impl Step for DocstoreStep {
                 .sum::<u64>(),
             receipt.store
         );
-        let mut outputs = BTreeMap::new();
-        outputs.insert(RECEIPT.to_string(), ctx.commit_output(RECEIPT, meta)?);
-        Ok(StepOutputs {
-            outputs,
-            note: Some(note),
-        })
+        ctx.single_output(RECEIPT, meta, note)
     }
 }

@@ -105,19 +105,15 @@ impl Step for EmbedStep {
                 "batch_size must be at least 1",
             ));
         }
-        match super::fixed_outputs(
-            self.kind(),
-            self.inputs(),
-            declared_outputs,
-            &[("embeddings", embed::KIND)],
-        ) {
-            Ok(io) if issues.is_empty() => Ok(io),
-            Ok(_) => Err(issues),
-            Err(issue) => {
-                issues.push(issue);
-                Err(issues)
-            }
-        }
+        super::with_issues(
+            super::fixed_outputs(
+                self.kind(),
+                self.inputs(),
+                declared_outputs,
+                &[("embeddings", embed::KIND)],
+            ),
+            issues,
+        )
     }
 
     async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError> {
@@ -200,14 +196,6 @@ impl Step for EmbedStep {
             "tokens_per_second": (outcome.tokens as f64 / seconds.max(1e-9)).round(),
             "by_category": by_category,
         });
-        let mut outputs = BTreeMap::new();
-        outputs.insert(
-            "embeddings".to_string(),
-            ctx.commit_output("embeddings", meta)?,
-        );
-        Ok(StepOutputs {
-            outputs,
-            note: Some(note),
-        })
+        ctx.single_output("embeddings", meta, note)
     }
 }

@@ -2,8 +2,6 @@
 //! HTML folders, JSON Lines, WhatsApp-style chat exports and Q&A transcripts.
 //! A pure function of its input, so it is cached like any other step.
 
-use std::collections::BTreeMap;
-
 use async_trait::async_trait;
 use indexmap::IndexMap;
 use schemars::JsonSchema;
@@ -164,14 +162,6 @@ impl Step for IngestStep {
             outcome.documents.len(),
             outcome.dropped.values().sum::<u64>()
         );
-        let mut outputs = BTreeMap::new();
-        outputs.insert(
-            "documents".to_string(),
-            ctx.commit_output("documents", meta)?,
-        );
-        Ok(StepOutputs {
-            outputs,
-            note: Some(note),
-        })
+        ctx.single_output("documents", meta, note)
     }
 }

@@ -375,26 +375,22 @@ impl Step for InstructStep {
         declared_outputs: &IndexMap<String, String>,
     ) -> Result<StepIo, Vec<ParamIssue>> {
         let p = parse_params::<InstructParams>(params).map_err(|i| vec![i])?;
-        let mut issues = p.issues();
+        let issues = p.issues();
         // Q&A and chat builders read documents; the LLM builders read chunks or documents.
         let mut inputs = self.inputs().unwrap_or_default();
         if p.builder.llm().is_none() {
             inputs.retain(|i| i.name == "documents");
             inputs[0].required = true;
         }
-        match super::fixed_outputs(
-            self.kind(),
-            Some(inputs),
-            declared_outputs,
-            &[("dataset", dataset::KIND)],
-        ) {
-            Ok(io) if issues.is_empty() => Ok(io),
-            Ok(_) => Err(issues),
-            Err(issue) => {
-                issues.push(issue);
-                Err(issues)
-            }
-        }
+        super::with_issues(
+            super::fixed_outputs(
+                self.kind(),
+                Some(inputs),
+                declared_outputs,
+                &[("dataset", dataset::KIND)],
+            ),
+            issues,
+        )
     }
 
     async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError> {
@@ -474,12 +470,7 @@ impl Step for InstructStep {
         if let (Some(m), Value::Object(e)) = (meta.as_object_mut(), extra) {
             m.extend(e);
         }
-        let mut outputs = BTreeMap::new();
-        outputs.insert("dataset".to_string(), ctx.commit_output("dataset", meta)?);
-        Ok(StepOutputs {
-            outputs,
-            note: Some(note),
-        })
+        ctx.single_output("dataset", meta, note)
     }
 }
 

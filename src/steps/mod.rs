@@ -144,6 +144,22 @@ pub fn fixed_outputs(
     })
 }
 
+/// Joins a kind's own parameter issues with the outcome of [`fixed_outputs`]: the
+/// contract when both are clean, else every issue.
+pub fn with_issues(
+    io: Result<StepIo, ParamIssue>,
+    mut issues: Vec<ParamIssue>,
+) -> Result<StepIo, Vec<ParamIssue>> {
+    match io {
+        Ok(io) if issues.is_empty() => Ok(io),
+        Ok(_) => Err(issues),
+        Err(issue) => {
+            issues.push(issue);
+            Err(issues)
+        }
+    }
+}
+
 /// What a step consumes and produces.
 #[derive(Clone, Debug, Default)]
 pub struct StepIo {

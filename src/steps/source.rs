@@ -72,19 +72,15 @@ impl Step for SourceStep {
         if let Err(issue) = parse_params::<SourceParams>(params) {
             issues.push(issue);
         }
-        match super::fixed_outputs(
-            self.kind(),
-            self.inputs(),
-            declared_outputs,
-            &[(OUTPUT, "path")],
-        ) {
-            Ok(io) if issues.is_empty() => Ok(io),
-            Ok(_) => Err(issues),
-            Err(issue) => {
-                issues.push(issue);
-                Err(issues)
-            }
-        }
+        super::with_issues(
+            super::fixed_outputs(
+                self.kind(),
+                self.inputs(),
+                declared_outputs,
+                &[(OUTPUT, "path")],
+            ),
+            issues,
+        )
     }
 
     async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError> {

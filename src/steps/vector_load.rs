@@ -263,12 +263,7 @@ impl Step for VectorLoadStep {
             receipt.store,
             rows as f64 / upsert_seconds
         );
-        let mut outputs = BTreeMap::new();
-        outputs.insert("receipt".to_string(), ctx.commit_output("receipt", meta)?);
-        Ok(StepOutputs {
-            outputs,
-            note: Some(note),
-        })
+        ctx.single_output("receipt", meta, note)
     }
 }
 
