@@ -321,7 +321,7 @@ fn invalid_builder_settings_are_rejected_before_anything_runs() {
     for needle in [
         "format `preference` does not fit builder `qa`",
         "builder `generate` calls an LLM: add an `llm:` block",
-        "documents",
+        "missing required input `documents`",
         "the prompt template must contain `{extract}`",
         "`localhost:1` is not an http(s) URL",
     ] {

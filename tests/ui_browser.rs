@@ -164,14 +164,21 @@ async fn click_from_a_run_to_a_step_to_its_artifact_to_the_lineage() {
     assert_eq!(reason, "param words changed 3 -> 5");
     let params = wait_text(&c, "#step-params", "echo 5").await;
     assert!(params.contains("words.txt"), "{params}");
-    let cached = c
-        .find(Locator::Css("svg .node[data-id='count'] text"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert_eq!(cached, "count");
+    // Nodes are coloured by status: `count` was cached, `tree` ran.
+    let fill = |step: &'static str| {
+        let c = c.clone();
+        async move {
+            c.find(Locator::Css(&format!("svg .node[data-id='{step}'] rect")))
+                .await
+                .unwrap()
+                .attr("fill")
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    assert_eq!(fill("count").await, "#3aa757", "cached colour");
+    assert_eq!(fill("tree").await, "#2f7ed8", "ran colour");
     screenshot(&c, "2-run").await;
 
     // The step's output -> the artifact page.
