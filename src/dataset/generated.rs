@@ -191,7 +191,6 @@ fn squash(s: &str) -> String {
 /// Turns one reply into examples; malformed replies and items are dropped with a reason.
 pub fn parse(
     s: &PromptSettings,
-    request: &Request,
     extract: &Extract,
     reply: &Completion,
     drops: &mut Drops,
@@ -222,7 +221,6 @@ pub fn parse(
                 drops.drop("rewrite is identical to the original", what());
                 return Vec::new();
             }
-            let _ = &request.variant;
             vec![example(
                 s.style_instruction.clone(),
                 plain.to_string(),
@@ -359,17 +357,16 @@ mod tests {
     #[test]
     fn generate_parses_strict_json_and_drops_the_rest() {
         let s = settings(LlmBuilder::Generate);
-        let req = &requests(&[extract()], &s)[0];
         let mut drops = Drops::default();
         let ok = r#"```json
 {"instruction_answer_pairs": [{"instruction": "Why bake sourdough?", "answer": "Because slow bread is worth it."}, {"instruction": "x"}, {"instruction": "a", "answer": "b"}, {"instruction": "c", "answer": "d"}]}
 ```"#;
-        let ex = parse(&s, req, &extract(), &reply(ok), &mut drops);
+        let ex = parse(&s, &extract(), &reply(ok), &mut drops);
         assert_eq!(ex.len(), 1, "pairs beyond pairs_per_extract are ignored");
         assert_eq!(ex[0].output, "Because slow bread is worth it.");
         assert_eq!(drops.total(), 1);
         for bad in ["Sure! Here are pairs: ...", "{\"pairs\": []}", "42"] {
-            assert!(parse(&s, req, &extract(), &reply(bad), &mut drops).is_empty());
+            assert!(parse(&s, &extract(), &reply(bad), &mut drops).is_empty());
         }
         let counts = drops.counts();
         assert_eq!(
@@ -382,21 +379,20 @@ mod tests {
         );
         let mut cut = reply(ok);
         cut.finish_reason = Some("length".into());
-        assert!(parse(&s, req, &extract(), &cut, &mut drops).is_empty());
+        assert!(parse(&s, &extract(), &cut, &mut drops).is_empty());
         assert_eq!(drops.counts()["malformed reply: cut off at max_tokens"], 1);
     }
 
     #[test]
     fn preference_keeps_only_verbatim_well_formed_chosen_answers() {
         let s = settings(LlmBuilder::Preference);
-        let req = &requests(&[extract()], &s)[0];
         let verbatim = "A starter needs feeding twice a day, and a loaf needs a whole day from mixing to baking, which is exactly why I love it so much.";
         let content = serde_json::json!({"preference_triples": [
             {"instruction": "Why is sourdough slow?", "generated_answer": "It takes time.", "extracted_answer": verbatim},
             {"instruction": "Q2", "generated_answer": "g", "extracted_answer": "A starter needs feeding three times a day, and a loaf needs a whole day from mixing to baking, which is why I love it."},
         ]}).to_string();
         let mut drops = Drops::default();
-        let ex = parse(&s, req, &extract(), &reply(&content), &mut drops);
+        let ex = parse(&s, &extract(), &reply(&content), &mut drops);
         assert_eq!(ex.len(), 1);
         assert_eq!(ex[0].output, verbatim);
         assert_eq!(ex[0].rejected.as_deref(), Some("It takes time."));
@@ -419,26 +415,17 @@ mod tests {
     #[test]
     fn style_pairs_map_plain_to_original() {
         let s = settings(LlmBuilder::StylePairs);
-        let req = &requests(&[extract()], &s)[0];
         let mut drops = Drops::default();
         let ex = parse(
             &s,
-            req,
             &extract(),
             &reply("- starter: feed 2x/day\n- loaf: 1 day"),
             &mut drops,
         );
         assert_eq!(ex[0].input, "- starter: feed 2x/day\n- loaf: 1 day");
         assert_eq!(ex[0].output, TEXT);
-        assert!(parse(
-            &s,
-            req,
-            &extract(),
-            &reply(&format!("  {TEXT} ")),
-            &mut drops
-        )
-        .is_empty());
-        assert!(parse(&s, req, &extract(), &reply(""), &mut drops).is_empty());
+        assert!(parse(&s, &extract(), &reply(&format!("  {TEXT} ")), &mut drops).is_empty());
+        assert!(parse(&s, &extract(), &reply(""), &mut drops).is_empty());
         assert_eq!(drops.total(), 2);
     }
 }

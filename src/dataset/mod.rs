@@ -217,6 +217,11 @@ pub fn assign_splits(ids: &[String], test_size: f64) -> Vec<Split> {
     splits
 }
 
+/// Default share of the test split.
+pub fn default_test_size() -> f64 {
+    0.1
+}
+
 /// Filters common to all builders.
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -237,13 +242,16 @@ pub struct Filters {
     pub near_dup_threshold: f64,
 }
 
-fn default_min_chars() -> usize {
+/// Default of the filter field of the same name.
+pub fn default_min_chars() -> usize {
     1
 }
-fn default_max_chars() -> usize {
+/// Default of the filter field of the same name.
+pub fn default_max_chars() -> usize {
     20_000
 }
-fn default_near_dup() -> f64 {
+/// Default of the filter field of the same name.
+pub fn default_near_dup() -> f64 {
     0.9
 }
 

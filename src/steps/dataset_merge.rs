@@ -21,12 +21,8 @@ pub struct DatasetMergeStep;
 #[serde(deny_unknown_fields)]
 pub struct MergeParams {
     /// Share of examples in the test split of the merged dataset.
-    #[serde(default = "default_test_size")]
+    #[serde(default = "dataset::default_test_size")]
     pub test_size: f64,
-}
-
-fn default_test_size() -> f64 {
-    0.1
 }
 
 #[async_trait]

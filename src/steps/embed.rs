@@ -46,10 +46,10 @@ pub struct EmbedParams {
     pub threads: usize,
 }
 
-fn default_model() -> String {
+pub(super) fn default_model() -> String {
     DEFAULT_MODEL.to_string()
 }
-fn default_device() -> String {
+pub(super) fn default_device() -> String {
     "auto".into()
 }
 fn default_precision() -> Precision {

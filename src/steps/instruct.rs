@@ -16,7 +16,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::chunk::{model_content_input, DEFAULT_MODEL};
+use super::chunk::model_content_input;
 use super::{
     parse_params, InputDecl, ParamIssue, Step, StepContext, StepError, StepIo, StepOutputs,
 };
@@ -50,6 +50,17 @@ pub enum Builder {
 }
 
 impl Builder {
+    /// The name used in `builder:`.
+    fn name(self) -> &'static str {
+        match self {
+            Builder::Qa => "qa",
+            Builder::ChatReplies => "chat_replies",
+            Builder::Generate => "generate",
+            Builder::StylePairs => "style_pairs",
+            Builder::Preference => "preference",
+        }
+    }
+
     fn llm(self) -> Option<LlmBuilder> {
         match self {
             Builder::Generate => Some(LlmBuilder::Generate),
@@ -71,20 +82,20 @@ pub struct InstructParams {
     #[serde(default)]
     pub format: Option<Format>,
     /// Share of examples in the test split (by digest: stable when data is added).
-    #[serde(default = "default_test_size")]
+    #[serde(default = "dataset::default_test_size")]
     pub test_size: f64,
     /// Fewest characters of a response.
-    #[serde(default = "default_min_chars")]
+    #[serde(default = "dataset::default_min_chars")]
     pub min_chars: usize,
     /// Most characters of a response.
-    #[serde(default = "default_max_chars")]
+    #[serde(default = "dataset::default_max_chars")]
     pub max_chars: usize,
     /// Drop examples containing any of these words (case-insensitive).
     #[serde(default)]
     pub exclude_keywords: Vec<String>,
     /// Near-duplicate threshold (Jaccard of word 5-shingles of prompt + response); 1.0
     /// keeps near duplicates.
-    #[serde(default = "default_near_dup")]
+    #[serde(default = "dataset::default_near_dup")]
     pub near_dup_threshold: f64,
     /// Instruction text: for `chat_replies` (`{speaker}` = the target; default "Reply as
     /// {speaker}.") and `style_pairs` (default "Rewrite this in the author's style.").
@@ -116,10 +127,10 @@ pub struct InstructParams {
     pub system_prompt: Option<String>,
     /// chat_replies (retrieval): the embedding model (directory or HF cache id); its
     /// files are part of the cache key.
-    #[serde(default = "default_model")]
+    #[serde(default = "super::embed::default_model")]
     pub model: String,
     /// chat_replies (retrieval): `auto`, `cpu`, `cuda`, `cuda:N`.
-    #[serde(default = "default_device")]
+    #[serde(default = "super::embed::default_device")]
     pub device: String,
 
     /// LLM builders: the OpenAI-compatible server and model.
@@ -154,18 +165,6 @@ pub struct InstructParams {
     pub dry_run: bool,
 }
 
-fn default_test_size() -> f64 {
-    0.1
-}
-fn default_min_chars() -> usize {
-    1
-}
-fn default_max_chars() -> usize {
-    20_000
-}
-fn default_near_dup() -> f64 {
-    0.9
-}
 fn default_context() -> ContextMode {
     ContextMode::Window
 }
@@ -177,12 +176,6 @@ fn default_top_k() -> usize {
 }
 fn default_lookback() -> usize {
     50
-}
-fn default_model() -> String {
-    DEFAULT_MODEL.into()
-}
-fn default_device() -> String {
-    "auto".into()
 }
 fn default_pairs() -> usize {
     3
@@ -222,7 +215,7 @@ impl InstructParams {
                 format!(
                     "format `{}` does not fit builder `{}`: preference data (prompt/chosen/rejected) comes only from the `preference` builder, which writes only the `preference` format",
                     format.as_str(),
-                    builder_name(self.builder)
+                    self.builder.name()
                 ),
             ));
         }
@@ -308,21 +301,11 @@ impl InstructParams {
                 "with.llm",
                 format!(
                     "builder `{}` makes no LLM calls; remove `llm`",
-                    builder_name(self.builder)
+                    self.builder.name()
                 ),
             ));
         }
         out
-    }
-}
-
-fn builder_name(b: Builder) -> &'static str {
-    match b {
-        Builder::Qa => "qa",
-        Builder::ChatReplies => "chat_replies",
-        Builder::Generate => "generate",
-        Builder::StylePairs => "style_pairs",
-        Builder::Preference => "preference",
     }
 }
 
@@ -420,7 +403,7 @@ impl Step for InstructStep {
             .map(|(n, a)| (n, a.digest.to_string()))
             .collect();
         let mut info = json!({
-            "builder": builder_name(p.builder),
+            "builder": p.builder.name(),
             "sources": sources,
             "produced": produced,
             "dropped": dropped,
@@ -457,7 +440,7 @@ impl Step for InstructStep {
                 .unwrap_or_default()
         );
         let mut meta = json!({
-            "builder": builder_name(p.builder),
+            "builder": p.builder.name(),
             "format": format.as_str(),
             "count": kept.len(),
             "train": written.train,
@@ -707,7 +690,6 @@ async fn llm_examples(
         if let Some(reply) = reply {
             out.extend(generated::parse(
                 &prompts,
-                r,
                 &extracts[r.extract],
                 &reply,
                 drops,
@@ -730,14 +712,11 @@ fn dry_run_report(
     json_reply: bool,
 ) -> String {
     let s = client.settings();
-    let cached = requests
-        .iter()
-        .filter(|r| client.is_cached(&r.messages, json_reply))
-        .count();
     let new: Vec<&generated::Request> = requests
         .iter()
         .filter(|r| !client.is_cached(&r.messages, json_reply))
         .collect();
+    let cached = requests.len() - new.len();
     let prompt_tokens: u64 = new
         .iter()
         .map(|r| {
