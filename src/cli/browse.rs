@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Component, Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Subcommand;
@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use super::{human_bytes, print_json, Cli, UsageError};
 use crate::engine::report::format_duration;
-use crate::store::{hash, ArtifactRecord, ObjectDigest, Store};
+use crate::store::{hash, ArtifactRecord, ObjectDigest, Store, StoreError};
 
 /// `cairn runs`.
 #[derive(Debug, Subcommand)]
@@ -95,23 +95,15 @@ fn open(cli: &Cli) -> anyhow::Result<Store> {
     Ok(Store::open_existing(&cli.store_dir())?)
 }
 
-/// Resolves a digest or prefix to an artifact record.
+/// Resolves a digest or prefix to an artifact record (a bad or unknown id is a usage
+/// error, exit 2).
 fn find(store: &Store, id: &str) -> anyhow::Result<ArtifactRecord> {
-    if id.len() < 8 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(UsageError(format!(
-            "`{id}` is not an artifact id: give a digest or a prefix of 8+ hex characters"
-        ))
-        .into());
-    }
-    match store.db().find_artifact(id) {
-        Ok(Some(a)) => Ok(a),
-        Ok(None) => Err(UsageError(format!(
-            "no artifact with id `{id}` in {}",
-            store.root().display()
-        ))
-        .into()),
-        Err(e) => Err(e.into()),
-    }
+    store.resolve_artifact(id).map_err(|e| match e {
+        e @ (StoreError::NotAnArtifactId(_) | StoreError::NoArtifact { .. }) => {
+            UsageError(e.to_string()).into()
+        }
+        other => other.into(),
+    })
 }
 
 /// `cairn runs ...`
@@ -310,12 +302,13 @@ pub fn artifacts(cli: &Cli, cmd: &ArtifactsCommand) -> anyhow::Result<ExitCode> 
                         "artifact {} is a directory; give a path. Files:",
                         a.digest.short()
                     );
-                    for f in list_files(&root)? {
+                    for (f, _) in crate::store::object_files(&root) {
                         println!("{f}");
                     }
                 }
                 (true, Some(p)) => {
-                    let target = safe_join(&root, p)?;
+                    let target = crate::store::file_in_object(&root, p)
+                        .map_err(|e| UsageError(e.to_string()))?;
                     copy_to_stdout(&target)?;
                 }
             }
@@ -329,27 +322,6 @@ pub fn artifacts(cli: &Cli, cmd: &ArtifactsCommand) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-/// Joins a user path under `root`, refusing anything that could leave it.
-fn safe_join(root: &Path, rel: &str) -> anyhow::Result<PathBuf> {
-    let p = Path::new(rel);
-    if p.is_absolute()
-        || p.components()
-            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
-    {
-        return Err(UsageError(format!(
-            "path `{rel}` must be relative and stay inside the artifact"
-        ))
-        .into());
-    }
-    let target = root.join(p);
-    let meta = std::fs::symlink_metadata(&target)
-        .map_err(|_| UsageError(format!("no file `{rel}` in this artifact")))?;
-    if meta.file_type().is_symlink() || meta.is_dir() {
-        return Err(UsageError(format!("`{rel}` is not a regular file in this artifact")).into());
-    }
-    Ok(target)
-}
-
 fn copy_to_stdout(path: &Path) -> anyhow::Result<()> {
     let mut f = std::fs::File::open(path)?;
     let mut out = std::io::stdout().lock();
@@ -358,23 +330,6 @@ fn copy_to_stdout(path: &Path) -> anyhow::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         Err(e) => Err(e.into()),
     }
-}
-
-fn list_files(root: &Path) -> anyhow::Result<Vec<String>> {
-    let mut out = Vec::new();
-    for entry in walkdir::WalkDir::new(root).sort_by_file_name() {
-        let entry = entry?;
-        if !entry.file_type().is_dir() {
-            out.push(
-                entry
-                    .path()
-                    .strip_prefix(root)?
-                    .to_string_lossy()
-                    .to_string(),
-            );
-        }
-    }
-    Ok(out)
 }
 
 const MAX_LINEAGE_DEPTH: usize = 32;

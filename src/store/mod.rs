@@ -51,6 +51,20 @@ pub enum StoreError {
     /// A digest or id prefix matched more than one entry.
     #[error("`{0}` is ambiguous: give more characters")]
     Ambiguous(String),
+    /// What was given as an artifact id is not one.
+    #[error("`{0}` is not an artifact id: give a digest or a prefix of 8+ hex characters")]
+    NotAnArtifactId(String),
+    /// No artifact has this id.
+    #[error("no artifact with id `{id}` in {root}")]
+    NoArtifact {
+        /// The id or prefix given.
+        id: String,
+        /// The store searched.
+        root: String,
+    },
+    /// A path given inside an artifact is not a regular file there.
+    #[error("{0}")]
+    NotInArtifact(String),
     /// Another process holds the store lock.
     #[error("the store at {0} is in use by another cairn process (gc needs it alone); try again when it finishes")]
     Busy(PathBuf),
@@ -130,6 +144,19 @@ impl Store {
             ));
         }
         Self::open(root, Access::Shared)
+    }
+
+    /// The artifact with digest or unique prefix (8+ hex characters) `id`.
+    pub fn resolve_artifact(&self, id: &str) -> Result<ArtifactRecord, StoreError> {
+        if id.len() < 8 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(StoreError::NotAnArtifactId(id.to_string()));
+        }
+        self.db()
+            .find_artifact(id)?
+            .ok_or_else(|| StoreError::NoArtifact {
+                id: id.to_string(),
+                root: self.root.display().to_string(),
+            })
     }
 
     /// The store root.
@@ -263,3 +290,49 @@ pub struct FsckReport {
 
 #[cfg(test)]
 mod tests;
+
+/// The regular file at `rel` inside the object folder `object`: relative, no `..`, and
+/// (symlinks followed) still inside the object. Shown and served files go through here.
+pub fn file_in_object(object: &Path, rel: &str) -> Result<PathBuf, StoreError> {
+    use std::path::Component;
+    let p = Path::new(rel);
+    if rel.is_empty()
+        || p.is_absolute()
+        || p.components()
+            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return Err(StoreError::NotInArtifact(format!(
+            "path `{rel}` must be relative and stay inside the artifact"
+        )));
+    }
+    let missing = || StoreError::NotInArtifact(format!("no file `{rel}` in this artifact"));
+    let target = object.join(p);
+    let meta = fs::symlink_metadata(&target).map_err(|_| missing())?;
+    let real = target.canonicalize().map_err(|_| missing())?;
+    let base = object.canonicalize().map_err(|_| missing())?;
+    if meta.file_type().is_symlink() || !real.starts_with(&base) || !real.is_file() {
+        return Err(StoreError::NotInArtifact(format!(
+            "`{rel}` is not a regular file in this artifact"
+        )));
+    }
+    Ok(target)
+}
+
+/// Every non-folder entry under an object folder, sorted: (relative path, bytes).
+pub fn object_files(object: &Path) -> Vec<(String, u64)> {
+    walkdir::WalkDir::new(object)
+        .sort_by_file_name()
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| !e.file_type().is_dir())
+        .filter_map(|e| {
+            let rel = e
+                .path()
+                .strip_prefix(object)
+                .ok()?
+                .to_string_lossy()
+                .to_string();
+            Some((rel, e.metadata().map(|m| m.len()).unwrap_or(0)))
+        })
+        .collect()
+}

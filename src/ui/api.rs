@@ -2,7 +2,6 @@
 //! every id accepts a unique prefix of 8+ hex characters (artifacts) or of the run id.
 
 use std::collections::BTreeMap;
-use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -35,9 +34,10 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Ambiguous(p) => {
-                Self::bad_request(format!("`{p}` is ambiguous: give more characters"))
-            }
+            e @ (StoreError::Ambiguous(_)
+            | StoreError::NotAnArtifactId(_)
+            | StoreError::NotInArtifact(_)) => Self::bad_request(e.to_string()),
+            e @ StoreError::NoArtifact { .. } => Self::not_found(e.to_string()),
             other => Self(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
         }
     }
@@ -208,15 +208,7 @@ async fn artifacts(State(ui): Shared, Query(page): Query<Page>) -> ApiResult {
 }
 
 fn find(store: &Store, id: &str) -> Result<ArtifactRecord, ApiError> {
-    if id.len() < 8 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(ApiError::bad_request(format!(
-            "`{id}` is not an artifact id: give a digest or a prefix of 8+ hex characters"
-        )));
-    }
-    store
-        .db()
-        .find_artifact(id)?
-        .ok_or_else(|| ApiError::not_found(format!("no artifact `{id}`")))
+    Ok(store.resolve_artifact(id)?)
 }
 
 async fn artifact(State(ui): Shared, UrlPath(id): UrlPath<String>) -> ApiResult {
@@ -290,28 +282,14 @@ async fn lineage(State(ui): Shared, UrlPath(id): UrlPath<String>) -> ApiResult {
     Ok(Json(json!({"root": a.digest.to_hex(), "nodes": nodes.into_values().collect::<Vec<_>>(), "edges": edges, "truncated": truncated})).into_response())
 }
 
-fn list_tree(root: &Path) -> Vec<Value> {
-    let mut out = Vec::new();
-    for e in walkdir::WalkDir::new(root)
-        .sort_by_file_name()
-        .into_iter()
-        .filter_map(Result::ok)
-    {
-        if e.file_type().is_file() {
-            if let Ok(rel) = e.path().strip_prefix(root) {
-                let size = e.metadata().map(|m| m.len()).unwrap_or(0);
-                out.push(json!({"path": rel.to_string_lossy(), "size": size}));
-            }
-        }
-    }
-    out
-}
-
 async fn files(State(ui): Shared, UrlPath(id): UrlPath<String>) -> ApiResult {
     let a = find(&ui.store, &id)?;
     let root = ui.store.object_path(&a.digest);
-    let list = if a.is_dir {
-        list_tree(&root)
+    let list: Vec<Value> = if a.is_dir {
+        crate::store::object_files(&root)
+            .into_iter()
+            .map(|(path, size)| json!({"path": path, "size": size}))
+            .collect()
     } else {
         vec![json!({"path": "", "size": a.size})]
     };
@@ -321,38 +299,11 @@ async fn files(State(ui): Shared, UrlPath(id): UrlPath<String>) -> ApiResult {
     )
 }
 
-/// A path inside an artifact's object, or an error: no absolute paths, no `..`, and the
-/// resolved file (symlinks followed) must still lie inside the object.
-pub(super) fn safe_file(object: &Path, rel: &str) -> Result<PathBuf, ApiError> {
-    let p = Path::new(rel);
-    if rel.is_empty()
-        || p.is_absolute()
-        || p.components().any(|c| !matches!(c, Component::Normal(_)))
-    {
-        return Err(ApiError::bad_request(format!(
-            "`{rel}` is not a path inside the artifact"
-        )));
-    }
-    let joined = object.join(p);
-    let real = joined
-        .canonicalize()
-        .map_err(|_| ApiError::not_found(format!("no file `{rel}` in the artifact")))?;
-    let base = object
-        .canonicalize()
-        .map_err(|_| ApiError::not_found("the artifact's object is missing"))?;
-    if !real.starts_with(&base) || !real.is_file() {
-        return Err(ApiError::not_found(format!(
-            "no file `{rel}` in the artifact"
-        )));
-    }
-    Ok(real)
-}
-
 async fn file(State(ui): Shared, UrlPath((id, rel)): UrlPath<(String, String)>) -> ApiResult {
     let a = find(&ui.store, &id)?;
     let object = ui.store.object_path(&a.digest);
     let path = if a.is_dir {
-        safe_file(&object, &rel)?
+        crate::store::file_in_object(&object, &rel)?
     } else if rel == "content" {
         object
     } else {
