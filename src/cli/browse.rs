@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use super::{human_bytes, print_json, Cli, UsageError};
 use crate::engine::report::format_duration;
-use crate::store::{hash, ArtifactRecord, ObjectDigest, Store, StoreError};
+use crate::store::{ArtifactRecord, ObjectDigest, Store, StoreError};
 
 /// `cairn runs`.
 #[derive(Debug, Subcommand)]
@@ -424,24 +424,6 @@ fn print_lineage(node: &Value, indent: usize) {
     }
 }
 
-fn file_digests(root: &Path) -> anyhow::Result<BTreeMap<String, ObjectDigest>> {
-    let mut out = BTreeMap::new();
-    for entry in walkdir::WalkDir::new(root) {
-        let entry = entry?;
-        if entry.file_type().is_file() {
-            out.insert(
-                entry
-                    .path()
-                    .strip_prefix(root)?
-                    .to_string_lossy()
-                    .to_string(),
-                hash::hash_file(entry.path())?,
-            );
-        }
-    }
-    Ok(out)
-}
-
 fn diff(store: &Store, a: &ArtifactRecord, b: &ArtifactRecord) -> anyhow::Result<()> {
     println!(
         "--- {} ({}.{}, run {})",
@@ -457,7 +439,9 @@ fn diff(store: &Store, a: &ArtifactRecord, b: &ArtifactRecord) -> anyhow::Result
         b.output,
         b.producer_run
     );
-    if a.digest == b.digest {
+    let (pa, pb) = (store.object_path(&a.digest), store.object_path(&b.digest));
+    let d = crate::store::diff::compare(a, &pa, b, &pb)?;
+    if d.identical {
         println!("identical content");
         return Ok(());
     }
@@ -467,69 +451,30 @@ fn diff(store: &Store, a: &ArtifactRecord, b: &ArtifactRecord) -> anyhow::Result
     if a.size != b.size {
         println!("size: {} -> {}", human_bytes(a.size), human_bytes(b.size));
     }
-    let empty = serde_json::Map::new();
-    let (ma, mb) = (
-        a.metadata.as_object().unwrap_or(&empty),
-        b.metadata.as_object().unwrap_or(&empty),
-    );
-    for k in ma.keys().chain(mb.keys().filter(|k| !ma.contains_key(*k))) {
-        if ma.get(k) != mb.get(k) {
-            println!(
-                "metadata {k}: {} -> {}",
-                ma.get(k).unwrap_or(&Value::Null),
-                mb.get(k).unwrap_or(&Value::Null)
-            );
-        }
+    for m in &d.metadata {
+        println!("metadata {}: {} -> {}", m.name, m.a, m.b);
     }
-    let (pa, pb) = (store.object_path(&a.digest), store.object_path(&b.digest));
-    match (a.is_dir, b.is_dir) {
-        (false, false) => text_diff(&pa, &pb)?,
-        (true, true) => {
-            let (fa, fb) = (file_digests(&pa)?, file_digests(&pb)?);
-            let (mut added, mut removed, mut changed) = (0, 0, 0);
-            for (path, d) in &fa {
-                match fb.get(path) {
-                    None => {
-                        removed += 1;
-                        println!("removed  {path}");
-                    }
-                    Some(e) if e != d => {
-                        changed += 1;
-                        println!("changed  {path}");
-                    }
-                    _ => {}
-                }
+    if d.mixed {
+        println!("one artifact is a directory and the other a file");
+    } else if !a.is_dir {
+        match d.content.first().and_then(|c| c.lines.as_ref()) {
+            Some(l) => {
+                println!("lines: +{} -{}", l.added, l.removed);
+                print!("{}", l.unified);
             }
-            for path in fb.keys().filter(|p| !fa.contains_key(*p)) {
-                added += 1;
-                println!("added    {path}");
-            }
-            println!("files: {added} added, {removed} removed, {changed} changed");
+            None => println!("binary or large content differs"),
         }
-        _ => println!("one artifact is a directory and the other a file"),
-    }
-    Ok(())
-}
-
-fn text_diff(a: &Path, b: &Path) -> anyhow::Result<()> {
-    const MAX_TEXT: u64 = 8 << 20;
-    let too_big = std::fs::metadata(a)?.len() > MAX_TEXT || std::fs::metadata(b)?.len() > MAX_TEXT;
-    let (ta, tb) = (std::fs::read(a)?, std::fs::read(b)?);
-    match (too_big, String::from_utf8(ta), String::from_utf8(tb)) {
-        (false, Ok(ta), Ok(tb)) => {
-            let d = similar::TextDiff::from_lines(&ta, &tb);
-            let (mut plus, mut minus) = (0, 0);
-            for change in d.iter_all_changes() {
-                match change.tag() {
-                    similar::ChangeTag::Insert => plus += 1,
-                    similar::ChangeTag::Delete => minus += 1,
-                    similar::ChangeTag::Equal => {}
-                }
-            }
-            println!("lines: +{plus} -{minus}");
-            print!("{}", d.unified_diff().context_radius(2).header("a", "b"));
+    } else {
+        let count = |kind: &str| d.content.iter().filter(|c| c.change == kind).count();
+        for c in &d.content {
+            println!("{:<8} {}", c.change, c.path);
         }
-        _ => println!("binary or large content differs"),
+        println!(
+            "files: {} added, {} removed, {} changed",
+            count("added"),
+            count("removed"),
+            count("changed")
+        );
     }
     Ok(())
 }

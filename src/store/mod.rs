@@ -13,6 +13,7 @@
 //! unreferenced object or temp folder, which `gc` removes.
 
 pub mod db;
+pub mod diff;
 pub mod digest;
 pub mod hash;
 pub mod objects;

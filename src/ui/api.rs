@@ -381,6 +381,7 @@ async fn diff(State(ui): Shared, UrlPath((a, b)): UrlPath<(String, String)>) -> 
     );
     let d = tokio::task::spawn_blocking(move || super::preview::diff(&a, &pa, &b, &pb))
         .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
     Ok(Json(d).into_response())
 }

@@ -172,112 +172,47 @@ pub fn embeddings(a: &ArtifactRecord, object: &Path) -> Result<Value, String> {
     }))
 }
 
-/// Differences between two artifacts: record fields, metadata keys, and content (per
-/// file for folders; a line-diff summary for text).
-pub fn diff(a: &ArtifactRecord, pa: &Path, b: &ArtifactRecord, pb: &Path) -> Value {
-    let mut fields = BTreeMap::new();
-    for (name, x, y) in [
-        ("kind", json!(a.kind), json!(b.kind)),
-        ("size", json!(a.size), json!(b.size)),
-        (
-            "producer_step",
-            json!(a.producer_step),
-            json!(b.producer_step),
-        ),
-        ("producer_run", json!(a.producer_run), json!(b.producer_run)),
-        ("pipeline", json!(a.pipeline), json!(b.pipeline)),
-        ("created_at", json!(a.created_at), json!(b.created_at)),
-    ] {
-        if x != y {
-            fields.insert(name, json!({"a": x, "b": y}));
-        }
-    }
-    let empty = serde_json::Map::new();
-    let (ma, mb) = (
-        a.metadata.as_object().unwrap_or(&empty),
-        b.metadata.as_object().unwrap_or(&empty),
-    );
-    let mut metadata = BTreeMap::new();
-    for k in ma.keys().chain(mb.keys()) {
-        if ma.get(k) != mb.get(k) {
-            metadata.insert(k.clone(), json!({"a": crate::redact::redact(ma.get(k).unwrap_or(&Value::Null)), "b": crate::redact::redact(mb.get(k).unwrap_or(&Value::Null))}));
-        }
-    }
-    let files = |root: &Path, is_dir: bool| -> BTreeMap<String, PathBuf> {
-        if !is_dir {
-            return BTreeMap::from([(String::new(), root.to_path_buf())]);
-        }
-        walkdir::WalkDir::new(root)
-            .into_iter()
-            .filter_map(Result::ok)
-            .filter(|e| e.file_type().is_file())
-            .filter_map(|e| {
-                Some((
-                    e.path()
-                        .strip_prefix(root)
-                        .ok()?
-                        .to_string_lossy()
-                        .to_string(),
-                    e.path().to_path_buf(),
-                ))
+/// [`crate::store::diff::compare`] as the API serves it: secrets masked, changed lines
+/// sampled.
+pub fn diff(a: &ArtifactRecord, pa: &Path, b: &ArtifactRecord, pb: &Path) -> Result<Value, String> {
+    use crate::redact::{redact, redact_str};
+    let d = crate::store::diff::compare(a, pa, b, pb).map_err(|e| e.to_string())?;
+    let pairs = |changes: &[crate::store::diff::Change]| -> BTreeMap<String, Value> {
+        changes
+            .iter()
+            .map(|c| {
+                (
+                    c.name.clone(),
+                    json!({"a": redact(&c.a), "b": redact(&c.b)}),
+                )
             })
             .collect()
     };
-    let (fa, fb) = (files(pa, a.is_dir), files(pb, b.is_dir));
-    let mut content = Vec::new();
-    for path in fa.keys().chain(fb.keys().filter(|p| !fa.contains_key(*p))) {
-        let entry = match (fa.get(path), fb.get(path)) {
-            (Some(x), Some(y)) => {
-                let (bx, by) = (
-                    std::fs::read(x).unwrap_or_default(),
-                    std::fs::read(y).unwrap_or_default(),
-                );
-                if bx == by {
-                    continue;
-                }
-                let mut e = json!({"path": path, "change": "changed"});
-                if let (Ok(tx), Ok(ty)) = (std::str::from_utf8(&bx), std::str::from_utf8(&by)) {
-                    let d = similar::TextDiff::from_lines(tx, ty);
-                    let (mut added, mut removed) = (0, 0);
-                    for op in d.iter_all_changes() {
-                        match op.tag() {
-                            similar::ChangeTag::Insert => added += 1,
-                            similar::ChangeTag::Delete => removed += 1,
-                            similar::ChangeTag::Equal => {}
-                        }
-                    }
-                    e["lines_added"] = json!(added);
-                    e["lines_removed"] = json!(removed);
-                    let sample: Vec<String> = d
-                        .iter_all_changes()
-                        .filter(|c| c.tag() != similar::ChangeTag::Equal)
-                        .take(20)
-                        .map(|c| {
-                            let sign = if c.tag() == similar::ChangeTag::Insert {
-                                '+'
-                            } else {
-                                '-'
-                            };
-                            let line: String = c.value().trim_end().chars().take(200).collect();
-                            format!("{sign}{}", crate::redact::redact_str(&line))
-                        })
-                        .collect();
-                    e["sample"] = json!(sample);
-                }
-                e
+    let content: Vec<Value> = d
+        .content
+        .iter()
+        .map(|c| {
+            let mut e = json!({"path": c.path, "change": c.change});
+            if let Some(l) = &c.lines {
+                e["lines_added"] = json!(l.added);
+                e["lines_removed"] = json!(l.removed);
+                let sample: Vec<String> = l
+                    .changed
+                    .iter()
+                    .take(20)
+                    .map(|line| redact_str(&line.chars().take(200).collect::<String>()))
+                    .collect();
+                e["sample"] = json!(sample);
             }
-            (Some(_), None) => json!({"path": path, "change": "removed"}),
-            (None, Some(_)) => json!({"path": path, "change": "added"}),
-            (None, None) => continue,
-        };
-        content.push(entry);
-    }
-    json!({
+            e
+        })
+        .collect();
+    Ok(json!({
         "a": a.digest.to_hex(), "b": b.digest.to_hex(),
-        "identical": a.digest == b.digest,
+        "identical": d.identical,
         "same_kind": a.kind == b.kind,
-        "fields": fields, "metadata": metadata, "content": content,
-    })
+        "fields": pairs(&d.fields), "metadata": pairs(&d.metadata), "content": content,
+    }))
 }
 
 #[cfg(test)]
