@@ -138,11 +138,7 @@ fn generate_retries_limits_caches_and_counts_cost() {
             .args(args)
             .output()
             .unwrap();
-        Outcome {
-            code: out.status.code().unwrap_or(-1),
-            json: serde_json::from_slice(&out.stdout).unwrap_or(Value::Null),
-            stderr: String::from_utf8_lossy(&out.stderr).into(),
-        }
+        Outcome::from_output(&out)
     };
     let first = run(&[]);
     assert_eq!(first.code, 0, "{}", first.stderr);
@@ -340,11 +336,7 @@ fn run_repo_pipeline(store: &Path, file: &str, args: &[&str]) -> Outcome {
         .args(args)
         .output()
         .unwrap();
-    Outcome {
-        code: out.status.code().unwrap_or(-1),
-        json: serde_json::from_slice(&out.stdout).unwrap_or(Value::Null),
-        stderr: String::from_utf8_lossy(&out.stderr).into(),
-    }
+    Outcome::from_output(&out)
 }
 
 fn meta_of(store: &Path, digest: &str) -> Value {

@@ -4,60 +4,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-
-use common::Project;
+use common::{Project, UiServer};
 use serde_json::Value;
-
-struct Ui {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Ui {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-// The child is killed and waited for in `Ui::drop`.
-#[allow(clippy::zombie_processes)]
-fn start_ui(p: &Project, extra: &[&str]) -> (Ui, String) {
-    let mut child = Command::new(assert_cmd::cargo::cargo_bin("cairn"))
-        .current_dir(p.dir.path())
-        .env("CAIRN_STORE", p.store())
-        .args(["ui", "--port", "0"])
-        .args(extra)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut banner = String::new();
-    let mut reader = BufReader::new(child.stderr.take().unwrap());
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap() == 0 {
-            let status = child.wait();
-            panic!("cairn ui exited ({status:?}): {banner}");
-        }
-        banner.push_str(&line);
-        if let Some(rest) = line.split("at http://").nth(1) {
-            let addr = rest.split('/').next().unwrap().to_string();
-            return (
-                Ui {
-                    child,
-                    base: format!("http://{addr}"),
-                },
-                banner,
-            );
-        }
-    }
-}
 
 /// GET over a raw TCP connection (HTTP/1.0): the path goes out exactly as written, so the
 /// traversal cases test the server, not a client's URL normalisation.
-fn get(ui: &Ui, path: &str) -> (u16, String, Vec<u8>) {
+fn get(ui: &UiServer, path: &str) -> (u16, String, Vec<u8>) {
     use std::io::{Read, Write};
     let addr = ui.base.trim_start_matches("http://");
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -70,7 +22,7 @@ fn get(ui: &Ui, path: &str) -> (u16, String, Vec<u8>) {
     (status, head, raw[split + 4..].to_vec())
 }
 
-fn get_json(ui: &Ui, path: &str) -> Value {
+fn get_json(ui: &UiServer, path: &str) -> Value {
     let (status, _, body) = get(ui, path);
     assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&body));
     serde_json::from_slice(&body).unwrap()
@@ -108,7 +60,7 @@ fn filled_store() -> (Project, Value, Value) {
 #[test]
 fn api_serves_runs_steps_logs_and_redacts_secrets() {
     let (p, first, second) = filled_store();
-    let (ui, banner) = start_ui(&p, &[]);
+    let (ui, banner) = p.start_ui(&[]);
     assert!(banner.contains("at http://127.0.0.1:"), "{banner}");
 
     let runs = get_json(&ui, "/api/runs");
@@ -166,7 +118,7 @@ fn api_serves_runs_steps_logs_and_redacts_secrets() {
 #[test]
 fn api_searches_artifacts_draws_lineage_and_serves_files_safely() {
     let (p, _first, second) = filled_store();
-    let (ui, _) = start_ui(&p, &[]);
+    let (ui, _) = p.start_ui(&[]);
     let tree_digest = second["steps"]
         .as_array()
         .unwrap()
@@ -300,7 +252,7 @@ fn api_searches_artifacts_draws_lineage_and_serves_files_safely() {
 #[test]
 fn non_loopback_host_warns_and_bad_host_is_a_usage_error() {
     let (p, _, _) = filled_store();
-    let (_ui, banner) = start_ui(&p, &["--host", "0.0.0.0"]);
+    let (_ui, banner) = p.start_ui(&["--host", "0.0.0.0"]);
     assert!(banner.contains("warning: binding 0.0.0.0"), "{banner}");
     let (code, _, err) = p.exec(&["ui", "--host", "localhost:80"]);
     assert_eq!(code, 2, "{err}");
@@ -310,7 +262,7 @@ fn non_loopback_host_warns_and_bad_host_is_a_usage_error() {
 #[test]
 fn pages_and_assets_are_served_from_the_binary() {
     let (p, _, _) = filled_store();
-    let (ui, _) = start_ui(&p, &[]);
+    let (ui, _) = p.start_ui(&[]);
     let (status, head, body) = get(&ui, "/");
     assert_eq!(status, 200);
     assert!(
@@ -357,7 +309,7 @@ fn previews_page_records_project_embeddings_and_diff_artifacts() {
     assert_eq!(first.code, 0, "{}", first.stderr);
     let second = p.run("feat.yaml", &["--set", "size=8"]);
     assert_eq!(second.code, 0, "{}", second.stderr);
-    let (ui, _) = start_ui(&p, &[]);
+    let (ui, _) = p.start_ui(&[]);
 
     let docs = first.output("docs", "documents");
     let page = get_json(

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -32,27 +31,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-// Children are killed and waited for in `Killed::drop`.
-#[allow(clippy::zombie_processes)]
-fn start_ui(p: &Project) -> (Killed, String) {
-    let mut child = Command::new(assert_cmd::cargo::cargo_bin("cairn"))
-        .env("CAIRN_STORE", p.store())
-        .args(["ui", "--port", "0"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut reader = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    let addr = line
-        .split("at http://")
-        .nth(1)
-        .and_then(|r| r.split('/').next())
-        .unwrap_or_else(|| panic!("no address in {line}"))
-        .to_string();
-    (Killed(child), format!("http://{addr}"))
 }
 
 async fn wait_text(c: &fantoccini::Client, css: &str, needle: &str) -> String {
@@ -107,7 +85,8 @@ async fn click_from_a_run_to_a_step_to_its_artifact_to_the_lineage() {
     let run_id = second.json["run_id"].as_str().unwrap().to_string();
     let tree_out = second.output("tree", "dir");
 
-    let (_ui, base) = start_ui(&p);
+    let (ui, _) = p.start_ui(&[]);
+    let base = ui.base.clone();
     let port = free_port();
     let _driver = Killed(
         Command::new(CHROMEDRIVER)

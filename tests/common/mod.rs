@@ -21,6 +21,15 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// The outcome of a finished `cairn ... --json` process.
+    pub fn from_output(out: &std::process::Output) -> Self {
+        Outcome {
+            code: out.status.code().unwrap_or(-1),
+            json: serde_json::from_slice(&out.stdout).unwrap_or(Value::Null),
+            stderr: String::from_utf8_lossy(&out.stderr).to_string(),
+        }
+    }
+
     /// step name -> status
     pub fn statuses(&self) -> BTreeMap<String, String> {
         self.json["steps"]
@@ -115,14 +124,7 @@ impl Project {
             .args(args)
             .output()
             .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        let json = serde_json::from_str(&stdout).unwrap_or(Value::Null);
-        Outcome {
-            code: out.status.code().unwrap_or(-1),
-            json,
-            stderr,
-        }
+        Outcome::from_output(&out)
     }
 
     /// Runs any cairn command; returns (exit code, stdout, stderr).
@@ -138,4 +140,51 @@ impl Project {
 
 pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap()
+}
+
+/// A running `cairn ui`; killed (and reaped) when dropped.
+pub struct UiServer {
+    child: std::process::Child,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+}
+
+impl Drop for UiServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Project {
+    /// Starts `cairn ui --port 0 EXTRA...` on this project's store; returns the server and
+    /// the start-up lines it printed (up to its address).
+    // The child is killed and waited for in `UiServer::drop`.
+    #[allow(clippy::zombie_processes)]
+    pub fn start_ui(&self, extra: &[&str]) -> (UiServer, String) {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("cairn"))
+            .current_dir(self.dir.path())
+            .env("CAIRN_STORE", self.store())
+            .args(["ui", "--port", "0"])
+            .args(extra)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut banner = String::new();
+        let mut reader = std::io::BufReader::new(child.stderr.take().unwrap());
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap() == 0 {
+                let status = child.wait();
+                panic!("cairn ui exited ({status:?}): {banner}");
+            }
+            banner.push_str(&line);
+            if let Some(rest) = line.split("at http://").nth(1) {
+                let addr = rest.split('/').next().unwrap().to_string();
+                let base = format!("http://{addr}");
+                return (UiServer { child, base }, banner);
+            }
+        }
+    }
 }
