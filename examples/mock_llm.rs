@@ -10,6 +10,8 @@
 #[path = "../tests/common/mock_llm.rs"]
 #[allow(dead_code)]
 mod mock_llm;
+#[path = "../tests/common/server.rs"]
+mod server;
 #[path = "../tests/common/static_files.rs"]
 mod static_files;
 

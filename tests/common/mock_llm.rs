@@ -58,9 +58,6 @@ impl MockLlm {
     /// fixture blog to crawl).
     pub fn start_on(addr: &str, site: Option<std::path::PathBuf>) -> Self {
         let state = Arc::new(MockState::default());
-        let listener = std::net::TcpListener::bind(addr).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
         let mut app = Router::new()
             .route("/v1/chat/completions", post(chat))
             .with_state(state.clone());
@@ -71,17 +68,7 @@ impl MockLlm {
                     .with_state(Arc::new(site)),
             );
         }
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                axum::serve(listener, app).await.unwrap();
-            });
-        });
+        let port = super::server::serve(addr, app).port();
         Self {
             base_url: format!("http://127.0.0.1:{port}/v1"),
             state,

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod mock_llm;
+pub mod server;
 pub mod static_files;
 
 use std::collections::BTreeMap;
