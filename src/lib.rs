@@ -18,6 +18,7 @@ pub mod extract;
 pub mod graph;
 pub mod ingest;
 pub mod llm;
+pub mod ml;
 pub mod models;
 pub mod pipeline;
 pub mod redact;

@@ -2,6 +2,7 @@
 //! the library and only formats what it gets back.
 
 mod browse;
+mod generate;
 mod maintenance;
 mod query;
 mod run;
@@ -73,6 +74,8 @@ enum Command {
     /// Search a vector collection: embed the text with the collection's model, print the
     /// nearest chunks with scores, titles and snippets.
     Query(query::QueryArgs),
+    /// Generate text from a trained `model` artifact or a model directory, streaming it.
+    Generate(generate::GenerateArgs),
     /// Serve runs, artifacts and lineage to a browser (read-only, 127.0.0.1 by default);
     /// the same data as JSON under /api.
     Ui(ui::UiArgs),
@@ -143,6 +146,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Hash(args) => maintenance::hash(args),
         Command::Query(args) => query::query(cli, args),
         Command::Ui(args) => ui::ui(cli, args),
+        Command::Generate(args) => generate::generate(cli, args),
     }
 }
 

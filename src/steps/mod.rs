@@ -9,6 +9,8 @@ pub mod crawl;
 pub mod dataset_merge;
 pub mod docstore;
 pub mod embed;
+pub mod evaluate;
+pub mod finetune;
 pub mod ingest;
 pub mod instruct;
 pub mod source;
@@ -276,6 +278,8 @@ pub static REGISTRY: &[&dyn Step] = &[
     &vector_load::VectorLoadStep,
     &instruct::InstructStep,
     &dataset_merge::DatasetMergeStep,
+    &finetune::FinetuneStep,
+    &evaluate::EvaluateStep,
 ];
 
 /// Looks up a built-in step kind.

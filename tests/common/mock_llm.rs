@@ -9,6 +9,8 @@
 //! - `MOCK_SLOW`: the reply comes after 500 ms;
 //! - `MOCK_401`: 401 every time.
 //!
+//! Judge prompts ("You are an expert judge") get accuracy 1 + (answer length mod 3), style 2.
+//!
 //! It counts calls, requests in flight (and the most at once) and when each arrived.
 
 use std::collections::HashSet;
@@ -182,6 +184,20 @@ fn answer(user: &str) -> String {
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or(1);
+    if user.contains("You are an expert judge") {
+        // A deterministic verdict that depends on the answer, so two models can differ.
+        let answer = user.rsplit_once("Answer: ").map(|(_, a)| a).unwrap_or("");
+        let answer = answer
+            .split("\n\nProvide your evaluation")
+            .next()
+            .unwrap_or(answer);
+        let accuracy = 1 + answer.trim().len() % 3;
+        return json!({
+            "accuracy": {"analysis": format!("{} characters of answer", answer.trim().len()), "score": accuracy},
+            "style": {"analysis": "plain enough", "score": 2},
+        })
+        .to_string();
+    }
     if user.contains("instruction-answer triples") {
         // Chosen: whole sentences copied from the extract, at least 100 characters.
         let mut chosen = String::new();

@@ -8,22 +8,6 @@ use cairn::models;
 
 use crate::bert;
 
-/// Makes CUDA visible to libtorch when the CUDA library is installed: rustc links with
-/// --as-needed, which drops libtorch_cuda.so, so load it by hand (harmless on CPU-only
-/// machines, where it is absent).
-pub fn load_cuda_library() {
-    use std::sync::Once;
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let name = std::ffi::CString::new("libtorch_cuda.so").expect("no NUL");
-        // SAFETY: dlopen with a valid C string; the handle is intentionally leaked so the
-        // library stays loaded for the life of the process.
-        unsafe {
-            libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL);
-        }
-    });
-}
-
 /// A loaded sentence-embedding model.
 pub struct Embedder {
     info: EmbedderInfo,
@@ -40,7 +24,6 @@ impl Embedder {
         precision: Precision,
         threads: usize,
     ) -> Result<Self, EmbedError> {
-        load_cuda_library();
         let sentence = models::sentence_config(dir)?;
         let config_path = dir.join("config.json");
         let config_json: serde_json::Value = serde_json::from_slice(
@@ -52,24 +35,7 @@ impl Embedder {
         let roberta = config_json["model_type"]
             .as_str()
             .is_some_and(|t| t.contains("roberta"));
-        let cuda = tch::Cuda::is_available();
-        let (device, device_reason) = match device {
-            DeviceChoice::Auto if cuda => (tch::Device::Cuda(0), "auto: CUDA is available".to_string()),
-            DeviceChoice::Auto => (
-                tch::Device::Cpu,
-                "auto: no CUDA device visible to libtorch".to_string(),
-            ),
-            DeviceChoice::Cpu => (tch::Device::Cpu, "requested".to_string()),
-            DeviceChoice::Cuda(n) if cuda && (n as i64) < tch::Cuda::device_count() => {
-                (tch::Device::Cuda(n), "requested".to_string())
-            }
-            DeviceChoice::Cuda(n) => {
-                return Err(EmbedError::Settings(format!(
-                    "device cuda:{n} requested but libtorch sees {} CUDA device(s); use device: auto or cpu",
-                    if cuda { tch::Cuda::device_count() } else { 0 }
-                )))
-            }
-        };
+        let (device, device_reason) = crate::device::pick(device).map_err(EmbedError::Settings)?;
         let kind = match (precision, device.is_cuda()) {
             (Precision::Auto, true) | (Precision::F16, true) => tch::Kind::Half,
             (Precision::Bf16, true) => tch::Kind::BFloat16,

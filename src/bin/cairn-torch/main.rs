@@ -1,10 +1,17 @@
 //! `cairn-torch`: the process that runs libtorch for cairn. `cairn` spawns it for `embed`
 //! and `cairn query` (see `cairn::embed::worker` for the protocol), so the orchestrator
-//! never pays libtorch's start-up time or memory. Also measures the fp32 GEMM rate for the
-//! benchmark.
+//! never pays libtorch's start-up time or memory. It also trains, evaluates and samples
+//! decoder models for `finetune`, `evaluate` and `cairn generate` (see `cairn::ml`), and
+//! measures the fp32 GEMM rate for the benchmark.
 
 mod bert;
+mod decoder;
+mod device;
 mod embedder;
+mod evaluate;
+mod generate;
+mod modeldir;
+mod train;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -51,6 +58,54 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
+    /// Train a decoder model: a `cairn::ml::job::TrainJob` as JSON (the finetune step).
+    Train {
+        /// The job file.
+        #[arg(long)]
+        job: PathBuf,
+    },
+    /// Evaluate a model: a `cairn::ml::job::EvalJob` as JSON (the evaluate step).
+    Evaluate {
+        /// The job file.
+        #[arg(long)]
+        job: PathBuf,
+    },
+    /// Generate text from a model directory, streaming it to stdout.
+    Generate {
+        /// Model directory (full or LoRA adapter).
+        #[arg(long)]
+        model: PathBuf,
+        /// The prompt (wrapped in the model's template unless --raw).
+        #[arg(long)]
+        prompt: String,
+        /// Feed the prompt as is.
+        #[arg(long)]
+        raw: bool,
+        /// Override the template (alpaca, chatml, or a string with {output}).
+        #[arg(long)]
+        template: Option<String>,
+        /// Sampling settings as JSON (`cairn::ml::job::GenerationSettings`).
+        #[arg(long, default_value = "{}")]
+        settings: String,
+        /// auto, cpu, cuda, cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// CPU threads (0: default).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Write the logits of a model for token ids (parity tests): safetensors `logits`.
+    Logits {
+        /// Model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// safetensors file with an int64 tensor `input_ids` [batch, seq].
+        #[arg(long)]
+        input: PathBuf,
+        /// Output safetensors file.
+        #[arg(long)]
+        output: PathBuf,
+    },
     /// Print libtorch's fp32 matrix-multiply rate (GFLOP/s) for a few shapes.
     Gemm {
         /// CPU threads.
@@ -59,15 +114,159 @@ enum Command {
     },
 }
 
+fn generate_command(
+    model: &std::path::Path,
+    prompt: &str,
+    raw: bool,
+    template: Option<&str>,
+    settings: &str,
+    device: &str,
+    threads: usize,
+) -> Result<(), String> {
+    let g: cairn::ml::job::GenerationSettings =
+        serde_json::from_str(settings).map_err(|e| format!("--settings: {e}"))?;
+    let (device, reason, _) = train::device_for(device, "auto", threads)?;
+    let (mut m, tokenizer, card) = modeldir::load_any(model, device)?;
+    m.merge_lora();
+    let template =
+        cairn::ml::template::Template::parse(template.unwrap_or(if card.template.is_empty() {
+            "alpaca"
+        } else {
+            &card.template
+        }))?;
+    let text = if raw {
+        prompt.to_string()
+    } else {
+        template.prompt(&cairn::ml::template::Conversation {
+            turns: vec![(cairn::ml::template::Role::User, prompt.to_string())],
+        })
+    };
+    let eos = if card.eos_token.is_empty() {
+        cairn::ml::data::eos_token(&tokenizer, None)
+            .map(|e| e.0)
+            .unwrap_or_default()
+    } else {
+        card.eos_token.clone()
+    };
+    let mut stops = if raw {
+        Vec::new()
+    } else {
+        template.stop_strings()
+    };
+    stops.extend(g.stop.iter().cloned());
+    let eos_ids = evaluate::stop_ids(&tokenizer, &eos, &stops);
+    let mut out = std::io::stdout().lock();
+    let done = generate::generate(&m, &tokenizer, &text, &g, &stops, &eos_ids, &mut |piece| {
+        let _ = out.write_all(piece.as_bytes());
+        let _ = out.flush();
+    })?;
+    let _ = writeln!(out);
+    eprintln!(
+        "[{} tokens in {:.2} s, {:.1} tokens/s, {} ({reason})]",
+        done.tokens,
+        done.seconds,
+        done.tokens as f64 / done.seconds.max(1e-9),
+        device::name(device)
+    );
+    Ok(())
+}
+
 fn emit(value: serde_json::Value) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{value}");
     let _ = out.flush();
 }
 
+/// Runs `f`, turning an error or a panic into an `{"error"}` event and exit code 1.
+fn guarded(f: impl FnOnce() -> Result<serde_json::Value, String>) -> ExitCode {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panic".into());
+        Err(format!("internal error: {msg}"))
+    });
+    match result {
+        Ok(v) => {
+            emit(json!({ "finished": v }));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            emit(json!({ "error": e }));
+            eprintln!("cairn-torch: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read_job<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 fn main() -> ExitCode {
+    // Die with the parent: a killed `cairn run` must not leave training running.
+    // SAFETY: prctl with constant arguments only changes this process's signal setting.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    }
     let cli = Cli::parse();
     match cli.command {
+        Command::Train { job } => guarded(|| {
+            let job: cairn::ml::job::TrainJob = read_job(&job)?;
+            train::run(&job, &mut emit)
+        }),
+        Command::Evaluate { job } => guarded(|| {
+            let job: cairn::ml::job::EvalJob = read_job(&job)?;
+            let results = evaluate::run(&job, &mut emit)?;
+            let text = serde_json::to_string(&results).map_err(|e| e.to_string())?;
+            std::fs::write(&job.output, text)
+                .map_err(|e| format!("{}: {e}", job.output.display()))?;
+            Ok(json!({"output": job.output}))
+        }),
+        Command::Generate {
+            model,
+            prompt,
+            raw,
+            template,
+            settings,
+            device,
+            threads,
+        } => {
+            match generate_command(
+                &model,
+                &prompt,
+                raw,
+                template.as_deref(),
+                &settings,
+                &device,
+                threads,
+            ) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("cairn-torch: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Logits {
+            model,
+            input,
+            output,
+        } => guarded(|| {
+            let (mut m, _, _) = modeldir::load_any(&model, tch::Device::Cpu)?;
+            m.merge_lora();
+            let tensors = tch::Tensor::read_safetensors(&input).map_err(|e| e.to_string())?;
+            let ids = tensors
+                .into_iter()
+                .find(|(n, _)| n == "input_ids")
+                .ok_or("no input_ids tensor")?
+                .1;
+            let logits = tch::no_grad(|| m.forward(&ids, None));
+            modeldir::write_safetensors(&output, &[("logits".to_string(), &logits)])?;
+            Ok(json!({"shape": logits.size()}))
+        }),
         Command::Embed {
             model,
             device,

@@ -1,0 +1,712 @@
+//! Decoder-only language models in tch: GPT-2 (learned positions, LayerNorm, GELU MLP,
+//! fused QKV "Conv1D" weights) and the Llama family (Llama, Qwen2, Mistral, SmolLM:
+//! RMSNorm, rotary embeddings, grouped-query attention, SwiGLU), with optional LoRA
+//! adapters on any linear module. Weights are plain tensors keyed by their Hugging Face
+//! names, so loading and saving are name-for-name with `transformers`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::{json, Value};
+use tch::{Device, Kind, Tensor};
+
+use cairn::ml::job::ScratchConfig;
+
+/// Architecture family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// GPT-2 and its checkpoints (distilgpt2, gpt2-medium...).
+    Gpt2,
+    /// Llama, Qwen2, Mistral, SmolLM.
+    Llama,
+}
+
+impl Arch {
+    /// Short name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Gpt2 => "gpt2",
+            Arch::Llama => "llama",
+        }
+    }
+
+    /// PEFT's default LoRA targets.
+    pub fn default_lora_targets(self) -> Vec<String> {
+        match self {
+            Arch::Gpt2 => vec!["c_attn".into()],
+            Arch::Llama => vec!["q_proj".into(), "v_proj".into()],
+        }
+    }
+}
+
+/// What the forward pass needs from config.json.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub arch: Arch,
+    pub vocab: i64,
+    pub hidden: i64,
+    pub layers: i64,
+    pub heads: i64,
+    pub kv_heads: i64,
+    pub head_dim: i64,
+    pub intermediate: i64,
+    pub max_positions: i64,
+    pub eps: f64,
+    pub rope_theta: f64,
+    pub tie_embeddings: bool,
+    /// Qwen2 has biases on q/k/v.
+    pub qkv_bias: bool,
+    pub embd_pdrop: f64,
+    pub resid_pdrop: f64,
+    pub attn_pdrop: f64,
+    /// The config.json written with the model.
+    pub raw: Value,
+}
+
+fn int(v: &Value, keys: &[&str]) -> Option<i64> {
+    keys.iter().find_map(|k| v.get(*k).and_then(Value::as_i64))
+}
+
+impl Config {
+    /// Reads a Hugging Face config.json.
+    pub fn from_hf(v: &Value) -> Result<Self, String> {
+        let model_type = v["model_type"].as_str().unwrap_or("");
+        let need = |keys: &[&str]| {
+            int(v, keys).ok_or_else(|| format!("config.json: `{}` is missing", keys[0]))
+        };
+        match model_type {
+            "gpt2" => {
+                let hidden = need(&["n_embd", "hidden_size"])?;
+                let heads = need(&["n_head", "num_attention_heads"])?;
+                let act = v["activation_function"].as_str().unwrap_or("gelu_new");
+                if !matches!(act, "gelu_new" | "gelu_pytorch_tanh") {
+                    return Err(format!("config.json: activation_function {act:?} is not supported (gelu_new)"));
+                }
+                if v["scale_attn_by_inverse_layer_idx"].as_bool() == Some(true)
+                    || v["reorder_and_upcast_attn"].as_bool() == Some(true)
+                {
+                    return Err("config.json: scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported".into());
+                }
+                Ok(Self {
+                    arch: Arch::Gpt2,
+                    vocab: need(&["vocab_size"])?,
+                    hidden,
+                    layers: need(&["n_layer", "num_hidden_layers"])?,
+                    heads,
+                    kv_heads: heads,
+                    head_dim: hidden / heads,
+                    intermediate: int(v, &["n_inner"]).unwrap_or(4 * hidden),
+                    max_positions: need(&["n_positions", "max_position_embeddings"])?,
+                    eps: v["layer_norm_epsilon"].as_f64().unwrap_or(1e-5),
+                    rope_theta: 0.0,
+                    tie_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(true),
+                    qkv_bias: true,
+                    embd_pdrop: v["embd_pdrop"].as_f64().unwrap_or(0.1),
+                    resid_pdrop: v["resid_pdrop"].as_f64().unwrap_or(0.1),
+                    attn_pdrop: v["attn_pdrop"].as_f64().unwrap_or(0.1),
+                    raw: v.clone(),
+                })
+            }
+            "llama" | "qwen2" | "mistral" => {
+                let hidden = need(&["hidden_size"])?;
+                let heads = need(&["num_attention_heads"])?;
+                let act = v["hidden_act"].as_str().unwrap_or("silu");
+                if act != "silu" {
+                    return Err(format!("config.json: hidden_act {act:?} is not supported (silu)"));
+                }
+                let rope = v.get("rope_parameters").filter(|r| r.is_object());
+                let rope_type = rope
+                    .and_then(|r| r["rope_type"].as_str())
+                    .or_else(|| v["rope_scaling"].get("rope_type").and_then(Value::as_str))
+                    .or_else(|| v["rope_scaling"].get("type").and_then(Value::as_str))
+                    .unwrap_or("default");
+                if rope_type != "default" {
+                    return Err(format!("config.json: rope scaling {rope_type:?} is not supported (models with plain rotary embeddings only)"));
+                }
+                let rope_theta = rope
+                    .and_then(|r| r["rope_theta"].as_f64())
+                    .or_else(|| v["rope_theta"].as_f64())
+                    .unwrap_or(10000.0);
+                Ok(Self {
+                    arch: Arch::Llama,
+                    vocab: need(&["vocab_size"])?,
+                    hidden,
+                    layers: need(&["num_hidden_layers"])?,
+                    heads,
+                    kv_heads: int(v, &["num_key_value_heads"]).unwrap_or(heads),
+                    head_dim: int(v, &["head_dim"]).unwrap_or(hidden / heads),
+                    intermediate: need(&["intermediate_size"])?,
+                    max_positions: int(v, &["max_position_embeddings"]).unwrap_or(2048),
+                    eps: v["rms_norm_eps"].as_f64().unwrap_or(1e-6),
+                    rope_theta,
+                    tie_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(model_type == "qwen2"),
+                    qkv_bias: model_type == "qwen2" || v["attention_bias"].as_bool() == Some(true),
+                    embd_pdrop: 0.0,
+                    resid_pdrop: 0.0,
+                    attn_pdrop: v["attention_dropout"].as_f64().unwrap_or(0.0),
+                    raw: v.clone(),
+                })
+            }
+            other => Err(format!(
+                "config.json: model_type {other:?} is not supported; cairn trains gpt2 and llama-family (llama, qwen2, mistral) models"
+            )),
+        }
+    }
+
+    /// A config.json for a model built from `s` with `vocab` tokens.
+    pub fn scratch(s: &ScratchConfig, vocab: i64, eos_id: i64) -> Result<Self, String> {
+        if s.hidden % s.heads != 0 {
+            return Err(format!(
+                "scratch: hidden {} is not a multiple of heads {}",
+                s.hidden, s.heads
+            ));
+        }
+        let raw = match s.arch.as_str() {
+            "gpt2" => json!({
+                "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+                "vocab_size": vocab, "n_embd": s.hidden, "n_layer": s.layers, "n_head": s.heads,
+                "n_inner": s.intermediate, "n_positions": s.max_positions,
+                "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+                "embd_pdrop": 0.0, "resid_pdrop": 0.0, "attn_pdrop": 0.0,
+                "tie_word_embeddings": true, "bos_token_id": eos_id, "eos_token_id": eos_id,
+                "torch_dtype": "float32",
+            }),
+            "llama" => {
+                let kv = s.kv_heads.unwrap_or(s.heads);
+                if s.heads % kv != 0 {
+                    return Err(format!(
+                        "scratch: heads {} is not a multiple of kv_heads {kv}",
+                        s.heads
+                    ));
+                }
+                let inter = s
+                    .intermediate
+                    .unwrap_or(((s.hidden * 8 / 3) + 63) / 64 * 64);
+                json!({
+                    "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                    "vocab_size": vocab, "hidden_size": s.hidden, "num_hidden_layers": s.layers,
+                    "num_attention_heads": s.heads, "num_key_value_heads": kv,
+                    "intermediate_size": inter, "max_position_embeddings": s.max_positions,
+                    "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu",
+                    "tie_word_embeddings": true, "attention_bias": false,
+                    "bos_token_id": eos_id, "eos_token_id": eos_id, "torch_dtype": "float32",
+                })
+            }
+            other => {
+                return Err(format!(
+                    "scratch: arch {other:?} is not supported (gpt2, llama)"
+                ))
+            }
+        };
+        Self::from_hf(&raw)
+    }
+
+    /// Parameters by name and shape, in a fixed order.
+    pub fn expected(&self) -> Vec<(String, Vec<i64>)> {
+        let (h, i, v) = (self.hidden, self.intermediate, self.vocab);
+        let mut out: Vec<(String, Vec<i64>)> = Vec::new();
+        let mut add = |n: String, s: Vec<i64>| out.push((n, s));
+        match self.arch {
+            Arch::Gpt2 => {
+                add("transformer.wte.weight".into(), vec![v, h]);
+                add("transformer.wpe.weight".into(), vec![self.max_positions, h]);
+                for l in 0..self.layers {
+                    let p = format!("transformer.h.{l}");
+                    add(format!("{p}.ln_1.weight"), vec![h]);
+                    add(format!("{p}.ln_1.bias"), vec![h]);
+                    add(format!("{p}.attn.c_attn.weight"), vec![h, 3 * h]);
+                    add(format!("{p}.attn.c_attn.bias"), vec![3 * h]);
+                    add(format!("{p}.attn.c_proj.weight"), vec![h, h]);
+                    add(format!("{p}.attn.c_proj.bias"), vec![h]);
+                    add(format!("{p}.ln_2.weight"), vec![h]);
+                    add(format!("{p}.ln_2.bias"), vec![h]);
+                    add(format!("{p}.mlp.c_fc.weight"), vec![h, i]);
+                    add(format!("{p}.mlp.c_fc.bias"), vec![i]);
+                    add(format!("{p}.mlp.c_proj.weight"), vec![i, h]);
+                    add(format!("{p}.mlp.c_proj.bias"), vec![h]);
+                }
+                add("transformer.ln_f.weight".into(), vec![h]);
+                add("transformer.ln_f.bias".into(), vec![h]);
+                if !self.tie_embeddings {
+                    add("lm_head.weight".into(), vec![v, h]);
+                }
+            }
+            Arch::Llama => {
+                let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+                add("model.embed_tokens.weight".into(), vec![v, h]);
+                for l in 0..self.layers {
+                    let p = format!("model.layers.{l}");
+                    add(format!("{p}.input_layernorm.weight"), vec![h]);
+                    add(format!("{p}.self_attn.q_proj.weight"), vec![q, h]);
+                    add(format!("{p}.self_attn.k_proj.weight"), vec![kv, h]);
+                    add(format!("{p}.self_attn.v_proj.weight"), vec![kv, h]);
+                    if self.qkv_bias {
+                        add(format!("{p}.self_attn.q_proj.bias"), vec![q]);
+                        add(format!("{p}.self_attn.k_proj.bias"), vec![kv]);
+                        add(format!("{p}.self_attn.v_proj.bias"), vec![kv]);
+                    }
+                    add(format!("{p}.self_attn.o_proj.weight"), vec![h, q]);
+                    add(format!("{p}.post_attention_layernorm.weight"), vec![h]);
+                    add(format!("{p}.mlp.gate_proj.weight"), vec![i, h]);
+                    add(format!("{p}.mlp.up_proj.weight"), vec![i, h]);
+                    add(format!("{p}.mlp.down_proj.weight"), vec![h, i]);
+                }
+                add("model.norm.weight".into(), vec![h]);
+                if !self.tie_embeddings {
+                    add("lm_head.weight".into(), vec![v, h]);
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether module `name` stores its weight as [in, out] (GPT-2's Conv1D).
+    pub fn is_conv1d(&self) -> bool {
+        self.arch == Arch::Gpt2
+    }
+
+    /// Input and output width of linear module `module` (for LoRA).
+    pub fn linear_shape(&self, weight: &Tensor) -> (i64, i64) {
+        let s = weight.size();
+        if self.is_conv1d() {
+            (s[0], s[1])
+        } else {
+            (s[1], s[0])
+        }
+    }
+
+    /// Model FLOPs per token for training (6 x parameters + attention), as in the MFU
+    /// definition of the PaLM paper.
+    pub fn train_flops_per_token(&self, params: i64, seq: i64) -> f64 {
+        6.0 * params as f64 + 12.0 * (self.layers * self.hidden * seq) as f64
+    }
+}
+
+/// A LoRA adapter on one linear module.
+pub struct LoraPair {
+    /// [r, in]
+    pub a: Tensor,
+    /// [out, r]
+    pub b: Tensor,
+}
+
+/// Per-layer key/value cache for generation.
+pub type Cache = Vec<Option<(Tensor, Tensor)>>;
+
+/// A decoder model on one device.
+pub struct Model {
+    pub cfg: Config,
+    pub params: BTreeMap<String, Tensor>,
+    /// Adapters by module path (e.g. `transformer.h.0.attn.c_attn`).
+    pub lora: BTreeMap<String, LoraPair>,
+    pub lora_scaling: f64,
+    pub lora_dropout: f64,
+    /// Dropout on (training) or off.
+    pub train: bool,
+    pub device: Device,
+}
+
+/// Reads every tensor of a model directory (model.safetensors, or the shards named by
+/// model.safetensors.index.json).
+pub fn read_weights(dir: &Path) -> Result<Vec<(String, Tensor)>, String> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<std::path::PathBuf> = if single.exists() {
+        vec![single]
+    } else if index.exists() {
+        let text =
+            std::fs::read_to_string(&index).map_err(|e| format!("{}: {e}", index.display()))?;
+        let v: Value =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", index.display()))?;
+        let mut names: Vec<String> = v["weight_map"]
+            .as_object()
+            .ok_or_else(|| format!("{}: no weight_map", index.display()))?
+            .values()
+            .filter_map(|f| f.as_str().map(str::to_string))
+            .collect();
+        names.sort();
+        names.dedup();
+        names.into_iter().map(|n| dir.join(n)).collect()
+    } else {
+        let hint = if dir.join("pytorch_model.bin").exists() {
+            " (only pytorch_model.bin: convert it once with `AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)`)"
+        } else {
+            ""
+        };
+        return Err(format!(
+            "{}: no model.safetensors or model.safetensors.index.json{hint}",
+            dir.display()
+        ));
+    };
+    let mut out = Vec::new();
+    for f in files {
+        out.extend(Tensor::read_safetensors(&f).map_err(|e| format!("{}: {e}", f.display()))?);
+    }
+    Ok(out)
+}
+
+impl Model {
+    /// Builds a model from named tensors (HF names, with or without GPT-2's
+    /// `transformer.` prefix), checking that every weight is there with its shape.
+    pub fn from_tensors(
+        cfg: Config,
+        tensors: Vec<(String, Tensor)>,
+        device: Device,
+    ) -> Result<Self, String> {
+        let mut by_name: BTreeMap<String, Tensor> = BTreeMap::new();
+        for (name, t) in tensors {
+            let name = if cfg.arch == Arch::Gpt2
+                && !name.starts_with("transformer.")
+                && !name.starts_with("lm_head")
+            {
+                format!("transformer.{name}")
+            } else {
+                name
+            };
+            by_name.insert(name, t);
+        }
+        let mut params = BTreeMap::new();
+        for (name, shape) in cfg.expected() {
+            let t = by_name.remove(&name).ok_or_else(|| {
+                format!(
+                    "the checkpoint has no tensor `{name}` (expected {shape:?} for this config)"
+                )
+            })?;
+            if t.size() != shape {
+                return Err(format!(
+                    "tensor `{name}` has shape {:?}, the config implies {shape:?}",
+                    t.size()
+                ));
+            }
+            params.insert(name, t.to_kind(Kind::Float).to_device(device).detach());
+        }
+        Ok(Self {
+            cfg,
+            params,
+            lora: BTreeMap::new(),
+            lora_scaling: 1.0,
+            lora_dropout: 0.0,
+            train: false,
+            device,
+        })
+    }
+
+    /// Initialises fresh weights the way `transformers` does (normal(0, 0.02), GPT-2's
+    /// residual projections scaled by 1/sqrt(2 x layers), norms at 1, biases at 0).
+    pub fn init(cfg: Config, device: Device, seed: u64) -> Self {
+        tch::manual_seed(seed as i64);
+        let mut params = BTreeMap::new();
+        let proj_std = 0.02 / ((2 * cfg.layers) as f64).sqrt();
+        for (name, shape) in cfg.expected() {
+            let t = if name.ends_with(".bias") {
+                Tensor::zeros(shape.as_slice(), (Kind::Float, device))
+            } else if shape.len() == 1 {
+                Tensor::ones(shape.as_slice(), (Kind::Float, device))
+            } else {
+                let std = if cfg.arch == Arch::Gpt2 && name.ends_with("c_proj.weight") {
+                    proj_std
+                } else {
+                    0.02
+                };
+                Tensor::randn(shape.as_slice(), (Kind::Float, device)) * std
+            };
+            params.insert(name, t);
+        }
+        Self {
+            cfg,
+            params,
+            lora: BTreeMap::new(),
+            lora_scaling: 1.0,
+            lora_dropout: 0.0,
+            train: false,
+            device,
+        }
+    }
+
+    /// Total parameters (adapters included).
+    pub fn num_params(&self) -> i64 {
+        self.params
+            .values()
+            .chain(self.lora.values().flat_map(|p| [&p.a, &p.b]))
+            .map(Tensor::numel)
+            .map(|n| n as i64)
+            .sum()
+    }
+
+    /// The linear modules whose last name component is in `targets`.
+    pub fn linear_modules(&self, targets: &[String]) -> Vec<String> {
+        self.params
+            .keys()
+            .filter(|n| n.ends_with(".weight"))
+            .map(|n| n.trim_end_matches(".weight").to_string())
+            .filter(|m| {
+                let last = m.rsplit('.').next().unwrap_or("");
+                targets
+                    .iter()
+                    .any(|t| t == last || m.ends_with(&format!(".{t}")))
+                    && !m.contains("ln_")
+                    && !m.contains("norm")
+                    && !m.ends_with("wte")
+                    && !m.ends_with("wpe")
+                    && !m.ends_with("embed_tokens")
+            })
+            .collect()
+    }
+
+    /// Adds fresh adapters (A Kaiming-uniform like PEFT, B zeros) on `modules`.
+    pub fn add_lora(&mut self, modules: &[String], r: i64, alpha: f64, dropout: f64, seed: u64) {
+        tch::manual_seed(seed as i64);
+        self.lora_scaling = alpha / r as f64;
+        self.lora_dropout = dropout;
+        for m in modules {
+            let w = &self.params[&format!("{m}.weight")];
+            let (fan_in, fan_out) = self.cfg.linear_shape(w);
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            let a = Tensor::rand([r, fan_in], (Kind::Float, self.device)) * (2.0 * bound) - bound;
+            let b = Tensor::zeros([fan_out, r], (Kind::Float, self.device));
+            self.lora.insert(m.clone(), LoraPair { a, b });
+        }
+    }
+
+    /// Folds every adapter into its base weight and drops the adapters.
+    pub fn merge_lora(&mut self) {
+        let _guard = tch::no_grad_guard();
+        let scaling = self.lora_scaling;
+        for (m, pair) in std::mem::take(&mut self.lora) {
+            let w = self
+                .params
+                .get_mut(&format!("{m}.weight"))
+                .expect("adapted weight");
+            let delta = pair.b.matmul(&pair.a) * scaling; // [out, in]
+            let delta = if self.cfg.is_conv1d() {
+                delta.transpose(0, 1)
+            } else {
+                delta
+            };
+            *w = (&*w + delta).detach();
+        }
+    }
+
+    fn p(&self, name: &str) -> &Tensor {
+        self.params
+            .get(name)
+            .unwrap_or_else(|| panic!("missing parameter {name}"))
+    }
+
+    fn linear(&self, module: &str, x: &Tensor) -> Tensor {
+        let w = self.p(&format!("{module}.weight"));
+        let b = self.params.get(&format!("{module}.bias"));
+        let mut y = if self.cfg.is_conv1d() {
+            let y = x.matmul(w);
+            match b {
+                Some(b) => y + b,
+                None => y,
+            }
+        } else {
+            x.linear(w, b)
+        };
+        if let Some(pair) = self.lora.get(module) {
+            let input = if self.train && self.lora_dropout > 0.0 {
+                x.dropout(self.lora_dropout, true)
+            } else {
+                x.shallow_clone()
+            };
+            y = y + input
+                .linear::<Tensor>(&pair.a, None)
+                .linear::<Tensor>(&pair.b, None)
+                * self.lora_scaling;
+        }
+        y
+    }
+
+    fn dropout(&self, x: Tensor, p: f64) -> Tensor {
+        if self.train && p > 0.0 {
+            x.dropout(p, true)
+        } else {
+            x
+        }
+    }
+
+    /// Logits [batch, seq, vocab] for `ids` [batch, seq]. With a cache, positions continue
+    /// after the cached ones (and the cache grows); a multi-token call on a non-empty
+    /// cache is not supported (generation feeds the prompt once, then one token at a time).
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Tensor {
+        let h = self.hidden(ids, cache);
+        let head = if self.cfg.tie_embeddings {
+            match self.cfg.arch {
+                Arch::Gpt2 => self.p("transformer.wte.weight"),
+                Arch::Llama => self.p("model.embed_tokens.weight"),
+            }
+        } else {
+            self.p("lm_head.weight")
+        };
+        h.linear::<Tensor>(head, None)
+    }
+
+    fn hidden(&self, ids: &Tensor, mut cache: Option<&mut Cache>) -> Tensor {
+        let (b, t) = {
+            let s = ids.size();
+            (s[0], s[1])
+        };
+        let past = cache
+            .as_ref()
+            .and_then(|c| c.first().and_then(|l| l.as_ref().map(|(k, _)| k.size()[2])))
+            .unwrap_or(0);
+        if let Some(c) = cache.as_deref_mut() {
+            c.resize_with(self.cfg.layers as usize, || None);
+        }
+        let causal = t > 1;
+        assert!(
+            past == 0 || t == 1,
+            "multi-token forward on a non-empty cache"
+        );
+        let (nh, nkv, hd) = (self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim);
+        let attn_p = if self.train { self.cfg.attn_pdrop } else { 0.0 };
+        match self.cfg.arch {
+            Arch::Gpt2 => {
+                let pos = Tensor::arange_start(past, past + t, (Kind::Int64, self.device));
+                let mut h =
+                    Tensor::embedding(self.p("transformer.wte.weight"), ids, -1, false, false)
+                        + Tensor::embedding(
+                            self.p("transformer.wpe.weight"),
+                            &pos,
+                            -1,
+                            false,
+                            false,
+                        );
+                h = self.dropout(h, self.cfg.embd_pdrop);
+                let hs = self.cfg.hidden;
+                for l in 0..self.cfg.layers {
+                    let p = format!("transformer.h.{l}");
+                    let a = h.layer_norm(
+                        [hs],
+                        Some(self.p(&format!("{p}.ln_1.weight"))),
+                        Some(self.p(&format!("{p}.ln_1.bias"))),
+                        self.cfg.eps,
+                        true,
+                    );
+                    let qkv = self.linear(&format!("{p}.attn.c_attn"), &a);
+                    let parts = qkv.split(hs, -1);
+                    let heads = |x: &Tensor| x.view([b, t, nh, hd]).transpose(1, 2);
+                    let (q, mut k, mut v) = (heads(&parts[0]), heads(&parts[1]), heads(&parts[2]));
+                    if let Some(c) = cache.as_deref_mut() {
+                        (k, v) = append_cache(&mut c[l as usize], k, v);
+                    }
+                    let y = Tensor::scaled_dot_product_attention::<Tensor>(
+                        &q, &k, &v, None, attn_p, causal, None, false,
+                    );
+                    let y = y.transpose(1, 2).reshape([b, t, hs]);
+                    let y = self.linear(&format!("{p}.attn.c_proj"), &y);
+                    h = h + self.dropout(y, self.cfg.resid_pdrop);
+                    let m = h.layer_norm(
+                        [hs],
+                        Some(self.p(&format!("{p}.ln_2.weight"))),
+                        Some(self.p(&format!("{p}.ln_2.bias"))),
+                        self.cfg.eps,
+                        true,
+                    );
+                    let m = self.linear(&format!("{p}.mlp.c_fc"), &m).gelu("tanh");
+                    let m = self.linear(&format!("{p}.mlp.c_proj"), &m);
+                    h = h + self.dropout(m, self.cfg.resid_pdrop);
+                }
+                h.layer_norm(
+                    [hs],
+                    Some(self.p("transformer.ln_f.weight")),
+                    Some(self.p("transformer.ln_f.bias")),
+                    self.cfg.eps,
+                    true,
+                )
+            }
+            Arch::Llama => {
+                let mut h =
+                    Tensor::embedding(self.p("model.embed_tokens.weight"), ids, -1, false, false);
+                let (cos, sin) = self.rope(past, t);
+                let rep = nh / nkv;
+                for l in 0..self.cfg.layers {
+                    let p = format!("model.layers.{l}");
+                    let a = self.rms(&h, &format!("{p}.input_layernorm.weight"));
+                    let q = self
+                        .linear(&format!("{p}.self_attn.q_proj"), &a)
+                        .view([b, t, nh, hd])
+                        .transpose(1, 2);
+                    let k = self
+                        .linear(&format!("{p}.self_attn.k_proj"), &a)
+                        .view([b, t, nkv, hd])
+                        .transpose(1, 2);
+                    let mut v = self
+                        .linear(&format!("{p}.self_attn.v_proj"), &a)
+                        .view([b, t, nkv, hd])
+                        .transpose(1, 2);
+                    let q = apply_rope(&q, &cos, &sin);
+                    let mut k = apply_rope(&k, &cos, &sin);
+                    if let Some(c) = cache.as_deref_mut() {
+                        (k, v) = append_cache(&mut c[l as usize], k, v);
+                    }
+                    let (k, v) = if rep > 1 {
+                        (
+                            k.repeat_interleave_self_int(rep, 1, None),
+                            v.repeat_interleave_self_int(rep, 1, None),
+                        )
+                    } else {
+                        (k, v)
+                    };
+                    let y = Tensor::scaled_dot_product_attention::<Tensor>(
+                        &q, &k, &v, None, attn_p, causal, None, false,
+                    );
+                    let y = y.transpose(1, 2).reshape([b, t, nh * hd]);
+                    h = h + self.linear(&format!("{p}.self_attn.o_proj"), &y);
+                    let m = self.rms(&h, &format!("{p}.post_attention_layernorm.weight"));
+                    let g = self.linear(&format!("{p}.mlp.gate_proj"), &m).silu();
+                    let u = self.linear(&format!("{p}.mlp.up_proj"), &m);
+                    h = h + self.linear(&format!("{p}.mlp.down_proj"), &(g * u));
+                }
+                self.rms(&h, "model.norm.weight")
+            }
+        }
+    }
+
+    fn rms(&self, x: &Tensor, weight: &str) -> Tensor {
+        let kind = x.kind();
+        let xf = x.to_kind(Kind::Float);
+        let var = xf.square().mean_dim(&[-1i64][..], true, None::<Kind>);
+        let normed = (xf * (var + self.cfg.eps).rsqrt()).to_kind(kind);
+        self.p(weight) * normed
+    }
+
+    /// cos/sin tables [t, head_dim] for positions past..past+t (HF's layout: the two
+    /// halves of the head repeat the frequencies).
+    fn rope(&self, past: i64, t: i64) -> (Tensor, Tensor) {
+        let hd = self.cfg.head_dim;
+        let inv = (Tensor::arange_start_step(0i64, hd, 2, (Kind::Int64, self.device))
+            .to_kind(Kind::Float)
+            / hd as f64
+            * -self.cfg.rope_theta.ln())
+        .exp();
+        let pos =
+            Tensor::arange_start(past, past + t, (Kind::Int64, self.device)).to_kind(Kind::Float);
+        let freqs = pos.unsqueeze(1) * inv.unsqueeze(0);
+        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        (emb.cos(), emb.sin())
+    }
+}
+
+fn rotate_half(x: &Tensor) -> Tensor {
+    let half = x.size()[3] / 2;
+    let x1 = x.narrow(3, 0, half);
+    let x2 = x.narrow(3, half, half);
+    Tensor::cat(&[&x2.neg(), &x1], -1)
+}
+
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let kind = x.kind();
+    (x * cos.to_kind(kind) + rotate_half(x) * sin.to_kind(kind)).to_kind(kind)
+}
+
+fn append_cache(slot: &mut Option<(Tensor, Tensor)>, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
+    let (k, v) = match slot.take() {
+        Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2), Tensor::cat(&[&pv, &v], 2)),
+        None => (k, v),
+    };
+    *slot = Some((k.shallow_clone(), v.shallow_clone()));
+    (k, v)
+}

@@ -1,0 +1,285 @@
+//! Model directories in the Hugging Face layout: loading full checkpoints and PEFT LoRA
+//! adapters, and writing both (config.json + model.safetensors, or adapter_config.json +
+//! adapter_model.safetensors), plus cairn's `cairn_model.json` (template, EOS, base).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+use tch::{Device, Kind, Tensor};
+use tokenizers::Tokenizer;
+
+use cairn::ml::job::{LoraSettings, ModelCard, MODEL_CARD};
+
+use crate::decoder::{Config, LoraPair, Model};
+
+/// PEFT's prefix of adapter tensor names.
+const PEFT_PREFIX: &str = "base_model.model.";
+
+fn read_json(path: &Path) -> Result<Value, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The card of a model directory, or one inferred for a plain Hugging Face model.
+pub fn read_card(dir: &Path, tokenizer: &Tokenizer, arch: &str) -> ModelCard {
+    if let Ok(v) = read_json(&dir.join(MODEL_CARD)) {
+        if let Ok(card) = serde_json::from_value::<ModelCard>(v) {
+            return card;
+        }
+    }
+    ModelCard {
+        arch: arch.into(),
+        method: "full".into(),
+        template: "alpaca".into(),
+        eos_token: cairn::ml::data::eos_token(tokenizer, None)
+            .map(|e| e.0)
+            .unwrap_or_default(),
+        base_model: None,
+        provenance: Value::Null,
+    }
+}
+
+/// Loads a full model directory.
+pub fn load_full(dir: &Path, device: Device) -> Result<(Model, Tokenizer), String> {
+    let cfg = Config::from_hf(&read_json(&dir.join("config.json"))?)
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let tensors = read_weights_checked(dir)?;
+    let model =
+        Model::from_tensors(cfg, tensors, device).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let tokenizer = cairn::models::load_tokenizer(dir).map_err(|e| e.to_string())?;
+    Ok((model, tokenizer))
+}
+
+fn read_weights_checked(dir: &Path) -> Result<Vec<(String, Tensor)>, String> {
+    crate::decoder::read_weights(dir)
+}
+
+/// Whether `dir` holds a PEFT adapter rather than full weights.
+pub fn is_adapter(dir: &Path) -> bool {
+    dir.join("adapter_config.json").exists()
+}
+
+/// The base model directory a PEFT adapter applies to.
+pub fn adapter_base(dir: &Path) -> Result<PathBuf, String> {
+    let card: Option<ModelCard> = read_json(&dir.join(MODEL_CARD))
+        .ok()
+        .and_then(|v| serde_json::from_value(v).ok());
+    if let Some(base) = card.and_then(|c| c.base_model) {
+        return Ok(base);
+    }
+    let cfg = read_json(&dir.join("adapter_config.json"))?;
+    let base = cfg["base_model_name_or_path"].as_str().ok_or_else(|| {
+        format!(
+            "{}: adapter_config.json names no base_model_name_or_path",
+            dir.display()
+        )
+    })?;
+    let cwd = std::env::current_dir().unwrap_or_default();
+    cairn::models::resolve(base, &cwd).map_err(|e| e.to_string())
+}
+
+/// Loads any model directory: a full model, or a LoRA adapter on its base (adapters
+/// kept separate, so training can continue them).
+pub fn load_any(dir: &Path, device: Device) -> Result<(Model, Tokenizer, ModelCard), String> {
+    if !is_adapter(dir) {
+        let (model, tokenizer) = load_full(dir, device)?;
+        let card = read_card(dir, &tokenizer, model.cfg.arch.name());
+        return Ok((model, tokenizer, card));
+    }
+    let base = adapter_base(dir)?;
+    let (mut model, base_tokenizer) = load_full(&base, device)?;
+    let tokenizer = if dir.join("tokenizer.json").exists() {
+        cairn::models::load_tokenizer(dir).map_err(|e| e.to_string())?
+    } else {
+        base_tokenizer
+    };
+    let cfg = read_json(&dir.join("adapter_config.json"))?;
+    let r = cfg["r"].as_f64().unwrap_or(8.0);
+    let alpha = cfg["lora_alpha"].as_f64().unwrap_or(r);
+    model.lora_scaling = alpha / r;
+    model.lora_dropout = cfg["lora_dropout"].as_f64().unwrap_or(0.0);
+    let path = dir.join("adapter_model.safetensors");
+    let tensors =
+        Tensor::read_safetensors(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut pairs: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
+    for (name, t) in tensors {
+        let name = name.strip_prefix(PEFT_PREFIX).unwrap_or(&name).to_string();
+        let t = t.to_kind(Kind::Float).to_device(device);
+        if let Some(m) = name.strip_suffix(".lora_A.weight") {
+            pairs.entry(m.to_string()).or_default().0 = Some(t);
+        } else if let Some(m) = name.strip_suffix(".lora_B.weight") {
+            pairs.entry(m.to_string()).or_default().1 = Some(t);
+        } else {
+            return Err(format!(
+                "{}: unexpected tensor {name} (cairn reads LoRA adapters: lora_A/lora_B)",
+                path.display()
+            ));
+        }
+    }
+    for (m, pair) in pairs {
+        let (Some(a), Some(b)) = pair else {
+            return Err(format!(
+                "{}: module {m} lacks lora_A or lora_B",
+                path.display()
+            ));
+        };
+        if !model.params.contains_key(&format!("{m}.weight")) {
+            return Err(format!(
+                "{}: adapter for {m}, which the base model {} does not have",
+                path.display(),
+                base.display()
+            ));
+        }
+        model.lora.insert(m, LoraPair { a, b });
+    }
+    let mut card = read_card(dir, &tokenizer, model.cfg.arch.name());
+    card.base_model = Some(base);
+    Ok((model, tokenizer, card))
+}
+
+/// Writes tensors as safetensors with the `format: pt` metadata `transformers` expects.
+pub fn write_safetensors(path: &Path, tensors: &[(String, &Tensor)]) -> Result<(), String> {
+    let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, t) in tensors {
+        let t = t
+            .detach()
+            .to_device(Device::Cpu)
+            .to_kind(Kind::Float)
+            .contiguous();
+        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+        let n = t.numel();
+        let mut values = vec![0f32; n];
+        t.f_copy_data(&mut values, n).map_err(|e| e.to_string())?;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        buffers.push((name.clone(), shape, bytes));
+    }
+    let views = buffers
+        .iter()
+        .map(|(name, shape, bytes)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| e.to_string())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::tensor::serialize_to_file(views, Some(meta), path)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn write_json(path: &Path, v: &Value) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| e.to_string())?;
+    std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn write_tokenizer(dir: &Path, tokenizer: &Tokenizer, card: &ModelCard) -> Result<(), String> {
+    tokenizer
+        .save(dir.join("tokenizer.json"), false)
+        .map_err(|e| format!("tokenizer.json: {e}"))?;
+    write_json(
+        &dir.join("tokenizer_config.json"),
+        &json!({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": card.eos_token,
+                "pad_token": card.eos_token, "model_max_length": 1_000_000_000_000_000_000i64}),
+    )
+}
+
+/// Writes a full model directory (merged adapters included).
+pub fn save_full(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    card: &ModelCard,
+    dir: &Path,
+) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut merged;
+    let model = if model.lora.is_empty() {
+        model
+    } else {
+        merged = Model {
+            cfg: model.cfg.clone(),
+            params: model
+                .params
+                .iter()
+                .map(|(k, v)| (k.clone(), v.copy()))
+                .collect(),
+            lora: model
+                .lora
+                .iter()
+                .map(|(k, p)| {
+                    (
+                        k.clone(),
+                        LoraPair {
+                            a: p.a.copy(),
+                            b: p.b.copy(),
+                        },
+                    )
+                })
+                .collect(),
+            lora_scaling: model.lora_scaling,
+            lora_dropout: 0.0,
+            train: false,
+            device: model.device,
+        };
+        merged.merge_lora();
+        &merged
+    };
+    let tensors: Vec<(String, &Tensor)> =
+        model.params.iter().map(|(k, v)| (k.clone(), v)).collect();
+    write_safetensors(&dir.join("model.safetensors"), &tensors)?;
+    let mut config = model.cfg.raw.clone();
+    config["torch_dtype"] = json!("float32");
+    if let Ok(Some(eos)) = tokenizer_eos(tokenizer, card) {
+        config["eos_token_id"] = json!(eos);
+    }
+    write_json(&dir.join("config.json"), &config)?;
+    let mut card = card.clone();
+    card.method = "full".into();
+    card.base_model = None;
+    write_tokenizer(dir, tokenizer, &card)?;
+    write_json(
+        &dir.join(MODEL_CARD),
+        &serde_json::to_value(&card).map_err(|e| e.to_string())?,
+    )
+}
+
+fn tokenizer_eos(tokenizer: &Tokenizer, card: &ModelCard) -> Result<Option<u32>, String> {
+    Ok(tokenizer.token_to_id(&card.eos_token))
+}
+
+/// Writes the adapters in PEFT's format (and, with `merge`, full weights in `merged/`).
+pub fn save_adapter(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    card: &ModelCard,
+    lora: &LoraSettings,
+    targets: &[String],
+    base_ref: &str,
+    dir: &Path,
+) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut tensors: Vec<(String, &Tensor)> = Vec::new();
+    for (m, pair) in &model.lora {
+        tensors.push((format!("{PEFT_PREFIX}{m}.lora_A.weight"), &pair.a));
+        tensors.push((format!("{PEFT_PREFIX}{m}.lora_B.weight"), &pair.b));
+    }
+    write_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
+    write_json(
+        &dir.join("adapter_config.json"),
+        &json!({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_ref,
+            "r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+            "target_modules": targets, "fan_in_fan_out": model.cfg.is_conv1d(), "bias": "none",
+            "inference_mode": true, "init_lora_weights": true, "modules_to_save": null,
+            "use_rslora": false, "use_dora": false, "layers_to_transform": null,
+        }),
+    )?;
+    write_tokenizer(dir, tokenizer, card)?;
+    write_json(
+        &dir.join(MODEL_CARD),
+        &serde_json::to_value(card).map_err(|e| e.to_string())?,
+    )?;
+    if lora.merge {
+        save_full(model, tokenizer, card, &dir.join("merged"))?;
+    }
+    Ok(())
+}

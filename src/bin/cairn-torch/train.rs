@@ -1,0 +1,586 @@
+//! The training loop: AdamW (PyTorch's update, decoupled weight decay on matrices only),
+//! linear warm-up then cosine/linear decay (Hugging Face's schedules), global-norm
+//! clipping, gradient accumulation with the loss normalised over all response tokens of
+//! the optimizer step (as transformers does), bf16 autocast on CUDA, periodic evaluation
+//! with early stopping, and resumable checkpoints. The optimizer is written out here
+//! rather than using tch's because its moments must be saved in checkpoints, which tch's
+//! optimizer does not expose.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tch::{Device, Kind, Tensor};
+use tokenizers::Tokenizer;
+
+use cairn::embed::DeviceChoice;
+use cairn::ml::data::{self, Row, IGNORE};
+use cairn::ml::job::{learning_rate_at, Method, ModelCard, TrainJob, TrainSettings};
+use cairn::ml::template::Template;
+
+use crate::decoder::{Config, Model};
+use crate::modeldir;
+
+/// One point of the training curve.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Point {
+    pub step: u64,
+    pub loss: f64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub eval_loss: Option<f64>,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens_per_second: f64,
+}
+
+/// What a checkpoint records beside the tensors.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct State {
+    step: u64,
+    curve: Vec<Point>,
+    best_eval: Option<f64>,
+    bad_evals: u32,
+    tokens: u64,
+    seconds: f64,
+}
+
+/// A trainable tensor with its AdamW moments.
+struct Slot {
+    name: String,
+    param: Tensor,
+    m: Tensor,
+    v: Tensor,
+    decay: bool,
+}
+
+/// Puts rows into an ids tensor and a labels tensor, right-padded.
+pub fn batch_tensors(rows: &[&Row], pad: i64, device: Device) -> (Tensor, Tensor) {
+    let t = rows.iter().map(|r| r.ids.len()).max().unwrap_or(1);
+    let mut ids = Vec::with_capacity(rows.len() * t);
+    let mut labels = Vec::with_capacity(rows.len() * t);
+    for r in rows {
+        ids.extend(r.ids.iter().map(|&i| i64::from(i)));
+        labels.extend(r.labels.iter().copied());
+        ids.extend(std::iter::repeat_n(pad, t - r.ids.len()));
+        labels.extend(std::iter::repeat_n(IGNORE, t - r.ids.len()));
+    }
+    let shape = [rows.len() as i64, t as i64];
+    (
+        Tensor::from_slice(&ids).view(shape).to_device(device),
+        Tensor::from_slice(&labels).view(shape).to_device(device),
+    )
+}
+
+/// Summed cross-entropy of next-token predictions over labelled positions.
+pub fn loss_sum(model: &Model, ids: &Tensor, labels: &Tensor, bf16: bool) -> Tensor {
+    let logits = tch::autocast(bf16, || model.forward(ids, None));
+    let t = logits.size()[1];
+    let v = logits.size()[2];
+    let logits = logits
+        .narrow(1, 0, t - 1)
+        .to_kind(Kind::Float)
+        .reshape([-1, v]);
+    let targets = labels.narrow(1, 1, t - 1).reshape([-1]);
+    logits.cross_entropy_loss::<Tensor>(&targets, None, tch::Reduction::Sum, IGNORE, 0.0)
+}
+
+/// Mean loss over the response tokens of `rows` (no gradients).
+pub fn evaluate_loss(
+    model: &Model,
+    rows: &[Row],
+    batch: usize,
+    pad: i64,
+    bf16: bool,
+) -> Option<(f64, usize)> {
+    let _guard = tch::no_grad_guard();
+    let mut total = 0.0;
+    let mut count = 0usize;
+    for chunk in rows.chunks(batch.max(1)) {
+        let refs: Vec<&Row> = chunk.iter().collect();
+        let (ids, labels) = batch_tensors(&refs, pad, model.device);
+        total += loss_sum(model, &ids, &labels, bf16).double_value(&[]);
+        count += chunk.iter().map(Row::target_count).sum::<usize>();
+    }
+    (count > 0).then(|| (total / count as f64, count))
+}
+
+/// Resolves device and precision, and says why.
+pub fn device_for(
+    device: &str,
+    precision: &str,
+    threads: usize,
+) -> Result<(Device, String, bool), String> {
+    let choice: DeviceChoice = device.parse()?;
+    let (device, reason) = crate::device::pick(choice)?;
+    if threads > 0 {
+        tch::set_num_threads(threads as i32);
+    }
+    let bf16 = match (precision, device.is_cuda()) {
+        ("auto" | "bf16", true) => true,
+        ("auto" | "f32", _) => false,
+        ("bf16", false) => return Err("precision bf16 needs CUDA; on CPU use f32 (or auto)".into()),
+        (other, _) => {
+            return Err(format!(
+                "unknown precision {other:?}; use auto, f32 or bf16"
+            ))
+        }
+    };
+    Ok((device, reason, bf16))
+}
+
+fn latest_checkpoint(dir: &Path) -> Option<(u64, PathBuf)> {
+    let entries = std::fs::read_dir(dir).ok()?;
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step: u64 = name.strip_prefix("step-")?.parse().ok()?;
+            e.path()
+                .join("state.json")
+                .exists()
+                .then(|| (step, e.path()))
+        })
+        .max_by_key(|(s, _)| *s)
+}
+
+fn save_checkpoint(dir: &Path, slots: &[Slot], state: &State, keep: usize) -> Result<(), String> {
+    let final_dir = dir.join(format!("step-{}", state.step));
+    let tmp = dir.join(format!(".step-{}.tmp", state.step));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let mut tensors: Vec<(String, &Tensor)> = Vec::new();
+    for s in slots {
+        tensors.push((format!("param.{}", s.name), &s.param));
+        tensors.push((format!("m.{}", s.name), &s.m));
+        tensors.push((format!("v.{}", s.name), &s.v));
+    }
+    modeldir::write_safetensors(&tmp.join("tensors.safetensors"), &tensors)?;
+    let text = serde_json::to_string(state).map_err(|e| e.to_string())?;
+    std::fs::write(tmp.join("state.json"), text).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(&final_dir);
+    std::fs::rename(&tmp, &final_dir).map_err(|e| format!("{}: {e}", final_dir.display()))?;
+    // Keep the newest `keep`.
+    let mut steps: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+        .map_err(|e| e.to_string())?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            Some((
+                e.file_name()
+                    .to_string_lossy()
+                    .strip_prefix("step-")?
+                    .parse()
+                    .ok()?,
+                e.path(),
+            ))
+        })
+        .collect();
+    steps.sort();
+    for (_, old) in steps.iter().rev().skip(keep) {
+        let _ = std::fs::remove_dir_all(old);
+    }
+    Ok(())
+}
+
+fn load_checkpoint(path: &Path, slots: &mut [Slot]) -> Result<State, String> {
+    let state: State = serde_json::from_str(
+        &std::fs::read_to_string(path.join("state.json")).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
+    let file = path.join("tensors.safetensors");
+    let tensors: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&file)
+        .map_err(|e| format!("{}: {e}", file.display()))?
+        .into_iter()
+        .collect();
+    let _guard = tch::no_grad_guard();
+    for s in slots.iter_mut() {
+        for (prefix, target) in [("param", &mut s.param), ("m", &mut s.m), ("v", &mut s.v)] {
+            let t = tensors
+                .get(&format!("{prefix}.{}", s.name))
+                .ok_or_else(|| format!("{}: no {prefix}.{}", file.display(), s.name))?;
+            target.copy_(&t.to_device(target.device()));
+        }
+    }
+    Ok(state)
+}
+
+/// The tokenizer and base model of a job.
+fn build_model(job: &TrainJob, device: Device) -> Result<(Model, Tokenizer, ModelCard), String> {
+    let s = &job.settings;
+    if let Some(scratch) = &s.scratch {
+        let tokenizer = match &s.tokenizer {
+            Some(p) => {
+                let p = Path::new(p);
+                let file = if p.is_dir() {
+                    p.join("tokenizer.json")
+                } else {
+                    p.to_path_buf()
+                };
+                Tokenizer::from_file(&file).map_err(|e| format!("{}: {e}", file.display()))?
+            }
+            None => data::byte_tokenizer()?,
+        };
+        let (eos, eos_id) = data::eos_token(&tokenizer, s.eos_token.as_deref())?;
+        let cfg = Config::scratch(
+            scratch,
+            tokenizer.get_vocab_size(true) as i64,
+            i64::from(eos_id),
+        )?;
+        let card = ModelCard {
+            arch: cfg.arch.name().into(),
+            method: "full".into(),
+            template: String::new(),
+            eos_token: eos,
+            base_model: None,
+            provenance: Value::Null,
+        };
+        return Ok((Model::init(cfg, device, s.seed), tokenizer, card));
+    }
+    let base = job
+        .base_dir
+        .as_ref()
+        .ok_or("no base model: give `model`, `scratch`, or an input `model` artifact")?;
+    modeldir::load_any(base, device)
+}
+
+/// Runs a training job; `emit` receives the progress events.
+pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String> {
+    let s: &TrainSettings = &job.settings;
+    let (device, reason, bf16) = device_for(&s.device, &s.precision, s.threads)?;
+    emit(
+        json!({"device": {"device": crate::device::name(device), "reason": reason, "bf16": bf16, "threads": tch::get_num_threads()}}),
+    );
+    let (mut model, tokenizer, mut card) = build_model(job, device)?;
+    let template = Template::parse(&s.template)?;
+    let (eos, eos_id) = match (&s.eos_token, card.eos_token.is_empty()) {
+        (Some(e), _) => data::eos_token(&tokenizer, Some(e))?,
+        (None, false) => data::eos_token(&tokenizer, Some(&card.eos_token.clone()))?,
+        (None, true) => data::eos_token(&tokenizer, None)?,
+    };
+    let pad = i64::from(eos_id);
+    let max_len = s.max_seq_len.min(model.cfg.max_positions as usize);
+    let (train_rows, train_stats) = data::read_split(
+        &job.dataset.join(cairn::dataset::TRAIN_FILE),
+        &tokenizer,
+        &template,
+        &eos,
+        max_len,
+    )?;
+    let (test_rows, test_stats) = data::read_split(
+        &job.dataset.join(cairn::dataset::TEST_FILE),
+        &tokenizer,
+        &template,
+        &eos,
+        max_len,
+    )?;
+    let (train_rows, test_rows) = if s.packing {
+        (
+            data::pack(&train_rows, max_len),
+            data::pack(&test_rows, max_len),
+        )
+    } else {
+        (train_rows, test_rows)
+    };
+    if train_rows.is_empty() {
+        return Err(format!("the dataset's train split has no usable example ({} records, {} unreadable, {} with no response token left after truncation to {max_len})", train_stats.records, train_stats.unreadable, train_stats.empty));
+    }
+
+    // Trainable tensors.
+    let base_params = model.num_params();
+    let lora_targets;
+    let mut continued: Option<(i64, f64)> = None;
+    match s.method {
+        Method::Full => {
+            if !model.lora.is_empty() {
+                model.merge_lora();
+            }
+            lora_targets = Vec::new();
+        }
+        Method::Lora => {
+            if model.lora.is_empty() {
+                let targets = if s.lora.target_modules.is_empty() {
+                    model.cfg.arch.default_lora_targets()
+                } else {
+                    s.lora.target_modules.clone()
+                };
+                let modules = model.linear_modules(&targets);
+                if modules.is_empty() {
+                    return Err(format!(
+                        "lora.target_modules {targets:?} match no linear module of this {} model",
+                        model.cfg.arch.name()
+                    ));
+                }
+                model.add_lora(&modules, s.lora.r, s.lora.alpha, s.lora.dropout, s.seed);
+                lora_targets = targets;
+            } else {
+                // Continue the adapters of the input model, with their rank and alpha.
+                continued = model.lora.values().next().map(|p| {
+                    let r = p.a.size()[0];
+                    (r, model.lora_scaling * r as f64)
+                });
+                lora_targets = model
+                    .lora
+                    .keys()
+                    .filter_map(|m| m.rsplit('.').next().map(str::to_string))
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                model.lora_dropout = s.lora.dropout;
+            }
+        }
+    }
+    let mut slots: Vec<Slot> = Vec::new();
+    let mut add_slot = |name: String, t: &Tensor, decay: bool| {
+        let param = t.set_requires_grad(true);
+        slots.push(Slot {
+            name,
+            m: param.zeros_like(),
+            v: param.zeros_like(),
+            param,
+            decay,
+        });
+    };
+    if s.method == Method::Full {
+        for (name, t) in &model.params {
+            add_slot(name.clone(), t, t.dim() >= 2);
+        }
+    } else {
+        for t in model.params.values() {
+            let _ = t.set_requires_grad(false);
+        }
+        for (m, pair) in &model.lora {
+            add_slot(format!("{m}.lora_A"), &pair.a, true);
+            add_slot(format!("{m}.lora_B"), &pair.b, true);
+        }
+    }
+    let trainable: i64 = slots.iter().map(|s| s.param.numel() as i64).sum();
+
+    // The schedule of micro-batches: a seeded shuffle per epoch, so a resumed run sees
+    // exactly the batches the uninterrupted one would have.
+    let bs = s.batch_size.max(1);
+    let accum = s.grad_accum.max(1);
+    let micro_per_epoch = train_rows.len().div_ceil(bs);
+    let steps_per_epoch = micro_per_epoch.div_ceil(accum) as u64;
+    let total = s
+        .max_steps
+        .unwrap_or_else(|| ((s.epochs * steps_per_epoch as f64).ceil() as u64).max(1));
+    let order_of = |epoch: u64| {
+        let mut order: Vec<usize> = (0..train_rows.len()).collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(s.seed.wrapping_add(epoch));
+        order.shuffle(&mut rng);
+        order
+    };
+    let mut cached_order: (u64, Vec<usize>) = (0, order_of(0));
+    let mut micro_batch = |k: usize| -> Vec<&Row> {
+        let epoch = (k / micro_per_epoch) as u64;
+        if cached_order.0 != epoch {
+            cached_order = (epoch, order_of(epoch));
+        }
+        let i = k % micro_per_epoch;
+        let end = ((i + 1) * bs).min(train_rows.len());
+        cached_order.1[i * bs..end]
+            .iter()
+            .map(|&j| &train_rows[j])
+            .collect()
+    };
+
+    let mut state = State::default();
+    let mut resumed_from = None;
+    if let Some((step, path)) = latest_checkpoint(&job.checkpoints) {
+        state = load_checkpoint(&path, &mut slots)?;
+        resumed_from = Some(step);
+    }
+    emit(json!({"loaded": {
+        "arch": model.cfg.arch.name(), "params": base_params, "trainable_params": trainable,
+        "method": s.method, "train_rows": train_rows.len(), "test_rows": test_rows.len(),
+        "total_steps": total, "resumed_from": resumed_from,
+        "train_stats": train_stats, "test_stats": test_stats,
+    }}));
+
+    model.train = true;
+    let (b1, b2) = (s.adam_beta1, s.adam_beta2);
+    let mut stopped_early = false;
+    let mut last_eval: Option<f64> = state.curve.iter().rev().find_map(|p| p.eval_loss);
+    while state.step < total {
+        let step = state.step;
+        let t0 = Instant::now();
+        tch::manual_seed(s.seed.wrapping_add(step) as i64);
+        let lr = learning_rate_at(s, step, total);
+        let batches: Vec<Vec<&Row>> = (0..accum)
+            .map(|a| micro_batch(step as usize * accum + a))
+            .collect();
+        let targets: usize = batches.iter().flatten().map(|r| r.target_count()).sum();
+        let tokens: usize = batches.iter().flatten().map(|r| r.ids.len()).sum();
+        if step == 0 {
+            if let Some(path) = &job.dump_first_batch {
+                let mut dump: Vec<(String, Tensor)> = Vec::new();
+                for (k, rows) in batches.iter().enumerate() {
+                    let (ids, labels) = batch_tensors(rows, pad, Device::Cpu);
+                    dump.push((format!("input_ids.{k}"), ids));
+                    dump.push((format!("labels.{k}"), labels));
+                }
+                Tensor::write_safetensors(&dump, path).map_err(|e| e.to_string())?;
+            }
+        }
+        let mut loss_total = 0.0;
+        for rows in &batches {
+            let (ids, labels) = batch_tensors(rows, pad, device);
+            let loss = loss_sum(&model, &ids, &labels, bf16);
+            loss_total += loss.double_value(&[]);
+            (loss / targets.max(1) as f64).backward();
+        }
+        let grad_norm = {
+            let _guard = tch::no_grad_guard();
+            let norms: Vec<Tensor> = slots
+                .iter()
+                .map(|s| {
+                    s.param
+                        .grad()
+                        .to_kind(Kind::Float)
+                        .square()
+                        .sum(Kind::Float)
+                })
+                .collect();
+            Tensor::stack(&norms, 0)
+                .sum(Kind::Float)
+                .sqrt()
+                .double_value(&[])
+        };
+        {
+            let _guard = tch::no_grad_guard();
+            let clip = if s.max_grad_norm > 0.0 {
+                (s.max_grad_norm / (grad_norm + 1e-6)).min(1.0)
+            } else {
+                1.0
+            };
+            let t = (step + 1) as i32;
+            let bc1 = 1.0 - b1.powi(t);
+            let bc2_sqrt = (1.0 - b2.powi(t)).sqrt();
+            for slot in slots.iter_mut() {
+                let mut g = slot.param.grad();
+                if s.max_grad_norm > 0.0 {
+                    let _ = g.g_mul_scalar_(clip);
+                }
+                if slot.decay && s.weight_decay > 0.0 {
+                    let _ = slot.param.g_mul_scalar_(1.0 - lr * s.weight_decay);
+                }
+                let _ = slot.m.lerp_(&g, 1.0 - b1);
+                let _ = slot.v.g_mul_scalar_(b2);
+                let _ = slot.v.g_add_(&(&g * &g * (1.0 - b2)));
+                let denom = slot.v.sqrt() / bc2_sqrt + s.adam_epsilon;
+                let _ = slot.param.g_add_(&(&slot.m / denom * (-lr / bc1)));
+                slot.param.zero_grad();
+            }
+        }
+        let seconds = t0.elapsed().as_secs_f64();
+        state.step += 1;
+        state.tokens += tokens as u64;
+        state.seconds += seconds;
+        let mut point = Point {
+            step: state.step,
+            loss: loss_total / targets.max(1) as f64,
+            eval_loss: None,
+            lr,
+            grad_norm,
+            tokens_per_second: tokens as f64 / seconds.max(1e-9),
+        };
+        let eval_now = s.eval_every > 0 && state.step % s.eval_every == 0 || state.step == total;
+        if eval_now && !test_rows.is_empty() {
+            model.train = false;
+            let eval = evaluate_loss(&model, &test_rows, bs, pad, bf16).map(|x| x.0);
+            model.train = true;
+            point.eval_loss = eval;
+            last_eval = eval;
+            if let Some(e) = eval {
+                if state.best_eval.is_none_or(|b| e < b) {
+                    state.best_eval = Some(e);
+                    state.bad_evals = 0;
+                } else {
+                    state.bad_evals += 1;
+                }
+                emit(json!({"eval": {"step": state.step, "eval_loss": e}}));
+            }
+            if s.early_stopping_patience
+                .is_some_and(|p| state.bad_evals >= p)
+            {
+                stopped_early = true;
+            }
+        }
+        emit(json!({"step": point}));
+        state.curve.push(point);
+        if s.checkpoint_every > 0
+            && state.step % s.checkpoint_every == 0
+            && state.step < total
+            && !stopped_early
+        {
+            std::fs::create_dir_all(&job.checkpoints)
+                .map_err(|e| format!("{}: {e}", job.checkpoints.display()))?;
+            save_checkpoint(&job.checkpoints, &slots, &state, 2)?;
+            emit(json!({"checkpoint": state.step}));
+        }
+        if std::env::var("CAIRN_TORCH_ABORT_AFTER_STEP")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            == Some(state.step)
+        {
+            // Test hook: die like a killed process, without cleaning up.
+            std::process::abort();
+        }
+        if stopped_early {
+            break;
+        }
+    }
+    model.train = false;
+    for t in model.params.values() {
+        let _ = t.set_requires_grad(false);
+    }
+
+    card.method = match s.method {
+        Method::Full => "full".into(),
+        Method::Lora => "lora".into(),
+    };
+    card.template = template.name();
+    card.eos_token = eos;
+    card.provenance = job.provenance.clone();
+    match s.method {
+        Method::Full => modeldir::save_full(&model, &tokenizer, &card, &job.output)?,
+        Method::Lora => {
+            let base = job.base_dir.clone().ok_or("LoRA needs a base model")?;
+            let base = if modeldir::is_adapter(&base) {
+                modeldir::adapter_base(&base)?
+            } else {
+                base
+            };
+            card.base_model = Some(base.clone());
+            let mut lora = s.lora.clone();
+            lora.target_modules = lora_targets.clone();
+            if let Some((r, alpha)) = continued {
+                (lora.r, lora.alpha) = (r, alpha);
+            }
+            modeldir::save_adapter(
+                &model,
+                &tokenizer,
+                &card,
+                &lora,
+                &lora_targets,
+                &base.display().to_string(),
+                &job.output,
+            )?;
+        }
+    }
+    let flops = model.cfg.train_flops_per_token(base_params, max_len as i64);
+    Ok(json!({
+        "steps": state.step, "total_steps": total, "stopped_early": stopped_early,
+        "train_loss": state.curve.last().map(|p| p.loss), "eval_loss": last_eval,
+        "best_eval_loss": state.best_eval, "curve": state.curve, "resumed_from": resumed_from,
+        "params": base_params, "trainable_params": trainable, "tokens": state.tokens,
+        "seconds": state.seconds, "tokens_per_second": state.tokens as f64 / state.seconds.max(1e-9),
+        "flops_per_token": flops, "device": crate::device::name(device), "device_reason": reason,
+        "precision": if bf16 { "bf16" } else { "f32" }, "arch": model.cfg.arch.name(),
+        "train_rows": train_rows.len(), "test_rows": test_rows.len(),
+        "max_seq_len": max_len, "eos_token": card.eos_token, "template": card.template,
+        "lora_targets": lora_targets,
+    }))
+}

@@ -1,0 +1,367 @@
+//! `finetune`: trains a GPT-2 or Llama-family model on a `dataset` artifact through
+//! libtorch (in the `cairn-torch` helper; see [`crate::ml`]), full or LoRA, and stores the
+//! result as a `model` artifact in the Hugging Face / PEFT layout. Checkpoints live in the
+//! store under `checkpoints/<job key>/` until the model is committed, so a killed run
+//! resumes where it stopped.
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use indexmap::IndexMap;
+use serde_json::{json, Value};
+
+use super::{
+    parse_params, InputDecl, ParamIssue, Step, StepContext, StepError, StepIo, StepOutputs,
+};
+use crate::ml::job::{Method, TrainJob, TrainSettings};
+use crate::ml::template::Template;
+use crate::ml::worker::{self, WorkerError};
+use crate::{dataset, ml, models};
+
+/// The `finetune` step kind.
+pub struct FinetuneStep;
+
+/// Checks the settings that do not need the model; every problem at once.
+pub fn settings_issues(p: &TrainSettings) -> Vec<ParamIssue> {
+    let mut issues = Vec::new();
+    let mut bad =
+        |path: &str, msg: String| issues.push(ParamIssue::new(format!("with.{path}"), msg));
+    if p.model.is_some() && p.scratch.is_some() {
+        bad(
+            "scratch",
+            "give either `model` (a checkpoint) or `scratch` (a fresh config), not both".into(),
+        );
+    }
+    if let Some(s) = &p.scratch {
+        if !matches!(s.arch.as_str(), "gpt2" | "llama") {
+            bad(
+                "scratch.arch",
+                format!("arch {:?} is not supported: use gpt2 or llama", s.arch),
+            );
+        }
+        if s.layers < 1 || s.hidden < 1 || s.heads < 1 || s.hidden % s.heads != 0 {
+            bad("scratch", format!("need layers, hidden, heads >= 1 with hidden a multiple of heads (got {} layers, hidden {}, {} heads)", s.layers, s.hidden, s.heads));
+        }
+        if p.method == Method::Lora {
+            bad(
+                "method",
+                "LoRA adapts a trained model; a scratch model is trained with method: full".into(),
+            );
+        }
+    }
+    if let Err(e) = Template::parse(&p.template) {
+        bad("template", e);
+    }
+    if let Err(e) = p.device.parse::<crate::embed::DeviceChoice>() {
+        bad("device", e);
+    }
+    if !matches!(p.precision.as_str(), "auto" | "f32" | "bf16") {
+        bad(
+            "precision",
+            format!("precision {:?}: use auto, f32 or bf16", p.precision),
+        );
+    }
+    if p.batch_size == 0 || p.grad_accum == 0 {
+        bad(
+            "batch_size",
+            "batch_size and grad_accum must be at least 1".into(),
+        );
+    }
+    if p.max_seq_len < 8 {
+        bad(
+            "max_seq_len",
+            format!("max_seq_len {} is too short (at least 8)", p.max_seq_len),
+        );
+    }
+    if p.learning_rate <= 0.0 || !p.learning_rate.is_finite() {
+        bad(
+            "learning_rate",
+            format!("learning_rate must be positive, got {}", p.learning_rate),
+        );
+    }
+    if p.epochs <= 0.0 && p.max_steps.is_none() {
+        bad(
+            "epochs",
+            format!("epochs must be positive, got {}", p.epochs),
+        );
+    }
+    if p.max_steps == Some(0) {
+        bad("max_steps", "max_steps must be at least 1".into());
+    }
+    if !(0.0..1.0).contains(&p.warmup_ratio) {
+        bad(
+            "warmup_ratio",
+            format!("warmup_ratio {} is outside 0..1", p.warmup_ratio),
+        );
+    }
+    if !(0.0..1.0).contains(&p.adam_beta1) || !(0.0..1.0).contains(&p.adam_beta2) {
+        bad("adam_beta1", "adam betas must be in 0..1".into());
+    }
+    if p.lora.r < 1 {
+        bad(
+            "lora.r",
+            format!("lora.r must be at least 1, got {}", p.lora.r),
+        );
+    }
+    if !(0.0..1.0).contains(&p.lora.dropout) {
+        bad(
+            "lora.dropout",
+            format!("lora.dropout {} is outside 0..1", p.lora.dropout),
+        );
+    }
+    if p.early_stopping_patience == Some(0) {
+        bad(
+            "early_stopping_patience",
+            "patience must be at least 1 evaluation".into(),
+        );
+    }
+    issues
+}
+
+/// The model directory and tokenizer a step's `model`/`tokenizer` params name (for the
+/// cache key); a scratch model names none.
+pub fn named_model_files(
+    params: &Value,
+    cwd: &Path,
+    key: &str,
+) -> Result<Vec<(String, PathBuf)>, String> {
+    let mut out = Vec::new();
+    if let Some(m) = params.get(key).and_then(Value::as_str) {
+        out.push((
+            key.to_string(),
+            models::resolve(m, cwd).map_err(|e| e.to_string())?,
+        ));
+    }
+    if let Some(t) = params.get("tokenizer").and_then(Value::as_str) {
+        let p = if Path::new(t).is_absolute() {
+            PathBuf::from(t)
+        } else {
+            cwd.join(t)
+        };
+        if !p.exists() {
+            return Err(format!("tokenizer {t:?} does not exist"));
+        }
+        out.push(("tokenizer".into(), p));
+    }
+    Ok(out)
+}
+
+/// A stable key for one training job: the same step, settings and inputs find the same
+/// checkpoints.
+fn job_key(ctx: &StepContext, version: &str) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(b"finetune\0");
+    h.update(version.as_bytes());
+    h.update(
+        serde_json::to_string(&ctx.params)
+            .unwrap_or_default()
+            .as_bytes(),
+    );
+    for (name, input) in &ctx.inputs {
+        h.update(name.as_bytes());
+        h.update(input.digest.to_hex().as_bytes());
+    }
+    h.finalize().to_hex()[..32].to_string()
+}
+
+#[async_trait]
+impl Step for FinetuneStep {
+    fn kind(&self) -> &str {
+        "finetune"
+    }
+
+    fn version(&self) -> String {
+        "1".into()
+    }
+
+    fn summary(&self) -> &str {
+        "Fine-tune a GPT-2 or Llama-family model on a `dataset` (full or LoRA) through libtorch; output a Hugging Face `model`"
+    }
+
+    fn params_schema(&self) -> Value {
+        super::schema_of::<TrainSettings>()
+    }
+
+    fn inputs(&self) -> Option<Vec<InputDecl>> {
+        Some(vec![
+            InputDecl {
+                name: "dataset".into(),
+                kind: dataset::KIND.into(),
+                required: true,
+            },
+            InputDecl {
+                name: "model".into(),
+                kind: ml::MODEL_KIND.into(),
+                required: false,
+            },
+        ])
+    }
+
+    fn content_inputs(&self, params: &Value, cwd: &Path) -> Result<Vec<(String, PathBuf)>, String> {
+        named_model_files(params, cwd, "model")
+    }
+
+    fn check(
+        &self,
+        params: &Value,
+        declared_outputs: &IndexMap<String, String>,
+    ) -> Result<StepIo, Vec<ParamIssue>> {
+        let p = parse_params::<TrainSettings>(params).map_err(|i| vec![i])?;
+        super::with_issues(
+            super::fixed_outputs(
+                self.kind(),
+                self.inputs(),
+                declared_outputs,
+                &[("model", ml::MODEL_KIND)],
+            ),
+            settings_issues(&p),
+        )
+    }
+
+    async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError> {
+        let mut p: TrainSettings =
+            parse_params(&ctx.params).map_err(|i| StepError::Failed(i.message))?;
+        let base_dir = match (&p.model, ctx.inputs.get("model"), &p.scratch) {
+            (Some(m), _, _) => Some(models::resolve(m, &ctx.cwd).map_err(|e| StepError::Failed(e.to_string()))?),
+            (None, Some(input), _) => Some(input.path.clone()),
+            (None, None, Some(_)) => None,
+            (None, None, None) => {
+                return Err(StepError::Failed(
+                    "no base model: set `model` (a Hugging Face directory or cached id), bind an input `model` artifact, or give a `scratch` config".into(),
+                ))
+            }
+        };
+        if let Some(t) = &p.tokenizer {
+            p.tokenizer = Some(ctx.resolve_path(t).display().to_string());
+        }
+        let dataset_input = ctx
+            .inputs
+            .get("dataset")
+            .ok_or_else(|| StepError::Failed("input `dataset` is missing".into()))?;
+        let checkpoints = ctx
+            .store
+            .root()
+            .join("checkpoints")
+            .join(job_key(ctx, &self.version()));
+        let output = ctx.output_path("model");
+        let base_name = match (&p.model, ctx.inputs.get("model")) {
+            (Some(m), _) => json!(m),
+            (None, Some(input)) => json!(format!("artifact {}", input.digest.to_hex())),
+            _ => json!("scratch"),
+        };
+        let job = TrainJob {
+            settings: p.clone(),
+            base_dir,
+            dataset: dataset_input.path.clone(),
+            output: output.clone(),
+            checkpoints: checkpoints.clone(),
+            dump_first_batch: None,
+            provenance: json!({"base": base_name, "dataset": dataset_input.digest.to_hex(), "step": ctx.step}),
+        };
+        let progress = ctx.progress.clone();
+        progress.set_message("loading the model");
+        let mut device_line = String::new();
+        let mut resumed = None;
+        let step_name = ctx.step.clone();
+        let finished = worker::run(
+            "train",
+            &job,
+            &ctx.work_dir.join("train-job.json"),
+            &mut |event, payload| match event {
+                "device" => {
+                    device_line = format!(
+                        "{} ({}{})",
+                        payload["device"].as_str().unwrap_or("?"),
+                        payload["reason"].as_str().unwrap_or(""),
+                        if payload["bf16"].as_bool() == Some(true) {
+                            ", bf16 autocast"
+                        } else {
+                            ", f32"
+                        }
+                    );
+                    tracing::info!("{step_name}: training on {device_line}");
+                    progress
+                        .bar()
+                        .println(format!("{step_name}: training on {device_line}"));
+                }
+                "loaded" => {
+                    progress.set_length(payload["total_steps"].as_u64().unwrap_or(0));
+                    if let Some(step) = payload["resumed_from"].as_u64() {
+                        resumed = Some(step);
+                        progress.inc(step);
+                        progress.bar().println(format!(
+                            "{step_name}: resuming from the checkpoint at step {step}"
+                        ));
+                    }
+                }
+                "step" => {
+                    progress.inc(1);
+                    progress.set_message(format!(
+                        "loss {:.4} lr {:.2e} {:.0} tok/s",
+                        payload["loss"].as_f64().unwrap_or(f64::NAN),
+                        payload["lr"].as_f64().unwrap_or(0.0),
+                        payload["tokens_per_second"].as_f64().unwrap_or(0.0)
+                    ));
+                }
+                _ => {}
+            },
+            &ctx.cancel,
+        )
+        .await
+        .map_err(|e| match e {
+            WorkerError::Cancelled => StepError::Cancelled,
+            WorkerError::Failed(m) => StepError::Failed(m),
+        })?;
+        let mut meta = finished;
+        if let Some(m) = meta.as_object_mut() {
+            m.insert("method".into(), json!(p.method));
+            m.insert("base".into(), base_name);
+            m.insert("dataset".into(), json!(dataset_input.digest.to_hex()));
+            for key in [
+                "learning_rate",
+                "batch_size",
+                "grad_accum",
+                "max_seq_len",
+                "packing",
+                "seed",
+                "scheduler",
+            ] {
+                m.insert(
+                    key.into(),
+                    ctx.params.get(key).cloned().unwrap_or_else(|| {
+                        serde_json::to_value(&p)
+                            .ok()
+                            .and_then(|v| v.get(key).cloned())
+                            .unwrap_or(Value::Null)
+                    }),
+                );
+            }
+            if p.method == Method::Lora {
+                m.insert("lora".into(), json!({"r": p.lora.r, "alpha": p.lora.alpha, "dropout": p.lora.dropout, "merged": p.lora.merge}));
+            }
+        }
+        let note = format!(
+            "{} steps{}, loss {:.4}, eval loss {}, {:.0} tokens/s on {}{}",
+            meta["steps"],
+            if meta["stopped_early"].as_bool() == Some(true) {
+                " (stopped early)"
+            } else {
+                ""
+            },
+            meta["train_loss"].as_f64().unwrap_or(f64::NAN),
+            meta["eval_loss"]
+                .as_f64()
+                .map(|e| format!("{e:.4}"))
+                .unwrap_or_else(|| "-".into()),
+            meta["tokens_per_second"].as_f64().unwrap_or(0.0),
+            device_line,
+            resumed
+                .map(|s| format!(", resumed from step {s}"))
+                .unwrap_or_default()
+        );
+        let out = ctx.single_output("model", meta, note)?;
+        // The model is committed: its checkpoints are no longer needed.
+        let _ = std::fs::remove_dir_all(&checkpoints);
+        Ok(out)
+    }
+}

@@ -1,0 +1,734 @@
+//! Fine-tuning, evaluation and generation through the real binaries: cairn's tch decoders
+//! against transformers/PEFT from the project venv (forward logits, one AdamW step, LoRA
+//! adapters and merged weights), the `finetune` -> `evaluate` pipeline with a judge on the
+//! local mock LLM, resuming a killed training run, early stopping, `cairn generate`, and
+//! parameter errors.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::mock_llm::MockLlm;
+use common::Project;
+use serde_json::{json, Value};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs tests/parity/decoder.py in the project venv; returns its last stdout line as JSON.
+fn reference(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Value {
+    let python = repo().join(".venv/bin/python");
+    let out = Command::new(&python)
+        .arg(repo().join("tests/parity/decoder.py"))
+        .args(args.iter().map(|a| a.as_ref()))
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; run `scripts/setup --test` first",
+                python.display()
+            )
+        });
+    assert!(
+        out.status.success(),
+        "decoder.py failed: {}\n(`scripts/setup --test` installs torch, transformers and peft into .venv)",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .last()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .unwrap_or(Value::Null)
+}
+
+fn torch_helper(args: &[&dyn AsRef<std::ffi::OsStr>]) -> (bool, Vec<Value>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cairn-torch"))
+        .args(args.iter().map(|a| a.as_ref()))
+        .output()
+        .unwrap();
+    let events = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    (
+        out.status.success(),
+        events,
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+fn finished(events: &[Value]) -> Value {
+    events
+        .iter()
+        .find_map(|e| e.get("finished").cloned())
+        .unwrap_or_else(|| panic!("no finished event in {events:?}"))
+}
+
+/// Deterministic token ids [2, seq] < 256, as safetensors `input_ids`.
+fn write_ids(path: &Path, seq: usize) {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let ids: Vec<i64> = (0..2 * seq)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % 256) as i64
+        })
+        .collect();
+    let bytes: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![2, seq], &bytes)
+        .unwrap();
+    safetensors::tensor::serialize_to_file([("input_ids", view)], None, path).unwrap();
+}
+
+/// A small alpaca dataset artifact layout (train/test JSONL).
+fn write_dataset(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let recs: Vec<String> = (0..12)
+        .map(|i| json!({"instruction": format!("What is {i} plus {i}?"), "input": "", "output": format!("It is {}. Check sums twice.", 2 * i)}).to_string())
+        .collect();
+    std::fs::write(dir.join("train.jsonl"), recs[..9].join("\n") + "\n").unwrap();
+    std::fs::write(dir.join("test.jsonl"), recs[9..].join("\n") + "\n").unwrap();
+}
+
+fn cairn_logits(model: &Path, ids: &Path, out: &Path) {
+    let (ok, events, stderr) = torch_helper(&[
+        &"logits",
+        &"--model",
+        &model,
+        &"--input",
+        &ids,
+        &"--output",
+        &out,
+    ]);
+    assert!(ok, "cairn-torch logits failed: {events:?} {stderr}");
+}
+
+#[test]
+fn decoder_logits_match_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    reference(&[&"make", &root, &"gpt2", &"llama", &"qwen2"]);
+    // 100 positions: rotary angles and learned positions well past the first few.
+    let ids = root.join("ids.safetensors");
+    write_ids(&ids, 100);
+    for arch in ["gpt2", "llama", "qwen2"] {
+        let ours = root.join(format!("{arch}.logits.safetensors"));
+        cairn_logits(&root.join(arch), &ids, &ours);
+        let r = reference(&[&"check-logits", &root.join(arch), &ids, &ours]);
+        assert_eq!(r["shape"], json!([2, 100, 259]), "{arch}");
+        let diff = r["max_abs_diff"].as_f64().unwrap();
+        assert!(
+            diff < 1e-4,
+            "{arch}: cairn's logits differ from transformers' by {diff}"
+        );
+    }
+}
+
+fn train_job(root: &Path, base: &Path, out: &str, settings: Value, dump: Option<&Path>) -> PathBuf {
+    let job = json!({
+        "settings": settings, "base_dir": base, "dataset": root.join("ds"),
+        "output": root.join(out), "checkpoints": root.join(format!("ck-{out}")),
+        "dump_first_batch": dump,
+    });
+    let path = root.join(format!("{out}.job.json"));
+    std::fs::write(&path, job.to_string()).unwrap();
+    path
+}
+
+#[test]
+fn one_optimizer_step_matches_torch_adamw() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    reference(&[&"make", &root, &"gpt2", &"llama"]);
+    write_dataset(&root.join("ds"));
+    // Gradient accumulation over two micro-batches, clipping that engages, weight decay.
+    let settings = json!({"learning_rate": 1e-3, "weight_decay": 0.1, "scheduler": "constant",
+        "batch_size": 2, "grad_accum": 2, "max_steps": 1, "max_grad_norm": 0.5, "device": "cpu",
+        "max_seq_len": 200, "eval_every": 0, "checkpoint_every": 0});
+    for arch in ["gpt2", "llama"] {
+        let batch = root.join(format!("{arch}.batch.safetensors"));
+        let job = train_job(
+            root,
+            &root.join(arch),
+            &format!("out-{arch}"),
+            settings.clone(),
+            Some(&batch),
+        );
+        let (ok, events, stderr) = torch_helper(&[&"train", &"--job", &job]);
+        assert!(ok, "{events:?} {stderr}");
+        let f = finished(&events);
+        assert!(
+            f["curve"][0]["grad_norm"].as_f64().unwrap() > 0.5,
+            "clipping must engage: {f}"
+        );
+        let r = reference(&[
+            &"check-step",
+            &root.join(arch),
+            &batch,
+            &root.join(format!("out-{arch}/model.safetensors")),
+            &json!({"learning_rate": 1e-3, "weight_decay": 0.1, "adam_beta1": 0.9, "adam_beta2": 0.999,
+                    "adam_epsilon": 1e-8, "max_grad_norm": 0.5}).to_string(),
+        ]);
+        assert_eq!(r["only_cairn"], json!([]), "{arch}: {r}");
+        let (diff, update) = (
+            r["max_abs_diff"].as_f64().unwrap(),
+            r["max_update"].as_f64().unwrap(),
+        );
+        assert!(
+            update > 5e-4,
+            "{arch}: the step barely moved the weights ({update})"
+        );
+        assert!(
+            diff < 1e-5,
+            "{arch}: cairn's AdamW step differs from torch's by {diff} (step size {update})"
+        );
+    }
+}
+
+#[test]
+fn lora_adapters_load_in_peft_with_cairns_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    reference(&[&"make", &root, &"gpt2", &"llama"]);
+    write_dataset(&root.join("ds"));
+    let ids = root.join("ids.safetensors");
+    write_ids(&ids, 40);
+    for arch in ["gpt2", "llama"] {
+        let settings = json!({"method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "merge": true},
+            "learning_rate": 1e-2, "max_steps": 3, "batch_size": 4, "device": "cpu", "max_seq_len": 200,
+            "eval_every": 0, "checkpoint_every": 0});
+        let out = format!("lora-{arch}");
+        let job = train_job(root, &root.join(arch), &out, settings, None);
+        let (ok, events, stderr) = torch_helper(&[&"train", &"--job", &job]);
+        assert!(ok, "{events:?} {stderr}");
+        let f = finished(&events);
+        assert!(
+            f["trainable_params"].as_i64().unwrap() < f["params"].as_i64().unwrap() / 10,
+            "{f}"
+        );
+        let dir = root.join(&out);
+        let config: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(config["peft_type"], "LORA");
+        assert_eq!(
+            config["target_modules"],
+            if arch == "gpt2" {
+                json!(["c_attn"])
+            } else {
+                json!(["q_proj", "v_proj"])
+            }
+        );
+
+        let ours = root.join(format!("{out}.logits.safetensors"));
+        cairn_logits(&dir, &ids, &ours);
+        let peft = reference(&[&"check-logits", &dir, &ids, &ours, &"peft"]);
+        assert!(
+            peft["max_abs_diff"].as_f64().unwrap() < 1e-4,
+            "{arch}: PEFT vs cairn: {peft}"
+        );
+        let merged = reference(&[&"check-logits", &dir.join("merged"), &ids, &ours]);
+        assert!(
+            merged["max_abs_diff"].as_f64().unwrap() < 1e-4,
+            "{arch}: merged vs cairn: {merged}"
+        );
+        // The adapters changed the model: the base model's logits are elsewhere.
+        let base = reference(&[&"check-logits", &root.join(arch), &ids, &ours]);
+        assert!(
+            base["max_abs_diff"].as_f64().unwrap() > 1e-3,
+            "{arch}: LoRA left the model unchanged: {base}"
+        );
+    }
+}
+
+/// A project with the chat and advice fixtures turned into one `messages` dataset.
+fn dataset_project() -> Project {
+    let p = Project::new();
+    for (from, to) in [
+        ("pipelines/recipes/data/chat", "data/chat"),
+        ("pipelines/recipes/data/advice", "data/advice"),
+    ] {
+        let src = repo().join(from);
+        for entry in std::fs::read_dir(&src).unwrap() {
+            let entry = entry.unwrap();
+            p.write(
+                &format!("{to}/{}", entry.file_name().to_string_lossy()),
+                &std::fs::read_to_string(entry.path()).unwrap(),
+            );
+        }
+    }
+    p
+}
+
+const DATASET_STEPS: &str = r#"
+  chat_export: {uses: source, with: {path: data/chat}}
+  chat_docs: {uses: ingest, inputs: {files: chat_export.data}, with: {target_speaker: Maya}}
+  chat: {uses: instruct, inputs: {documents: chat_docs.documents}, with: {builder: chat_replies, window: 4, format: messages, test_size: 0.25}}
+  advice_export: {uses: source, with: {path: data/advice}}
+  advice_docs: {uses: ingest, inputs: {files: advice_export.data}}
+  qa: {uses: instruct, inputs: {documents: advice_docs.documents}, with: {builder: qa, format: messages, test_size: 0.25}}
+  dataset: {uses: dataset_merge, inputs: {chat: chat.dataset, qa: qa.dataset}, with: {test_size: 0.25}}
+"#;
+
+fn artifact(p: &Project, digest: &str) -> Value {
+    let (code, out, err) = p.exec(&["artifacts", "show", digest, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+fn object_dir(p: &Project, digest: &str) -> PathBuf {
+    let dirs: Vec<PathBuf> = walk(&p.store().join("objects"))
+        .into_iter()
+        .filter(|d| {
+            d.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&digest[2..]))
+        })
+        .collect();
+    assert_eq!(dirs.len(), 1, "object {digest} in {dirs:?}");
+    dirs[0].clone()
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        out.push(e.path());
+        if e.path().is_dir() {
+            out.extend(walk(&e.path()));
+        }
+    }
+    out
+}
+
+#[test]
+fn pipeline_trains_evaluates_judges_and_generates() {
+    let llm = MockLlm::start();
+    let p = dataset_project();
+    p.write(
+        "twin.yaml",
+        &format!(
+            r#"name: twin
+params: {{lr: 0.003}}
+steps:{DATASET_STEPS}
+  train:
+    uses: finetune
+    inputs: {{dataset: dataset.dataset}}
+    with:
+      scratch: {{arch: gpt2, layers: 2, hidden: 64, heads: 4, max_positions: 512}}
+      template: chatml
+      max_seq_len: 320
+      batch_size: 4
+      max_steps: 12
+      learning_rate: "${{params.lr}}"
+      warmup_steps: 2
+      eval_every: 4
+      checkpoint_every: 5
+  base:
+    uses: finetune
+    inputs: {{dataset: dataset.dataset}}
+    with:
+      scratch: {{arch: gpt2, layers: 2, hidden: 64, heads: 4, max_positions: 512}}
+      template: chatml
+      max_seq_len: 320
+      max_steps: 1
+  eval:
+    uses: evaluate
+    inputs: {{model: train.model, dataset: dataset.dataset, baseline: base.model}}
+    with:
+      rouge_examples: 3
+      rouge_max_new_tokens: 24
+      prompts: ["Are you free on Saturday?", "What should I plant first?"]
+      generation: {{max_new_tokens: 24, temperature: 0.8}}
+      judge: {{llm: {{base_url: "{}", model: judge-model}}, max_answers: 3}}
+"#,
+            llm.base_url
+        ),
+    );
+    let first = p.run("twin.yaml", &[]);
+    assert_eq!(first.code, 0, "{}\n{}", first.json, first.stderr);
+    let model_id = first.output("train", "model");
+    let record = artifact(&p, &model_id);
+    let meta = &record["metadata"];
+    assert_eq!(meta["steps"], 12);
+    let curve = meta["curve"].as_array().unwrap();
+    assert_eq!(curve.len(), 12);
+    for point in curve {
+        for key in ["loss", "lr", "grad_norm", "tokens_per_second"] {
+            assert!(
+                point[key].as_f64().is_some_and(f64::is_finite),
+                "{key} in {point}"
+            );
+        }
+    }
+    let evals: Vec<u64> = curve
+        .iter()
+        .filter(|p| p.get("eval_loss").is_some())
+        .map(|p| p["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(evals, [4, 8, 12]);
+    assert_eq!(
+        curve[0]["lr"], 0.0,
+        "warm-up starts at 0 as in transformers"
+    );
+    assert!(
+        curve[11]["loss"].as_f64().unwrap() < curve[0]["loss"].as_f64().unwrap(),
+        "the loss must fall: {curve:?}"
+    );
+    assert_eq!(meta["device"], "cpu");
+    assert!(
+        !p.store()
+            .join("checkpoints")
+            .read_dir()
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false),
+        "checkpoints are removed once the model is stored"
+    );
+
+    // The model directory is a Hugging Face model: transformers gives cairn's logits.
+    let dir = object_dir(&p, &model_id);
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "cairn_model.json",
+    ] {
+        assert!(dir.join(f).exists(), "{f} missing in {}", dir.display());
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = tmp.path().join("ids.safetensors");
+    write_ids(&ids, 30);
+    let ours = tmp.path().join("logits.safetensors");
+    cairn_logits(&dir, &ids, &ours);
+    let r = reference(&[&"check-logits", &dir, &ids, &ours]);
+    assert!(r["max_abs_diff"].as_f64().unwrap() < 1e-4, "{r}");
+
+    // The report.
+    let report_id = first.output("eval", "report");
+    let report = object_dir(&p, &report_id);
+    let metrics: Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("metrics.json")).unwrap())
+            .unwrap();
+    let m = &metrics["models"]["model"];
+    assert!(m["perplexity"].as_f64().unwrap() > 1.0, "{metrics}");
+    assert!((0.0..=1.0).contains(&m["rouge_l_f1"].as_f64().unwrap()));
+    assert_eq!(m["answers"], 3);
+    assert_eq!(m["judged"], 3);
+    assert!((1.0..=3.0).contains(&m["judge_accuracy"].as_f64().unwrap()));
+    assert_eq!(m["judge_style"], 2.0);
+    let b = &metrics["models"]["baseline"];
+    assert!(
+        b["perplexity"].as_f64().unwrap() > m["perplexity"].as_f64().unwrap(),
+        "12 steps beat 1: {metrics}"
+    );
+    // 3 answers x 2 models judged; identical (prompt, answer) pairs are asked once.
+    let judge = &metrics["judge"];
+    assert_eq!(
+        judge["calls"].as_u64().unwrap() + judge["cached_calls"].as_u64().unwrap(),
+        6,
+        "{judge}"
+    );
+    assert_eq!(llm.calls() as u64, judge["calls"].as_u64().unwrap());
+    let paid = llm.calls();
+    let samples = std::fs::read_to_string(report.join("samples.jsonl")).unwrap();
+    let samples: Vec<Value> = samples
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(samples.len(), 2 * (3 + 2));
+    assert!(samples
+        .iter()
+        .filter(|s| s["kind"] == "answer")
+        .all(|s| s["judge"]["accuracy"].is_u64() && s["reference"].is_string()));
+    let html = std::fs::read_to_string(report.join("report.html")).unwrap();
+    assert!(
+        html.contains("<polyline")
+            && html.contains("Are you free on Saturday?")
+            && html.contains("baseline")
+    );
+    assert!(
+        artifact(&p, &report_id)["metadata"]["curve"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 12
+    );
+
+    // Rerun: all cached, no judge call. A learning-rate change retrains and re-evaluates
+    // only; the judge is asked again only about answers it has not seen.
+    let again = p.run("twin.yaml", &[]);
+    assert_eq!(again.with_status("ran"), Vec::<String>::new());
+    assert_eq!(llm.calls(), paid);
+    let changed = p.run("twin.yaml", &["--set", "lr=0.002"]);
+    assert_eq!(changed.code, 0, "{}", changed.stderr);
+    assert_eq!(changed.with_status("ran"), ["eval", "train"]);
+    assert!(
+        changed.reason("train").contains("lr"),
+        "{}",
+        changed.reason("train")
+    );
+
+    // cairn generate: from the artifact id, streaming, greedy is deterministic.
+    let (code, out1, err) = p.exec(&[
+        "generate",
+        &model_id[..12],
+        "Are you free on Saturday?",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "20",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    // A 12-step model may well answer in whitespace; what matters is that tokens came out.
+    let tokens: usize = err
+        .trim_start_matches('[')
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        tokens > 0 && out1.len() > 1,
+        "no text generated: {out1:?}; stderr: {err}"
+    );
+    assert!(err.contains("tokens/s") && err.contains("cpu"), "{err}");
+    let (_, out2, _) = p.exec(&[
+        "generate",
+        &model_id,
+        "Are you free on Saturday?",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "20",
+    ]);
+    assert_eq!(out1, out2);
+    let (code, _, _) = p.exec(&[
+        "generate",
+        dir.to_str().unwrap(),
+        "hello",
+        "--raw",
+        "--max-new-tokens",
+        "5",
+        "--seed",
+        "7",
+    ]);
+    assert_eq!(code, 0);
+    let (code, _, err) = p.exec(&["generate", &report_id[..12], "hi"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("is a `report`, not a `model`"), "{err}");
+    let (code, _, err) = p.exec(&["generate", "no/such/dir", "hi"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("neither a model directory nor an artifact id"),
+        "{err}"
+    );
+}
+
+fn single_train_pipeline(extra: &str) -> String {
+    format!(
+        r#"name: resume
+steps:{DATASET_STEPS}
+  train:
+    uses: finetune
+    inputs: {{dataset: dataset.dataset}}
+    with:
+      scratch: {{arch: llama, layers: 2, hidden: 64, heads: 4, kv_heads: 2, max_positions: 512}}
+      template: alpaca
+      max_seq_len: 400
+      batch_size: 2
+{extra}"#
+    )
+}
+
+#[test]
+fn a_killed_training_run_resumes_from_its_last_checkpoint() {
+    let pipeline = single_train_pipeline("      learning_rate: 0.002\n      max_steps: 10\n      checkpoint_every: 4\n      eval_every: 5\n");
+    // Uninterrupted, in one store.
+    let whole = dataset_project();
+    whole.write("p.yaml", &pipeline);
+    let full = whole.run("p.yaml", &[]);
+    assert_eq!(full.code, 0, "{}", full.stderr);
+
+    // Killed after step 6 (the helper aborts like a SIGKILL: no clean-up), in another.
+    let p = dataset_project();
+    p.write("p.yaml", &pipeline);
+    let out = p
+        .cmd()
+        .args(["run", "p.yaml", "--json"])
+        .env("CAIRN_TORCH_ABORT_AFTER_STEP", "6")
+        .output()
+        .unwrap();
+    let killed = common::Outcome::from_output(&out);
+    assert_eq!(killed.code, 1, "{}", killed.stderr);
+    assert_eq!(killed.step("train")["status"], "failed");
+    let checkpoints: Vec<String> = walk(&p.store().join("checkpoints"))
+        .iter()
+        .filter_map(|d| d.file_name().map(|n| n.to_string_lossy().to_string()))
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    assert_eq!(
+        checkpoints,
+        ["step-4"],
+        "the checkpoint at step 4 survives, nothing later"
+    );
+    let (_, listing, _) = p.exec(&["artifacts", "ls", "--kind", "model"]);
+    assert!(
+        !listing.contains("train.model"),
+        "no model artifact from the killed run: {listing}"
+    );
+
+    let resumed = p.run("p.yaml", &[]);
+    assert_eq!(resumed.code, 0, "{}", resumed.stderr);
+    let model = resumed.output("train", "model");
+    let meta = artifact(&p, &model)["metadata"].clone();
+    assert_eq!(meta["resumed_from"], 4);
+    // Same data order, same optimizer state, same dropout seeds: the same weights, bit for
+    // bit. (The artifact digests differ: each store's dataset records its own file paths.)
+    let weights =
+        |p: &Project, id: &str| std::fs::read(object_dir(p, id).join("model.safetensors")).unwrap();
+    assert!(
+        weights(&p, &model) == weights(&whole, &full.output("train", "model")),
+        "resumed weights differ from the uninterrupted run's"
+    );
+    let full_meta = artifact(&whole, &full.output("train", "model"))["metadata"].clone();
+    let losses = |m: &Value| {
+        m["curve"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["loss"].as_f64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(losses(&meta), losses(&full_meta));
+}
+
+#[test]
+fn early_stopping_ends_training_when_eval_loss_stops_improving() {
+    let p = dataset_project();
+    // A large learning rate on a tiny dataset overfits fast: the eval loss turns up.
+    p.write("p.yaml", &single_train_pipeline("      max_steps: 300\n      learning_rate: 0.01\n      eval_every: 3\n      early_stopping_patience: 2\n      checkpoint_every: 0\n"));
+    let out = p.run("p.yaml", &[]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let meta = artifact(&p, &out.output("train", "model"))["metadata"].clone();
+    assert_eq!(meta["stopped_early"], true, "{meta}");
+    let steps = meta["steps"].as_u64().unwrap();
+    assert!(steps < 300 && steps % 3 == 0, "{steps}");
+    let evals: Vec<f64> = meta["curve"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["eval_loss"].as_f64())
+        .collect();
+    let best = evals.iter().cloned().fold(f64::INFINITY, f64::min);
+    assert_eq!(meta["best_eval_loss"].as_f64().unwrap(), best);
+    assert!(
+        evals[evals.len() - 2..].iter().all(|&e| e >= best),
+        "the last two evaluations did not improve: {evals:?}"
+    );
+    assert!(out.step("train")["reason"].is_string());
+}
+
+#[test]
+fn lora_on_a_hugging_face_model_continues_from_its_artifact() {
+    let p = dataset_project();
+    reference(&[&"make", &p.path("models"), &"llama"]);
+    p.write(
+        "p.yaml",
+        &format!(
+            r#"name: lora
+steps:{DATASET_STEPS}
+  adapt:
+    uses: finetune
+    inputs: {{dataset: dataset.dataset}}
+    with: {{model: models/llama, method: lora, lora: {{r: 4, alpha: 8}}, template: chatml, max_seq_len: 128, max_steps: 3, learning_rate: 0.01}}
+  more:
+    uses: finetune
+    inputs: {{dataset: dataset.dataset, model: adapt.model}}
+    with: {{method: lora, template: chatml, max_seq_len: 128, max_steps: 2, learning_rate: 0.01}}
+  eval:
+    uses: evaluate
+    inputs: {{model: more.model, dataset: dataset.dataset}}
+    with: {{baseline_model: models/llama, rouge_examples: 2, rouge_max_new_tokens: 8, prompts: ["hi"], generation: {{max_new_tokens: 8}}}}
+"#
+        ),
+    );
+    let out = p.run("p.yaml", &[]);
+    assert_eq!(out.code, 0, "{}\n{}", out.json, out.stderr);
+    let more = object_dir(&p, &out.output("more", "model"));
+    assert!(
+        more.join("adapter_model.safetensors").exists() && !more.join("model.safetensors").exists()
+    );
+    let card: Value =
+        serde_json::from_str(&std::fs::read_to_string(more.join("cairn_model.json")).unwrap())
+            .unwrap();
+    assert_eq!(card["method"], "lora");
+    assert!(
+        card["base_model"]
+            .as_str()
+            .unwrap()
+            .ends_with("models/llama"),
+        "{card}"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = tmp.path().join("ids.safetensors");
+    write_ids(&ids, 20);
+    let ours = tmp.path().join("logits.safetensors");
+    cairn_logits(&more, &ids, &ours);
+    let r = reference(&[&"check-logits", &more, &ids, &ours, &"peft"]);
+    assert!(r["max_abs_diff"].as_f64().unwrap() < 1e-4, "{r}");
+    let meta = artifact(&p, &out.output("more", "model"))["metadata"].clone();
+    assert_eq!(
+        meta["lora_targets"],
+        json!(["q_proj", "v_proj"]),
+        "continued the input's adapters"
+    );
+    assert!(meta["trainable_params"].as_i64().unwrap() < meta["params"].as_i64().unwrap() / 10);
+    let metrics = artifact(&p, &out.output("eval", "report"))["metadata"]["models"].clone();
+    assert!(
+        metrics["baseline"]["perplexity"].as_f64().is_some(),
+        "{metrics}"
+    );
+    // Swapping the base model's weights reruns the adapter (its files are in the key).
+    let w = p.path("models/llama/model.safetensors");
+    let mut bytes = std::fs::read(&w).unwrap();
+    let n = bytes.len();
+    bytes[n - 1] ^= 1;
+    std::fs::write(&w, bytes).unwrap();
+    let again = p.plan("p.yaml", &[]);
+    assert_eq!(again.step("adapt")["status"], "will_run", "{}", again.json);
+}
+
+#[test]
+fn finetune_parameter_errors_are_reported_with_locations() {
+    let p = Project::new();
+    p.write(
+        "bad.yaml",
+        r#"name: bad
+steps:
+  ds: {uses: source, with: {path: .}}
+  train:
+    uses: finetune
+    inputs: {dataset: ds.data}
+    with:
+      scratch: {arch: gpt3, hidden: 100, heads: 3}
+      method: lora
+      template: vicuna
+      batch_size: 0
+      learning_rate: -1
+  eval:
+    uses: evaluate
+    inputs: {model: train.model}
+    with: {generation: {top_p: 2}, device: tpu}
+"#,
+    );
+    let (code, out, err) = p.exec(&["validate", "bad.yaml"]);
+    assert_eq!(code, 2, "{out}{err}");
+    insta::assert_snapshot!(
+        "finetune_param_errors",
+        err.replace(p.dir.path().to_str().unwrap(), "<project>")
+    );
+    assert!(!p.store().join("objects").exists(), "nothing written");
+}

@@ -1,0 +1,121 @@
+"""Reference side of cairn's decoder parity tests (transformers + PEFT on CPU, fp32).
+
+    decoder.py make ROOT ARCH...                 random tiny models (gpt2, llama, qwen2) +
+                                                 a byte-level tokenizer, in ROOT/ARCH
+    decoder.py check-logits MODEL IDS OURS [peft]  transformers' (or PEFT's) logits for the
+                                                 `input_ids` in IDS vs `logits` in OURS
+    decoder.py check-step MODEL BATCH OURS JSON  one torch AdamW step on cairn's dumped
+                                                 batch vs cairn's updated weights in OURS
+"""
+import json
+import sys
+
+import torch
+from safetensors.torch import load_file, save_file
+
+torch.manual_seed(0)
+
+
+def byte_tokenizer(path):
+    from tokenizers import Tokenizer, decoders, models
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = sorted(ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok.save(path)
+
+
+def make(out, arch):
+    import transformers as tf
+
+    if arch == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=259, n_positions=128, n_embd=64, n_layer=2, n_head=4,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                            bos_token_id=256, eos_token_id=256)
+        model = tf.GPT2LMHeadModel(cfg)
+    else:
+        cls_cfg, cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+                        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[arch]
+        cfg = cls_cfg(vocab_size=259, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      rms_norm_eps=1e-6, tie_word_embeddings=(arch == "qwen2"),
+                      bos_token_id=256, eos_token_id=256)
+        model = cls(cfg)
+    # Non-trivial norms and biases, so the test sees them.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(out, safe_serialization=True)
+    byte_tokenizer(f"{out}/tokenizer.json")
+
+
+def load(path):
+    import transformers as tf
+    return tf.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+
+
+def hf_logits(model_dir, ids, peft):
+    if peft:
+        from peft import PeftModel
+        cfg = json.load(open(f"{model_dir}/adapter_config.json"))
+        model = PeftModel.from_pretrained(load(cfg["base_model_name_or_path"]), model_dir).eval()
+    else:
+        model = load(model_dir)
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def main():
+    cmd, *args = sys.argv[1:]
+    if cmd == "make":
+        root, *archs = args
+        for arch in archs:
+            make(f"{root}/{arch}", arch)
+    elif cmd == "check-logits":
+        model_dir, ids, ours, *flags = args
+        ids = load_file(ids)["input_ids"]
+        theirs = hf_logits(model_dir, ids, "peft" in flags)
+        ours = load_file(ours)["logits"]
+        print(json.dumps({"max_abs_diff": (ours - theirs).abs().max().item(),
+                          "shape": list(theirs.shape)}))
+    elif cmd == "check-step":
+        model_dir, batch, ours, settings = args
+        s = json.loads(settings)
+        model = load(model_dir).train()
+        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        b = load_file(batch)
+        n = len([k for k in b if k.startswith("input_ids.")])
+        targets = sum(int((b[f"labels.{k}"][:, 1:] != -100).sum()) for k in range(n))
+        for k in range(n):
+            logits = model(input_ids=b[f"input_ids.{k}"]).logits
+            v = logits.shape[-1]
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, v), b[f"labels.{k}"][:, 1:].reshape(-1),
+                ignore_index=-100, reduction="sum") / targets
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s["max_grad_norm"])
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": s["weight_decay"]},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=s["learning_rate"], betas=(s["adam_beta1"], s["adam_beta2"]), eps=s["adam_epsilon"])
+        opt.step()
+        after = model.state_dict()
+        ours = load_file(ours)
+        shared = sorted(set(ours) & set(after))
+        print(json.dumps({
+            "max_abs_diff": max((ours[k] - after[k]).abs().max().item() for k in shared),
+            "max_update": max((after[k] - before[k]).abs().max().item() for k in shared),
+            "tensors": len(shared), "only_cairn": sorted(set(ours) - set(after)),
+        }))
+    else:
+        sys.exit(f"unknown command {cmd}")
+
+
+if __name__ == "__main__":
+    main()
