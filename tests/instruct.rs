@@ -374,6 +374,25 @@ fn qa_recipe_builds_one_example_per_exchange() {
     );
     assert_eq!(info["test_size"], 0.2);
     assert_loads(store.path(), &digest);
+    assert_trained(store.path(), &out, "twin", "evaluate");
+}
+
+/// The recipe's model trained for its 40 steps and its report scored the test split;
+/// returns the report's metadata.
+fn assert_trained(store: &Path, out: &Outcome, train: &str, evaluate: &str) -> Value {
+    let model = meta_of(store, &out.output(train, "model"));
+    assert_eq!(model["steps"], 40, "{model:#}");
+    assert_eq!(model["curve"].as_array().unwrap().len(), 40);
+    let report = meta_of(store, &out.output(evaluate, "report"));
+    let m = &report["models"]["model"];
+    assert!(
+        m["perplexity"]
+            .as_f64()
+            .is_some_and(|p| p.is_finite() && p > 1.0),
+        "{report:#}"
+    );
+    assert!(m["answers"].as_u64().unwrap() > 0, "{report:#}");
+    report
 }
 
 #[test]
@@ -426,6 +445,7 @@ fn chat_twin_recipe_with_retrieval_and_window_context() {
         "{context}"
     );
     assert_loads(store.path(), &retrieval);
+    assert_trained(store.path(), &out, "twin", "evaluate");
 
     let window = run_repo_pipeline(
         store.path(),
@@ -483,7 +503,16 @@ fn blog_style_transfer_recipe_crawls_and_calls_the_llm_once_per_variant() {
         calls + meta["llm"]["cached_calls"].as_u64().unwrap(),
         requests
     );
-    assert_eq!(server.calls() as u64, calls);
+    let report = assert_trained(store.path(), &out, "rewriter", "evaluate");
+    let judge = &report["judge"];
+    assert_eq!(
+        report["models"]["model"]["judged"],
+        judge["calls"].as_u64().unwrap() + judge["cached_calls"].as_u64().unwrap()
+    );
+    assert_eq!(
+        server.calls() as u64,
+        calls + judge["calls"].as_u64().unwrap()
+    );
     let (dir, info) = dataset_dir(store.path(), &out.output("style_pairs", "dataset"));
     assert_eq!(info["format"], "messages");
     let record: Value = serde_json::from_str(

@@ -355,7 +355,10 @@ mod tests {
         let segs = t.render(&conv, "<eos>");
         assert_eq!(segs[0].text, "Q: why?\nA: ");
         assert_eq!(segs[1].text, "because\n<eos>");
-        assert_eq!(t.stop_strings(), vec!["\n".to_string()]);
+        // A whitespace tail would cut multi-line answers: it is no stop string.
+        assert!(t.stop_strings().is_empty());
+        let tagged = Template::parse("<q>{instruction}</q><a>{output}</a>").unwrap();
+        assert_eq!(tagged.stop_strings(), vec!["</a>".to_string()]);
         assert!(Template::parse("no placeholder").is_err());
     }
 }

@@ -493,6 +493,9 @@ impl Model {
             .unwrap_or_else(|| panic!("missing parameter {name}"))
     }
 
+    // `y = y + ...`, not `y += ...`: tch's `+=` is in place, which autograd refuses on
+    // activations saved for the backward pass.
+    #[allow(clippy::assign_op_pattern)]
     fn linear(&self, module: &str, x: &Tensor) -> Tensor {
         let w = self.p(&format!("{module}.weight"));
         let b = self.params.get(&format!("{module}.bias"));
@@ -543,6 +546,7 @@ impl Model {
         h.linear::<Tensor>(head, None)
     }
 
+    #[allow(clippy::assign_op_pattern)] // see `linear`
     fn hidden(&self, ids: &Tensor, mut cache: Option<&mut Cache>) -> Tensor {
         let (b, t) = {
             let s = ids.size();

@@ -37,7 +37,7 @@ fn next_token(logits: &Tensor, seen: &[i64], g: &GenerationSettings) -> i64 {
     if g.temperature <= 0.0 {
         return scores.argmax(0, false).int64_value(&[]);
     }
-    scores = scores / g.temperature;
+    scores /= g.temperature;
     let vocab = scores.size()[0];
     if g.top_k > 0 && g.top_k < vocab {
         let (top, _) = scores.topk(g.top_k, 0, true, true);
