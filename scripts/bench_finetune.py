@@ -28,7 +28,7 @@ if a.threads:
 torch.manual_seed(0)
 cfg = tf.GPT2Config(vocab_size=a.vocab, n_positions=max(1024, a.seq), n_embd=a.hidden,
                     n_layer=a.layers, n_head=a.heads, resid_pdrop=0.0, embd_pdrop=0.0,
-                    attn_pdrop=0.0)
+                    attn_pdrop=0.0, bos_token_id=a.vocab - 3, eos_token_id=a.vocab - 3)
 model = tf.GPT2LMHeadModel(cfg).to(a.device)
 if a.lora:
     from peft import LoraConfig, get_peft_model

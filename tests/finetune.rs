@@ -10,12 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::mock_llm::MockLlm;
-use common::Project;
+use common::{meta_of, repo, run_repo_pipeline, Project};
 use serde_json::{json, Value};
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// Runs tests/parity/decoder.py in the project venv; returns its last stdout line as JSON.
 fn reference(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Value {
@@ -733,27 +729,6 @@ steps:
     assert!(!p.store().join("objects").exists(), "nothing written");
 }
 
-fn run_repo_pipeline(store: &Path, file: &str, args: &[&str]) -> common::Outcome {
-    let out = Command::new(assert_cmd::cargo::cargo_bin("cairn"))
-        .current_dir(repo())
-        .env("CAIRN_STORE", store)
-        .env_remove("RUST_LOG")
-        .args(["run", file, "--json"])
-        .args(args)
-        .output()
-        .unwrap();
-    common::Outcome::from_output(&out)
-}
-
-fn meta_in(store: &Path, digest: &str) -> Value {
-    let out = Command::new(assert_cmd::cargo::cargo_bin("cairn"))
-        .env("CAIRN_STORE", store)
-        .args(["artifacts", "show", digest, "--json"])
-        .output()
-        .unwrap();
-    serde_json::from_slice::<Value>(&out.stdout).unwrap()["metadata"].clone()
-}
-
 #[test]
 fn the_demo_trains_and_evaluates_its_twin() {
     let store = tempfile::tempdir().unwrap();
@@ -765,10 +740,10 @@ fn the_demo_trains_and_evaluates_its_twin() {
     );
     assert_eq!(out.code, 0, "{}\n{}", out.json, out.stderr);
     assert!(out.with_status("failed").is_empty());
-    let model = meta_in(store.path(), &out.output("twin", "model"));
+    let model = meta_of(store.path(), &out.output("twin", "model"));
     assert_eq!(model["steps"], 12);
     assert!(model["train_rows"].as_u64().unwrap() >= 20, "{model:#}");
-    let report = meta_in(store.path(), &out.output("evaluate", "report"));
+    let report = meta_of(store.path(), &out.output("evaluate", "report"));
     assert_eq!(report["models"]["model"]["answers"], 8, "{report:#}");
     let again = run_repo_pipeline(
         store.path(),
@@ -803,10 +778,10 @@ fn training_pipeline_adapts_a_pretrained_model_and_compares_it_with_the_base() {
         ],
     );
     assert_eq!(out.code, 0, "{}\n{}", out.json, out.stderr);
-    let model = meta_in(store.path(), &out.output("twin", "model"));
+    let model = meta_of(store.path(), &out.output("twin", "model"));
     assert_eq!(model["method"], "lora");
     assert_eq!(model["lora"]["r"], 16);
-    let report = meta_in(store.path(), &out.output("evaluate", "report"));
+    let report = meta_of(store.path(), &out.output("evaluate", "report"));
     for who in ["model", "baseline"] {
         assert!(
             report["models"][who]["perplexity"].as_f64().is_some(),
@@ -830,7 +805,7 @@ fn llm_twin_pipeline_runs_end_to_end_with_a_judge() {
         &["--set", &site, "--set", &llm, "--set", "train_steps=10"],
     );
     assert_eq!(out.code, 0, "{}\n{}", out.json, out.stderr);
-    let dataset = meta_in(store.path(), &out.output("dataset", "dataset"));
+    let dataset = meta_of(store.path(), &out.output("dataset", "dataset"));
     let counts = dataset["counts"].as_object().unwrap();
     for builder in ["qa/", "chat_replies/", "generate/"] {
         assert!(
@@ -838,7 +813,7 @@ fn llm_twin_pipeline_runs_end_to_end_with_a_judge() {
             "no {builder} in {counts:?}"
         );
     }
-    let report = meta_in(store.path(), &out.output("evaluate", "report"));
+    let report = meta_of(store.path(), &out.output("evaluate", "report"));
     let m = &report["models"]["model"];
     assert!(m["judged"].as_u64().unwrap() > 0, "{report:#}");
     assert!((1.0..=3.0).contains(&m["judge_accuracy"].as_f64().unwrap()));

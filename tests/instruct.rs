@@ -10,12 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::mock_llm::MockLlm;
-use common::{Outcome, Project};
+use common::{meta_of, repo, run_repo_pipeline, Outcome, Project};
 use serde_json::Value;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn artifact(p: &Project, digest: &str) -> Value {
     let (code, out, err) = p.exec(&["artifacts", "show", digest, "--json"]);
@@ -327,27 +323,6 @@ fn invalid_builder_settings_are_rejected_before_anything_runs() {
 }
 
 /// Runs a repository pipeline from the repository root with a temporary store.
-fn run_repo_pipeline(store: &Path, file: &str, args: &[&str]) -> Outcome {
-    let out = Command::new(assert_cmd::cargo::cargo_bin("cairn"))
-        .current_dir(repo())
-        .env("CAIRN_STORE", store)
-        .env_remove("RUST_LOG")
-        .args(["run", file, "--json"])
-        .args(args)
-        .output()
-        .unwrap();
-    Outcome::from_output(&out)
-}
-
-fn meta_of(store: &Path, digest: &str) -> Value {
-    let out = Command::new(assert_cmd::cargo::cargo_bin("cairn"))
-        .env("CAIRN_STORE", store)
-        .args(["artifacts", "show", digest, "--json"])
-        .output()
-        .unwrap();
-    serde_json::from_slice::<Value>(&out.stdout).unwrap()["metadata"].clone()
-}
-
 #[test]
 fn qa_recipe_builds_one_example_per_exchange() {
     let store = tempfile::tempdir().unwrap();

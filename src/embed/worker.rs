@@ -5,12 +5,12 @@
 //! `{"done": N}` after each batch, `{"finished": {"tokens": T, "seconds": S}}` at the end,
 //! or `{"error": "..."}` before a non-zero exit.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
-use serde::Deserialize;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio_util::sync::CancellationToken;
+
+use crate::ml::worker::{run_events, HelperError};
 
 use super::{EmbedError, EmbedderInfo, Precision};
 
@@ -49,15 +49,6 @@ pub struct EmbedOutcome {
     pub seconds: f64,
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum Event {
-    Loaded(EmbedderInfo),
-    Done(u64),
-    Finished { tokens: u64, seconds: f64 },
-    Error(String),
-}
-
 /// Finds the helper: `$CAIRN_TORCH_BIN`, else next to the running executable (also one
 /// folder up, for test binaries under `target/*/deps`).
 pub fn helper_path() -> Result<PathBuf, EmbedError> {
@@ -81,93 +72,52 @@ pub async fn run(
     on_progress: &mut (dyn FnMut(u64) + Send),
     cancel: &CancellationToken,
 ) -> Result<EmbedOutcome, EmbedError> {
-    let helper = helper_path()?;
     let precision = serde_json::to_value(job.precision)
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_else(|| "auto".into());
-    let mut child = tokio::process::Command::new(&helper)
-        .arg("embed")
-        .arg("--model")
-        .arg(&job.model)
-        .args(["--device", &job.device, "--precision", &precision])
-        .args([
-            "--batch-size",
-            &job.batch_size.to_string(),
-            "--threads",
-            &job.threads.to_string(),
-        ])
-        .arg("--input")
-        .arg(&job.input)
-        .arg("--output")
-        .arg(&job.output)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| EmbedError::Torch(format!("starting {}: {e}", helper.display())))?;
-    let stdout = child.stdout.take().expect("piped");
-    let mut stderr = child.stderr.take().expect("piped");
-    let stderr_task = tokio::spawn(async move {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text).await;
-        text
-    });
-    let mut lines = BufReader::new(stdout).lines();
-    let mut info = None;
-    let mut finished = None;
-    let mut error = None;
-    loop {
-        let line = tokio::select! {
-            _ = cancel.cancelled() => {
-                let _ = child.kill().await;
-                return Err(EmbedError::Cancelled);
+    let mut args: Vec<OsString> = vec!["embed".into(), "--model".into(), job.model.clone().into()];
+    for (flag, value) in [
+        ("--device", job.device.clone()),
+        ("--precision", precision),
+        ("--batch-size", job.batch_size.to_string()),
+        ("--threads", job.threads.to_string()),
+    ] {
+        args.push(flag.into());
+        args.push(value.into());
+    }
+    args.extend([
+        "--input".into(),
+        job.input.clone().into(),
+        "--output".into(),
+        job.output.clone().into(),
+    ]);
+    let mut info: Option<EmbedderInfo> = None;
+    let finished = run_events(
+        &args,
+        &mut |name, payload| match name {
+            "loaded" => {
+                if let Ok(i) = serde_json::from_value::<EmbedderInfo>(payload.clone()) {
+                    on_loaded(&i);
+                    info = Some(i);
+                }
             }
-            line = lines.next_line() => line,
-        };
-        let Some(line) = line.map_err(|e| EmbedError::Torch(format!("reading the helper: {e}")))?
-        else {
-            break;
-        };
-        match serde_json::from_str::<Event>(&line) {
-            Ok(Event::Loaded(i)) => {
-                on_loaded(&i);
-                info = Some(i);
-            }
-            Ok(Event::Done(n)) => on_progress(n),
-            Ok(Event::Finished { tokens, seconds }) => finished = Some((tokens, seconds)),
-            Ok(Event::Error(e)) => error = Some(e),
-            Err(_) => tracing::debug!("cairn-torch: {line}"),
-        }
-    }
-    let status = child
-        .wait()
-        .await
-        .map_err(|e| EmbedError::Torch(format!("waiting for the helper: {e}")))?;
-    let stderr = stderr_task.await.unwrap_or_default();
-    if let Some(e) = error {
-        return Err(EmbedError::Model(e));
-    }
-    match (status.success(), info, finished) {
-        (true, Some(info), Some((tokens, seconds))) => Ok(EmbedOutcome {
-            info,
-            tokens,
-            seconds,
-        }),
-        _ => {
-            let tail: String = stderr
-                .lines()
-                .rev()
-                .take(8)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n");
-            Err(EmbedError::Torch(format!(
-                "the embedding helper failed ({status}): {tail}"
-            )))
-        }
-    }
+            "done" => on_progress(payload.as_u64().unwrap_or(0)),
+            _ => {}
+        },
+        cancel,
+    )
+    .await
+    .map_err(|e| match e {
+        HelperError::Cancelled => EmbedError::Cancelled,
+        HelperError::Reported(m) => EmbedError::Model(m),
+        HelperError::Crashed(m) => EmbedError::Torch(m),
+    })?;
+    let info = info
+        .ok_or_else(|| EmbedError::Torch("the embedding helper never reported its model".into()))?;
+    Ok(EmbedOutcome {
+        info,
+        tokens: finished["tokens"].as_u64().unwrap_or(0),
+        seconds: finished["seconds"].as_f64().unwrap_or(0.0),
+    })
 }

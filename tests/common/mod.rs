@@ -189,3 +189,32 @@ impl Project {
         }
     }
 }
+
+/// The repository root (pipelines and fixtures that ship with it).
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `cairn run FILE --json ARGS...` from the repository root with its own store, as a user
+/// runs the shipped pipelines.
+pub fn run_repo_pipeline(store: &Path, file: &str, args: &[&str]) -> Outcome {
+    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("cairn"))
+        .current_dir(repo())
+        .env("CAIRN_STORE", store)
+        .env_remove("RUST_LOG")
+        .args(["run", file, "--json"])
+        .args(args)
+        .output()
+        .unwrap();
+    Outcome::from_output(&out)
+}
+
+/// The metadata of artifact `digest` in `store` (`cairn artifacts show --json`).
+pub fn meta_of(store: &Path, digest: &str) -> Value {
+    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("cairn"))
+        .env("CAIRN_STORE", store)
+        .args(["artifacts", "show", digest, "--json"])
+        .output()
+        .unwrap();
+    serde_json::from_slice::<Value>(&out.stdout).unwrap()["metadata"].clone()
+}
