@@ -181,6 +181,32 @@ fn one_optimizer_step_matches_torch_adamw() {
             diff < 1e-5,
             "{arch}: cairn's AdamW step differs from torch's by {diff} (step size {update})"
         );
+
+        // Gradient checkpointing recomputes blocks in the backward pass: same step.
+        let mut checkpointed = settings.clone();
+        checkpointed["gradient_checkpointing"] = json!(true);
+        let job = train_job(
+            root,
+            &root.join(arch),
+            &format!("ckpt-{arch}"),
+            checkpointed,
+            None,
+        );
+        let (ok, events, stderr) = torch_helper(&[&"train", &"--job", &job]);
+        assert!(ok, "{events:?} {stderr}");
+        let r = reference(&[
+            &"check-step",
+            &root.join(arch),
+            &batch,
+            &root.join(format!("ckpt-{arch}/model.safetensors")),
+            &json!({"learning_rate": 1e-3, "weight_decay": 0.1, "adam_beta1": 0.9, "adam_beta2": 0.999,
+                    "adam_epsilon": 1e-8, "max_grad_norm": 0.5}).to_string(),
+        ]);
+        let diff = r["max_abs_diff"].as_f64().unwrap();
+        assert!(
+            diff < 1e-5,
+            "{arch}: with gradient checkpointing the step differs by {diff}"
+        );
     }
 }
 

@@ -290,6 +290,14 @@ pub struct LoraPair {
     pub b: Tensor,
 }
 
+/// What the blocks need to know about positions.
+pub enum Positions {
+    /// GPT-2: already added to the embeddings.
+    Learned,
+    /// Llama: rotary tables [seq, head_dim].
+    Rotary { cos: Tensor, sin: Tensor },
+}
+
 /// Per-layer key/value cache for generation.
 pub type Cache = Vec<Option<(Tensor, Tensor)>>;
 
@@ -534,7 +542,159 @@ impl Model {
     /// after the cached ones (and the cache grows); a multi-token call on a non-empty
     /// cache is not supported (generation feeds the prompt once, then one token at a time).
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Tensor {
-        let h = self.hidden(ids, cache);
+        self.head(&self.hidden(ids, cache))
+    }
+
+    fn hidden(&self, ids: &Tensor, mut cache: Option<&mut Cache>) -> Tensor {
+        let past = cache
+            .as_ref()
+            .and_then(|c| c.first().and_then(|l| l.as_ref().map(|(k, _)| k.size()[2])))
+            .unwrap_or(0);
+        if let Some(c) = cache.as_deref_mut() {
+            c.resize_with(self.cfg.layers as usize, || None);
+        }
+        assert!(
+            past == 0 || ids.size()[1] == 1,
+            "multi-token forward on a non-empty cache"
+        );
+        let (mut h, pos) = self.embed(ids, past);
+        for l in 0..self.cfg.layers {
+            let slot = cache.as_deref_mut().map(|c| &mut c[l as usize]);
+            h = self.block(l, &h, &pos, slot);
+        }
+        self.final_norm(&h)
+    }
+
+    /// Token (and, for GPT-2, position) embeddings of `ids` placed after `past` cached
+    /// positions, and the positional tables the blocks need (rotary cos/sin for Llama).
+    pub fn embed(&self, ids: &Tensor, past: i64) -> (Tensor, Positions) {
+        let t = ids.size()[1];
+        match self.cfg.arch {
+            Arch::Gpt2 => {
+                let pos = Tensor::arange_start(past, past + t, (Kind::Int64, self.device));
+                let h = Tensor::embedding(self.p("transformer.wte.weight"), ids, -1, false, false)
+                    + Tensor::embedding(self.p("transformer.wpe.weight"), &pos, -1, false, false);
+                (self.dropout(h, self.cfg.embd_pdrop), Positions::Learned)
+            }
+            Arch::Llama => {
+                let h =
+                    Tensor::embedding(self.p("model.embed_tokens.weight"), ids, -1, false, false);
+                let (cos, sin) = self.rope(past, t);
+                (h, Positions::Rotary { cos, sin })
+            }
+        }
+    }
+
+    /// Transformer block `l` on hidden states `h` [batch, seq, hidden].
+    #[allow(clippy::assign_op_pattern)] // see `linear`
+    pub fn block(
+        &self,
+        l: i64,
+        h: &Tensor,
+        pos: &Positions,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Tensor {
+        let (b, t) = {
+            let s = h.size();
+            (s[0], s[1])
+        };
+        let causal = t > 1;
+        let (nh, nkv, hd) = (self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim);
+        let attn_p = if self.train { self.cfg.attn_pdrop } else { 0.0 };
+        match (self.cfg.arch, pos) {
+            (Arch::Gpt2, _) => {
+                let hs = self.cfg.hidden;
+                let p = format!("transformer.h.{l}");
+                let a = h.layer_norm(
+                    [hs],
+                    Some(self.p(&format!("{p}.ln_1.weight"))),
+                    Some(self.p(&format!("{p}.ln_1.bias"))),
+                    self.cfg.eps,
+                    true,
+                );
+                let qkv = self.linear(&format!("{p}.attn.c_attn"), &a);
+                let parts = qkv.split(hs, -1);
+                let heads = |x: &Tensor| x.view([b, t, nh, hd]).transpose(1, 2);
+                let (q, mut k, mut v) = (heads(&parts[0]), heads(&parts[1]), heads(&parts[2]));
+                if let Some(slot) = cache {
+                    (k, v) = append_cache(slot, k, v);
+                }
+                let y = Tensor::scaled_dot_product_attention::<Tensor>(
+                    &q, &k, &v, None, attn_p, causal, None, false,
+                );
+                let y = y.transpose(1, 2).reshape([b, t, hs]);
+                let y = self.linear(&format!("{p}.attn.c_proj"), &y);
+                let h = h + self.dropout(y, self.cfg.resid_pdrop);
+                let m = h.layer_norm(
+                    [hs],
+                    Some(self.p(&format!("{p}.ln_2.weight"))),
+                    Some(self.p(&format!("{p}.ln_2.bias"))),
+                    self.cfg.eps,
+                    true,
+                );
+                let m = self.linear(&format!("{p}.mlp.c_fc"), &m).gelu("tanh");
+                let m = self.linear(&format!("{p}.mlp.c_proj"), &m);
+                h + self.dropout(m, self.cfg.resid_pdrop)
+            }
+            (Arch::Llama, Positions::Rotary { cos, sin }) => {
+                let rep = nh / nkv;
+                let p = format!("model.layers.{l}");
+                let a = self.rms(h, &format!("{p}.input_layernorm.weight"));
+                let q = self
+                    .linear(&format!("{p}.self_attn.q_proj"), &a)
+                    .view([b, t, nh, hd])
+                    .transpose(1, 2);
+                let k = self
+                    .linear(&format!("{p}.self_attn.k_proj"), &a)
+                    .view([b, t, nkv, hd])
+                    .transpose(1, 2);
+                let mut v = self
+                    .linear(&format!("{p}.self_attn.v_proj"), &a)
+                    .view([b, t, nkv, hd])
+                    .transpose(1, 2);
+                let q = apply_rope(&q, cos, sin);
+                let mut k = apply_rope(&k, cos, sin);
+                if let Some(slot) = cache {
+                    (k, v) = append_cache(slot, k, v);
+                }
+                let (k, v) = if rep > 1 {
+                    (
+                        k.repeat_interleave_self_int(rep, 1, None),
+                        v.repeat_interleave_self_int(rep, 1, None),
+                    )
+                } else {
+                    (k, v)
+                };
+                let y = Tensor::scaled_dot_product_attention::<Tensor>(
+                    &q, &k, &v, None, attn_p, causal, None, false,
+                );
+                let y = y.transpose(1, 2).reshape([b, t, nh * hd]);
+                let h = h + self.linear(&format!("{p}.self_attn.o_proj"), &y);
+                let m = self.rms(&h, &format!("{p}.post_attention_layernorm.weight"));
+                let g = self.linear(&format!("{p}.mlp.gate_proj"), &m).silu();
+                let u = self.linear(&format!("{p}.mlp.up_proj"), &m);
+                &h + self.linear(&format!("{p}.mlp.down_proj"), &(g * u))
+            }
+            (Arch::Llama, Positions::Learned) => unreachable!("llama blocks take rotary tables"),
+        }
+    }
+
+    /// The final norm before the output head.
+    pub fn final_norm(&self, h: &Tensor) -> Tensor {
+        match self.cfg.arch {
+            Arch::Gpt2 => h.layer_norm(
+                [self.cfg.hidden],
+                Some(self.p("transformer.ln_f.weight")),
+                Some(self.p("transformer.ln_f.bias")),
+                self.cfg.eps,
+                true,
+            ),
+            Arch::Llama => self.rms(h, "model.norm.weight"),
+        }
+    }
+
+    /// Logits from final hidden states (tied to the embeddings when the config says so).
+    pub fn head(&self, h: &Tensor) -> Tensor {
         let head = if self.cfg.tie_embeddings {
             match self.cfg.arch {
                 Arch::Gpt2 => self.p("transformer.wte.weight"),
@@ -544,129 +704,6 @@ impl Model {
             self.p("lm_head.weight")
         };
         h.linear::<Tensor>(head, None)
-    }
-
-    #[allow(clippy::assign_op_pattern)] // see `linear`
-    fn hidden(&self, ids: &Tensor, mut cache: Option<&mut Cache>) -> Tensor {
-        let (b, t) = {
-            let s = ids.size();
-            (s[0], s[1])
-        };
-        let past = cache
-            .as_ref()
-            .and_then(|c| c.first().and_then(|l| l.as_ref().map(|(k, _)| k.size()[2])))
-            .unwrap_or(0);
-        if let Some(c) = cache.as_deref_mut() {
-            c.resize_with(self.cfg.layers as usize, || None);
-        }
-        let causal = t > 1;
-        assert!(
-            past == 0 || t == 1,
-            "multi-token forward on a non-empty cache"
-        );
-        let (nh, nkv, hd) = (self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim);
-        let attn_p = if self.train { self.cfg.attn_pdrop } else { 0.0 };
-        match self.cfg.arch {
-            Arch::Gpt2 => {
-                let pos = Tensor::arange_start(past, past + t, (Kind::Int64, self.device));
-                let mut h =
-                    Tensor::embedding(self.p("transformer.wte.weight"), ids, -1, false, false)
-                        + Tensor::embedding(
-                            self.p("transformer.wpe.weight"),
-                            &pos,
-                            -1,
-                            false,
-                            false,
-                        );
-                h = self.dropout(h, self.cfg.embd_pdrop);
-                let hs = self.cfg.hidden;
-                for l in 0..self.cfg.layers {
-                    let p = format!("transformer.h.{l}");
-                    let a = h.layer_norm(
-                        [hs],
-                        Some(self.p(&format!("{p}.ln_1.weight"))),
-                        Some(self.p(&format!("{p}.ln_1.bias"))),
-                        self.cfg.eps,
-                        true,
-                    );
-                    let qkv = self.linear(&format!("{p}.attn.c_attn"), &a);
-                    let parts = qkv.split(hs, -1);
-                    let heads = |x: &Tensor| x.view([b, t, nh, hd]).transpose(1, 2);
-                    let (q, mut k, mut v) = (heads(&parts[0]), heads(&parts[1]), heads(&parts[2]));
-                    if let Some(c) = cache.as_deref_mut() {
-                        (k, v) = append_cache(&mut c[l as usize], k, v);
-                    }
-                    let y = Tensor::scaled_dot_product_attention::<Tensor>(
-                        &q, &k, &v, None, attn_p, causal, None, false,
-                    );
-                    let y = y.transpose(1, 2).reshape([b, t, hs]);
-                    let y = self.linear(&format!("{p}.attn.c_proj"), &y);
-                    h = h + self.dropout(y, self.cfg.resid_pdrop);
-                    let m = h.layer_norm(
-                        [hs],
-                        Some(self.p(&format!("{p}.ln_2.weight"))),
-                        Some(self.p(&format!("{p}.ln_2.bias"))),
-                        self.cfg.eps,
-                        true,
-                    );
-                    let m = self.linear(&format!("{p}.mlp.c_fc"), &m).gelu("tanh");
-                    let m = self.linear(&format!("{p}.mlp.c_proj"), &m);
-                    h = h + self.dropout(m, self.cfg.resid_pdrop);
-                }
-                h.layer_norm(
-                    [hs],
-                    Some(self.p("transformer.ln_f.weight")),
-                    Some(self.p("transformer.ln_f.bias")),
-                    self.cfg.eps,
-                    true,
-                )
-            }
-            Arch::Llama => {
-                let mut h =
-                    Tensor::embedding(self.p("model.embed_tokens.weight"), ids, -1, false, false);
-                let (cos, sin) = self.rope(past, t);
-                let rep = nh / nkv;
-                for l in 0..self.cfg.layers {
-                    let p = format!("model.layers.{l}");
-                    let a = self.rms(&h, &format!("{p}.input_layernorm.weight"));
-                    let q = self
-                        .linear(&format!("{p}.self_attn.q_proj"), &a)
-                        .view([b, t, nh, hd])
-                        .transpose(1, 2);
-                    let k = self
-                        .linear(&format!("{p}.self_attn.k_proj"), &a)
-                        .view([b, t, nkv, hd])
-                        .transpose(1, 2);
-                    let mut v = self
-                        .linear(&format!("{p}.self_attn.v_proj"), &a)
-                        .view([b, t, nkv, hd])
-                        .transpose(1, 2);
-                    let q = apply_rope(&q, &cos, &sin);
-                    let mut k = apply_rope(&k, &cos, &sin);
-                    if let Some(c) = cache.as_deref_mut() {
-                        (k, v) = append_cache(&mut c[l as usize], k, v);
-                    }
-                    let (k, v) = if rep > 1 {
-                        (
-                            k.repeat_interleave_self_int(rep, 1, None),
-                            v.repeat_interleave_self_int(rep, 1, None),
-                        )
-                    } else {
-                        (k, v)
-                    };
-                    let y = Tensor::scaled_dot_product_attention::<Tensor>(
-                        &q, &k, &v, None, attn_p, causal, None, false,
-                    );
-                    let y = y.transpose(1, 2).reshape([b, t, nh * hd]);
-                    h = h + self.linear(&format!("{p}.self_attn.o_proj"), &y);
-                    let m = self.rms(&h, &format!("{p}.post_attention_layernorm.weight"));
-                    let g = self.linear(&format!("{p}.mlp.gate_proj"), &m).silu();
-                    let u = self.linear(&format!("{p}.mlp.up_proj"), &m);
-                    h = h + self.linear(&format!("{p}.mlp.down_proj"), &(g * u));
-                }
-                self.rms(&h, "model.norm.weight")
-            }
-        }
     }
 
     fn rms(&self, x: &Tensor, weight: &str) -> Tensor {

@@ -76,7 +76,10 @@ pub fn batch_tensors(rows: &[&Row], pad: i64, device: Device) -> (Tensor, Tensor
 
 /// Summed cross-entropy of next-token predictions over labelled positions.
 pub fn loss_sum(model: &Model, ids: &Tensor, labels: &Tensor, bf16: bool) -> Tensor {
-    let logits = tch::autocast(bf16, || model.forward(ids, None));
+    loss_of_logits(&tch::autocast(bf16, || model.forward(ids, None)), labels)
+}
+
+fn loss_of_logits(logits: &Tensor, labels: &Tensor) -> Tensor {
     let t = logits.size()[1];
     let v = logits.size()[2];
     let logits = logits
@@ -85,6 +88,63 @@ pub fn loss_sum(model: &Model, ids: &Tensor, labels: &Tensor, bf16: bool) -> Ten
         .reshape([-1, v]);
     let targets = labels.narrow(1, 1, t - 1).reshape([-1]);
     logits.cross_entropy_loss::<Tensor>(&targets, None, tch::Reduction::Sum, IGNORE, 0.0)
+}
+
+/// Forward and backward of one micro-batch with the loss scaled by `scale`; returns the
+/// summed (unscaled) loss. With `checkpointing`, the forward pass keeps only each block's
+/// input and the backward pass recomputes one block at a time: the gradient reaching a
+/// block's output is pushed through it as d(sum(output * grad))/d(input, weights), which
+/// is exactly the chain rule. Dropout is reseeded per block so the recomputation draws
+/// the same masks.
+fn forward_backward(
+    model: &Model,
+    ids: &Tensor,
+    labels: &Tensor,
+    scale: f64,
+    bf16: bool,
+    checkpointing: bool,
+    seed: i64,
+) -> f64 {
+    if !checkpointing {
+        let loss = loss_sum(model, ids, labels, bf16);
+        let value = loss.double_value(&[]);
+        (loss * scale).backward();
+        return value;
+    }
+    let layers = model.cfg.layers;
+    let (h0, pos) = tch::autocast(bf16, || model.embed(ids, 0));
+    let mut inputs = Vec::with_capacity(layers as usize);
+    let mut h = h0.detach();
+    tch::no_grad(|| {
+        for l in 0..layers {
+            inputs.push(h.shallow_clone());
+            tch::manual_seed(seed.wrapping_add(l));
+            h = tch::autocast(bf16, || model.block(l, &h, &pos, None));
+        }
+    });
+    let x = h.detach().set_requires_grad(true);
+    let loss = loss_of_logits(
+        &tch::autocast(bf16, || model.head(&model.final_norm(&x))),
+        labels,
+    );
+    let value = loss.double_value(&[]);
+    (loss * scale).backward();
+    let mut grad = x.grad();
+    for l in (0..layers).rev() {
+        let input = inputs[l as usize].detach().set_requires_grad(true);
+        tch::manual_seed(seed.wrapping_add(l));
+        let out = tch::autocast(bf16, || model.block(l, &input, &pos, None));
+        (out.to_kind(Kind::Float) * grad.to_kind(Kind::Float))
+            .sum(Kind::Float)
+            .backward();
+        grad = input.grad();
+    }
+    if h0.requires_grad() {
+        (h0.to_kind(Kind::Float) * grad.to_kind(Kind::Float))
+            .sum(Kind::Float)
+            .backward();
+    }
+    value
 }
 
 /// Mean loss over the response tokens of `rows` (no gradients).
@@ -425,11 +485,20 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
             }
         }
         let mut loss_total = 0.0;
-        for rows in &batches {
+        for (k, rows) in batches.iter().enumerate() {
             let (ids, labels) = batch_tensors(rows, pad, device);
-            let loss = loss_sum(&model, &ids, &labels, bf16);
-            loss_total += loss.double_value(&[]);
-            (loss / targets.max(1) as f64).backward();
+            let seed = (s.seed.wrapping_add(step) as i64)
+                .wrapping_mul(1000)
+                .wrapping_add(k as i64 * 100);
+            loss_total += forward_backward(
+                &model,
+                &ids,
+                &labels,
+                1.0 / targets.max(1) as f64,
+                bf16,
+                s.gradient_checkpointing,
+                seed,
+            );
         }
         let grad_norm = {
             let _guard = tch::no_grad_guard();
