@@ -602,6 +602,24 @@ fn a_killed_training_run_resumes_from_its_last_checkpoint() {
         "no model artifact from the killed run: {listing}"
     );
 
+    // gc keeps the checkpoint (and says how to drop it); an abandoned copy is removed
+    // only with --checkpoints.
+    let (code, gc_out, _) = p.exec(&["gc"]);
+    assert_eq!(code, 0);
+    assert!(
+        gc_out.contains("kept 1 unfinished training checkpoint folder(s)"),
+        "{gc_out}"
+    );
+    let key_dir = walk(&p.store().join("checkpoints"))
+        .into_iter()
+        .find(|d| d.join("step-4").exists())
+        .unwrap();
+    let abandoned = p.store().join("checkpoints/abandoned/step-4");
+    std::fs::create_dir_all(&abandoned).unwrap();
+    for f in ["state.json", "tensors.safetensors"] {
+        std::fs::copy(key_dir.join("step-4").join(f), abandoned.join(f)).unwrap();
+    }
+
     let resumed = p.run("p.yaml", &[]);
     assert_eq!(resumed.code, 0, "{}", resumed.stderr);
     let model = resumed.output("train", "model");
@@ -625,6 +643,17 @@ fn a_killed_training_run_resumes_from_its_last_checkpoint() {
             .collect::<Vec<_>>()
     };
     assert_eq!(losses(&meta), losses(&full_meta));
+    assert!(
+        !key_dir.exists(),
+        "the finished job's checkpoints are removed"
+    );
+    let (code, gc_out, _) = p.exec(&["gc", "--checkpoints"]);
+    assert_eq!(code, 0);
+    assert!(
+        gc_out.contains("removed 1 unfinished training checkpoint folder(s)"),
+        "{gc_out}"
+    );
+    assert!(!abandoned.exists());
 }
 
 #[test]

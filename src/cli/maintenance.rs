@@ -32,6 +32,10 @@ pub struct GcArgs {
     /// Also drop run records beyond the newest N runs of each pipeline (and what only they reference).
     #[arg(long, value_name = "N")]
     pub keep_runs: Option<usize>,
+    /// Also delete the resumable checkpoints of unfinished `finetune` runs (a rerun with
+    /// the same settings then starts from step 0).
+    #[arg(long)]
+    pub checkpoints: bool,
 }
 
 /// `cairn hash`.
@@ -204,6 +208,29 @@ pub fn gc(cli: &Cli, args: &GcArgs) -> anyhow::Result<ExitCode> {
     if args.dry_run {
         for d in &report.removed {
             println!("{d}");
+        }
+    }
+    let checkpoints = store.training_checkpoints();
+    if !checkpoints.is_empty() {
+        let bytes: u64 = checkpoints.iter().map(|(_, b)| b).sum();
+        if args.checkpoints {
+            if !args.dry_run {
+                for (dir, _) in &checkpoints {
+                    std::fs::remove_dir_all(dir)
+                        .map_err(|e| anyhow::anyhow!("removing {}: {e}", dir.display()))?;
+                }
+            }
+            println!(
+                "{verb} {} unfinished training checkpoint folder(s), {}",
+                checkpoints.len(),
+                human_bytes(bytes)
+            );
+        } else {
+            println!(
+                "kept {} unfinished training checkpoint folder(s), {} (rerun the training to resume, or `cairn gc --checkpoints` to delete them)",
+                checkpoints.len(),
+                human_bytes(bytes)
+            );
         }
     }
     println!(

@@ -230,6 +230,24 @@ impl Store {
         Ok(report)
     }
 
+    /// The checkpoint folders of unfinished training jobs (`checkpoints/<job key>/`, which
+    /// `finetune` removes once its model is stored) with their sizes.
+    pub fn training_checkpoints(&self) -> Vec<(PathBuf, u64)> {
+        let Ok(entries) = std::fs::read_dir(self.root.join("checkpoints")) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(PathBuf, u64)> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.path().is_dir())
+            .map(|e| {
+                let size = objects::tree_size(&e.path()).unwrap_or(0);
+                (e.path(), size)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Rehashes every object and checks that every record points at a present object.
     pub fn fsck(&self) -> Result<FsckReport, StoreError> {
         let mut report = FsckReport::default();
