@@ -314,6 +314,7 @@ impl Step for FinetuneStep {
         })?;
         let mut meta = finished;
         if let Some(m) = meta.as_object_mut() {
+            let settings = serde_json::to_value(&p).unwrap_or_default();
             m.insert("method".into(), json!(p.method));
             m.insert("base".into(), base_name);
             m.insert("dataset".into(), json!(dataset_input.digest.to_hex()));
@@ -326,14 +327,10 @@ impl Step for FinetuneStep {
                 "seed",
                 "scheduler",
             ] {
+                // The effective value (defaults included), not only what the YAML said.
                 m.insert(
                     key.into(),
-                    ctx.params.get(key).cloned().unwrap_or_else(|| {
-                        serde_json::to_value(&p)
-                            .ok()
-                            .and_then(|v| v.get(key).cloned())
-                            .unwrap_or(Value::Null)
-                    }),
+                    settings.get(key).cloned().unwrap_or(Value::Null),
                 );
             }
             if p.method == Method::Lora {
