@@ -156,6 +156,7 @@ fn one_optimizer_step_matches_torch_adamw() {
         let (ok, events, stderr) = torch_helper(&[&"train", &"--job", &job]);
         assert!(ok, "{events:?} {stderr}");
         let f = finished(&events);
+        assert_eq!(f["recomputed_blocks"], 0);
         assert!(
             f["curve"][0]["grad_norm"].as_f64().unwrap() > 0.5,
             "clipping must engage: {f}"
@@ -194,6 +195,8 @@ fn one_optimizer_step_matches_torch_adamw() {
         );
         let (ok, events, stderr) = torch_helper(&[&"train", &"--job", &job]);
         assert!(ok, "{events:?} {stderr}");
+        // 2 blocks x 2 micro-batches were recomputed: the checkpointed path really ran.
+        assert_eq!(finished(&events)["recomputed_blocks"], 4);
         let r = reference(&[
             &"check-step",
             &root.join(arch),
@@ -610,10 +613,14 @@ fn a_killed_training_run_resumes_from_its_last_checkpoint() {
         gc_out.contains("kept 1 unfinished training checkpoint folder(s)"),
         "{gc_out}"
     );
-    let key_dir = walk(&p.store().join("checkpoints"))
-        .into_iter()
-        .find(|d| d.join("step-4").exists())
-        .unwrap();
+    let key_dir = p
+        .store()
+        .join("checkpoints")
+        .join(killed.step("train")["cache_key"].as_str().unwrap());
+    assert!(
+        key_dir.join("step-4").exists(),
+        "checkpoints are filed under the step's cache key"
+    );
     let abandoned = p.store().join("checkpoints/abandoned/step-4");
     std::fs::create_dir_all(&abandoned).unwrap();
     for f in ["state.json", "tensors.safetensors"] {
@@ -731,6 +738,14 @@ steps:{DATASET_STEPS}
     let r = reference(&[&"check-logits", &more, &ids, &ours, &"peft"]);
     assert!(r["max_abs_diff"].as_f64().unwrap() < 1e-4, "{r}");
     let meta = artifact(&p, &out.output("more", "model"))["metadata"].clone();
+    // The step sets no rank (default 8): rank 4 and alpha 8 come from `adapt`'s adapters.
+    let adapter: Value =
+        serde_json::from_str(&std::fs::read_to_string(more.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (adapter["r"].clone(), adapter["lora_alpha"].clone()),
+        (json!(4), json!(8.0))
+    );
     assert_eq!(
         meta["lora_targets"],
         json!(["q_proj", "v_proj"]),

@@ -820,6 +820,9 @@ impl<'a> RunState<'a> {
         }
         Ok(StepContext {
             step: step.name.clone(),
+            cache_key: self.keys[i]
+                .expect("a key is computed before running")
+                .to_hex(),
             params: step.params.clone(),
             param_env: step.param_env.clone(),
             inputs,

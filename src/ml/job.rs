@@ -442,6 +442,27 @@ pub struct ModelCard {
     pub provenance: Value,
 }
 
+impl ModelCard {
+    /// The template the model was trained with (Alpaca for models cairn did not train).
+    pub fn template(&self) -> Result<crate::ml::template::Template, String> {
+        crate::ml::template::Template::parse(if self.template.is_empty() {
+            "alpaca"
+        } else {
+            &self.template
+        })
+    }
+
+    /// The EOS token and its id: `wanted` if given, else the card's, else the tokenizer's.
+    pub fn eos(
+        &self,
+        tokenizer: &tokenizers::Tokenizer,
+        wanted: Option<&str>,
+    ) -> Result<(String, u32), String> {
+        let from_card = (!self.eos_token.is_empty()).then_some(self.eos_token.as_str());
+        crate::ml::data::eos_token(tokenizer, wanted.or(from_card))
+    }
+}
+
 /// File name of [`ModelCard`] in a model directory.
 pub const MODEL_CARD: &str = "cairn_model.json";
 

@@ -98,6 +98,10 @@ impl Progress {
 pub struct StepContext {
     /// Step name in the pipeline.
     pub step: String,
+    /// The step's cache key (hex): kind, version, parameters, input and named-file
+    /// digests. Work that must survive a failed attempt (training checkpoints) is filed
+    /// under it, so only an identical rerun picks it up.
+    pub cache_key: String,
     /// Resolved parameters (`with:` after `${params.*}` substitution).
     pub params: Value,
     /// Parameters exported to commands as `CAIRN_PARAM_<NAME>`.

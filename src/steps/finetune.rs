@@ -1,8 +1,9 @@
 //! `finetune`: trains a GPT-2 or Llama-family model on a `dataset` artifact through
 //! libtorch (in the `cairn-torch` helper; see [`crate::ml`]), full or LoRA, and stores the
 //! result as a `model` artifact in the Hugging Face / PEFT layout. Checkpoints live in the
-//! store under `checkpoints/<job key>/` until the model is committed, so a killed run
-//! resumes where it stopped.
+//! store under `checkpoints/<cache key>/` until the model is committed, so a killed run
+//! resumes where it stopped, and a run with other settings, data or base-model files
+//! starts afresh.
 
 use std::path::{Path, PathBuf};
 
@@ -146,24 +147,6 @@ pub fn named_model_files(
     Ok(out)
 }
 
-/// A stable key for one training job: the same step, settings and inputs find the same
-/// checkpoints.
-fn job_key(ctx: &StepContext, version: &str) -> String {
-    let mut h = blake3::Hasher::new();
-    h.update(b"finetune\0");
-    h.update(version.as_bytes());
-    h.update(
-        serde_json::to_string(&ctx.params)
-            .unwrap_or_default()
-            .as_bytes(),
-    );
-    for (name, input) in &ctx.inputs {
-        h.update(name.as_bytes());
-        h.update(input.digest.to_hex().as_bytes());
-    }
-    h.finalize().to_hex()[..32].to_string()
-}
-
 #[async_trait]
 impl Step for FinetuneStep {
     fn kind(&self) -> &str {
@@ -238,11 +221,7 @@ impl Step for FinetuneStep {
             .inputs
             .get("dataset")
             .ok_or_else(|| StepError::Failed("input `dataset` is missing".into()))?;
-        let checkpoints = ctx
-            .store
-            .root()
-            .join("checkpoints")
-            .join(job_key(ctx, &self.version()));
+        let checkpoints = ctx.store.root().join("checkpoints").join(&ctx.cache_key);
         let output = ctx.output_path("model");
         let base_name = match (&p.model, ctx.inputs.get("model")) {
             (Some(m), _) => json!(m),

@@ -230,7 +230,7 @@ impl Store {
         Ok(report)
     }
 
-    /// The checkpoint folders of unfinished training jobs (`checkpoints/<job key>/`, which
+    /// The checkpoint folders of unfinished training jobs (`checkpoints/<cache key>/`, which
     /// `finetune` removes once its model is stored) with their sizes.
     pub fn training_checkpoints(&self) -> Vec<(PathBuf, u64)> {
         let Ok(entries) = std::fs::read_dir(self.root.join("checkpoints")) else {

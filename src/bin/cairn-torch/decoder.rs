@@ -388,15 +388,7 @@ impl Model {
             }
             params.insert(name, t.to_kind(Kind::Float).to_device(device).detach());
         }
-        Ok(Self {
-            cfg,
-            params,
-            lora: BTreeMap::new(),
-            lora_scaling: 1.0,
-            lora_dropout: 0.0,
-            train: false,
-            device,
-        })
+        Ok(Self::new(cfg, params, device))
     }
 
     /// Initialises fresh weights the way `transformers` does (normal(0, 0.02), GPT-2's
@@ -420,6 +412,11 @@ impl Model {
             };
             params.insert(name, t);
         }
+        Self::new(cfg, params, device)
+    }
+
+    /// A model in inference mode with these weights and no adapters.
+    fn new(cfg: Config, params: BTreeMap<String, Tensor>, device: Device) -> Self {
         Self {
             cfg,
             params,
@@ -429,6 +426,35 @@ impl Model {
             train: false,
             device,
         }
+    }
+
+    /// This model with its adapters folded into the weights; `self` is left as it was
+    /// (merging replaces weight tensors, it never writes into them, so sharing is safe).
+    pub fn merged(&self) -> Self {
+        let mut m = Self::new(
+            self.cfg.clone(),
+            self.params
+                .iter()
+                .map(|(k, v)| (k.clone(), v.shallow_clone()))
+                .collect(),
+            self.device,
+        );
+        m.lora = self
+            .lora
+            .iter()
+            .map(|(k, p)| {
+                (
+                    k.clone(),
+                    LoraPair {
+                        a: p.a.shallow_clone(),
+                        b: p.b.shallow_clone(),
+                    },
+                )
+            })
+            .collect();
+        m.lora_scaling = self.lora_scaling;
+        m.merge_lora();
+        m
     }
 
     /// Total parameters (adapters included).

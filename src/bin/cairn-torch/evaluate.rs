@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 
 use cairn::ml::data;
 use cairn::ml::job::{Answer, EvalJob, EvalResults, GenerationSettings};
-use cairn::ml::template::{Conversation, Role, Template};
+use cairn::ml::template::{Conversation, Role};
 
 use crate::generate::generate;
 use crate::{modeldir, train};
@@ -23,16 +23,8 @@ pub fn run(job: &EvalJob, emit: &mut dyn FnMut(Value)) -> Result<EvalResults, St
     emit(json!({"device": {"device": crate::device::name(device), "reason": reason}}));
     let (mut model, tokenizer, card) = modeldir::load_any(&job.model, device)?;
     model.merge_lora();
-    let template = Template::parse(if card.template.is_empty() {
-        "alpaca"
-    } else {
-        &card.template
-    })?;
-    let eos = if card.eos_token.is_empty() {
-        data::eos_token(&tokenizer, None)?.0
-    } else {
-        card.eos_token.clone()
-    };
+    let template = card.template()?;
+    let (eos, _) = card.eos(&tokenizer, None)?;
     let pad = tokenizer.token_to_id(&eos).map(i64::from).unwrap_or(0);
     let stops = template.stop_strings();
     let eos_ids = stop_ids(&tokenizer, &eos, &stops);

@@ -128,12 +128,10 @@ fn generate_command(
     let (device, reason, _) = train::device_for(device, "auto", threads)?;
     let (mut m, tokenizer, card) = modeldir::load_any(model, device)?;
     m.merge_lora();
-    let template =
-        cairn::ml::template::Template::parse(template.unwrap_or(if card.template.is_empty() {
-            "alpaca"
-        } else {
-            &card.template
-        }))?;
+    let template = match template {
+        Some(t) => cairn::ml::template::Template::parse(t)?,
+        None => card.template()?,
+    };
     let text = if raw {
         prompt.to_string()
     } else {
@@ -141,13 +139,8 @@ fn generate_command(
             turns: vec![(cairn::ml::template::Role::User, prompt.to_string())],
         })
     };
-    let eos = if card.eos_token.is_empty() {
-        cairn::ml::data::eos_token(&tokenizer, None)
-            .map(|e| e.0)
-            .unwrap_or_default()
-    } else {
-        card.eos_token.clone()
-    };
+    // A tokenizer without a known EOS still generates, up to max_new_tokens.
+    let eos = card.eos(&tokenizer, None).map(|e| e.0).unwrap_or_default();
     let mut stops = if raw {
         Vec::new()
     } else {

@@ -44,15 +44,11 @@ pub fn read_card(dir: &Path, tokenizer: &Tokenizer, arch: &str) -> ModelCard {
 pub fn load_full(dir: &Path, device: Device) -> Result<(Model, Tokenizer), String> {
     let cfg = Config::from_hf(&read_json(&dir.join("config.json"))?)
         .map_err(|e| format!("{}: {e}", dir.display()))?;
-    let tensors = read_weights_checked(dir)?;
+    let tensors = crate::decoder::read_weights(dir)?;
     let model =
         Model::from_tensors(cfg, tensors, device).map_err(|e| format!("{}: {e}", dir.display()))?;
     let tokenizer = cairn::models::load_tokenizer(dir).map_err(|e| e.to_string())?;
     Ok((model, tokenizer))
-}
-
-fn read_weights_checked(dir: &Path) -> Result<Vec<(String, Tensor)>, String> {
-    crate::decoder::read_weights(dir)
 }
 
 /// Whether `dir` holds a PEFT adapter rather than full weights.
@@ -191,36 +187,11 @@ pub fn save_full(
     dir: &Path,
 ) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let mut merged;
+    let merged;
     let model = if model.lora.is_empty() {
         model
     } else {
-        merged = Model {
-            cfg: model.cfg.clone(),
-            params: model
-                .params
-                .iter()
-                .map(|(k, v)| (k.clone(), v.copy()))
-                .collect(),
-            lora: model
-                .lora
-                .iter()
-                .map(|(k, p)| {
-                    (
-                        k.clone(),
-                        LoraPair {
-                            a: p.a.copy(),
-                            b: p.b.copy(),
-                        },
-                    )
-                })
-                .collect(),
-            lora_scaling: model.lora_scaling,
-            lora_dropout: 0.0,
-            train: false,
-            device: model.device,
-        };
-        merged.merge_lora();
+        merged = model.merged();
         &merged
     };
     let tensors: Vec<(String, &Tensor)> =
@@ -228,7 +199,7 @@ pub fn save_full(
     write_safetensors(&dir.join("model.safetensors"), &tensors)?;
     let mut config = model.cfg.raw.clone();
     config["torch_dtype"] = json!("float32");
-    if let Ok(Some(eos)) = tokenizer_eos(tokenizer, card) {
+    if let Some(eos) = tokenizer.token_to_id(&card.eos_token) {
         config["eos_token_id"] = json!(eos);
     }
     write_json(&dir.join("config.json"), &config)?;
@@ -240,10 +211,6 @@ pub fn save_full(
         &dir.join(MODEL_CARD),
         &serde_json::to_value(&card).map_err(|e| e.to_string())?,
     )
-}
-
-fn tokenizer_eos(tokenizer: &Tokenizer, card: &ModelCard) -> Result<Option<u32>, String> {
-    Ok(tokenizer.token_to_id(&card.eos_token))
 }
 
 /// Writes the adapters in PEFT's format (and, with `merge`, full weights in `merged/`).

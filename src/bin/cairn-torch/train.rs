@@ -91,7 +91,7 @@ fn loss_of_logits(logits: &Tensor, labels: &Tensor) -> Tensor {
 }
 
 /// Forward and backward of one micro-batch with the loss scaled by `scale`; returns the
-/// summed (unscaled) loss. With `checkpointing`, the forward pass keeps only each block's
+/// summed (unscaled) loss and how many blocks were recomputed. With `checkpointing`, the forward pass keeps only each block's
 /// input and the backward pass recomputes one block at a time: the gradient reaching a
 /// block's output is pushed through it as d(sum(output * grad))/d(input, weights), which
 /// is exactly the chain rule. Dropout is reseeded per block so the recomputation draws
@@ -104,12 +104,12 @@ fn forward_backward(
     bf16: bool,
     checkpointing: bool,
     seed: i64,
-) -> f64 {
+) -> (f64, u64) {
     if !checkpointing {
         let loss = loss_sum(model, ids, labels, bf16);
         let value = loss.double_value(&[]);
         (loss * scale).backward();
-        return value;
+        return (value, 0);
     }
     let layers = model.cfg.layers;
     let (h0, pos) = tch::autocast(bf16, || model.embed(ids, 0));
@@ -144,7 +144,7 @@ fn forward_backward(
             .sum(Kind::Float)
             .backward();
     }
-    value
+    (value, layers as u64)
 }
 
 /// Mean loss over the response tokens of `rows` (no gradients).
@@ -314,11 +314,7 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
     );
     let (mut model, tokenizer, mut card) = build_model(job, device)?;
     let template = Template::parse(&s.template)?;
-    let (eos, eos_id) = match (&s.eos_token, card.eos_token.is_empty()) {
-        (Some(e), _) => data::eos_token(&tokenizer, Some(e))?,
-        (None, false) => data::eos_token(&tokenizer, Some(&card.eos_token.clone()))?,
-        (None, true) => data::eos_token(&tokenizer, None)?,
-    };
+    let (eos, eos_id) = card.eos(&tokenizer, s.eos_token.as_deref())?;
     let pad = i64::from(eos_id);
     let max_len = s.max_seq_len.min(model.cfg.max_positions as usize);
     let (train_rows, train_stats) = data::read_split(
@@ -461,6 +457,8 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
 
     model.train = true;
     let (b1, b2) = (s.adam_beta1, s.adam_beta2);
+    // Blocks recomputed by gradient checkpointing (this process; shows the path ran).
+    let mut recomputed_blocks = 0u64;
     let mut stopped_early = false;
     let mut last_eval: Option<f64> = state.curve.iter().rev().find_map(|p| p.eval_loss);
     while state.step < total {
@@ -490,7 +488,7 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
             let seed = (s.seed.wrapping_add(step) as i64)
                 .wrapping_mul(1000)
                 .wrapping_add(k as i64 * 100);
-            loss_total += forward_backward(
+            let (loss, recomputed) = forward_backward(
                 &model,
                 &ids,
                 &labels,
@@ -499,6 +497,8 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
                 s.gradient_checkpointing,
                 seed,
             );
+            loss_total += loss;
+            recomputed_blocks += recomputed;
         }
         let grad_norm = {
             let _guard = tch::no_grad_guard();
@@ -651,5 +651,6 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
         "train_rows": train_rows.len(), "test_rows": test_rows.len(),
         "max_seq_len": max_len, "eos_token": card.eos_token, "template": card.template,
         "lora_targets": lora_targets,
+        "recomputed_blocks": recomputed_blocks,
     }))
 }
