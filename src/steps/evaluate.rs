@@ -137,7 +137,7 @@ impl Step for EvaluateStep {
     }
 
     fn content_inputs(&self, params: &Value, cwd: &Path) -> Result<Vec<(String, PathBuf)>, String> {
-        super::finetune::named_model_files(params, cwd, "baseline_model")
+        super::finetune::named_model(params, cwd, "baseline_model")
     }
 
     fn check(

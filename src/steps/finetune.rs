@@ -119,32 +119,18 @@ pub fn settings_issues(p: &TrainSettings) -> Vec<ParamIssue> {
     issues
 }
 
-/// The model directory and tokenizer a step's `model`/`tokenizer` params name (for the
-/// cache key); a scratch model names none.
-pub fn named_model_files(
+/// The model directory param `key` names, resolved (for the cache key: swapping the
+/// model's files reruns the step); none when the param is absent.
+pub fn named_model(
     params: &Value,
     cwd: &Path,
     key: &str,
 ) -> Result<Vec<(String, PathBuf)>, String> {
-    let mut out = Vec::new();
-    if let Some(m) = params.get(key).and_then(Value::as_str) {
-        out.push((
-            key.to_string(),
-            models::resolve(m, cwd).map_err(|e| e.to_string())?,
-        ));
-    }
-    if let Some(t) = params.get("tokenizer").and_then(Value::as_str) {
-        let p = if Path::new(t).is_absolute() {
-            PathBuf::from(t)
-        } else {
-            cwd.join(t)
-        };
-        if !p.exists() {
-            return Err(format!("tokenizer {t:?} does not exist"));
-        }
-        out.push(("tokenizer".into(), p));
-    }
-    Ok(out)
+    let Some(m) = params.get(key).and_then(Value::as_str) else {
+        return Ok(Vec::new());
+    };
+    let dir = models::resolve(m, cwd).map_err(|e| e.to_string())?;
+    Ok(vec![(key.to_string(), dir)])
 }
 
 #[async_trait]
@@ -181,7 +167,19 @@ impl Step for FinetuneStep {
     }
 
     fn content_inputs(&self, params: &Value, cwd: &Path) -> Result<Vec<(String, PathBuf)>, String> {
-        named_model_files(params, cwd, "model")
+        let mut files = named_model(params, cwd, "model")?;
+        if let Some(t) = params.get("tokenizer").and_then(Value::as_str) {
+            let p = if Path::new(t).is_absolute() {
+                PathBuf::from(t)
+            } else {
+                cwd.join(t)
+            };
+            if !p.exists() {
+                return Err(format!("tokenizer {t:?} does not exist"));
+            }
+            files.push(("tokenizer".into(), p));
+        }
+        Ok(files)
     }
 
     fn check(
