@@ -57,7 +57,7 @@ fn main() -> anyhow::Result<()> {
             id: id.clone(),
             pipeline: format!("pipeline_{}", r % 7),
             pipeline_file: "pipelines/x.yaml".into(),
-            status: "running".into(),
+            status: cairn::store::RunStatus::Running,
             started_at: started.clone(),
             finished_at: None,
             pid: 1,
@@ -150,7 +150,9 @@ fn main() -> anyhow::Result<()> {
             })
             .collect();
         store.db().write_steps(&writes)?;
-        store.db().finish_run(&id, "succeeded", &started)?;
+        store
+            .db()
+            .finish_run(&id, cairn::store::RunStatus::Succeeded, &started)?;
     }
     eprintln!(
         "generated {runs} runs / {} artifacts in {:.1} s",

@@ -16,7 +16,10 @@ pub mod embed;
 pub mod engine;
 pub mod extract;
 pub mod graph;
+pub mod helper;
 pub mod ingest;
+#[cfg(test)]
+mod layers;
 pub mod llm;
 pub mod ml;
 pub mod models;
@@ -25,4 +28,5 @@ pub mod redact;
 pub mod steps;
 pub mod store;
 pub mod ui;
+pub mod util;
 pub mod vectorstore;

@@ -272,3 +272,71 @@ fn independent_steps_really_overlap() {
                 .contains("timed out")
     );
 }
+
+/// Regression (core issue): pipeline params used to enter the cache key of every step
+/// by name, so renaming one (same value) reran built-in steps too ("configuration
+/// changed"). Only `command` steps read them by name (CAIRN_PARAM_*), so only they rerun.
+#[test]
+fn renaming_a_param_reruns_only_the_commands_that_export_it() {
+    let pipeline = |category: &str, label: &str| {
+        format!(
+            r#"
+name: rename
+params: {{{category}: note, {label}: hello}}
+steps:
+  notes: {{uses: source, with: {{path: notes}}}}
+  docs:
+    uses: ingest
+    inputs: {{files: notes.data}}
+    with: {{category: "${{params.{category}}}"}}
+  greet:
+    uses: command
+    outputs: {{out: file}}
+    with: {{run: "echo ${{params.{label}}} > ${{outputs.out}}"}}
+  count:
+    uses: command
+    inputs: {{docs: docs.documents}}
+    outputs: [out]
+    with: {{run: "wc -l < ${{inputs.docs}} > ${{outputs.out}}"}}
+"#
+        )
+    };
+    let p = Project::new();
+    p.write("notes/a.md", "# A note\n\nSome words worth keeping.\n")
+        .write("p.yaml", &pipeline("category", "label"));
+    let cold = p.run("p.yaml", &[]);
+    assert_eq!(cold.code, 0, "{}", cold.stderr);
+    assert_eq!(cold.with_status("ran"), ["count", "docs", "greet", "notes"]);
+
+    p.write("p.yaml", &pipeline("kind", "greeting"));
+    let renamed = p.run("p.yaml", &[]);
+    assert_eq!(renamed.code, 0, "{}", renamed.stderr);
+    assert_eq!(renamed.with_status("ran"), ["greet"], "{}", renamed.stderr);
+    assert_eq!(renamed.with_status("cached"), ["count", "docs", "notes"]);
+    // The value is unchanged, so the output is too.
+    assert_eq!(renamed.output("greet", "out"), cold.output("greet", "out"));
+}
+
+/// `outputs: [out]`, the list form DVC users write, declares files.
+#[test]
+fn outputs_may_be_a_list_of_file_names() {
+    let p = Project::new();
+    p.write(
+        "p.yaml",
+        "name: list\nsteps:\n  a:\n    uses: command\n    outputs: [one, two]\n    with: {run: \"echo 1 > ${outputs.one}; echo 2 > ${outputs.two}\"}\n",
+    );
+    let run = p.run("p.yaml", &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let (_, two, _) = p.exec(&["artifacts", "cat", &run.output("a", "two")]);
+    assert_eq!(two, "2\n");
+    let (_, listing, _) = p.exec(&["artifacts", "ls", "--step", "a"]);
+    assert_eq!(listing.matches(" file ").count(), 2, "{listing}");
+
+    p.write(
+        "q.yaml",
+        "name: twice\nsteps:\n  a:\n    uses: command\n    outputs: [one, one]\n    with: {run: \"true\"}\n",
+    );
+    let (code, _, err) = p.exec(&["validate", "q.yaml"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("output `one` is listed twice"), "{err}");
+}

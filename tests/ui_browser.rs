@@ -228,7 +228,7 @@ fn add_model_record(p: &Project) -> String {
         id: "20261122-100000-c0ffee".into(),
         pipeline: "training".into(),
         pipeline_file: "training.yaml".into(),
-        status: "succeeded".into(),
+        status: cairn::store::RunStatus::Succeeded,
         started_at: now.clone(),
         finished_at: Some(now.clone()),
         pid: 1,

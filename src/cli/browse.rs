@@ -8,8 +8,8 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use serde_json::{json, Value};
 
+use super::display::format_duration;
 use super::{human_bytes, print_json, Cli, UsageError};
-use crate::engine::report::format_duration;
 use crate::store::{ArtifactRecord, ObjectDigest, Store, StoreError};
 
 /// `cairn runs`.

@@ -102,7 +102,7 @@ pub fn generate(cli: &Cli, args: &GenerateArgs) -> anyhow::Result<ExitCode> {
         stop: args.stop.clone(),
         seed: args.seed,
     };
-    let helper = crate::embed::worker::helper_path()?;
+    let helper = crate::helper::helper_path()?;
     let mut cmd = std::process::Command::new(helper);
     cmd.arg("generate")
         .arg("--model")

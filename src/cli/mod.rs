@@ -2,6 +2,7 @@
 //! the library and only formats what it gets back.
 
 mod browse;
+mod display;
 mod generate;
 mod maintenance;
 mod query;

@@ -8,8 +8,9 @@ use clap::Args;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use super::display::Terminal;
 use super::{print_json, Cli};
-use crate::engine::{self, RunOptions};
+use crate::engine::{self, RunOptions, RunStatus};
 use crate::pipeline;
 use crate::store::{Access, Store};
 
@@ -71,12 +72,7 @@ pub struct ValidateArgs {
     pub sets: Vec<String>,
 }
 
-fn options(
-    sel: &Selection,
-    jobs: Option<usize>,
-    dry_run: bool,
-    quiet: bool,
-) -> anyhow::Result<RunOptions> {
+fn options(sel: &Selection, jobs: Option<usize>) -> anyhow::Result<RunOptions> {
     let jobs = jobs.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -91,8 +87,6 @@ fn options(
         force: sel.force.clone(),
         force_all: sel.force_all,
         jobs,
-        dry_run,
-        quiet,
         args: json!({
             "set": sel.sets, "only": sel.only, "from": sel.from,
             "force": sel.force, "force_all": sel.force_all, "jobs": jobs,
@@ -107,80 +101,95 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn execute(cli: &Cli, sel: &Selection, opts: RunOptions) -> anyhow::Result<ExitCode> {
+/// What `execute` does: run, or only plan.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Run,
+    Plan,
+}
+
+fn execute(
+    cli: &Cli,
+    sel: &Selection,
+    opts: RunOptions,
+    mode: Mode,
+    quiet: bool,
+) -> anyhow::Result<ExitCode> {
     let pipeline = pipeline::load(&sel.pipeline, &sel.sets)?;
     let selection = engine::select(&pipeline, &opts)?;
     let store_dir = cli.store_dir();
-    if opts.dry_run && !store_dir.join("cairn.db").exists() {
-        // Planning against no store: nothing is cached; do not create one.
-        let tmp = tempfile::tempdir()?;
-        return finish(
-            cli,
-            sel,
-            &pipeline,
-            &selection,
-            tmp.path().to_path_buf(),
-            opts,
-        );
-    }
-    finish(cli, sel, &pipeline, &selection, store_dir, opts)
-}
-
-fn finish(
-    _cli: &Cli,
-    sel: &Selection,
-    pipeline: &pipeline::ResolvedPipeline,
-    selection: &engine::Selection,
-    store_dir: PathBuf,
-    opts: RunOptions,
-) -> anyhow::Result<ExitCode> {
-    let store = Arc::new(Store::open(&store_dir, Access::Shared)?);
-    if !opts.dry_run {
-        let _ = store.objects().clean_stale_temp();
-        let _ = store
-            .db()
-            .mark_interrupted(|pid| crate::store::objects::process_alive(pid as i32));
-    }
-    let rt = runtime()?;
-    let cancel = CancellationToken::new();
-    // Registered before any step starts, so an early Ctrl-C is never lost to the default
-    // handler (which would kill cairn without recording the run).
-    let mut interrupts = {
-        let _runtime = rt.enter();
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?
+    // Planning against no store: nothing is cached; do not create one.
+    let scratch = if mode == Mode::Plan && !store_dir.join("cairn.db").exists() {
+        Some(tempfile::tempdir()?)
+    } else {
+        None
     };
-    let report = rt.block_on(async {
-        let signal_cancel = cancel.clone();
-        tokio::spawn(async move {
-            if interrupts.recv().await.is_some() {
-                eprintln!("interrupted: stopping running steps (Ctrl-C again to force)");
-                signal_cancel.cancel();
-                if interrupts.recv().await.is_some() {
-                    std::process::exit(130);
-                }
-            }
-        });
-        engine::execute(pipeline, selection, store.clone(), &opts, cancel.clone()).await
-    })?;
+    let store_dir = scratch
+        .as_ref()
+        .map(|t| t.path().to_path_buf())
+        .unwrap_or(store_dir);
+    let store = Arc::new(Store::open(&store_dir, Access::Shared)?);
+    let observer: Arc<dyn engine::Observer> = Arc::new(Terminal::new(quiet));
+    let rt = runtime()?;
+    let report = match mode {
+        Mode::Plan => rt
+            .block_on(engine::plan(&pipeline, &selection, store, &opts, observer))?
+            .report(),
+        Mode::Run => {
+            let _ = store.objects().clean_stale_temp();
+            let _ = store
+                .db()
+                .mark_interrupted(|pid| crate::store::objects::process_alive(pid as i32));
+            let cancel = CancellationToken::new();
+            // Registered before any step starts, so an early Ctrl-C is never lost to the
+            // default handler (which would kill cairn without recording the run).
+            let mut interrupts = {
+                let _runtime = rt.enter();
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?
+            };
+            rt.block_on(async {
+                let signal_cancel = cancel.clone();
+                tokio::spawn(async move {
+                    if interrupts.recv().await.is_some() {
+                        eprintln!("interrupted: stopping running steps (Ctrl-C again to force)");
+                        signal_cancel.cancel();
+                        if interrupts.recv().await.is_some() {
+                            std::process::exit(130);
+                        }
+                    }
+                });
+                engine::run(
+                    &pipeline,
+                    &selection,
+                    store.clone(),
+                    &opts,
+                    observer,
+                    cancel,
+                )
+                .await
+            })?
+        }
+    };
     if sel.json {
         print_json(&report)?;
     }
-    Ok(match report.status.as_str() {
-        "failed" | "cancelled" => ExitCode::from(1),
+    Ok(match report.status {
+        RunStatus::Failed | RunStatus::Cancelled => ExitCode::from(1),
         _ => ExitCode::SUCCESS,
     })
 }
 
 /// `cairn run`.
 pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
-    let opts = options(&args.selection, args.jobs, args.dry_run, args.quiet)?;
-    execute(cli, &args.selection, opts)
+    let opts = options(&args.selection, args.jobs)?;
+    let mode = if args.dry_run { Mode::Plan } else { Mode::Run };
+    execute(cli, &args.selection, opts, mode, args.quiet)
 }
 
 /// `cairn plan`.
 pub fn plan(cli: &Cli, args: &PlanArgs) -> anyhow::Result<ExitCode> {
-    let opts = options(&args.selection, None, true, false)?;
-    execute(cli, &args.selection, opts)
+    let opts = options(&args.selection, None)?;
+    execute(cli, &args.selection, opts, Mode::Plan, false)
 }
 
 /// `cairn validate`.

@@ -642,7 +642,7 @@ async fn fetch_page(shared: &Shared, url: &Url) -> PageResult {
             author: author.or_else(|| final_url.host_str().map(str::to_string)),
             published,
             content,
-            fetched_at: crate::engine::now_rfc3339(),
+            fetched_at: crate::util::clock::now_rfc3339(),
             metadata: doc_meta,
         };
         let page = PageState {

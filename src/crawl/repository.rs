@@ -92,7 +92,7 @@ fn read_tree(url: &str, root: &Path, settings: &Settings) -> Result<Vec<Document
         .next()
         .unwrap_or(url)
         .to_string();
-    let fetched_at = crate::engine::now_rfc3339();
+    let fetched_at = crate::util::clock::now_rfc3339();
     let mut docs = Vec::new();
     let walker = walkdir::WalkDir::new(root)
         .sort_by_file_name()

@@ -78,7 +78,7 @@ impl DocStore for SqliteStore {
         docs: &[Document],
     ) -> Result<UpsertStats, DocStoreError> {
         let mut stats = UpsertStats::default();
-        let now = crate::engine::now_rfc3339();
+        let now = crate::util::clock::now_rfc3339();
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         {

@@ -6,18 +6,13 @@
 //! or `{"error": "..."}` before a non-zero exit.
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::ml::worker::{run_events, HelperError};
+use crate::helper::{run_events, HelperError};
 
 use super::{EmbedError, EmbedderInfo, Precision};
-
-/// Environment variable naming the helper binary explicitly.
-pub const HELPER_ENV: &str = "CAIRN_TORCH_BIN";
-/// The helper's file name.
-pub const HELPER_NAME: &str = "cairn-torch";
 
 /// One embedding job.
 #[derive(Clone, Debug)]
@@ -47,22 +42,6 @@ pub struct EmbedOutcome {
     pub tokens: u64,
     /// Seconds spent embedding (model load excluded).
     pub seconds: f64,
-}
-
-/// Finds the helper: `$CAIRN_TORCH_BIN`, else next to the running executable (also one
-/// folder up, for test binaries under `target/*/deps`).
-pub fn helper_path() -> Result<PathBuf, EmbedError> {
-    if let Some(p) = std::env::var_os(HELPER_ENV) {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe().map_err(|e| EmbedError::NoHelper(e.to_string()))?;
-    let dir = exe.parent().unwrap_or(Path::new("."));
-    for candidate in [dir.join(HELPER_NAME), dir.join("..").join(HELPER_NAME)] {
-        if candidate.is_file() {
-            return Ok(candidate);
-        }
-    }
-    Err(EmbedError::NoHelper(exe.display().to_string()))
 }
 
 /// Runs `job` in the helper; `on_progress(done)` after each batch.
@@ -112,6 +91,7 @@ pub async fn run(
         HelperError::Cancelled => EmbedError::Cancelled,
         HelperError::Reported(m) => EmbedError::Model(m),
         HelperError::Crashed(m) => EmbedError::Torch(m),
+        HelperError::NotFound(m) => EmbedError::NoHelper(m),
     })?;
     let info = info
         .ok_or_else(|| EmbedError::Torch("the embedding helper never reported its model".into()))?;

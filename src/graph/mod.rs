@@ -1,81 +1,77 @@
-//! The step graph: edges from producers to consumers, topological order, the full path of
+//! The step graph (a leaf: it knows indices, not steps): edges from producers to consumers, topological order, the full path of
 //! any cycle, and selections (`--only`, `--from`).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use petgraph::algo::{kosaraju_scc, toposort};
 use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::visit::{Dfs, Reversed};
 use petgraph::Direction;
 
-use crate::pipeline::ResolvedStep;
-
-/// A DAG over step indices (positions in the pipeline's step list).
-#[derive(Debug)]
+/// A DAG over node indices `0..n` (the positions of steps in the pipeline's step list).
+/// Knows nothing of steps: the pipeline builds it from its input bindings, once.
+#[derive(Clone, Debug)]
 pub struct Dag {
     graph: DiGraph<usize, ()>,
     order: Vec<usize>,
+    upstream: Vec<Vec<usize>>,
+    downstream: Vec<Vec<usize>>,
 }
 
 impl Dag {
-    /// Builds the graph. On a cycle, returns the step names along it, in order.
-    pub fn build(steps: &[ResolvedStep]) -> Result<Self, Vec<String>> {
-        let mut graph = DiGraph::with_capacity(steps.len(), steps.len());
-        let nodes: Vec<NodeIndex> = (0..steps.len()).map(|i| graph.add_node(i)).collect();
-        let by_name: HashMap<&str, usize> = steps
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.name.as_str(), i))
-            .collect();
-        for (i, step) in steps.iter().enumerate() {
-            let producers: BTreeSet<usize> = step
-                .inputs
-                .values()
-                .filter_map(|b| by_name.get(b.step.as_str()).copied())
-                .collect();
-            for p in producers {
-                graph.add_edge(nodes[p], nodes[i], ());
-            }
+    /// Builds the graph of `n` nodes with `edges` from producer to consumer (duplicates
+    /// are fine). On a cycle, returns the nodes along it, in order, starting at the lowest.
+    pub fn build(
+        n: usize,
+        edges: impl IntoIterator<Item = (usize, usize)>,
+    ) -> Result<Self, Vec<usize>> {
+        let mut graph = DiGraph::with_capacity(n, n);
+        let nodes: Vec<NodeIndex> = (0..n).map(|i| graph.add_node(i)).collect();
+        let mut upstream = vec![Vec::new(); n];
+        let mut downstream = vec![Vec::new(); n];
+        let unique: BTreeSet<(usize, usize)> = edges.into_iter().collect();
+        for (from, to) in unique {
+            graph.add_edge(nodes[from], nodes[to], ());
+            upstream[to].push(from);
+            downstream[from].push(to);
+        }
+        for list in &mut upstream {
+            list.sort_unstable();
         }
         match toposort(&graph, None) {
             Ok(order) => Ok(Self {
                 order: order.into_iter().map(|n| graph[n]).collect(),
                 graph,
+                upstream,
+                downstream,
             }),
-            Err(_) => Err(find_cycle(&graph)
-                .into_iter()
-                .map(|i| steps[i].name.clone())
-                .collect()),
+            Err(_) => Err(find_cycle(&graph)),
         }
     }
 
-    /// Step indices in a topological order (producers first).
+    /// Number of nodes.
+    pub fn len(&self) -> usize {
+        self.upstream.len()
+    }
+
+    /// Whether the graph has no nodes.
+    pub fn is_empty(&self) -> bool {
+        self.upstream.is_empty()
+    }
+
+    /// Node indices in a topological order (producers first).
     pub fn order(&self) -> &[usize] {
         &self.order
     }
 
-    /// Direct producers of a step.
-    pub fn upstream(&self, step: usize) -> Vec<usize> {
-        let mut v: Vec<usize> = self
-            .graph
-            .neighbors_directed(NodeIndex::new(step), Direction::Incoming)
-            .map(|n| self.graph[n])
-            .collect();
-        v.sort_unstable();
-        v.dedup();
-        v
+    /// Direct producers of a node, ascending.
+    pub fn upstream(&self, step: usize) -> &[usize] {
+        &self.upstream[step]
     }
 
-    /// Direct consumers of a step.
-    pub fn downstream(&self, step: usize) -> Vec<usize> {
-        let mut v: Vec<usize> = self
-            .graph
-            .neighbors_directed(NodeIndex::new(step), Direction::Outgoing)
-            .map(|n| self.graph[n])
-            .collect();
-        v.sort_unstable();
-        v.dedup();
-        v
+    /// Direct consumers of a node, ascending.
+    pub fn downstream(&self, step: usize) -> &[usize] {
+        &self.downstream[step]
     }
 
     /// A step and everything below it.
@@ -169,37 +165,13 @@ fn next_in(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::InputBinding;
-
-    fn step(name: &str, input_from: Option<&str>) -> ResolvedStep {
-        ResolvedStep {
-            name: name.into(),
-            uses: "command".into(),
-            implementation: crate::steps::lookup("command").unwrap(),
-            version: "1".into(),
-            params: serde_json::json!({"run": "true"}),
-            param_refs: Default::default(),
-            param_env: Default::default(),
-            inputs: input_from
-                .map(|p| {
-                    indexmap::IndexMap::from([(
-                        "in".to_string(),
-                        InputBinding {
-                            step: p.into(),
-                            output: "out".into(),
-                        },
-                    )])
-                })
-                .unwrap_or_default(),
-            outputs: indexmap::IndexMap::from([("out".to_string(), "file".to_string())]),
-        }
-    }
 
     #[test]
     fn orders_and_selects() {
-        let steps = vec![step("a", None), step("b", Some("a")), step("c", Some("b"))];
-        let dag = Dag::build(&steps).unwrap();
+        let dag = Dag::build(3, [(0, 1), (1, 2), (0, 1)]).unwrap();
         assert_eq!(dag.order(), [0, 1, 2]);
+        assert_eq!(dag.upstream(1), [0]);
+        assert_eq!(dag.downstream(0), [1]);
         assert_eq!(dag.descendants(1), BTreeSet::from([1, 2]));
         assert_eq!(
             dag.ancestors_of_all(&BTreeSet::from([2])),
@@ -208,14 +180,16 @@ mod tests {
     }
 
     #[test]
+    fn names_a_self_loop() {
+        assert_eq!(Dag::build(2, [(1, 1)]).unwrap_err(), [1]);
+    }
+
+    #[test]
     fn regression_a_huge_cycle_does_not_overflow_the_stack() {
         let n = 100_000;
-        let steps: Vec<ResolvedStep> = (0..n)
-            .map(|i| step(&format!("s{i}"), Some(&format!("s{}", (i + n - 1) % n))))
-            .collect();
-        let cycle = Dag::build(&steps).unwrap_err();
+        let cycle = Dag::build(n, (0..n).map(|i| ((i + n - 1) % n, i))).unwrap_err();
         assert_eq!(cycle.len(), n);
-        assert_eq!(cycle[0], "s0");
-        assert_eq!(cycle[1], "s1");
+        assert_eq!(cycle[0], 0);
+        assert_eq!(cycle[1], 1);
     }
 }

@@ -65,9 +65,61 @@ pub struct RawStep {
     /// Parameters of the step kind.
     #[serde(default, rename = "with")]
     pub with: Option<IndexMap<String, serde_yaml::Value>>,
-    /// Output name -> kind (for `command` steps).
-    #[serde(default)]
+    /// Output name -> kind (for `command` steps); a list of names declares files, as
+    /// DVC users write `outs:`.
+    #[serde(default, deserialize_with = "outputs_map_or_list")]
     pub outputs: Option<IndexMap<String, String>>,
+}
+
+/// The kind of an output declared by name alone (`outputs: [out]`).
+pub const DEFAULT_OUTPUT_KIND: &str = "file";
+
+/// `outputs: {out: file, model: dir}` or `outputs: [out, report]` (files).
+fn outputs_map_or_list<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<IndexMap<String, String>>, D::Error> {
+    struct Outputs;
+
+    impl<'de> serde::de::Visitor<'de> for Outputs {
+        type Value = Option<IndexMap<String, String>>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a map of output name to kind (`outputs: {out: file}`) or a list of names (`outputs: [out]`, files)")
+        }
+
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = IndexMap::new();
+            while let Some((name, kind)) = map.next_entry::<String, String>()? {
+                out.insert(name, kind);
+            }
+            Ok(Some(out))
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = IndexMap::new();
+            while let Some(name) = seq.next_element::<String>()? {
+                if out.contains_key(&name) {
+                    return Err(serde::de::Error::custom(format!(
+                        "output `{name}` is listed twice"
+                    )));
+                }
+                out.insert(name, DEFAULT_OUTPUT_KIND.to_string());
+            }
+            Ok(Some(out))
+        }
+    }
+
+    deserializer.deserialize_any(Outputs)
 }
 
 /// An input or output declaration in a spec: a kind, or a kind with docs.

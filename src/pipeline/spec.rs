@@ -9,9 +9,9 @@ use indexmap::IndexMap;
 use serde_json::{json, Value};
 
 use super::raw::{ParamType, RawSpec, SPEC_KEYS};
-use super::template::{self, Escapes};
 use super::{did_you_mean, value_text, yaml_to_json, Diagnostic, Diagnostics, SourceFile};
 use crate::steps::{InputDecl, ParamIssue, StepIo};
+use crate::util::template::{self, Escapes};
 
 /// Whether `uses:` names a spec file rather than a built-in kind.
 pub fn is_spec_reference(uses: &str) -> bool {
@@ -111,7 +111,7 @@ impl Spec {
     pub fn load(path: &Path) -> Result<Self, Diagnostics> {
         let src = SourceFile::read(path, "step spec")?;
         src.check_syntax("step spec").map_err(Diagnostics::from)?;
-        if src.index().kind("") != Some(super::NodeKind::Mapping) {
+        if src.index().kind("") != Some(super::location::NodeKind::Mapping) {
             return Err(src
                 .diag("", "the top level of a step spec must be a mapping")
                 .into());

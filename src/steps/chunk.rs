@@ -6,14 +6,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use async_trait::async_trait;
-use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{
-    parse_params, InputDecl, ParamIssue, Step, StepContext, StepError, StepIo, StepOutputs,
-};
+use super::{InputDecl, Kind, ParamIssue, StepContext, StepError, StepOutputs};
 use crate::chunk::{self, Chunk, Settings};
 use crate::documents::{self, Category, Document};
 use crate::models;
@@ -137,18 +134,17 @@ impl ChunkParams {
 }
 
 /// Resolves `model:` for the content-input hook shared by `chunk` and `embed`.
-pub fn model_content_input(params: &Value, cwd: &Path) -> Result<Vec<(String, PathBuf)>, String> {
-    let model = params
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or(DEFAULT_MODEL);
+pub fn model_content_input(model: &str, cwd: &Path) -> Result<Vec<(String, PathBuf)>, String> {
     let dir = models::resolve(model, cwd).map_err(|e| e.to_string())?;
     Ok(vec![("model".to_string(), dir)])
 }
 
 #[async_trait]
-impl Step for ChunkStep {
-    fn kind(&self) -> &str {
+impl Kind for ChunkStep {
+    type Params = ChunkParams;
+    const OUTPUTS: &'static [(&'static str, &'static str)] = &[("chunks", chunk::KIND)];
+
+    fn name(&self) -> &'static str {
         "chunk"
     }
 
@@ -156,12 +152,8 @@ impl Step for ChunkStep {
         "1".into()
     }
 
-    fn summary(&self) -> &str {
+    fn summary(&self) -> &'static str {
         "Split `documents` into token-bounded `chunks` with the embedding model's tokenizer"
-    }
-
-    fn params_schema(&self) -> Value {
-        super::schema_of::<ChunkParams>()
     }
 
     fn inputs(&self) -> Option<Vec<InputDecl>> {
@@ -172,28 +164,21 @@ impl Step for ChunkStep {
         }])
     }
 
-    fn content_inputs(&self, params: &Value, cwd: &Path) -> Result<Vec<(String, PathBuf)>, String> {
-        model_content_input(params, cwd)
-    }
-
-    fn check(
+    fn content_inputs(
         &self,
-        params: &Value,
-        declared_outputs: &IndexMap<String, String>,
-    ) -> Result<StepIo, Vec<ParamIssue>> {
-        let p = parse_params::<ChunkParams>(params).map_err(|i| vec![i])?;
-        p.validate().map_err(|i| vec![i])?;
-        super::fixed_outputs(
-            self.kind(),
-            self.inputs(),
-            declared_outputs,
-            &[("chunks", chunk::KIND)],
-        )
-        .map_err(|i| vec![i])
+        params: &Self::Params,
+        cwd: &Path,
+    ) -> Result<Vec<(String, PathBuf)>, String> {
+        model_content_input(&params.model, cwd)
     }
 
-    async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError> {
-        let p: ChunkParams = parse_params(&ctx.params).map_err(|i| StepError::Failed(i.message))?;
+    fn validate(&self, p: &ChunkParams) -> Vec<ParamIssue> {
+        p.validate().err().into_iter().collect()
+    }
+
+    async fn run(&self, p: &ChunkParams, ctx: &StepContext) -> Result<StepOutputs, StepError> {
+        // Moved into the tokenizing thread.
+        let p = p.clone();
         let model_dir =
             models::resolve(&p.model, &ctx.cwd).map_err(|e| StepError::Failed(e.to_string()))?;
         let input = ctx.input_path("documents")?;

@@ -4,14 +4,11 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
-use super::{
-    parse_params, InputDecl, ParamIssue, Step, StepContext, StepError, StepIo, StepOutputs,
-};
+use super::{InputDecl, Kind, ParamIssue, StepContext, StepError, StepOutputs};
 use crate::clean::{self, CleanOptions, MaskMode};
 use crate::documents;
 
@@ -117,8 +114,11 @@ impl CleanParams {
 }
 
 #[async_trait]
-impl Step for CleanStep {
-    fn kind(&self) -> &str {
+impl Kind for CleanStep {
+    type Params = CleanParams;
+    const OUTPUTS: &'static [(&'static str, &'static str)] = &[("documents", documents::KIND)];
+
+    fn name(&self) -> &'static str {
         "clean"
     }
 
@@ -126,12 +126,8 @@ impl Step for CleanStep {
         "1".into()
     }
 
-    fn summary(&self) -> &str {
+    fn summary(&self) -> &'static str {
         "Normalise, filter and deduplicate `documents` (NFKC, boilerplate, MinHash near-duplicates)"
-    }
-
-    fn params_schema(&self) -> Value {
-        super::schema_of::<CleanParams>()
     }
 
     fn inputs(&self) -> Option<Vec<InputDecl>> {
@@ -142,24 +138,11 @@ impl Step for CleanStep {
         }])
     }
 
-    fn check(
-        &self,
-        params: &Value,
-        declared_outputs: &IndexMap<String, String>,
-    ) -> Result<StepIo, Vec<ParamIssue>> {
-        let p = parse_params::<CleanParams>(params).map_err(|i| vec![i])?;
-        p.options().map_err(|i| vec![i])?;
-        super::fixed_outputs(
-            self.kind(),
-            self.inputs(),
-            declared_outputs,
-            &[("documents", documents::KIND)],
-        )
-        .map_err(|i| vec![i])
+    fn validate(&self, p: &CleanParams) -> Vec<ParamIssue> {
+        p.options().err().into_iter().collect()
     }
 
-    async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError> {
-        let p: CleanParams = parse_params(&ctx.params).map_err(|i| StepError::Failed(i.message))?;
+    async fn run(&self, p: &CleanParams, ctx: &StepContext) -> Result<StepOutputs, StepError> {
         let opts = p.options().map_err(|i| StepError::Failed(i.message))?;
         let input = ctx.input_path("documents")?;
         let out = ctx.output_path("documents");

@@ -14,9 +14,8 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{parse_params, ParamIssue, Step, StepContext, StepError, StepIo, StepOutputs};
-use crate::pipeline::template::{self, Escapes, Reference, TemplateError};
-use crate::pipeline::value_text;
+use super::{Kind, ParamIssue, StepContext, StepError, StepOutputs};
+use crate::util::template::{self, value_text, Escapes, Reference, TemplateError};
 
 /// The `command` step kind.
 pub struct CommandStep;
@@ -63,8 +62,10 @@ const STDERR_TAIL_BYTES: usize = 4096;
 const STDERR_TAIL_LINES: usize = 12;
 
 #[async_trait]
-impl Step for CommandStep {
-    fn kind(&self) -> &str {
+impl Kind for CommandStep {
+    type Params = CommandParams;
+
+    fn name(&self) -> &'static str {
         "command"
     }
 
@@ -72,40 +73,40 @@ impl Step for CommandStep {
         "1".into()
     }
 
-    fn summary(&self) -> &str {
+    fn summary(&self) -> &'static str {
         "Run an external program; declared outputs are files or folders it creates"
     }
 
-    fn params_schema(&self) -> Value {
-        super::schema_of::<CommandParams>()
+    fn exports_params(&self) -> bool {
+        true
     }
 
-    fn check(
-        &self,
-        params: &Value,
-        declared_outputs: &IndexMap<String, String>,
-    ) -> Result<StepIo, Vec<ParamIssue>> {
+    fn validate(&self, p: &CommandParams) -> Vec<ParamIssue> {
         let mut issues = Vec::new();
-        match parse_params::<CommandParams>(params) {
-            Ok(p) => {
-                if let RunSpec::Argv(argv) = &p.run {
-                    if argv.is_empty() {
-                        issues.push(ParamIssue::new(
-                            "with.run",
-                            "`run` is an empty list: name the program to run",
-                        ));
-                    }
-                }
-                if p.timeout.is_some_and(|t| !(t > 0.0 && t.is_finite())) {
-                    issues.push(ParamIssue::new(
-                        "with.timeout",
-                        "`timeout` must be a positive number of seconds",
-                    ));
-                }
+        if let RunSpec::Argv(argv) = &p.run {
+            if argv.is_empty() {
+                issues.push(ParamIssue::new(
+                    "with.run",
+                    "`run` is an empty list: name the program to run",
+                ));
             }
-            Err(issue) => issues.push(issue),
         }
-        for (name, kind) in declared_outputs {
+        if p.timeout.is_some_and(|t| !(t > 0.0 && t.is_finite())) {
+            issues.push(ParamIssue::new(
+                "with.timeout",
+                "`timeout` must be a positive number of seconds",
+            ));
+        }
+        issues
+    }
+
+    /// Whatever the pipeline declares, named in letters, digits, `_` or `-`.
+    fn outputs(
+        &self,
+        declared: &IndexMap<String, String>,
+    ) -> Result<IndexMap<String, String>, Vec<ParamIssue>> {
+        let mut issues = Vec::new();
+        for (name, kind) in declared {
             if !valid_name(name) {
                 issues.push(ParamIssue::new(
                     format!("outputs.{name}"),
@@ -120,20 +121,19 @@ impl Step for CommandStep {
             }
         }
         if issues.is_empty() {
-            Ok(StepIo {
-                inputs: None,
-                outputs: declared_outputs.clone(),
-            })
+            Ok(declared.clone())
         } else {
             Err(issues)
         }
     }
 
-    async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError> {
-        let params: CommandParams =
-            parse_params(&ctx.params).map_err(|i| StepError::Failed(i.message))?;
+    async fn run(
+        &self,
+        params: &CommandParams,
+        ctx: &StepContext,
+    ) -> Result<StepOutputs, StepError> {
         let out_dir = ctx.work_dir.join("out");
-        let env = environment(ctx, &params);
+        let env = environment(ctx, params);
         let program = build_program(ctx, &params.run)?;
         let attempts = params.retries + 1;
         let mut last_error = String::new();
@@ -458,6 +458,7 @@ fn collect_outputs(ctx: &StepContext) -> Result<StepOutputs, StepError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::steps::Step;
 
     #[test]
     fn quoting_keeps_paths_intact() {
@@ -474,15 +475,16 @@ mod tests {
 
     #[test]
     fn check_reports_bad_params() {
-        let issues = CommandStep
-            .check(
+        let step = super::super::Typed(CommandStep);
+        let issues = step
+            .bind(
                 &serde_json::json!({"run": "x", "retris": 2}),
                 &IndexMap::new(),
             )
             .unwrap_err();
         assert_eq!(issues[0].help.as_deref(), Some("did you mean `retries`?"));
-        let issues = CommandStep
-            .check(&serde_json::json!({}), &IndexMap::new())
+        let issues = step
+            .bind(&serde_json::json!({}), &IndexMap::new())
             .unwrap_err();
         assert!(
             issues[0].message.contains("missing field `run`"),

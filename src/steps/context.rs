@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::StepError;
 use crate::store::{ObjectDigest, OutputRef, Store};
+pub use crate::util::progress::Progress;
 
 /// An input artifact as the step sees it.
 #[derive(Clone, Debug)]
@@ -47,53 +48,6 @@ pub struct StepOutputs {
     pub note: Option<String>,
 }
 
-/// Progress reporting for long steps; drawn as a bar on a terminal, silent otherwise.
-#[derive(Clone, Debug)]
-pub struct Progress {
-    bar: indicatif::ProgressBar,
-}
-
-impl Progress {
-    /// Wraps a bar made by the engine.
-    pub fn new(bar: indicatif::ProgressBar) -> Self {
-        Self { bar }
-    }
-
-    /// A progress handle that draws nothing (tests, JSON mode).
-    pub fn hidden() -> Self {
-        Self {
-            bar: indicatif::ProgressBar::hidden(),
-        }
-    }
-
-    /// Sets the total amount of work (the spinner becomes a bar with a count and ETA).
-    pub fn set_length(&self, len: u64) {
-        if self.bar.length().is_none() && !self.bar.is_hidden() {
-            if let Ok(style) = indicatif::ProgressStyle::with_template(
-                "{spinner} {prefix:<20} {elapsed:>4} [{bar:30}] {pos}/{len} {wide_msg} eta {eta}",
-            ) {
-                self.bar.set_style(style.progress_chars("=> "));
-            }
-        }
-        self.bar.set_length(len);
-    }
-
-    /// Advances by `n` units.
-    pub fn inc(&self, n: u64) {
-        self.bar.inc(n);
-    }
-
-    /// Sets the status text shown beside the bar.
-    pub fn set_message(&self, msg: impl Into<String>) {
-        self.bar.set_message(msg.into());
-    }
-
-    /// The underlying bar (the engine finishes it).
-    pub fn bar(&self) -> &indicatif::ProgressBar {
-        &self.bar
-    }
-}
-
 /// The context of one step execution.
 pub struct StepContext {
     /// Step name in the pipeline.
@@ -102,8 +56,6 @@ pub struct StepContext {
     /// digests. Work that must survive a failed attempt (training checkpoints) is filed
     /// under it, so only an identical rerun picks it up.
     pub cache_key: String,
-    /// Resolved parameters (`with:` after `${params.*}` substitution).
-    pub params: Value,
     /// Parameters exported to commands as `CAIRN_PARAM_<NAME>`.
     pub param_env: BTreeMap<String, Value>,
     /// Input artifacts by name.
@@ -182,7 +134,8 @@ impl StepContext {
                 path.display()
             )));
         }
-        let committed = self.store.commit(&path)?;
+        // Hashing and copying a big output must not stall the runtime's other tasks.
+        let committed = crate::util::blocking::blocking(|| self.store.commit(&path))?;
         Ok(Produced {
             digest: committed.digest,
             kind,

@@ -8,12 +8,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
-use super::{parse_params, ParamIssue, Step, StepContext, StepError, StepIo, StepOutputs};
+use super::{Kind, ParamIssue, StepContext, StepError, StepOutputs};
 use crate::crawl::{self, repository, Follow};
 use crate::documents::{self, Category};
 use crate::extract::Rules;
@@ -271,8 +270,12 @@ fn compile(params: &CrawlParams) -> Result<crawl::Config, Vec<ParamIssue>> {
 }
 
 #[async_trait]
-impl Step for CrawlStep {
-    fn kind(&self) -> &str {
+impl Kind for CrawlStep {
+    type Params = CrawlParams;
+    const OUTPUTS: &'static [(&'static str, &'static str)] =
+        &[(DOCUMENTS, documents::KIND), (STATE, "crawl-state")];
+
+    fn name(&self) -> &'static str {
         "crawl"
     }
 
@@ -280,12 +283,8 @@ impl Step for CrawlStep {
         "1".into()
     }
 
-    fn summary(&self) -> &str {
+    fn summary(&self) -> &'static str {
         "Fetch web pages and git repositories into `documents` (incremental, polite, robots.txt-aware)"
-    }
-
-    fn params_schema(&self) -> Value {
-        super::schema_of::<CrawlParams>()
     }
 
     fn volatile(&self) -> bool {
@@ -296,27 +295,12 @@ impl Step for CrawlStep {
         Some(Vec::new())
     }
 
-    fn check(
-        &self,
-        params: &Value,
-        declared_outputs: &IndexMap<String, String>,
-    ) -> Result<StepIo, Vec<ParamIssue>> {
-        let p: CrawlParams = parse_params(params).map_err(|i| vec![i])?;
-        compile(&p)?;
-        super::fixed_outputs(
-            self.kind(),
-            self.inputs(),
-            declared_outputs,
-            &[(DOCUMENTS, documents::KIND), (STATE, "crawl-state")],
-        )
-        .map_err(|i| vec![i])
+    fn validate(&self, p: &CrawlParams) -> Vec<ParamIssue> {
+        compile(p).err().unwrap_or_default()
     }
 
-    async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError> {
-        let params: CrawlParams =
-            parse_params(&ctx.params).map_err(|i| StepError::Failed(i.message))?;
-        let cfg =
-            compile(&params).map_err(|issues| StepError::Failed(issues[0].message.clone()))?;
+    async fn run(&self, params: &CrawlParams, ctx: &StepContext) -> Result<StepOutputs, StepError> {
+        let cfg = compile(params).map_err(|issues| StepError::Failed(issues[0].message.clone()))?;
         let previous = load_previous(ctx);
         ctx.progress.set_message("crawling");
         let progress = ctx.progress.clone();

@@ -5,12 +5,11 @@
 use std::collections::{BTreeMap, HashSet};
 
 use async_trait::async_trait;
-use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
-use super::{parse_params, ParamIssue, Step, StepContext, StepError, StepIo, StepOutputs};
+use super::{Kind, ParamIssue, StepContext, StepError, StepOutputs};
 use crate::dataset::{self, Format, Split};
 
 /// The `dataset_merge` step kind.
@@ -26,8 +25,11 @@ pub struct MergeParams {
 }
 
 #[async_trait]
-impl Step for DatasetMergeStep {
-    fn kind(&self) -> &str {
+impl Kind for DatasetMergeStep {
+    type Params = MergeParams;
+    const OUTPUTS: &'static [(&'static str, &'static str)] = &[("dataset", dataset::KIND)];
+
+    fn name(&self) -> &'static str {
         "dataset_merge"
     }
 
@@ -35,40 +37,21 @@ impl Step for DatasetMergeStep {
         "1".into()
     }
 
-    fn summary(&self) -> &str {
+    fn summary(&self) -> &'static str {
         "Merge `dataset` inputs of one format (any input names) into one dataset, re-split by digest"
     }
 
-    fn params_schema(&self) -> Value {
-        super::schema_of::<MergeParams>()
-    }
-
-    fn check(
-        &self,
-        params: &Value,
-        declared_outputs: &IndexMap<String, String>,
-    ) -> Result<StepIo, Vec<ParamIssue>> {
-        let p = parse_params::<MergeParams>(params).map_err(|i| vec![i])?;
-        let mut issues = Vec::new();
-        if !(0.0..1.0).contains(&p.test_size) {
-            issues.push(ParamIssue::new(
-                "with.test_size",
-                format!("test_size {} is outside 0 (inclusive) .. 1", p.test_size),
-            ));
+    fn validate(&self, p: &MergeParams) -> Vec<ParamIssue> {
+        if (0.0..1.0).contains(&p.test_size) {
+            return Vec::new();
         }
-        super::with_issues(
-            super::fixed_outputs(
-                self.kind(),
-                None,
-                declared_outputs,
-                &[("dataset", dataset::KIND)],
-            ),
-            issues,
-        )
+        vec![ParamIssue::new(
+            "with.test_size",
+            format!("test_size {} is outside 0 (inclusive) .. 1", p.test_size),
+        )]
     }
 
-    async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError> {
-        let p: MergeParams = parse_params(&ctx.params).map_err(|i| StepError::Failed(i.message))?;
+    async fn run(&self, p: &MergeParams, ctx: &StepContext) -> Result<StepOutputs, StepError> {
         if ctx.inputs.is_empty() {
             return Err(StepError::Failed(
                 "dataset_merge needs at least one dataset input".into(),

@@ -7,15 +7,11 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
-use super::{
-    parse_params, InputDecl, ParamIssue, Step, StepContext, StepError, StepIo, StepOutputs,
-    VerifyContext,
-};
+use super::{InputDecl, Kind, StepContext, StepError, StepOutputs, VerifyContext};
 use crate::docstore::{self, CollectionReceipt, Receipt};
 use crate::documents::{self, Category};
 
@@ -34,8 +30,11 @@ pub struct DocstoreParams {
 const RECEIPT: &str = "receipt";
 
 #[async_trait]
-impl Step for DocstoreStep {
-    fn kind(&self) -> &str {
+impl Kind for DocstoreStep {
+    type Params = DocstoreParams;
+    const OUTPUTS: &'static [(&'static str, &'static str)] = &[(RECEIPT, "docstore-receipt")];
+
+    fn name(&self) -> &'static str {
         "docstore"
     }
 
@@ -43,12 +42,8 @@ impl Step for DocstoreStep {
         "1".into()
     }
 
-    fn summary(&self) -> &str {
+    fn summary(&self) -> &'static str {
         "Load `documents` into the document store (embedded SQLite or MongoDB), one collection per category"
-    }
-
-    fn params_schema(&self) -> Value {
-        super::schema_of::<DocstoreParams>()
     }
 
     fn inputs(&self) -> Option<Vec<InputDecl>> {
@@ -63,22 +58,11 @@ impl Step for DocstoreStep {
         true
     }
 
-    fn check(
+    async fn verify(
         &self,
-        params: &Value,
-        declared_outputs: &IndexMap<String, String>,
-    ) -> Result<StepIo, Vec<ParamIssue>> {
-        parse_params::<DocstoreParams>(params).map_err(|i| vec![i])?;
-        super::fixed_outputs(
-            self.kind(),
-            self.inputs(),
-            declared_outputs,
-            &[(RECEIPT, "docstore-receipt")],
-        )
-        .map_err(|i| vec![i])
-    }
-
-    async fn verify(&self, ctx: &VerifyContext<'_>) -> Result<(), String> {
+        _params: &DocstoreParams,
+        ctx: &VerifyContext<'_>,
+    ) -> Result<(), String> {
         let receipt: Receipt = ctx.read_output(RECEIPT)?;
         let store = docstore::open(ctx.docstore_uri, ctx.store.root())
             .await
@@ -93,9 +77,7 @@ impl Step for DocstoreStep {
         docstore::verify(store.as_ref(), &receipt).await
     }
 
-    async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError> {
-        let p: DocstoreParams =
-            parse_params(&ctx.params).map_err(|i| StepError::Failed(i.message))?;
+    async fn run(&self, p: &DocstoreParams, ctx: &StepContext) -> Result<StepOutputs, StepError> {
         let input = ctx.input_path("documents")?;
         let docs: Vec<documents::Document> =
             documents::read_jsonl(&input).map_err(StepError::Failed)?;

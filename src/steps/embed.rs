@@ -7,15 +7,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use async_trait::async_trait;
-use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::chunk::{model_content_input, DEFAULT_MODEL};
-use super::{
-    parse_params, InputDecl, ParamIssue, Step, StepContext, StepError, StepIo, StepOutputs,
-};
+use super::{InputDecl, Kind, ParamIssue, StepContext, StepError, StepOutputs};
 use crate::chunk::{self, Chunk};
 use crate::embed::{self, DeviceChoice, EmbedError, EmbedJob, Precision};
 use crate::{documents, models};
@@ -60,8 +57,11 @@ fn default_batch() -> usize {
 }
 
 #[async_trait]
-impl Step for EmbedStep {
-    fn kind(&self) -> &str {
+impl Kind for EmbedStep {
+    type Params = EmbedParams;
+    const OUTPUTS: &'static [(&'static str, &'static str)] = &[("embeddings", embed::KIND)];
+
+    fn name(&self) -> &'static str {
         "embed"
     }
 
@@ -69,12 +69,8 @@ impl Step for EmbedStep {
         "1".into()
     }
 
-    fn summary(&self) -> &str {
+    fn summary(&self) -> &'static str {
         "Embed `chunks` with a BERT-family sentence model through libtorch (CUDA when available)"
-    }
-
-    fn params_schema(&self) -> Value {
-        super::schema_of::<EmbedParams>()
     }
 
     fn inputs(&self) -> Option<Vec<InputDecl>> {
@@ -85,16 +81,15 @@ impl Step for EmbedStep {
         }])
     }
 
-    fn content_inputs(&self, params: &Value, cwd: &Path) -> Result<Vec<(String, PathBuf)>, String> {
-        model_content_input(params, cwd)
+    fn content_inputs(
+        &self,
+        params: &Self::Params,
+        cwd: &Path,
+    ) -> Result<Vec<(String, PathBuf)>, String> {
+        model_content_input(&params.model, cwd)
     }
 
-    fn check(
-        &self,
-        params: &Value,
-        declared_outputs: &IndexMap<String, String>,
-    ) -> Result<StepIo, Vec<ParamIssue>> {
-        let p = parse_params::<EmbedParams>(params).map_err(|i| vec![i])?;
+    fn validate(&self, p: &EmbedParams) -> Vec<ParamIssue> {
         let mut issues = Vec::new();
         if let Err(e) = p.device.parse::<DeviceChoice>() {
             issues.push(ParamIssue::new("with.device", e));
@@ -105,19 +100,10 @@ impl Step for EmbedStep {
                 "batch_size must be at least 1",
             ));
         }
-        super::with_issues(
-            super::fixed_outputs(
-                self.kind(),
-                self.inputs(),
-                declared_outputs,
-                &[("embeddings", embed::KIND)],
-            ),
-            issues,
-        )
+        issues
     }
 
-    async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError> {
-        let p: EmbedParams = parse_params(&ctx.params).map_err(|i| StepError::Failed(i.message))?;
+    async fn run(&self, p: &EmbedParams, ctx: &StepContext) -> Result<StepOutputs, StepError> {
         p.device
             .parse::<DeviceChoice>()
             .map_err(StepError::Failed)?;

@@ -8,14 +8,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{
-    parse_params, InputDecl, ParamIssue, Step, StepContext, StepError, StepIo, StepOutputs,
-};
+use super::{InputDecl, Kind, ParamIssue, StepContext, StepError, StepOutputs};
 use crate::llm::{self, ChatMessage, LlmError, LlmSettings};
 use crate::ml::job::{EvalJob, EvalResults, GenerationSettings};
 use crate::ml::report::{self, mean, round4};
@@ -99,8 +96,11 @@ fn default_device() -> String {
 }
 
 #[async_trait]
-impl Step for EvaluateStep {
-    fn kind(&self) -> &str {
+impl Kind for EvaluateStep {
+    type Params = EvaluateParams;
+    const OUTPUTS: &'static [(&'static str, &'static str)] = &[("report", ml::REPORT_KIND)];
+
+    fn name(&self) -> &'static str {
         "evaluate"
     }
 
@@ -108,12 +108,8 @@ impl Step for EvaluateStep {
         "1".into()
     }
 
-    fn summary(&self) -> &str {
+    fn summary(&self) -> &'static str {
         "Evaluate a `model` (and a baseline) on a `dataset`: perplexity, ROUGE-L, samples, optional LLM judge; output a `report`"
-    }
-
-    fn params_schema(&self) -> Value {
-        super::schema_of::<EvaluateParams>()
     }
 
     fn inputs(&self) -> Option<Vec<InputDecl>> {
@@ -136,16 +132,15 @@ impl Step for EvaluateStep {
         ])
     }
 
-    fn content_inputs(&self, params: &Value, cwd: &Path) -> Result<Vec<(String, PathBuf)>, String> {
-        super::finetune::named_model(params, cwd, "baseline_model")
+    fn content_inputs(
+        &self,
+        params: &Self::Params,
+        cwd: &Path,
+    ) -> Result<Vec<(String, PathBuf)>, String> {
+        super::finetune::named_model(params.baseline_model.as_deref(), cwd, "baseline_model")
     }
 
-    fn check(
-        &self,
-        params: &Value,
-        declared_outputs: &IndexMap<String, String>,
-    ) -> Result<StepIo, Vec<ParamIssue>> {
-        let p = parse_params::<EvaluateParams>(params).map_err(|i| vec![i])?;
+    fn validate(&self, p: &EvaluateParams) -> Vec<ParamIssue> {
         let mut issues = Vec::new();
         if let Err(e) = p.device.parse::<crate::embed::DeviceChoice>() {
             issues.push(ParamIssue::new("with.device", e));
@@ -175,20 +170,10 @@ impl Step for EvaluateStep {
                 }
             }
         }
-        super::with_issues(
-            super::fixed_outputs(
-                self.kind(),
-                self.inputs(),
-                declared_outputs,
-                &[("report", ml::REPORT_KIND)],
-            ),
-            issues,
-        )
+        issues
     }
 
-    async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError> {
-        let p: EvaluateParams =
-            parse_params(&ctx.params).map_err(|i| StepError::Failed(i.message))?;
+    async fn run(&self, p: &EvaluateParams, ctx: &StepContext) -> Result<StepOutputs, StepError> {
         let failed = |e: WorkerError| match e {
             WorkerError::Cancelled => StepError::Cancelled,
             WorkerError::Failed(m) => StepError::Failed(m),

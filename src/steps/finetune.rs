@@ -8,12 +8,9 @@
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
-use indexmap::IndexMap;
 use serde_json::{json, Value};
 
-use super::{
-    parse_params, InputDecl, ParamIssue, Step, StepContext, StepError, StepIo, StepOutputs,
-};
+use super::{InputDecl, Kind, ParamIssue, StepContext, StepError, StepOutputs};
 use crate::ml::job::{Method, TrainJob, TrainSettings};
 use crate::ml::template::Template;
 use crate::ml::worker::{self, WorkerError};
@@ -119,14 +116,14 @@ pub fn settings_issues(p: &TrainSettings) -> Vec<ParamIssue> {
     issues
 }
 
-/// The model directory param `key` names, resolved (for the cache key: swapping the
+/// The model directory a param (`key`) names, resolved (for the cache key: swapping the
 /// model's files reruns the step); none when the param is absent.
 pub fn named_model(
-    params: &Value,
+    model: Option<&str>,
     cwd: &Path,
     key: &str,
 ) -> Result<Vec<(String, PathBuf)>, String> {
-    let Some(m) = params.get(key).and_then(Value::as_str) else {
+    let Some(m) = model else {
         return Ok(Vec::new());
     };
     let dir = models::resolve(m, cwd).map_err(|e| e.to_string())?;
@@ -134,8 +131,11 @@ pub fn named_model(
 }
 
 #[async_trait]
-impl Step for FinetuneStep {
-    fn kind(&self) -> &str {
+impl Kind for FinetuneStep {
+    type Params = TrainSettings;
+    const OUTPUTS: &'static [(&'static str, &'static str)] = &[("model", ml::MODEL_KIND)];
+
+    fn name(&self) -> &'static str {
         "finetune"
     }
 
@@ -143,12 +143,8 @@ impl Step for FinetuneStep {
         "1".into()
     }
 
-    fn summary(&self) -> &str {
+    fn summary(&self) -> &'static str {
         "Fine-tune a GPT-2 or Llama-family model on a `dataset` (full or LoRA) through libtorch; output a Hugging Face `model`"
-    }
-
-    fn params_schema(&self) -> Value {
-        super::schema_of::<TrainSettings>()
     }
 
     fn inputs(&self) -> Option<Vec<InputDecl>> {
@@ -166,9 +162,13 @@ impl Step for FinetuneStep {
         ])
     }
 
-    fn content_inputs(&self, params: &Value, cwd: &Path) -> Result<Vec<(String, PathBuf)>, String> {
-        let mut files = named_model(params, cwd, "model")?;
-        if let Some(t) = params.get("tokenizer").and_then(Value::as_str) {
+    fn content_inputs(
+        &self,
+        params: &Self::Params,
+        cwd: &Path,
+    ) -> Result<Vec<(String, PathBuf)>, String> {
+        let mut files = named_model(params.model.as_deref(), cwd, "model")?;
+        if let Some(t) = params.tokenizer.as_deref() {
             let p = if Path::new(t).is_absolute() {
                 PathBuf::from(t)
             } else {
@@ -182,26 +182,16 @@ impl Step for FinetuneStep {
         Ok(files)
     }
 
-    fn check(
-        &self,
-        params: &Value,
-        declared_outputs: &IndexMap<String, String>,
-    ) -> Result<StepIo, Vec<ParamIssue>> {
-        let p = parse_params::<TrainSettings>(params).map_err(|i| vec![i])?;
-        super::with_issues(
-            super::fixed_outputs(
-                self.kind(),
-                self.inputs(),
-                declared_outputs,
-                &[("model", ml::MODEL_KIND)],
-            ),
-            settings_issues(&p),
-        )
+    fn validate(&self, p: &TrainSettings) -> Vec<ParamIssue> {
+        settings_issues(p)
     }
 
-    async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError> {
-        let mut p: TrainSettings =
-            parse_params(&ctx.params).map_err(|i| StepError::Failed(i.message))?;
+    async fn run(
+        &self,
+        params: &TrainSettings,
+        ctx: &StepContext,
+    ) -> Result<StepOutputs, StepError> {
+        let mut p = params.clone();
         let base_dir = match (&p.model, ctx.inputs.get("model"), &p.scratch) {
             (Some(m), _, _) => Some(models::resolve(m, &ctx.cwd).map_err(|e| StepError::Failed(e.to_string()))?),
             (None, Some(input), _) => Some(input.path.clone()),

@@ -3,14 +3,11 @@
 //! A pure function of its input, so it is cached like any other step.
 
 use async_trait::async_trait;
-use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
-use super::{
-    parse_params, InputDecl, ParamIssue, Step, StepContext, StepError, StepIo, StepOutputs,
-};
+use super::{InputDecl, Kind, StepContext, StepError, StepOutputs};
 use crate::documents::{self, Category};
 use crate::ingest::{self, Format};
 
@@ -65,8 +62,11 @@ fn author_field() -> String {
 pub const FILES: &str = "files";
 
 #[async_trait]
-impl Step for IngestStep {
-    fn kind(&self) -> &str {
+impl Kind for IngestStep {
+    type Params = IngestParams;
+    const OUTPUTS: &'static [(&'static str, &'static str)] = &[("documents", documents::KIND)];
+
+    fn name(&self) -> &'static str {
         "ingest"
     }
 
@@ -74,12 +74,8 @@ impl Step for IngestStep {
         "1".into()
     }
 
-    fn summary(&self) -> &str {
+    fn summary(&self) -> &'static str {
         "Turn local files (input `files`, from a source step) into `documents`: notes, HTML, JSONL, chat exports, Q&A"
-    }
-
-    fn params_schema(&self) -> Value {
-        super::schema_of::<IngestParams>()
     }
 
     fn inputs(&self) -> Option<Vec<InputDecl>> {
@@ -90,24 +86,7 @@ impl Step for IngestStep {
         }])
     }
 
-    fn check(
-        &self,
-        params: &Value,
-        declared_outputs: &IndexMap<String, String>,
-    ) -> Result<StepIo, Vec<ParamIssue>> {
-        parse_params::<IngestParams>(params).map_err(|i| vec![i])?;
-        super::fixed_outputs(
-            self.kind(),
-            self.inputs(),
-            declared_outputs,
-            &[("documents", documents::KIND)],
-        )
-        .map_err(|i| vec![i])
-    }
-
-    async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError> {
-        let p: IngestParams =
-            parse_params(&ctx.params).map_err(|i| StepError::Failed(i.message))?;
+    async fn run(&self, p: &IngestParams, ctx: &StepContext) -> Result<StepOutputs, StepError> {
         let input = ctx
             .inputs
             .get(FILES)
@@ -130,15 +109,15 @@ impl Step for IngestStep {
             .unwrap_or_else(|| "input".into());
         let read_at = record
             .map(|r| r.created_at)
-            .unwrap_or_else(crate::engine::now_rfc3339);
+            .unwrap_or_else(crate::util::clock::now_rfc3339);
         let settings = ingest::Settings {
             format: p.format,
             category: p.category,
-            text_field: p.text_field,
-            title_field: p.title_field,
-            url_field: p.url_field,
-            author_field: p.author_field,
-            target_speaker: p.target_speaker,
+            text_field: p.text_field.clone(),
+            title_field: p.title_field.clone(),
+            url_field: p.url_field.clone(),
+            author_field: p.author_field.clone(),
+            target_speaker: p.target_speaker.clone(),
             read_at,
         };
         let root = input.path.clone();

@@ -11,15 +11,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::chunk::model_content_input;
-use super::{
-    parse_params, InputDecl, ParamIssue, Step, StepContext, StepError, StepIo, StepOutputs,
-};
+use super::{InputDecl, Kind, ParamIssue, StepContext, StepError, StepOutputs};
 use crate::chunk::Chunk;
 use crate::dataset::chat::{self, ChatSettings, ContextMode};
 use crate::dataset::extracts::{self, Extract};
@@ -310,8 +307,11 @@ impl InstructParams {
 }
 
 #[async_trait]
-impl Step for InstructStep {
-    fn kind(&self) -> &str {
+impl Kind for InstructStep {
+    type Params = InstructParams;
+    const OUTPUTS: &'static [(&'static str, &'static str)] = &[("dataset", dataset::KIND)];
+
+    fn name(&self) -> &'static str {
         "instruct"
     }
 
@@ -319,12 +319,8 @@ impl Step for InstructStep {
         "1".into()
     }
 
-    fn summary(&self) -> &str {
+    fn summary(&self) -> &'static str {
         "Build an instruction `dataset` (qa, chat_replies, or LLM-made generate/style_pairs/preference) with train/test splits"
-    }
-
-    fn params_schema(&self) -> Value {
-        super::schema_of::<InstructParams>()
     }
 
     fn inputs(&self) -> Option<Vec<InputDecl>> {
@@ -342,43 +338,35 @@ impl Step for InstructStep {
         ])
     }
 
-    fn content_inputs(&self, params: &Value, cwd: &Path) -> Result<Vec<(String, PathBuf)>, String> {
-        let retrieval = params.get("builder").and_then(Value::as_str) == Some("chat_replies")
-            && params.get("context").and_then(Value::as_str) == Some("retrieval");
+    fn content_inputs(
+        &self,
+        params: &Self::Params,
+        cwd: &Path,
+    ) -> Result<Vec<(String, PathBuf)>, String> {
+        let retrieval =
+            params.builder == Builder::ChatReplies && params.context == ContextMode::Retrieval;
         if retrieval {
-            model_content_input(params, cwd)
+            model_content_input(&params.model, cwd)
         } else {
             Ok(Vec::new())
         }
     }
 
-    fn check(
-        &self,
-        params: &Value,
-        declared_outputs: &IndexMap<String, String>,
-    ) -> Result<StepIo, Vec<ParamIssue>> {
-        let p = parse_params::<InstructParams>(params).map_err(|i| vec![i])?;
-        let issues = p.issues();
-        // Q&A and chat builders read documents; the LLM builders read chunks or documents.
+    fn validate(&self, p: &InstructParams) -> Vec<ParamIssue> {
+        p.issues()
+    }
+
+    /// Q&A and chat builders read documents; the LLM builders read chunks or documents.
+    fn bound_inputs(&self, p: &InstructParams) -> Option<Vec<InputDecl>> {
         let mut inputs = self.inputs().unwrap_or_default();
         if p.builder.llm().is_none() {
             inputs.retain(|i| i.name == "documents");
             inputs[0].required = true;
         }
-        super::with_issues(
-            super::fixed_outputs(
-                self.kind(),
-                Some(inputs),
-                declared_outputs,
-                &[("dataset", dataset::KIND)],
-            ),
-            issues,
-        )
+        Some(inputs)
     }
 
-    async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError> {
-        let p: InstructParams =
-            parse_params(&ctx.params).map_err(|i| StepError::Failed(i.message))?;
+    async fn run(&self, p: &InstructParams, ctx: &StepContext) -> Result<StepOutputs, StepError> {
         let mut drops = Drops::default();
         let mut extra = json!({});
         let examples = match p.builder {
@@ -387,9 +375,9 @@ impl Step for InstructStep {
                     .map_err(StepError::Failed)?;
                 qa_examples(&docs, &mut drops)
             }
-            Builder::ChatReplies => chat_examples(ctx, &p, &mut drops, &mut extra).await?,
+            Builder::ChatReplies => chat_examples(ctx, p, &mut drops, &mut extra).await?,
             Builder::Generate | Builder::StylePairs | Builder::Preference => {
-                llm_examples(ctx, &p, &mut drops, &mut extra).await?
+                llm_examples(ctx, p, &mut drops, &mut extra).await?
             }
         };
         let produced = examples.len();

@@ -9,15 +9,11 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::{
-    parse_params, InputDecl, ParamIssue, Step, StepContext, StepError, StepIo, StepOutputs,
-    VerifyContext,
-};
+use super::{InputDecl, Kind, ParamIssue, StepContext, StepError, StepOutputs, VerifyContext};
 use crate::chunk::Chunk;
 use crate::documents::{self, Category};
 use crate::embed;
@@ -54,8 +50,11 @@ pub fn collection_name(prefix: &str, category: Category) -> String {
 }
 
 #[async_trait]
-impl Step for VectorLoadStep {
-    fn kind(&self) -> &str {
+impl Kind for VectorLoadStep {
+    type Params = VectorLoadParams;
+    const OUTPUTS: &'static [(&'static str, &'static str)] = &[("receipt", RECEIPT_KIND)];
+
+    fn name(&self) -> &'static str {
         "vector_load"
     }
 
@@ -63,12 +62,8 @@ impl Step for VectorLoadStep {
         "1".into()
     }
 
-    fn summary(&self) -> &str {
+    fn summary(&self) -> &'static str {
         "Load `embeddings` into Qdrant (embedded Qdrant Edge, or a server), one collection per category"
-    }
-
-    fn params_schema(&self) -> Value {
-        super::schema_of::<VectorLoadParams>()
     }
 
     fn inputs(&self) -> Option<Vec<InputDecl>> {
@@ -83,36 +78,24 @@ impl Step for VectorLoadStep {
         true
     }
 
-    fn check(
-        &self,
-        params: &Value,
-        declared_outputs: &IndexMap<String, String>,
-    ) -> Result<StepIo, Vec<ParamIssue>> {
-        let p = parse_params::<VectorLoadParams>(params).map_err(|i| vec![i])?;
-        if !p
+    fn validate(&self, p: &VectorLoadParams) -> Vec<ParamIssue> {
+        let valid = p
             .collection_prefix
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        {
-            return Err(vec![ParamIssue::new(
-                "with.collection_prefix",
-                format!(
-                    "collection_prefix {:?} may only hold letters, digits, `_` and `-`",
-                    p.collection_prefix
-                ),
-            )]);
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if valid {
+            return Vec::new();
         }
-        super::fixed_outputs(
-            self.kind(),
-            self.inputs(),
-            declared_outputs,
-            &[("receipt", RECEIPT_KIND)],
-        )
-        .map_err(|i| vec![i])
+        vec![ParamIssue::new(
+            "with.collection_prefix",
+            format!(
+                "collection_prefix {:?} may only hold letters, digits, `_` and `-`",
+                p.collection_prefix
+            ),
+        )]
     }
 
-    async fn verify(&self, ctx: &VerifyContext<'_>) -> Result<(), String> {
-        let p: VectorLoadParams = parse_params(ctx.params).map_err(|i| i.message)?;
+    async fn verify(&self, p: &VectorLoadParams, ctx: &VerifyContext<'_>) -> Result<(), String> {
         let receipt: Receipt = ctx.read_output("receipt")?;
         let store = vectorstore::open(p.url.as_deref(), ctx.store.root())
             .await
@@ -127,9 +110,7 @@ impl Step for VectorLoadStep {
         vectorstore::verify(store.as_ref(), &receipt).await
     }
 
-    async fn run(&self, ctx: &StepContext) -> Result<StepOutputs, StepError> {
-        let p: VectorLoadParams =
-            parse_params(&ctx.params).map_err(|i| StepError::Failed(i.message))?;
+    async fn run(&self, p: &VectorLoadParams, ctx: &StepContext) -> Result<StepOutputs, StepError> {
         let input = ctx
             .inputs
             .get("embeddings")

@@ -201,7 +201,7 @@ impl Database {
                 run.id,
                 run.pipeline,
                 run.pipeline_file,
-                run.status,
+                run.status.as_str(),
                 run.started_at,
                 run.finished_at,
                 run.pid,
@@ -212,10 +212,15 @@ impl Database {
     }
 
     /// Sets a run's final status.
-    pub fn finish_run(&self, id: &str, status: &str, finished_at: &str) -> Result<(), StoreError> {
+    pub fn finish_run(
+        &self,
+        id: &str,
+        status: RunStatus,
+        finished_at: &str,
+    ) -> Result<(), StoreError> {
         self.conn.execute(
             "UPDATE runs SET status = ?2, finished_at = ?3 WHERE id = ?1",
-            params![id, status, finished_at],
+            params![id, status.as_str(), finished_at],
         )?;
         Ok(())
     }
@@ -846,6 +851,8 @@ fn raw_run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRun> {
 
 fn run_from_raw(raw: RawRun) -> Result<RunRecord, StoreError> {
     let (id, pipeline, pipeline_file, status, started_at, finished_at, pid, args) = raw;
+    let status = RunStatus::parse(&status)
+        .ok_or_else(|| StoreError::Corrupt(format!("unknown run status `{status}` in run {id}")))?;
     Ok(RunRecord {
         id,
         pipeline,

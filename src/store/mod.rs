@@ -18,6 +18,7 @@ pub mod digest;
 pub mod hash;
 pub mod objects;
 pub mod records;
+pub mod stat_cache;
 
 use std::collections::HashSet;
 use std::fs;

@@ -68,6 +68,57 @@ impl StepStatus {
     }
 }
 
+/// How a run fared (or, for a plan, that nothing ran).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Still executing (or killed without a chance to say so; see `Interrupted`).
+    Running,
+    /// Every selected step ran or was cached.
+    Succeeded,
+    /// At least one step failed.
+    Failed,
+    /// Ctrl-C stopped it.
+    Cancelled,
+    /// Its process died while it was `running` (found by the next `cairn` run).
+    Interrupted,
+    /// A plan or dry run: decided, nothing executed (never stored).
+    Planned,
+}
+
+impl RunStatus {
+    /// The status word used in text, JSON and the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+            RunStatus::Interrupted => "interrupted",
+            RunStatus::Planned => "planned",
+        }
+    }
+
+    /// Parses a status word from the database.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "running" => RunStatus::Running,
+            "succeeded" => RunStatus::Succeeded,
+            "failed" => RunStatus::Failed,
+            "cancelled" => RunStatus::Cancelled,
+            "interrupted" => RunStatus::Interrupted,
+            "planned" => RunStatus::Planned,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One output of a step: the artifact it produced and its kind.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutputRef {
@@ -111,8 +162,8 @@ pub struct RunRecord {
     pub pipeline: String,
     /// Pipeline file as given on the command line.
     pub pipeline_file: String,
-    /// running | succeeded | failed | interrupted
-    pub status: String,
+    /// How it fared.
+    pub status: RunStatus,
     /// RFC 3339 start time.
     pub started_at: String,
     /// RFC 3339 end time.

@@ -14,7 +14,7 @@ fn record_run(store: &Store, run: &str, outputs: &[ObjectDigest]) {
             id: run.into(),
             pipeline: "p".into(),
             pipeline_file: "p.yaml".into(),
-            status: "succeeded".into(),
+            status: RunStatus::Succeeded,
             started_at: "2026-01-01T00:00:00Z".into(),
             finished_at: None,
             pid: 1,

@@ -111,6 +111,14 @@ fn parse_reference(inner: &str) -> Result<Reference, TemplateError> {
     })
 }
 
+/// Text of a value when interpolated into a string.
+pub fn value_text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,894 @@
+//! The walk over the step graph: decides ready steps, settles cached ones inline, executes
+//! the rest on tokio (`--jobs` at a time), verifies external steps concurrently with
+//! everything else, and records as it goes. A plan is the same walk with nothing executed
+//! and nothing recorded.
+//!
+//! Blocking work (hashing named files, SQLite, committing logs) happens in `blocking`
+//! sections, one per wake-up of the loop rather than one per step, so a no-op rerun of
+//! thousands of cached steps stays one tight loop while running steps keep their threads.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::Semaphore;
+use tokio::task::{JoinError, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use super::decide::{self, Decision, Facts};
+use super::observer::Observer;
+use super::record::Recorder;
+use super::report::{RunReport, RunStatus, StepReport};
+use super::{explain, key, EngineError, RunOptions, Selection};
+use crate::pipeline::{ResolvedPipeline, ResolvedStep};
+use crate::steps::{InputArtifact, Progress, StepContext, StepError, StepOutputs, VerifyContext};
+use crate::store::{
+    ArtifactRecord, CacheEntry, CacheKey, InputRef, ObjectDigest, OutputRef, StepRecord,
+    StepStatus, Store, StoreError,
+};
+use crate::util::blocking::blocking;
+use crate::util::clock::now_rfc3339;
+
+type Outputs = BTreeMap<String, OutputRef>;
+
+#[derive(Clone, Debug)]
+enum State {
+    Pending,
+    Running,
+    /// Finished (ran, cached, or taken from the cache for an unselected step).
+    Done(Outputs),
+    /// Plan: will execute; outputs unknown unless assumed (volatile with history).
+    Planned(Option<Outputs>),
+    Failed,
+    Skipped,
+}
+
+/// Why a step cannot be decided from its inputs.
+enum Gate {
+    /// Plan: an input will be recomputed, so the step will run too.
+    WillRunUnknown(String),
+    /// An input is missing (its producer failed or did not run).
+    Blocked(String),
+    /// The step cannot even be keyed (a model directory it names is missing).
+    Invalid(String),
+}
+
+/// What a spawned task hands back.
+enum TaskDone {
+    /// An external step's cached result was checked against its system.
+    Verified {
+        index: usize,
+        cached: Decision,
+        mismatch: Option<String>,
+    },
+    /// A step executed.
+    Executed(Finished),
+}
+
+struct Finished {
+    index: usize,
+    result: Result<StepOutputs, StepError>,
+    duration_ms: u64,
+    started_at: String,
+    log_path: PathBuf,
+    work_dir: PathBuf,
+    progress: Progress,
+}
+
+/// How one execution went, for its record.
+struct Execution {
+    duration_ms: u64,
+    started_at: String,
+    error: Option<String>,
+    log: Option<String>,
+}
+
+impl Execution {
+    /// A step decided without executing (cached, skipped).
+    fn settled() -> Self {
+        Self {
+            duration_ms: 0,
+            started_at: now_rfc3339(),
+            error: None,
+            log: None,
+        }
+    }
+}
+
+struct Walk<'a> {
+    pipeline: &'a ResolvedPipeline,
+    sel: &'a Selection,
+    store: Arc<Store>,
+    opts: &'a RunOptions,
+    observer: Arc<dyn Observer>,
+    /// `None` for a plan: nothing is recorded or executed.
+    recorder: Option<Recorder>,
+    cancel: CancellationToken,
+    states: Vec<State>,
+    reports: Vec<Option<StepReport>>,
+    inputs_of: Vec<BTreeMap<String, ObjectDigest>>,
+    reasons: Vec<String>,
+    keys: Vec<Option<CacheKey>>,
+    ran: Vec<bool>,
+    /// Position of each step in the topological order (its `seq` in records).
+    seq: Vec<usize>,
+    index_of: HashMap<&'a str, usize>,
+    /// Selected steps still waiting for this many selected producers.
+    waiting: HashMap<usize, usize>,
+    ready: VecDeque<usize>,
+    tasks: JoinSet<TaskDone>,
+    task_step: HashMap<tokio::task::Id, usize>,
+    permits: Arc<Semaphore>,
+}
+
+/// Runs (`cancel` given) or plans (`None`) the selected steps.
+pub(super) async fn walk(
+    pipeline: &ResolvedPipeline,
+    sel: &Selection,
+    store: Arc<Store>,
+    opts: &RunOptions,
+    observer: Arc<dyn Observer>,
+    cancel: Option<CancellationToken>,
+) -> Result<RunReport, EngineError> {
+    let planning = cancel.is_none();
+    let n = pipeline.steps.len();
+    let mut seq = vec![0; n];
+    for (pos, &i) in pipeline.dag.order().iter().enumerate() {
+        seq[i] = pos;
+    }
+    let mut walk = Walk {
+        pipeline,
+        sel,
+        store: store.clone(),
+        opts,
+        observer: observer.clone(),
+        recorder: None,
+        cancel: cancel.unwrap_or_default(),
+        states: vec![State::Pending; n],
+        reports: vec![None; n],
+        inputs_of: vec![BTreeMap::new(); n],
+        reasons: vec![String::new(); n],
+        keys: vec![None; n],
+        ran: vec![false; n],
+        seq,
+        index_of: pipeline
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect(),
+        waiting: HashMap::new(),
+        ready: VecDeque::new(),
+        tasks: JoinSet::new(),
+        task_step: HashMap::new(),
+        permits: Arc::new(Semaphore::new(opts.jobs.max(1))),
+    };
+    blocking(|| walk.resolve_unselected())?;
+    if !planning {
+        let recorder = blocking(|| Recorder::start(store, pipeline, &opts.args))?;
+        observer.run_started(recorder.run_id(), &pipeline.name);
+        walk.recorder = Some(recorder);
+    }
+    let started = Instant::now();
+    walk.schedule().await?;
+    let status = if planning {
+        RunStatus::Planned
+    } else if walk.cancel.is_cancelled() {
+        RunStatus::Cancelled
+    } else if walk.states.iter().any(|s| matches!(s, State::Failed)) {
+        RunStatus::Failed
+    } else {
+        RunStatus::Succeeded
+    };
+    if let Some(recorder) = walk.recorder.as_mut() {
+        blocking(|| recorder.finish(status))?;
+    }
+    let report = RunReport {
+        run_id: walk.recorder.as_ref().map(|r| r.run_id().to_string()),
+        pipeline: pipeline.name.clone(),
+        status,
+        steps: pipeline
+            .dag
+            .order()
+            .iter()
+            .filter_map(|&i| walk.reports[i].take())
+            .collect(),
+    };
+    observer.finished(&report, started.elapsed());
+    Ok(report)
+}
+
+impl<'a> Walk<'a> {
+    fn step(&self, i: usize) -> &'a ResolvedStep {
+        &self.pipeline.steps[i]
+    }
+
+    fn planning(&self) -> bool {
+        self.recorder.is_none()
+    }
+
+    /// Steps outside the selection: those feeding selected steps take their outputs from
+    /// the cache (or the run stops, naming what is missing); the rest are just skipped.
+    fn resolve_unselected(&mut self) -> Result<(), EngineError> {
+        if self.sel.selected.len() == self.pipeline.steps.len() {
+            return Ok(());
+        }
+        let dag = &self.pipeline.dag;
+        let needed = dag.ancestors_of_all(&self.sel.selected);
+        for &i in dag.order() {
+            if self.sel.selected.contains(&i) {
+                continue;
+            }
+            let name = &self.step(i).name;
+            if !needed.contains(&i) {
+                self.states[i] = State::Skipped;
+                self.reports[i] =
+                    Some(self.report(i, StepStatus::Skipped, "not selected".into(), 0, None));
+                continue;
+            }
+            let inputs = self.input_digests(i).map_err(|_| missing(name))?;
+            let key = key::cache_key(self.step(i), &inputs);
+            let entry = self
+                .store
+                .db()
+                .cache_get(&key)?
+                .filter(|e| self.objects_present(e))
+                .ok_or_else(|| missing(name))?;
+            self.keys[i] = Some(key);
+            self.states[i] = State::Done(entry.outputs);
+            self.reports[i] = Some(self.report(
+                i,
+                StepStatus::Skipped,
+                format!(
+                    "not selected; outputs from the cache (run {})",
+                    entry.run_id
+                ),
+                0,
+                None,
+            ));
+        }
+        Ok(())
+    }
+
+    fn objects_present(&self, entry: &CacheEntry) -> bool {
+        entry
+            .outputs
+            .values()
+            .all(|o| self.store.objects().contains(&o.digest))
+    }
+
+    /// Digests of a step's inputs from finished producers, plus the files it names.
+    fn input_digests(&self, i: usize) -> Result<BTreeMap<String, ObjectDigest>, Gate> {
+        let step = self.step(i);
+        let mut out = BTreeMap::new();
+        for (name, binding) in &step.inputs {
+            let producer = self.index_of[binding.step.as_str()];
+            let outputs = match &self.states[producer] {
+                State::Done(o) | State::Planned(Some(o)) => o,
+                State::Planned(None) => {
+                    return Err(Gate::WillRunUnknown(format!(
+                        "input {name} will be recomputed by step {}",
+                        binding.step
+                    )))
+                }
+                State::Failed => {
+                    return Err(Gate::Blocked(format!(
+                        "upstream step {} failed",
+                        binding.step
+                    )))
+                }
+                _ => {
+                    return Err(Gate::Blocked(format!(
+                        "upstream step {} did not run",
+                        binding.step
+                    )))
+                }
+            };
+            let output = outputs.get(&binding.output).ok_or_else(|| {
+                Gate::Blocked(format!(
+                    "upstream step {} produced no output {}",
+                    binding.step, binding.output
+                ))
+            })?;
+            out.insert(name.clone(), output.digest);
+        }
+        let extra = step
+            .implementation
+            .content_inputs(&step.bound, &self.opts.cwd)
+            .map_err(Gate::Invalid)?;
+        for (name, path) in extra {
+            let hashed = crate::store::stat_cache::hash_with_stat_cache(
+                &self.store,
+                &path,
+                &Progress::hidden(),
+            )
+            .map_err(|e| {
+                Gate::Invalid(format!("hashing {name} files at {}: {e}", path.display()))
+            })?;
+            out.insert(name, hashed.digest);
+        }
+        Ok(out)
+    }
+
+    /// Where a content input (not produced by a step) came from, for its record.
+    fn content_origin(&self, i: usize, name: &str) -> String {
+        let step = self.step(i);
+        step.implementation
+            .content_inputs(&step.bound, &self.opts.cwd)
+            .ok()
+            .and_then(|extra| extra.into_iter().find(|(n, _)| n == name))
+            .map(|(_, path)| format!("{}{}", explain::FILES_ORIGIN, path.display()))
+            .unwrap_or_default()
+    }
+
+    async fn schedule(&mut self) -> Result<(), EngineError> {
+        let dag = &self.pipeline.dag;
+        for &i in dag.order() {
+            if !self.sel.selected.contains(&i) {
+                continue;
+            }
+            let producers = dag
+                .upstream(i)
+                .iter()
+                .filter(|u| self.sel.selected.contains(u))
+                .count();
+            if producers == 0 {
+                self.ready.push_back(i);
+            } else {
+                self.waiting.insert(i, producers);
+            }
+        }
+        loop {
+            blocking(|| self.drain_ready())?;
+            let Some(joined) = self.tasks.join_next_with_id().await else {
+                break;
+            };
+            blocking(|| self.task_done(joined))?;
+        }
+        blocking(|| self.flush())
+    }
+
+    /// Decides every ready step: settles what needs no execution (and releases what
+    /// waits on it, which may become ready in turn), spawns the rest.
+    fn drain_ready(&mut self) -> Result<(), EngineError> {
+        while let Some(i) = self.ready.pop_front() {
+            let settled = if self.cancel.is_cancelled() {
+                self.settle(
+                    i,
+                    State::Skipped,
+                    StepStatus::Skipped,
+                    "run cancelled".into(),
+                );
+                true
+            } else {
+                self.decide(i)?
+            };
+            if settled {
+                self.release(i);
+            }
+        }
+        self.flush()
+    }
+
+    /// Decides one step; `true` when it settled, `false` when a task now works on it.
+    fn decide(&mut self, i: usize) -> Result<bool, EngineError> {
+        let inputs = match self.input_digests(i) {
+            Ok(inputs) => inputs,
+            Err(Gate::Blocked(reason)) => {
+                self.settle(i, State::Skipped, StepStatus::Skipped, reason);
+                return Ok(true);
+            }
+            Err(Gate::WillRunUnknown(reason)) => {
+                self.settle(i, State::Planned(None), StepStatus::WillRun, reason);
+                return Ok(true);
+            }
+            Err(Gate::Invalid(reason)) => {
+                self.settle_invalid(i, reason);
+                return Ok(true);
+            }
+        };
+        let step = self.step(i);
+        let key = key::cache_key(step, &inputs);
+        self.inputs_of[i] = inputs;
+        self.keys[i] = Some(key);
+        let entry = self.store.db().cache_get(&key)?;
+        let outputs_present = entry.as_ref().is_some_and(|e| self.objects_present(e));
+        let decision = decide::decide(Facts {
+            volatile: step.implementation.volatile(),
+            forced: self.sel.forced.contains(&i),
+            entry,
+            outputs_present,
+            upstream_ran: self
+                .pipeline
+                .dag
+                .upstream(i)
+                .iter()
+                .filter(|&&u| self.ran[u])
+                .map(|&u| self.step(u).name.clone())
+                .collect(),
+        });
+        if matches!(decision, Decision::Cached { .. }) && step.implementation.external() {
+            self.spawn_verify(i, decision);
+            return Ok(false);
+        }
+        self.act(i, decision)
+    }
+
+    /// Carries out a decision; `true` when the step settled.
+    fn act(&mut self, i: usize, decision: Decision) -> Result<bool, EngineError> {
+        match decision {
+            Decision::Cached { entry, reason } => {
+                self.settle(i, State::Done(entry.outputs), StepStatus::Cached, reason);
+                Ok(true)
+            }
+            Decision::Run { why, previous } => {
+                let reason = match why.text() {
+                    Some(text) => text,
+                    None => self.explain(i)?,
+                };
+                if self.planning() {
+                    let assumed = previous.filter(|_| self.step(i).implementation.volatile());
+                    self.settle(i, State::Planned(assumed), StepStatus::WillRun, reason);
+                    return Ok(true);
+                }
+                self.reasons[i] = reason;
+                self.states[i] = State::Running;
+                self.spawn_run(i, previous)?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// What changed since the step's last execution in this pipeline.
+    fn explain(&self, i: usize) -> Result<String, EngineError> {
+        let step = self.step(i);
+        let previous = self
+            .store
+            .db()
+            .last_step_record(&self.pipeline.name, &step.name)?;
+        Ok(explain::why_rerun(
+            step,
+            &self.inputs_of[i],
+            previous.as_ref(),
+        ))
+    }
+
+    fn spawn_verify(&mut self, i: usize, cached: Decision) {
+        let Decision::Cached { entry, .. } = &cached else {
+            return;
+        };
+        let step = self.step(i);
+        let implementation = step.implementation;
+        let params = step.bound.clone();
+        let outputs = entry.outputs.clone();
+        let store = self.store.clone();
+        let docstore_uri = self.pipeline.docstore_uri.clone();
+        let handle = self.tasks.spawn(async move {
+            let ctx = VerifyContext {
+                outputs: &outputs,
+                store: &store,
+                docstore_uri: docstore_uri.as_deref(),
+            };
+            let mismatch = implementation.verify(&params, &ctx).await.err();
+            TaskDone::Verified {
+                index: i,
+                cached,
+                mismatch,
+            }
+        });
+        self.task_step.insert(handle.id(), i);
+    }
+
+    fn spawn_run(&mut self, i: usize, previous: Option<Outputs>) -> Result<(), EngineError> {
+        let ctx = self.context(i, previous)?;
+        let permits = self.permits.clone();
+        let observer = self.observer.clone();
+        let implementation = self.step(i).implementation;
+        let params = self.step(i).bound.clone();
+        let handle = self.tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            let mut ctx = ctx;
+            ctx.progress = observer.step_started(&ctx.step);
+            let started_at = now_rfc3339();
+            let t0 = Instant::now();
+            let result = if ctx.cancel.is_cancelled() {
+                Err(StepError::Cancelled)
+            } else {
+                implementation.run(&params, &ctx).await
+            };
+            TaskDone::Executed(Finished {
+                index: i,
+                result,
+                duration_ms: t0.elapsed().as_millis() as u64,
+                started_at,
+                log_path: ctx.log_path.clone(),
+                work_dir: ctx.work_dir.clone(),
+                progress: ctx.progress.clone(),
+            })
+        });
+        self.task_step.insert(handle.id(), i);
+        Ok(())
+    }
+
+    fn task_done(
+        &mut self,
+        joined: Result<(tokio::task::Id, TaskDone), JoinError>,
+    ) -> Result<(), EngineError> {
+        let i = match joined {
+            Ok((
+                id,
+                TaskDone::Verified {
+                    index,
+                    cached,
+                    mismatch,
+                },
+            )) => {
+                self.task_step.remove(&id);
+                if !self.act(index, decide::after_verify(cached, mismatch))? {
+                    return Ok(());
+                }
+                index
+            }
+            Ok((id, TaskDone::Executed(finished))) => {
+                self.task_step.remove(&id);
+                let i = finished.index;
+                self.finish(finished)?;
+                i
+            }
+            Err(join_error) => {
+                let Some(i) = self.task_step.remove(&join_error.id()) else {
+                    return Ok(());
+                };
+                let what = if join_error.is_panic() {
+                    "the step panicked (a bug in cairn; please report it)"
+                } else {
+                    "the step task was aborted"
+                };
+                self.fail(i, what.to_string(), 0, now_rfc3339(), None, None)?;
+                i
+            }
+        };
+        self.release(i);
+        Ok(())
+    }
+
+    /// A settled step no longer holds back what consumes it.
+    fn release(&mut self, i: usize) {
+        for &d in self.pipeline.dag.downstream(i) {
+            if let Some(n) = self.waiting.get_mut(&d) {
+                *n -= 1;
+                if *n == 0 {
+                    self.waiting.remove(&d);
+                    self.ready.push_back(d);
+                }
+            }
+        }
+    }
+
+    fn context(&self, i: usize, previous: Option<Outputs>) -> Result<StepContext, EngineError> {
+        let step = self.step(i);
+        let work_dir = self
+            .store
+            .objects()
+            .temp_dir(&step.name)
+            .map_err(|e| StoreError::io("creating a step work folder", e))?;
+        std::fs::create_dir_all(work_dir.join("out"))
+            .map_err(|e| StoreError::io("creating a step work folder", e))?;
+        let mut inputs = BTreeMap::new();
+        for (name, binding) in &step.inputs {
+            let producer = self.index_of[binding.step.as_str()];
+            if let State::Done(outputs) = &self.states[producer] {
+                if let Some(o) = outputs.get(&binding.output) {
+                    inputs.insert(
+                        name.clone(),
+                        InputArtifact {
+                            digest: o.digest,
+                            kind: o.kind.clone(),
+                            path: self.store.object_path(&o.digest),
+                        },
+                    );
+                }
+            }
+        }
+        let key = self.keys[i]
+            .ok_or_else(|| StoreError::Corrupt(format!("step {} has no cache key", step.name)))?;
+        Ok(StepContext {
+            step: step.name.clone(),
+            cache_key: key.to_hex(),
+            param_env: step.param_env.clone(),
+            inputs,
+            outputs: step.outputs.clone(),
+            previous,
+            log_path: work_dir.join("log.txt"),
+            work_dir,
+            cwd: self.opts.cwd.clone(),
+            docstore_uri: self.pipeline.docstore_uri.clone(),
+            store: self.store.clone(),
+            progress: Progress::hidden(),
+            cancel: self.cancel.child_token(),
+        })
+    }
+
+    fn finish(&mut self, f: Finished) -> Result<(), EngineError> {
+        let i = f.index;
+        let log = self
+            .recorder
+            .as_ref()
+            .and_then(|r| r.store_log(&f.log_path));
+        let _ = crate::store::objects::remove_any(&f.work_dir);
+        let outputs = match f.result {
+            Ok(outputs) => outputs,
+            Err(StepError::Cancelled) => {
+                return self.fail(
+                    i,
+                    "cancelled".into(),
+                    f.duration_ms,
+                    f.started_at,
+                    log,
+                    Some(&f.progress),
+                );
+            }
+            Err(e) => {
+                return self.fail(
+                    i,
+                    e.to_string(),
+                    f.duration_ms,
+                    f.started_at,
+                    log,
+                    Some(&f.progress),
+                )
+            }
+        };
+        let refs: Outputs = outputs
+            .outputs
+            .iter()
+            .map(|(k, p)| {
+                (
+                    k.clone(),
+                    OutputRef {
+                        digest: p.digest,
+                        kind: p.kind.clone(),
+                    },
+                )
+            })
+            .collect();
+        let step = self.step(i);
+        let key = self.keys[i].ok_or_else(|| {
+            StoreError::Corrupt(format!("step {} ran without a cache key", step.name))
+        })?;
+        let volatile = step.implementation.volatile();
+        let forced = self.sel.forced.contains(&i);
+        // A volatile step compares with what it produced last under the same key.
+        let previous = if volatile {
+            self.store.db().cache_get(&key)?.map(|e| e.outputs)
+        } else {
+            None
+        };
+        let note = outputs
+            .note
+            .as_deref()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default();
+        let (status, reason) = match (&previous, volatile && !forced) {
+            (Some(prev), true) if *prev == refs => {
+                (StepStatus::Cached, format!("source unchanged{note}"))
+            }
+            (Some(_), true) => (StepStatus::Ran, format!("source changed{note}")),
+            (None, true) => (StepStatus::Ran, format!("no earlier result{note}")),
+            _ => (StepStatus::Ran, format!("{}{note}", self.reasons[i])),
+        };
+        self.ran[i] = status == StepStatus::Ran;
+        self.states[i] = State::Done(refs.clone());
+        let run_id = self.run_id();
+        let created_at = now_rfc3339();
+        let artifacts: Vec<ArtifactRecord> = outputs
+            .outputs
+            .iter()
+            .map(|(name, p)| ArtifactRecord {
+                digest: p.digest,
+                kind: p.kind.clone(),
+                is_dir: p.is_dir,
+                size: p.size,
+                created_at: created_at.clone(),
+                producer_run: run_id.clone(),
+                producer_step: step.name.clone(),
+                output: name.clone(),
+                pipeline: self.pipeline.name.clone(),
+                metadata: p.metadata.clone(),
+            })
+            .collect();
+        let entry = CacheEntry {
+            key,
+            outputs: refs,
+            run_id,
+            step: step.name.clone(),
+        };
+        let record = self.step_record(
+            i,
+            status,
+            &reason,
+            Execution {
+                duration_ms: f.duration_ms,
+                started_at: f.started_at,
+                error: None,
+                log,
+            },
+        );
+        if let Some(recorder) = self.recorder.as_mut() {
+            recorder.executed(&record, self.seq[i], &artifacts, Some(&entry))?;
+        }
+        let report = self.report(i, status, reason, f.duration_ms, None);
+        self.observer.step_finished(&report, Some(&f.progress));
+        self.reports[i] = Some(report);
+        Ok(())
+    }
+
+    fn run_id(&self) -> String {
+        self.recorder
+            .as_ref()
+            .map(|r| r.run_id().to_string())
+            .unwrap_or_default()
+    }
+
+    fn fail(
+        &mut self,
+        i: usize,
+        error: String,
+        duration_ms: u64,
+        started_at: String,
+        log: Option<String>,
+        progress: Option<&Progress>,
+    ) -> Result<(), EngineError> {
+        self.states[i] = State::Failed;
+        let reason = self.reasons[i].clone();
+        let record = self.step_record(
+            i,
+            StepStatus::Failed,
+            &reason,
+            Execution {
+                duration_ms,
+                started_at,
+                error: Some(error.clone()),
+                log,
+            },
+        );
+        if let Some(recorder) = self.recorder.as_mut() {
+            recorder.executed(&record, self.seq[i], &[], None)?;
+        }
+        let report = self.report(i, StepStatus::Failed, reason, duration_ms, Some(error));
+        self.observer.step_finished(&report, progress);
+        self.reports[i] = Some(report);
+        Ok(())
+    }
+
+    fn report(
+        &self,
+        i: usize,
+        status: StepStatus,
+        reason: String,
+        duration_ms: u64,
+        error: Option<String>,
+    ) -> StepReport {
+        let outputs = match &self.states[i] {
+            State::Done(o) | State::Planned(Some(o)) => o
+                .iter()
+                .map(|(k, v)| (k.clone(), v.digest.to_hex()))
+                .collect(),
+            _ => BTreeMap::new(),
+        };
+        StepReport {
+            name: self.step(i).name.clone(),
+            status,
+            reason,
+            cache_key: self.keys[i].map(|k| k.to_hex()),
+            outputs,
+            duration_ms,
+            error,
+        }
+    }
+
+    fn step_record(
+        &self,
+        i: usize,
+        status: StepStatus,
+        reason: &str,
+        exec: Execution,
+    ) -> StepRecord {
+        let step = self.step(i);
+        let outputs = match &self.states[i] {
+            State::Done(o) => o.clone(),
+            _ => BTreeMap::new(),
+        };
+        StepRecord {
+            run_id: self.run_id(),
+            step: step.name.clone(),
+            kind: step.uses.clone(),
+            version: step.version.clone(),
+            status,
+            reason: reason.to_string(),
+            cache_key: self.keys[i].map(|k| k.to_hex()),
+            duration_ms: exec.duration_ms,
+            started_at: exec.started_at,
+            // Records are displayed and kept: secrets in parameters are masked (the cache
+            // key was computed from the real values).
+            params: crate::redact::redact(&step.params),
+            param_refs: step
+                .param_refs
+                .iter()
+                .map(|(k, v)| (k.clone(), crate::redact::redact(v)))
+                .collect(),
+            inputs: self.inputs_of[i]
+                .iter()
+                .map(|(name, digest)| {
+                    let from = step
+                        .inputs
+                        .get(name)
+                        .map(|b| b.to_string())
+                        .unwrap_or_else(|| self.content_origin(i, name));
+                    (
+                        name.clone(),
+                        InputRef {
+                            digest: *digest,
+                            from,
+                        },
+                    )
+                })
+                .collect(),
+            outputs,
+            error: exec.error,
+            log: exec.log,
+        }
+    }
+
+    /// Marks a step finished without executing it and queues its record.
+    fn settle(&mut self, i: usize, state: State, status: StepStatus, reason: String) {
+        self.states[i] = state;
+        let report = self.report(i, status, reason, 0, None);
+        self.observer.step_finished(&report, None);
+        if status != StepStatus::WillRun && !self.planning() {
+            let record = self.step_record(i, status, &report.reason, Execution::settled());
+            if let Some(recorder) = self.recorder.as_mut() {
+                recorder.settled(record, self.seq[i]);
+            }
+        }
+        self.reports[i] = Some(report);
+    }
+
+    /// A step that failed before it could run (its cache key could not be computed):
+    /// the message is both its reason and its error.
+    fn settle_invalid(&mut self, i: usize, message: String) {
+        self.states[i] = State::Failed;
+        let report = self.report(
+            i,
+            StepStatus::Failed,
+            message.clone(),
+            0,
+            Some(message.clone()),
+        );
+        self.observer.step_finished(&report, None);
+        self.reports[i] = Some(report);
+        if !self.planning() {
+            let mut exec = Execution::settled();
+            exec.error = Some(message.clone());
+            let record = self.step_record(i, StepStatus::Failed, &message, exec);
+            if let Some(recorder) = self.recorder.as_mut() {
+                recorder.settled(record, self.seq[i]);
+            }
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), EngineError> {
+        if let Some(recorder) = self.recorder.as_mut() {
+            recorder.flush()?;
+        }
+        Ok(())
+    }
+}
+
+fn missing(upstream: &str) -> EngineError {
+    EngineError::MissingUpstream(format!(
+        "the selected steps need the outputs of `{upstream}`, which are not in the cache for its current inputs and params; \
+         run without --only/--from first, or add --only {upstream}"
+    ))
+}

@@ -1,0 +1,139 @@
+//! The raw stage: a pipeline file parsed into [`RawPipeline`], in one serde pass when it
+//! is well formed, else carefully, with every shape problem located.
+
+use serde_json::Value;
+
+use super::location::NodeKind;
+use super::raw::{RawPipeline, PIPELINE_KEYS, STEP_KEYS};
+use super::source::SourceFile;
+use super::{Diagnostic, Diagnostics, Location};
+
+/// Converts a YAML value to JSON (the canonical form parameters are hashed in).
+pub fn yaml_to_json(v: &serde_yaml::Value) -> Result<Value, String> {
+    use serde_yaml::Value as Y;
+    Ok(match v {
+        Y::Null => Value::Null,
+        Y::Bool(b) => Value::Bool(*b),
+        Y::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Value::from(i)
+            } else if let Some(u) = n.as_u64() {
+                Value::from(u)
+            } else {
+                let f = n.as_f64().unwrap_or(f64::NAN);
+                serde_json::Number::from_f64(f)
+                    .map(Value::Number)
+                    .ok_or_else(|| format!("{f} is not a finite number"))?
+            }
+        }
+        Y::String(s) => Value::String(s.clone()),
+        Y::Sequence(items) => {
+            Value::Array(items.iter().map(yaml_to_json).collect::<Result<_, _>>()?)
+        }
+        Y::Mapping(map) => {
+            let mut out = serde_json::Map::new();
+            for (k, v) in map {
+                let key = match k {
+                    Y::String(s) => s.clone(),
+                    Y::Number(n) => n.to_string(),
+                    Y::Bool(b) => b.to_string(),
+                    _ => return Err("mapping keys must be plain strings".into()),
+                };
+                out.insert(key, yaml_to_json(v)?);
+            }
+            Value::Object(out)
+        }
+        Y::Tagged(t) => return Err(format!("YAML tags such as `{}` are not supported", t.tag)),
+    })
+}
+
+/// The common case, a well-formed file: one serde parse, no location index. serde_yaml's
+/// `Mapping` rejects duplicate keys, and the shape check below covers unknown and missing
+/// keys; anything unusual returns `None` and takes the careful path.
+pub(super) fn quick_parse(src: &SourceFile) -> Option<RawPipeline> {
+    let value: serde_yaml::Value = serde_yaml::from_str(&src.text).ok()?;
+    let only_keys = |m: &serde_yaml::Mapping, allowed: &[&str]| {
+        m.keys()
+            .all(|k| k.as_str().is_some_and(|k| allowed.contains(&k)))
+    };
+    let root = value.as_mapping()?;
+    let steps = root.get("steps")?.as_mapping()?;
+    let well_formed = only_keys(root, PIPELINE_KEYS)
+        && root.contains_key("name")
+        && steps.iter().all(|(name, step)| {
+            name.is_string()
+                && step
+                    .as_mapping()
+                    .is_some_and(|m| m.contains_key("uses") && only_keys(m, STEP_KEYS))
+        });
+    if !well_formed {
+        return None;
+    }
+    serde_yaml::from_value(value).ok()
+}
+
+/// The careful path: index the file and report every shape problem with its location.
+/// Shape errors stop here (serde could not read the file); unknown keys are "soft" and
+/// are reported together with the semantic errors found later.
+pub(super) fn careful_parse(
+    src: &SourceFile,
+) -> Result<(RawPipeline, Vec<Diagnostic>), Diagnostics> {
+    let file = src.path.as_path();
+    src.check_syntax("pipeline")?;
+    let index = src.index();
+    if index.kind("") != Some(NodeKind::Mapping) {
+        return Err(src
+            .diag("", "the top level of a pipeline must be a mapping")
+            .with_help("a pipeline needs at least `name:` and `steps:`")
+            .into());
+    }
+    let mut soft = src.duplicate_diags();
+    soft.extend(src.unknown_keys("", PIPELINE_KEYS, "the pipeline"));
+    let mut diags = Vec::new();
+    for required in ["name", "steps"] {
+        if !index.keys_of("").iter().any(|k| k == required) {
+            diags.push(
+                Diagnostic::at(
+                    file,
+                    Some(Location { line: 1, col: 1 }),
+                    format!("missing required key `{required}`"),
+                )
+                .with_help("a pipeline needs at least `name:` and `steps:`"),
+            );
+        }
+    }
+    match index.kind("steps") {
+        Some(NodeKind::Mapping) => {
+            for step in index.keys_of("steps") {
+                let path = format!("steps.{step}");
+                match index.kind(&path) {
+                    Some(NodeKind::Mapping) => {
+                        soft.extend(src.unknown_keys(&path, STEP_KEYS, &format!("step `{step}`")));
+                        if !index.keys_of(&path).iter().any(|k| k == "uses") {
+                            diags.push(src.diag(&path, format!("step `{step}` has no `uses`")).with_help(
+                                "name a step kind (see `cairn steps ls`) or a spec file such as ./steps/x.yaml",
+                            ));
+                        }
+                    }
+                    _ => diags.push(src.diag(
+                        &path,
+                        format!("step `{step}` must be a mapping with at least `uses:`"),
+                    )),
+                }
+            }
+        }
+        Some(_) => diags.push(src.diag("steps", "`steps` must be a mapping of step name to step")),
+        None => {}
+    }
+    if !diags.is_empty() {
+        diags.extend(soft);
+        return Err(Diagnostics(diags).normalized());
+    }
+    match src.deserialize::<RawPipeline>() {
+        Ok(raw) => Ok((raw, soft)),
+        Err(d) => {
+            soft.push(d);
+            Err(Diagnostics(soft).normalized())
+        }
+    }
+}

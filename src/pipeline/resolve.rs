@@ -1,0 +1,442 @@
+//! The resolve stage: each step bound to its kind (parameters parsed once) or spec file,
+//! with its inputs and references checked. Problems are collected, never thrown.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use indexmap::IndexMap;
+use serde_json::Value;
+
+use super::link::step_graph;
+use super::raw::{self, RawPipeline};
+use super::source::SourceFile;
+use super::yaml_to_json;
+use super::{spec, Diagnostic, Diagnostics, InputBinding, ResolvedPipeline, ResolvedStep};
+use crate::steps::{self, StepIo};
+use crate::util::suggest::did_you_mean;
+use crate::util::template::{self, Reference};
+
+pub(super) struct Resolver<'a> {
+    pub(super) src: &'a SourceFile,
+    pub(super) diags: Vec<Diagnostic>,
+    pub(super) specs: HashMap<PathBuf, Option<std::sync::Arc<spec::Spec>>>,
+}
+
+impl<'a> Resolver<'a> {
+    pub(super) fn new(src: &'a SourceFile) -> Self {
+        Self {
+            src,
+            diags: Vec::new(),
+            specs: HashMap::new(),
+        }
+    }
+
+    pub(super) fn error(&mut self, path: &str, message: impl Into<String>, help: Option<String>) {
+        let d = self.src.diag(path, message).with_optional_help(help);
+        self.diags.push(d);
+    }
+
+    pub(super) fn resolve(
+        mut self,
+        mut raw: RawPipeline,
+        sets: &[String],
+    ) -> Result<ResolvedPipeline, Diagnostics> {
+        if raw.name.trim().is_empty() {
+            self.error("name", "pipeline `name` is empty", None);
+        }
+        let params = self.pipeline_params(&raw, sets);
+        if raw.steps.is_empty() {
+            self.error("steps", "the pipeline has no steps", None);
+        }
+        let raw_steps = self.deserialize_steps(std::mem::take(&mut raw.steps));
+        self.check_input_targets(&raw_steps);
+        let mut steps = Vec::new();
+        for (name, step) in &raw_steps {
+            if !valid_step_name(name) {
+                self.error(
+                    &format!("steps.{name}"),
+                    format!("invalid step name `{name}`"),
+                    Some("step names start with a letter or `_` and use letters, digits, `_` and `-` (at most 64)".into()),
+                );
+            }
+            if let Some(resolved) = self.resolve_step(name, step, &params) {
+                steps.push(resolved);
+            }
+        }
+        self.link_inputs(&steps);
+        let mut dag = None;
+        if self.diags.is_empty() {
+            match step_graph(&steps) {
+                Ok(built) => dag = Some(built),
+                Err(cycle) => self.cycle_error(&cycle),
+            }
+        }
+        let Some(dag) = dag.filter(|_| self.diags.is_empty()) else {
+            return Err(Diagnostics(self.diags).normalized());
+        };
+        Ok(ResolvedPipeline {
+            name: raw.name,
+            description: raw.description,
+            file: self.src.path.clone(),
+            params,
+            docstore_uri: raw.docstore.and_then(|d| d.uri),
+            steps,
+            dag,
+        })
+    }
+
+    /// Each step on its own, so a type error in one does not hide the others.
+    pub(super) fn deserialize_steps(
+        &mut self,
+        steps: IndexMap<String, serde_yaml::Value>,
+    ) -> IndexMap<String, raw::RawStep> {
+        let mut out = IndexMap::new();
+        for (name, value) in steps {
+            match serde_path_to_error::deserialize::<_, raw::RawStep>(value) {
+                Ok(step) => {
+                    out.insert(name, step);
+                }
+                Err(err) => {
+                    let sub = err.path().to_string();
+                    let path = if sub == "." {
+                        format!("steps.{name}")
+                    } else {
+                        format!("steps.{name}.{sub}")
+                    };
+                    let message = crate::util::suggest::plain_type_names(&err.inner().to_string());
+                    let message = if sub == "." {
+                        message
+                    } else {
+                        format!("{sub}: {message}")
+                    };
+                    self.error(&path, format!("step `{name}`: {message}"), None);
+                }
+            }
+        }
+        out
+    }
+
+    pub(super) fn resolve_step(
+        &mut self,
+        name: &str,
+        raw: &raw::RawStep,
+        params: &IndexMap<String, Value>,
+    ) -> Option<ResolvedStep> {
+        let base = format!("steps.{name}");
+        let mut with = serde_json::Map::new();
+        let mut unreadable = false;
+        for (k, v) in raw.with.iter().flatten() {
+            match yaml_to_json(v) {
+                Ok(j) => {
+                    with.insert(k.clone(), j);
+                }
+                Err(e) => {
+                    unreadable = true;
+                    self.error(&format!("{base}.with.{k}"), format!("`{k}`: {e}"), None);
+                }
+            }
+        }
+        if unreadable {
+            return None;
+        }
+        let mut with = Value::Object(with);
+        let mut param_refs = BTreeMap::new();
+        self.substitute_params(&mut with, &format!("{base}.with"), params, &mut param_refs);
+        let mut inputs = IndexMap::new();
+        for (input, reference) in raw.inputs.iter().flatten() {
+            match reference.split_once('.') {
+                Some((step, output)) if !step.is_empty() && !output.is_empty() => {
+                    inputs.insert(
+                        input.clone(),
+                        InputBinding {
+                            step: step.to_string(),
+                            output: output.to_string(),
+                        },
+                    );
+                }
+                _ => self.error(
+                    &format!("{base}.inputs.{input}"),
+                    format!("input `{input}` = `{reference}` is not STEP.OUTPUT"),
+                    Some("for example: `documents: clean.documents`".into()),
+                ),
+            }
+        }
+        let declared_outputs = raw.outputs.clone().unwrap_or_default();
+        let uses = raw.uses.trim();
+        let (implementation, version, step_params, bound_params, io, param_env) =
+            if spec::is_spec_reference(uses) {
+                let spec = self.load_spec(&base, uses)?;
+                if !declared_outputs.is_empty() {
+                    self.error(
+                        &format!("{base}.outputs"),
+                        format!(
+                            "`{uses}` declares its outputs in the spec file; remove `outputs` here"
+                        ),
+                        None,
+                    );
+                }
+                let bound = spec.bind(&with);
+                let bound = match bound {
+                    Ok(b) => b,
+                    Err(issues) => {
+                        for issue in issues {
+                            self.error(
+                                &format!("{base}.{}", issue.path),
+                                issue.message,
+                                issue.help,
+                            );
+                        }
+                        return None;
+                    }
+                };
+                let implementation = steps::command_kind();
+                let params = match implementation.bind(&bound.params, &bound.io.outputs) {
+                    Ok((params, _)) => params,
+                    Err(issues) => {
+                        for issue in issues {
+                            self.error(
+                                &format!("{base}.uses"),
+                                format!("`{uses}`: {}", issue.message),
+                                issue.help,
+                            );
+                        }
+                        return None;
+                    }
+                };
+                (
+                    implementation,
+                    spec.version(),
+                    bound.params,
+                    params,
+                    bound.io,
+                    bound.param_env,
+                )
+            } else {
+                let Some(implementation) = steps::lookup(uses) else {
+                    let help = did_you_mean(uses, steps::kinds()).or_else(|| {
+                        Some(format!(
+                            "built-in kinds: {}; or a spec file such as ./steps/x.yaml",
+                            steps::kinds().collect::<Vec<_>>().join(", ")
+                        ))
+                    });
+                    self.error(
+                        &format!("{base}.uses"),
+                        format!("unknown step kind `{uses}`"),
+                        help,
+                    );
+                    return None;
+                };
+                match implementation.bind(&with, &declared_outputs) {
+                    Ok((bound_params, io)) => {
+                        self.check_io_references(&base, &with, &inputs, Some(&io));
+                        let param_env = if implementation.exports_params() {
+                            param_refs.clone()
+                        } else {
+                            BTreeMap::new()
+                        };
+                        (
+                            implementation,
+                            implementation.version(),
+                            with,
+                            bound_params,
+                            io,
+                            param_env,
+                        )
+                    }
+                    Err(issues) => {
+                        for issue in issues {
+                            let help = issue.help.or_else(|| {
+                                issue.message.contains("missing field").then(|| {
+                                    format!("`cairn steps show {uses}` lists its parameters")
+                                })
+                            });
+                            self.error(&format!("{base}.{}", issue.path), issue.message, help);
+                        }
+                        self.check_io_references(&base, &with, &inputs, None);
+                        let io = StepIo {
+                            inputs: implementation.inputs(),
+                            outputs: IndexMap::new(),
+                        };
+                        self.check_input_names(&base, &inputs, &io);
+                        return None;
+                    }
+                }
+            };
+        self.check_input_names(&base, &inputs, &io);
+        let expects = io
+            .inputs
+            .iter()
+            .flatten()
+            .map(|d| (d.name.clone(), d.kind.clone()))
+            .collect();
+        Some(ResolvedStep {
+            name: name.to_string(),
+            uses: uses.to_string(),
+            implementation,
+            version,
+            params: step_params,
+            bound: bound_params,
+            param_refs,
+            param_env,
+            inputs,
+            expects,
+            outputs: io.outputs,
+        })
+    }
+
+    pub(super) fn load_spec(
+        &mut self,
+        base: &str,
+        uses: &str,
+    ) -> Option<std::sync::Arc<spec::Spec>> {
+        let Some(path) = spec::find(&self.src.path, uses) else {
+            self.error(
+                &format!("{base}.uses"),
+                format!("step spec `{uses}` not found"),
+                Some("spec paths are looked up from the pipeline's folder upwards, then from the current directory".into()),
+            );
+            return None;
+        };
+        if let Some(cached) = self.specs.get(&path) {
+            return cached.clone();
+        }
+        let loaded = match spec::Spec::load(&path) {
+            Ok(s) => Some(std::sync::Arc::new(s)),
+            Err(d) => {
+                self.diags.extend(d.0);
+                None
+            }
+        };
+        self.specs.insert(path, loaded.clone());
+        loaded
+    }
+
+    pub(super) fn check_input_names(
+        &mut self,
+        base: &str,
+        inputs: &IndexMap<String, InputBinding>,
+        io: &StepIo,
+    ) {
+        let Some(decls) = &io.inputs else { return };
+        for name in inputs.keys() {
+            if !decls.iter().any(|d| &d.name == name) {
+                let help =
+                    did_you_mean(name, decls.iter().map(|d| d.name.as_str())).or_else(|| {
+                        Some(if decls.is_empty() {
+                            "this step takes no inputs".to_string()
+                        } else {
+                            format!(
+                                "inputs: {}",
+                                decls
+                                    .iter()
+                                    .map(|d| d.name.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )
+                        })
+                    });
+                self.error(
+                    &format!("{base}.inputs.{name}"),
+                    format!("unknown input `{name}`"),
+                    help,
+                );
+            }
+        }
+        for decl in decls.iter().filter(|d| d.required) {
+            if !inputs.contains_key(&decl.name) {
+                self.error(
+                    base,
+                    format!("missing required input `{}` ({})", decl.name, decl.kind),
+                    Some(format!(
+                        "bind it under `inputs:`, e.g. `{}: STEP.OUTPUT`",
+                        decl.name
+                    )),
+                );
+            }
+        }
+    }
+
+    /// `${inputs.X}` / `${outputs.X}` in parameters must name bound inputs and outputs.
+    /// Outputs are checked only when the step's contract is known (`io`).
+    pub(super) fn check_io_references(
+        &mut self,
+        base: &str,
+        with: &Value,
+        inputs: &IndexMap<String, InputBinding>,
+        io: Option<&StepIo>,
+    ) {
+        let mut found = Vec::new();
+        collect_refs(with, &format!("{base}.with"), &mut found);
+        for (path, r) in found {
+            let (known, what): (Vec<&str>, &str) = match r.namespace.as_str() {
+                "inputs" => (inputs.keys().map(|s| s.as_str()).collect(), "input"),
+                "outputs" => match io {
+                    Some(io) => (io.outputs.keys().map(|s| s.as_str()).collect(), "output"),
+                    None => continue,
+                },
+                _ => continue,
+            };
+            if !known.contains(&r.name.as_str()) {
+                let help = did_you_mean(&r.name, known.iter().copied())
+                    .or_else(|| Some(format!("declare it under `{}:` of this step", r.namespace)));
+                self.error(
+                    &path,
+                    format!(
+                        "`${{{}.{}}}` names no {what} of this step",
+                        r.namespace, r.name
+                    ),
+                    help,
+                );
+            }
+        }
+    }
+
+    /// Every `inputs:` reference names a step of this pipeline.
+    pub(super) fn check_input_targets(&mut self, raw_steps: &IndexMap<String, raw::RawStep>) {
+        for (name, step) in raw_steps {
+            for (input, reference) in step.inputs.iter().flatten() {
+                let Some((target, _)) = reference.split_once('.') else {
+                    continue;
+                };
+                if !target.is_empty() && !raw_steps.contains_key(target) {
+                    let help = did_you_mean(target, raw_steps.keys().map(|k| k.as_str()));
+                    self.error(
+                        &format!("steps.{name}.inputs.{input}"),
+                        format!("input `{input}` refers to unknown step `{target}`"),
+                        help,
+                    );
+                }
+            }
+        }
+    }
+}
+
+pub(super) fn valid_step_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        && name.len() <= 64
+}
+
+fn collect_refs(value: &Value, path: &str, out: &mut Vec<(String, Reference)>) {
+    match value {
+        Value::String(s) => {
+            if let Ok(refs) = template::references(s) {
+                out.extend(refs.into_iter().map(|r| (path.to_string(), r)));
+            }
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                collect_refs(item, &format!("{path}.{i}"), out);
+            }
+        }
+        Value::Object(map) => {
+            for (k, v) in map {
+                collect_refs(v, &format!("{path}.{k}"), out);
+            }
+        }
+        _ => {}
+    }
+}
