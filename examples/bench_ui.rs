@@ -167,7 +167,9 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let app = cairn::ui::router(Arc::new(cairn::ui::UiState { store }));
+        let app = cairn::ui::router(Arc::new(cairn::ui::UiState {
+            store: Arc::new(store),
+        }));
         tokio::spawn(async move { axum::serve(listener, app).await });
         let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::new();

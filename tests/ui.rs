@@ -428,3 +428,68 @@ fn secrets_in_parameters_are_masked_in_stored_records_and_reasons() {
     );
     assert_eq!(third.step("dump")["status"], "cached");
 }
+
+#[test]
+fn plan_of_a_run_says_what_would_rerun_now_and_writes_nothing() {
+    let (p, first, second) = filled_store();
+    let (ui, _) = p.start_ui(&[]);
+    let first_id = first["run_id"].as_str().unwrap();
+    let second_id = second["run_id"].as_str().unwrap();
+
+    // Each run's own `--set` values are replanned: both are fully cached.
+    for id in [first_id, second_id] {
+        let plan = get_json(&ui, &format!("/api/runs/{id}/plan"));
+        assert_eq!(plan["status"], "planned");
+        assert_eq!(plan["run_id"], Value::Null);
+        let statuses: Vec<(&str, &str)> = plan["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| (s["name"].as_str().unwrap(), s["status"].as_str().unwrap()))
+            .collect();
+        // `notes` is a source: always checked, so always "will run" in a plan.
+        assert_eq!(
+            statuses,
+            [
+                ("notes", "will_run"),
+                ("count", "cached"),
+                ("tree", "cached")
+            ],
+            "{plan}"
+        );
+    }
+
+    // Edit the file: only `tree` would rerun, and the reason says why.
+    p.write(
+        "browse.yaml",
+        &PIPELINE.replace(
+            "mkdir -p ${outputs.dir}/sub",
+            "mkdir -p ${outputs.dir}/sub/x",
+        ),
+    );
+    let plan = get_json(&ui, &format!("/api/runs/{second_id}/plan"));
+    let tree = plan["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "tree")
+        .unwrap();
+    assert_eq!(tree["status"], "will_run", "{plan}");
+    assert!(
+        tree["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("param run changed"),
+        "{tree}"
+    );
+    assert_eq!(
+        get_json(&ui, "/api/runs")["runs"].as_array().unwrap().len(),
+        2,
+        "planning records no run"
+    );
+
+    p.write("browse.yaml", "name: broken\nsteps: {}\n");
+    let (status, _, body) = get(&ui, &format!("/api/runs/{second_id}/plan"));
+    assert_eq!(status, 422, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(get(&ui, "/api/runs/nope/plan").0, 404);
+}

@@ -10,6 +10,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{DocStore, DocStoreError, UpsertStats};
 use crate::documents::Document;
+use crate::util::blocking::blocking;
 
 const SCHEMA: &str = "
     PRAGMA journal_mode=WAL;
@@ -77,6 +78,50 @@ impl DocStore for SqliteStore {
         collection: &str,
         docs: &[Document],
     ) -> Result<UpsertStats, DocStoreError> {
+        // SQLite is synchronous: keep the runtime's other tasks moving meanwhile.
+        blocking(|| self.upsert_blocking(collection, docs))
+    }
+
+    async fn ids_for(
+        &self,
+        collection: &str,
+        urls: &[String],
+    ) -> Result<BTreeMap<String, String>, DocStoreError> {
+        blocking(|| {
+            let conn = self.conn();
+            let mut stmt =
+                conn.prepare_cached("SELECT id FROM documents WHERE collection = ?1 AND url = ?2")?;
+            let mut out = BTreeMap::new();
+            for url in urls {
+                if let Some(id) = stmt
+                    .query_row(params![collection, url], |r| r.get::<_, String>(0))
+                    .optional()?
+                {
+                    out.insert(url.clone(), id);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    async fn count(&self, collection: &str) -> Result<u64, DocStoreError> {
+        blocking(|| {
+            let n: i64 = self.conn().query_row(
+                "SELECT COUNT(*) FROM documents WHERE collection = ?1",
+                params![collection],
+                |r| r.get(0),
+            )?;
+            Ok(n as u64)
+        })
+    }
+}
+
+impl SqliteStore {
+    fn upsert_blocking(
+        &self,
+        collection: &str,
+        docs: &[Document],
+    ) -> Result<UpsertStats, DocStoreError> {
         let mut stats = UpsertStats::default();
         let now = crate::util::clock::now_rfc3339();
         let mut conn = self.conn();
@@ -101,6 +146,7 @@ impl DocStore for SqliteStore {
                     Some(_) => stats.updated += 1,
                     None => stats.inserted += 1,
                 }
+                // Strings and maps only: serializing cannot fail.
                 let json = serde_json::to_string(d).expect("documents serialize");
                 write.execute(params![
                     collection,
@@ -115,35 +161,6 @@ impl DocStore for SqliteStore {
         }
         tx.commit()?;
         Ok(stats)
-    }
-
-    async fn ids_for(
-        &self,
-        collection: &str,
-        urls: &[String],
-    ) -> Result<BTreeMap<String, String>, DocStoreError> {
-        let conn = self.conn();
-        let mut stmt =
-            conn.prepare_cached("SELECT id FROM documents WHERE collection = ?1 AND url = ?2")?;
-        let mut out = BTreeMap::new();
-        for url in urls {
-            if let Some(id) = stmt
-                .query_row(params![collection, url], |r| r.get::<_, String>(0))
-                .optional()?
-            {
-                out.insert(url.clone(), id);
-            }
-        }
-        Ok(out)
-    }
-
-    async fn count(&self, collection: &str) -> Result<u64, DocStoreError> {
-        let n: i64 = self.conn().query_row(
-            "SELECT COUNT(*) FROM documents WHERE collection = ?1",
-            params![collection],
-            |r| r.get(0),
-        )?;
-        Ok(n as u64)
     }
 }
 

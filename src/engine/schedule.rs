@@ -892,3 +892,130 @@ fn missing(upstream: &str) -> EngineError {
          run without --only/--from first, or add --only {upstream}"
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use indexmap::IndexMap;
+    use schemars::JsonSchema;
+    use serde::Deserialize;
+
+    use super::*;
+    use crate::engine::Silent;
+    use crate::graph::Dag;
+    use crate::steps::{BoundParams, Kind, Step, Typed};
+    use crate::store::Access;
+
+    #[derive(Deserialize, JsonSchema)]
+    struct NoParams {}
+
+    /// An external kind whose check only succeeds while another check is in flight.
+    struct NeedsCompany;
+
+    static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+    static NEEDS_COMPANY: Typed<NeedsCompany> = Typed(NeedsCompany);
+
+    #[async_trait]
+    impl Kind for NeedsCompany {
+        type Params = NoParams;
+        const OUTPUTS: &'static [(&'static str, &'static str)] = &[("out", "file")];
+
+        fn name(&self) -> &'static str {
+            "needs_company"
+        }
+        fn version(&self) -> String {
+            "1".into()
+        }
+        fn summary(&self) -> &'static str {
+            "test kind"
+        }
+        fn external(&self) -> bool {
+            true
+        }
+
+        async fn verify(&self, _: &NoParams, _: &VerifyContext<'_>) -> Result<(), String> {
+            IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+            for _ in 0..1000 {
+                if IN_FLIGHT.load(Ordering::SeqCst) >= 2 {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err("checked alone: external checks ran one at a time".into())
+        }
+
+        async fn run(&self, _: &NoParams, ctx: &StepContext) -> Result<StepOutputs, StepError> {
+            std::fs::write(ctx.output_path("out"), &ctx.step)
+                .map_err(|e| StepError::Failed(e.to_string()))?;
+            ctx.single_output("out", serde_json::json!({}), String::new())
+        }
+    }
+
+    fn pipeline() -> ResolvedPipeline {
+        let step = |name: &str| ResolvedStep {
+            name: name.into(),
+            uses: "needs_company".into(),
+            implementation: &NEEDS_COMPANY as &'static dyn Step,
+            version: "1".into(),
+            params: serde_json::json!({}),
+            bound: BoundParams::new(NoParams {}),
+            param_refs: Default::default(),
+            param_env: Default::default(),
+            inputs: IndexMap::new(),
+            expects: Default::default(),
+            outputs: IndexMap::from([("out".to_string(), "file".to_string())]),
+        };
+        ResolvedPipeline {
+            name: "verify".into(),
+            description: None,
+            file: "verify.yaml".into(),
+            params: IndexMap::new(),
+            docstore_uri: None,
+            steps: vec![step("a"), step("b")],
+            dag: Dag::build(2, []).unwrap(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn external_checks_run_concurrently_with_other_ready_steps() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&tmp.path().join("store"), Access::Shared).unwrap());
+        let pipeline = pipeline();
+        let opts = RunOptions {
+            jobs: 2,
+            cwd: tmp.path().to_path_buf(),
+            ..RunOptions::default()
+        };
+        let sel = crate::engine::select(&pipeline, &opts).unwrap();
+        let cold = crate::engine::run(
+            &pipeline,
+            &sel,
+            store.clone(),
+            &opts,
+            Arc::new(Silent),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(cold.count(StepStatus::Ran), 2, "{cold:?}");
+        assert_eq!(IN_FLIGHT.load(Ordering::SeqCst), 0, "nothing cached yet");
+
+        let warm = crate::engine::run(
+            &pipeline,
+            &sel,
+            store,
+            &opts,
+            Arc::new(Silent),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(IN_FLIGHT.load(Ordering::SeqCst), 2, "both were checked");
+        for step in &warm.steps {
+            assert_eq!(step.status, StepStatus::Cached, "{step:?}");
+        }
+    }
+}

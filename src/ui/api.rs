@@ -56,6 +56,7 @@ pub(super) fn routes() -> Router<Arc<UiState>> {
         .route("/api/runs", get(runs))
         .route("/api/runs/{id}", get(run))
         .route("/api/runs/{id}/steps/{step}/log", get(step_log))
+        .route("/api/runs/{id}/plan", get(plan))
         .route("/api/artifacts", get(artifacts))
         .route("/api/artifacts/{id}", get(artifact))
         .route("/api/artifacts/{id}/lineage", get(lineage))
@@ -142,6 +143,48 @@ async fn run(State(ui): Shared, UrlPath(id): UrlPath<String>) -> ApiResult {
         "steps": steps,
     }))
     .into_response())
+}
+
+/// What a run of the same pipeline file with the same `--set` values would do now: the
+/// engine's `Plan`, as `cairn plan --json` prints it. The file is read from where `cairn ui`
+/// was started, as the run recorded it.
+async fn plan(State(ui): Shared, UrlPath(id): UrlPath<String>) -> ApiResult {
+    let run = ui
+        .store
+        .db()
+        .get_run(&id)?
+        .ok_or_else(|| ApiError::not_found(format!("no run `{id}`")))?;
+    let sets: Vec<String> = run.args["set"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
+    let file = std::path::PathBuf::from(&run.pipeline_file);
+    let pipeline = crate::pipeline::load(&file, &sets).map_err(|d| {
+        ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("pipeline {} cannot be planned now:\n{d}", file.display()),
+        )
+    })?;
+    let opts = crate::engine::RunOptions {
+        jobs: 1,
+        cwd: std::env::current_dir()
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?,
+        ..Default::default()
+    };
+    let selection = crate::engine::select(&pipeline, &opts)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let plan = crate::engine::plan(
+        &pipeline,
+        &selection,
+        ui.store.clone(),
+        &opts,
+        Arc::new(crate::engine::Silent),
+    )
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(plan.report()).into_response())
 }
 
 async fn step_log(State(ui): Shared, UrlPath((id, step)): UrlPath<(String, String)>) -> ApiResult {

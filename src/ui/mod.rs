@@ -17,7 +17,7 @@ use crate::store::Store;
 /// Shared by every request.
 pub struct UiState {
     /// The open store (read-only use).
-    pub store: Store,
+    pub store: Arc<Store>,
 }
 
 /// The page and its assets, embedded in the binary (no build step, no network).
@@ -48,7 +48,9 @@ pub fn router(state: Arc<UiState>) -> Router {
 /// Serves the store at `store_root` on `addr` until Ctrl-C.
 pub async fn serve(store_root: PathBuf, addr: SocketAddr) -> anyhow::Result<()> {
     let store = Store::open_existing(&store_root)?;
-    let state = Arc::new(UiState { store });
+    let state = Arc::new(UiState {
+        store: Arc::new(store),
+    });
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;

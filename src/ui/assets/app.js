@@ -24,7 +24,7 @@ const fmtBytes = (n) => n < 1024 ? `${n} B` : n < 1048576 ? `${(n / 1024).toFixe
 const status = (s) => el("span", { class: `status ${s}` }, s);
 const artLink = (d) => el("a", { href: `#/artifacts/${d}`, class: "mono" }, short(d));
 const params = () => new URLSearchParams(location.hash.split("?")[1] || "");
-const color = { ran: "#2f7ed8", cached: "#3aa757", failed: "#d9453d", skipped: "#9aa0a6" };
+const color = { ran: "#2f7ed8", cached: "#3aa757", failed: "#d9453d", skipped: "#9aa0a6", will_run: "#e8a33d" };
 
 function table(headers, rows, onclick) {
   return el("table", {}, el("tr", {}, headers.map((h) => el("th", {}, h))),
@@ -157,8 +157,21 @@ async function runPage(id, stepName) {
     el("h2", {}, "Timeline"), gantt(steps),
     el("h2", {}, "Steps"),
     table(["step", "kind", "status", "reason", "duration"], steps.map((s) => [s.name, s.kind, status(s.status), s.reason, fmtMs(s.duration_ms)]), (i) => show(steps[i])),
-    detail);
+    detail, planPanel(r));
   const pick = steps.find((s) => s.name === stepName); if (pick) show(pick);
+}
+
+// What a rerun of this run's pipeline file would do now (the engine's plan, nothing runs).
+function planPanel(r) {
+  const out = el("div", { id: "plan" });
+  const button = el("button", { id: "plan-now", onclick: async () => {
+    out.replaceChildren(el("p", { class: "muted" }, "planning…"));
+    try {
+      const p = await api(`/api/runs/${encodeURIComponent(r.id)}/plan`);
+      out.replaceChildren(table(["step", "would", "reason"], p.steps.map((s) => [s.name, status(s.status), s.reason])));
+    } catch (e) { out.replaceChildren(el("pre", { class: "error" }, String(e.message || e))); }
+  } }, "What would run now?");
+  return el("div", { class: "panel" }, el("h2", {}, "Plan"), el("p", { class: "muted" }, `Decides, for ${r.pipeline_file} as it is now (same --set values), which steps a rerun would execute and why.`), button, out);
 }
 
 async function artifactsPage() {
