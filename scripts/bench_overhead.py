@@ -3,8 +3,9 @@
 `command` steps, against the no-orchestrator floor (one `bash -c` per stage), plus
 `source` hashing of a large tree against b3sum and the stat-cache second pass.
 
-Prints markdown tables. Usage: scripts/bench-overhead [--sizes 10,100,1000] [--source-gb 1]
-    [--snakemake scripts/.bench-venv/bin/snakemake]   (pip install 'snakemake>=9,<10' in a venv)
+Prints markdown tables. Usage: scripts/bench-overhead [--sizes 100,1000,10000] [--source-gb 1]
+    [--snakemake [PATH]]   side by side with Snakemake (without PATH: the pinned version that
+                           scripts/bench-overhead installs into scripts/.bench-venv from PyPI)
 """
 import argparse
 import os
@@ -18,6 +19,14 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SNAKE_CAIRN = None
+# Work folders are removed only when the whole benchmark is done: on ext4 without a
+# journal (this project's machines), allocating inodes right after deleting thousands
+# of files is several times slower, which would skew whichever measurement came next.
+LEFTOVERS = []
+
+
+def later_remove(path):
+    LEFTOVERS.append(path)
 
 
 def measure(cmd, cwd, env=None):
@@ -108,7 +117,7 @@ def bench_snakemake(snakemake, sizes, jobs):
             print(f"| {n} | {cold*1000:.0f} ms | {noop*1000:.0f} ms | {cnoop*1000:.1f} ms | {noop/cnoop:.0f}x |")
             sys.stdout.flush()
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            later_remove(work)
 
 
 def median_of(k, fn):
@@ -118,8 +127,8 @@ def median_of(k, fn):
 
 def bench_dags(cairn, sizes, jobs):
     print(f"\n### Orchestration overhead (trivial `command` steps, --jobs {jobs}, medians of 3 for reruns)\n")
-    print("| DAG | N | floor: bash -c per stage | floor: sh -c per stage | cairn cold run | cold / bash floor | cold / sh floor | overhead per step vs sh floor | no-op rerun | rerun after mid param change | peak RSS |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| DAG | N | floor: bash -c per stage | floor: sh -c per stage | cairn cold run | cold / bash floor | cold / sh floor | overhead per step vs sh floor | no-op rerun | no-op per step | plan | rerun after mid param change | peak RSS |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for shape in ("chain", "fan"):
         for n in sizes:
             work = tempfile.mkdtemp(prefix=f"cairn-bench-{shape}{n}-")
@@ -136,16 +145,18 @@ def bench_dags(cairn, sizes, jobs):
                 base = [cairn, "run", "p.yaml", "--quiet", "--jobs", str(jobs)]
                 cold, rss1 = measure(base, cwd=work, env=env)
                 noop, rss2 = median_of(3, lambda: measure(base, cwd=work, env=env))
+                plan, rss4 = median_of(3, lambda: measure([cairn, "plan", "p.yaml"], cwd=work, env=env))
                 toggle = iter(range(2, 100))
                 change, rss3 = median_of(3, lambda: measure(base + ["--set", f"mid={next(toggle)}"], cwd=work, env=env))
                 steps = n + (2 if shape == "fan" else 0)
                 per_step_ms = (cold - floors["sh"]) / steps * 1000
                 print(f"| {shape} | {n} | {floors['bash']*1000:.0f} ms | {floors['sh']*1000:.0f} ms | {cold*1000:.0f} ms "
                       f"| {cold/floors['bash']:.2f}x | {cold/floors['sh']:.2f}x | {per_step_ms:.2f} ms "
-                      f"| {noop*1000:.1f} ms | {change*1000:.0f} ms | {max(rss1, rss2, rss3):.0f} MiB |")
+                      f"| {noop*1000:.1f} ms | {noop/steps*1e6:.0f} us | {plan*1000:.1f} ms | {change*1000:.0f} ms "
+                      f"| {max(rss1, rss2, rss3, rss4):.0f} MiB |")
                 sys.stdout.flush()
             finally:
-                shutil.rmtree(work, ignore_errors=True)
+                later_remove(work)
 
 
 def bench_source(cairn, gib):
@@ -183,28 +194,34 @@ def bench_source(cairn, gib):
         print(f"| cairn run: second pass, tree unchanged (stat cache) | {second*1000:.1f} ms | - |")
         print(f"\npeak RSS: first pass {rss:.0f} MiB, second pass {rss2:.0f} MiB")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        later_remove(work)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cairn", default=os.path.join(ROOT, "target/release/cairn"))
-    ap.add_argument("--sizes", default="10,100,1000")
+    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+    ap.add_argument("--cairn", default=os.path.join(target, "release/cairn"))
+    ap.add_argument("--sizes", default="100,1000,10000")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--source-gb", type=float, default=1.0, help="size of the source tree (0 skips)")
-    ap.add_argument("--snakemake", metavar="PATH", help="also run these chains with this snakemake executable, side by side")
+    ap.add_argument("--snakemake", metavar="PATH", nargs="?", const=os.path.join(ROOT, "scripts/snakemake-deep"),
+                    help="also run the chains with Snakemake, side by side (default: the pinned one in scripts/.bench-venv)")
     ap.add_argument("--snakemake-sizes", default="100,1000")
     args = ap.parse_args()
     if not os.path.exists(args.cairn):
         sys.exit(f"{args.cairn} not found: run `cargo build --release` first")
     print(f"cairn: {args.cairn}; cores: {os.cpu_count()}")
-    bench_dags(os.path.abspath(args.cairn), [int(s) for s in args.sizes.split(",")], args.jobs)
-    if args.snakemake:
-        global SNAKE_CAIRN
-        SNAKE_CAIRN = os.path.abspath(args.cairn)
-        bench_snakemake(os.path.abspath(args.snakemake), [int(s) for s in args.snakemake_sizes.split(",")], args.jobs)
-    if args.source_gb > 0:
-        bench_source(os.path.abspath(args.cairn), args.source_gb)
+    try:
+        bench_dags(os.path.abspath(args.cairn), [int(s) for s in args.sizes.split(",")], args.jobs)
+        if args.snakemake:
+            global SNAKE_CAIRN
+            SNAKE_CAIRN = os.path.abspath(args.cairn)
+            bench_snakemake(os.path.abspath(args.snakemake), [int(s) for s in args.snakemake_sizes.split(",")], args.jobs)
+        if args.source_gb > 0:
+            bench_source(os.path.abspath(args.cairn), args.source_gb)
+    finally:
+        for path in LEFTOVERS:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -115,8 +115,14 @@ fn execute(
     mode: Mode,
     quiet: bool,
 ) -> anyhow::Result<ExitCode> {
+    let started = std::time::Instant::now();
     let pipeline = pipeline::load(&sel.pipeline, &sel.sets)?;
     let selection = engine::select(&pipeline, &opts)?;
+    tracing::debug!(
+        steps = pipeline.steps.len(),
+        ms = started.elapsed().as_secs_f64() * 1e3,
+        "pipeline loaded and selected"
+    );
     let store_dir = cli.store_dir();
     // Planning against no store: nothing is cached; do not create one.
     let scratch = if mode == Mode::Plan && !store_dir.join("cairn.db").exists() {
@@ -129,6 +135,7 @@ fn execute(
         .map(|t| t.path().to_path_buf())
         .unwrap_or(store_dir);
     let store = Arc::new(Store::open(&store_dir, Access::Shared)?);
+    tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "store open");
     let observer: Arc<dyn engine::Observer> = Arc::new(Terminal::new(quiet));
     let rt = runtime()?;
     let report = match mode {
@@ -170,6 +177,10 @@ fn execute(
             })?
         }
     };
+    tracing::debug!(
+        ms = started.elapsed().as_secs_f64() * 1e3,
+        "pipeline walked"
+    );
     if sel.json {
         print_json(&report)?;
     }

@@ -1,7 +1,13 @@
 //! The run's records in the store: the run itself, each step's execution, the artifacts
-//! it produced and its cache entry. Steps settled without executing (cached, skipped) are
-//! queued and written in one transaction with the next write, so a no-op rerun of a big
-//! pipeline costs a handful of transactions, not one per step.
+//! it produced and its cache entry.
+//!
+//! Records are queued and written in one transaction per flush (group commit): a no-op
+//! rerun of a big pipeline costs a handful of transactions. An executed step's record and
+//! cache entry (what makes a later run trust its outputs) wait until its outputs are
+//! sealed (durable), flushed while the steps it unblocked already run; they are written
+//! together, so a step recorded as `ran` is always reusable. Only its artifact records go
+//! in at once: the steps it unblocks read their inputs' metadata from them. A kill in
+//! between costs a rerun of that step, never a trusted partial artifact.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,7 +22,9 @@ use crate::util::clock::{new_run_id, now_rfc3339};
 pub(super) struct Recorder {
     store: Arc<Store>,
     run_id: String,
-    pending: Vec<(StepRecord, usize)>,
+    settled: Vec<(StepRecord, usize)>,
+    /// Executed steps waiting for their outputs to be sealed.
+    executed: Vec<(StepRecord, usize, Option<CacheEntry>)>,
 }
 
 impl Recorder {
@@ -40,7 +48,8 @@ impl Recorder {
         Ok(Self {
             store,
             run_id,
-            pending: Vec::new(),
+            settled: Vec::new(),
+            executed: Vec::new(),
         })
     }
 
@@ -51,39 +60,37 @@ impl Recorder {
 
     /// Queues the record of a step settled without executing.
     pub fn settled(&mut self, record: StepRecord, seq: usize) {
-        self.pending.push((record, seq));
+        self.settled.push((record, seq));
     }
 
-    /// Writes the queued records.
-    pub fn flush(&mut self) -> Result<(), StoreError> {
-        self.write(None)
-    }
-
-    /// Writes an executed step's record (with its artifacts, and its cache entry when it
-    /// succeeded) together with the queued ones, in one transaction. The cache entry is
-    /// written only here, after the outputs were committed: a failure is never cached.
+    /// Writes an executed step's artifact records now and queues its record and, when it
+    /// succeeded, its cache entry until its outputs are sealed.
     pub fn executed(
         &mut self,
-        record: &StepRecord,
+        record: StepRecord,
         seq: usize,
         artifacts: &[ArtifactRecord],
-        cache: Option<&CacheEntry>,
+        cache: Option<CacheEntry>,
     ) -> Result<(), StoreError> {
-        self.write(Some(StepWrite {
-            record,
-            seq,
-            artifacts,
-            cache,
-            index_io: true,
-        }))
+        if !artifacts.is_empty() {
+            self.store.db().put_artifacts(artifacts)?;
+        }
+        self.executed.push((record, seq, cache));
+        Ok(())
     }
 
-    fn write(&mut self, executed: Option<StepWrite<'_>>) -> Result<(), StoreError> {
-        if self.pending.is_empty() && executed.is_none() {
+    /// Seals what executed steps committed, then writes every queued record and cache
+    /// entry in one transaction.
+    pub fn flush(&mut self) -> Result<(), StoreError> {
+        if self.settled.is_empty() && self.executed.is_empty() {
             return Ok(());
         }
-        let pending = std::mem::take(&mut self.pending);
-        let mut batch: Vec<StepWrite<'_>> = pending
+        if !self.executed.is_empty() {
+            self.store.seal_pending()?;
+        }
+        let settled = std::mem::take(&mut self.settled);
+        let executed = std::mem::take(&mut self.executed);
+        let mut batch: Vec<StepWrite<'_>> = settled
             .iter()
             .map(|(record, seq)| StepWrite {
                 record,
@@ -93,7 +100,13 @@ impl Recorder {
                 index_io: false,
             })
             .collect();
-        batch.extend(executed);
+        batch.extend(executed.iter().map(|(record, seq, cache)| StepWrite {
+            record,
+            seq: *seq,
+            artifacts: &[],
+            cache: cache.as_ref(),
+            index_io: true,
+        }));
         self.store.db().write_steps(&batch)
     }
 

@@ -3,15 +3,17 @@
 //! everything else, and records as it goes. A plan is the same walk with nothing executed
 //! and nothing recorded.
 //!
-//! Blocking work (hashing named files, SQLite, committing logs) happens in `blocking`
-//! sections, one per wake-up of the loop rather than one per step, so a no-op rerun of
-//! thousands of cached steps stays one tight loop while running steps keep their threads.
+//! The walk runs on a thread of its own (one `block_in_place` for the whole run, waiting
+//! for tasks with `Handle::block_on`), so its blocking work (hashing named files, SQLite,
+//! sealing outputs) never stalls the workers that drive running steps, and a finished
+//! step costs no thread hand-off.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use tokio::runtime::RuntimeFlavor;
 use tokio::sync::Semaphore;
 use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -120,6 +122,8 @@ struct Walk<'a> {
     tasks: JoinSet<TaskDone>,
     task_step: HashMap<tokio::task::Id, usize>,
     permits: Arc<Semaphore>,
+    /// Emptied work folders of finished steps, for the next ones.
+    free_work_dirs: Vec<PathBuf>,
 }
 
 /// Runs (`cancel` given) or plans (`None`) the selected steps.
@@ -163,6 +167,7 @@ pub(super) async fn walk(
         tasks: JoinSet::new(),
         task_step: HashMap::new(),
         permits: Arc::new(Semaphore::new(opts.jobs.max(1))),
+        free_work_dirs: Vec::new(),
     };
     blocking(|| walk.resolve_unselected())?;
     if !planning {
@@ -171,7 +176,11 @@ pub(super) async fn walk(
         walk.recorder = Some(recorder);
     }
     let started = Instant::now();
-    walk.schedule().await?;
+    let walked = walk.schedule().await;
+    for dir in walk.free_work_dirs.drain(..) {
+        let _ = crate::store::objects::remove_any(&dir);
+    }
+    walked?;
     let status = if planning {
         RunStatus::Planned
     } else if walk.cancel.is_cancelled() {
@@ -339,14 +348,38 @@ impl<'a> Walk<'a> {
                 self.waiting.insert(i, producers);
             }
         }
-        loop {
-            blocking(|| self.drain_ready())?;
-            let Some(joined) = self.tasks.join_next_with_id().await else {
-                break;
-            };
-            blocking(|| self.task_done(joined))?;
+        match tokio::runtime::Handle::try_current() {
+            // The walk gets a thread of its own for the whole run: its blocking work
+            // (hashing named files, SQLite, sealing outputs) never holds up a worker, and
+            // there is one hand-off per run instead of one per finished step.
+            Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| {
+                    self.drain_ready()?;
+                    while let Some(joined) = handle.block_on(self.tasks.join_next_with_id()) {
+                        self.finished_task(joined)?;
+                    }
+                    self.flush()
+                })
+            }
+            // A current-thread runtime (embedders, tests): the same loop, awaiting.
+            _ => {
+                self.drain_ready()?;
+                while let Some(joined) = self.tasks.join_next_with_id().await {
+                    self.finished_task(joined)?;
+                }
+                self.flush()
+            }
         }
-        blocking(|| self.flush())
+    }
+
+    /// What a finished task unblocks is spawned before its records are flushed (which
+    /// waits for its outputs to be durable): that wait is off the critical path.
+    fn finished_task(
+        &mut self,
+        joined: Result<(tokio::task::Id, TaskDone), JoinError>,
+    ) -> Result<(), EngineError> {
+        self.task_done(joined)?;
+        self.drain_ready()
     }
 
     /// Decides every ready step: settles what needs no execution (and releases what
@@ -447,6 +480,14 @@ impl<'a> Walk<'a> {
             .store
             .db()
             .last_step_record(&self.pipeline.name, &step.name)?;
+        let key = self.keys[i].map(|k| k.to_hex());
+        if previous.as_ref().is_some_and(|p| p.cache_key == key) {
+            return Ok(
+                "no cached result for these inputs (the last run with them was \
+                       interrupted, or `cairn gc` dropped it)"
+                    .into(),
+            );
+        }
         Ok(explain::why_rerun(
             step,
             &self.inputs_of[i],
@@ -566,15 +607,21 @@ impl<'a> Walk<'a> {
         }
     }
 
-    fn context(&self, i: usize, previous: Option<Outputs>) -> Result<StepContext, EngineError> {
+    fn context(&mut self, i: usize, previous: Option<Outputs>) -> Result<StepContext, EngineError> {
         let step = self.step(i);
-        let work_dir = self
-            .store
-            .objects()
-            .temp_dir(&step.name)
-            .map_err(|e| StoreError::io("creating a step work folder", e))?;
-        std::fs::create_dir_all(work_dir.join("out"))
-            .map_err(|e| StoreError::io("creating a step work folder", e))?;
+        let work_dir = match self.free_work_dirs.pop() {
+            Some(dir) => dir,
+            None => {
+                let dir = self
+                    .store
+                    .objects()
+                    .temp_dir("work")
+                    .map_err(|e| StoreError::io("creating a step work folder", e))?;
+                std::fs::create_dir_all(dir.join("out"))
+                    .map_err(|e| StoreError::io("creating a step work folder", e))?;
+                dir
+            }
+        };
         let mut inputs = BTreeMap::new();
         for (name, binding) in &step.inputs {
             let producer = self.index_of[binding.step.as_str()];
@@ -616,7 +663,7 @@ impl<'a> Walk<'a> {
             .recorder
             .as_ref()
             .and_then(|r| r.store_log(&f.log_path));
-        let _ = crate::store::objects::remove_any(&f.work_dir);
+        self.recycle(f.work_dir.clone());
         let outputs = match f.result {
             Ok(outputs) => outputs,
             Err(StepError::Cancelled) => {
@@ -716,12 +763,41 @@ impl<'a> Walk<'a> {
             },
         );
         if let Some(recorder) = self.recorder.as_mut() {
-            recorder.executed(&record, self.seq[i], &artifacts, Some(&entry))?;
+            recorder.executed(record, self.seq[i], &artifacts, Some(entry))?;
         }
         let report = self.report(i, status, reason, f.duration_ms, None);
         self.observer.step_finished(&report, Some(&f.progress));
         self.reports[i] = Some(report);
         Ok(())
+    }
+
+    /// Empties a finished step's work folder and keeps it for the next step: removing a
+    /// folder can cost a synchronous discard on the device (ext4 mounted with `discard`),
+    /// emptying it does not. A folder that cannot be emptied is removed instead.
+    fn recycle(&mut self, work_dir: PathBuf) {
+        use crate::store::objects::remove_any;
+        let empty = || -> std::io::Result<()> {
+            for entry in std::fs::read_dir(&work_dir)? {
+                let entry = entry?;
+                let name = entry.file_name();
+                // An empty log is as good as a new one; every file created and deleted
+                // makes the next inode allocation slower on some filesystems.
+                let empty_log = name == "log.txt"
+                    && entry.metadata().is_ok_and(|m| m.is_file() && m.len() == 0);
+                if name != "out" && !empty_log {
+                    remove_any(&entry.path())?;
+                }
+            }
+            for entry in std::fs::read_dir(work_dir.join("out"))? {
+                remove_any(&entry?.path())?;
+            }
+            Ok(())
+        };
+        if empty().is_ok() {
+            self.free_work_dirs.push(work_dir);
+        } else {
+            let _ = remove_any(&work_dir);
+        }
     }
 
     fn run_id(&self) -> String {
@@ -754,7 +830,7 @@ impl<'a> Walk<'a> {
             },
         );
         if let Some(recorder) = self.recorder.as_mut() {
-            recorder.executed(&record, self.seq[i], &[], None)?;
+            recorder.executed(record, self.seq[i], &[], None)?;
         }
         let report = self.report(i, StepStatus::Failed, reason, duration_ms, Some(error));
         self.observer.step_finished(&report, progress);

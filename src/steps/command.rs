@@ -314,12 +314,14 @@ async fn run_once(
     let log_path = ctx.log_path.clone();
     let stderr_task = tokio::spawn(async move {
         let mut tail: VecDeque<u8> = VecDeque::with_capacity(STDERR_TAIL_BYTES);
-        let mut log = tokio::fs::OpenOptions::new()
+        // A local append-open is quick; tokio::fs would cost a blocking-pool round trip
+        // for every step.
+        let mut log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
-            .await
-            .ok();
+            .ok()
+            .map(tokio::fs::File::from_std);
         let mut buf = vec![0u8; 8192];
         loop {
             match stderr.read(&mut buf).await {

@@ -87,7 +87,7 @@ fn snapshot(
     } = hash_with_stat_cache(store, root, progress)
         .map_err(|e| StepError::Failed(e.to_string()))?;
     let is_dir = root.is_dir();
-    if !store.objects().contains(&digest) {
+    if !store.objects().is_sealed(&digest) {
         progress.set_message("copying into the store");
         let committed = store.objects().import_copy(root).map_err(|e| {
             StepError::Failed(format!("copying {} into the store: {e}", root.display()))

@@ -144,6 +144,28 @@ pub struct StepWrite<'a> {
     pub index_io: bool,
 }
 
+const ARTIFACT_INSERT: &str = "INSERT OR IGNORE INTO artifacts (digest, kind, is_dir, size,
+    created_at, producer_run, producer_step, output, pipeline, metadata)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+
+fn insert_artifact(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    a: &ArtifactRecord,
+) -> rusqlite::Result<usize> {
+    stmt.execute(params![
+        a.digest.to_hex(),
+        a.kind,
+        a.is_dir,
+        a.size as i64,
+        a.created_at,
+        a.producer_run,
+        a.producer_step,
+        a.output,
+        a.pipeline,
+        json(&a.metadata)
+    ])
+}
+
 /// Connection to the record database.
 pub struct Database {
     conn: Connection,
@@ -262,10 +284,7 @@ impl Database {
             let mut io_stmt = tx.prepare_cached(
                 "INSERT OR REPLACE INTO step_io (run_id, step, direction, name, digest) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
-            let mut art_stmt = tx.prepare_cached(
-                "INSERT OR IGNORE INTO artifacts (digest, kind, is_dir, size, created_at, producer_run,
-                 producer_step, output, pipeline, metadata) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            )?;
+            let mut art_stmt = tx.prepare_cached(ARTIFACT_INSERT)?;
             let mut cache_stmt = tx.prepare_cached(
                 "INSERT OR REPLACE INTO cache (key, outputs, run_id, step, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
@@ -313,18 +332,7 @@ impl Database {
                     ])?;
                 }
                 for a in w.artifacts {
-                    art_stmt.execute(params![
-                        a.digest.to_hex(),
-                        a.kind,
-                        a.is_dir,
-                        a.size as i64,
-                        a.created_at,
-                        a.producer_run,
-                        a.producer_step,
-                        a.output,
-                        a.pipeline,
-                        json(&a.metadata)
-                    ])?;
+                    insert_artifact(&mut art_stmt, a)?;
                 }
                 if let Some(c) = w.cache {
                     cache_stmt.execute(params![
@@ -335,6 +343,22 @@ impl Database {
                         r.started_at
                     ])?;
                 }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Inserts artifact records (first production wins), ahead of the step record that
+    /// produced them: consumers read their inputs' metadata from here.
+    pub fn put_artifacts(&mut self, artifacts: &[ArtifactRecord]) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        {
+            let mut stmt = tx.prepare_cached(ARTIFACT_INSERT)?;
+            for a in artifacts {
+                insert_artifact(&mut stmt, a)?;
             }
         }
         tx.commit()?;

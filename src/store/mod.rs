@@ -8,9 +8,10 @@
 //!   llm-cache/ab/<hex>.json  answered LLM requests (`crate::llm::cache`); not artifacts,
 //!                        so `gc` leaves them
 //!
-//! An object becomes visible by rename after fsync, and only a database record written
-//! after that makes a later run trust it: a kill at any moment leaves at worst an
-//! unreferenced object or temp folder, which `gc` removes.
+//! An object becomes visible by rename once whole, durable once sealed (fsynced in batches,
+//! see `objects`), and only a database record written after sealing makes a later run
+//! trust it: a kill at any moment leaves at worst an unreferenced (possibly unsealed)
+//! object or temp folder, which the next commit of those bytes verifies and `gc` removes.
 
 pub mod db;
 pub mod diff;
@@ -97,6 +98,14 @@ pub struct Store {
     objects: ObjectArea,
     db: Mutex<Database>,
     _lock: fs::File,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // Whatever was committed but not yet sealed (an error path left before its
+        // records) still becomes durable; unsealed leftovers would be verified anyway.
+        let _ = self.objects.seal_pending();
+    }
 }
 
 impl Store {
@@ -188,6 +197,14 @@ impl Store {
         self.objects
             .commit(staged)
             .map_err(|e| StoreError::io(format!("storing {}", staged.display()), e))
+    }
+
+    /// Makes every object committed so far durable and sealed; call before writing any
+    /// record that references them.
+    pub fn seal_pending(&self) -> Result<(), StoreError> {
+        self.objects
+            .seal_pending()
+            .map_err(|e| StoreError::io("making stored objects durable", e))
     }
 
     /// Removes unreferenced objects (and, with `keep_runs`, run records beyond the newest

@@ -1,14 +1,26 @@
 //! The object area: content-addressed files and directory trees under `objects/`, written
-//! through a private temp folder, fsynced and renamed into place so a reader (or a run
-//! after a kill -9) never sees half an object.
+//! through a private temp folder and renamed into place whole, so a reader (or a run after
+//! a kill -9) never sees half an object.
+//!
+//! Durability is a separate, later step (group commit): an object is renamed into place
+//! read-only but *unsealed* (its top entry lacks the others-read bit, [`SEALED_BIT`]); its
+//! data is fsynced in batches off the critical path ([`ObjectArea::seal_pending`], called
+//! before any record that references it is written), and only then does it get the bit,
+//! through the same file descriptor that was fsynced. So "sealed" implies "durable", and an
+//! unsealed object left by a kill or a power loss is never trusted by its name: committing
+//! the same digest again rehashes it first and replaces it when the bytes are wrong.
 
 use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use super::digest::ObjectDigest;
 use super::hash;
+
+/// The mode bit an object's top entry gets once its data is durable.
+pub const SEALED_BIT: u32 = 0o004;
 
 /// Where objects and temp work live inside a store root.
 #[derive(Clone, Debug)]
@@ -16,6 +28,8 @@ pub struct ObjectArea {
     objects: PathBuf,
     tmp: PathBuf,
     fsync: bool,
+    /// Objects renamed into place whose data is not yet known durable.
+    unsealed: Arc<Mutex<Vec<PathBuf>>>,
 }
 
 /// What committing a path into the store produced.
@@ -36,6 +50,7 @@ impl ObjectArea {
             objects: root.join("objects"),
             tmp: root.join("tmp"),
             fsync,
+            unsealed: Arc::new(Mutex::new(Vec::new())),
         }
     }
 
@@ -51,9 +66,39 @@ impl ObjectArea {
         self.objects.join(&hex[..2]).join(&hex[2..])
     }
 
-    /// Whether an object with this digest is present.
+    /// Whether an object with this digest is present (sealed or not).
     pub fn contains(&self, digest: &ObjectDigest) -> bool {
         fs::symlink_metadata(self.path(digest)).is_ok()
+    }
+
+    /// Whether an object with this digest is present and known durable: what code that
+    /// trusts an object by its name alone (without a record referencing it) must ask.
+    pub fn is_sealed(&self, digest: &ObjectDigest) -> bool {
+        fs::symlink_metadata(self.path(digest)).is_ok_and(|m| is_sealed(&m))
+    }
+
+    /// Makes every object committed so far durable (fsync, in one batch) and marks it
+    /// sealed. Records that reference objects are written only after this returns.
+    pub fn seal_pending(&self) -> io::Result<()> {
+        let pending = std::mem::take(&mut *self.unsealed.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut pending = pending.into_iter();
+        while let Some(path) = pending.next() {
+            if let Err(e) = seal(&path, self.fsync) {
+                // Keep what is left for the next attempt; this one failed.
+                let mut queue = self.unsealed.lock().unwrap_or_else(|p| p.into_inner());
+                queue.push(path);
+                queue.extend(pending);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn queue_seal(&self, path: PathBuf) {
+        self.unsealed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(path);
     }
 
     /// A fresh, empty folder under `tmp/` owned by this process; its name carries our pid
@@ -99,38 +144,48 @@ impl ObjectArea {
     }
 
     /// Moves a file or directory (which must live under this area's `tmp/`) into the
-    /// object area under its content digest. The source is consumed either way.
+    /// object area under its content digest, read-only and unsealed; the source is
+    /// consumed either way. Durability follows in [`ObjectArea::seal_pending`].
     pub fn commit(&self, src: &Path) -> io::Result<Committed> {
         let digest = hash::hash_path(src)?;
         let meta = fs::symlink_metadata(src)?;
         let is_dir = meta.is_dir();
         let size = tree_size(src)?;
-        let dest = self.path(&digest);
-        if fs::symlink_metadata(&dest).is_ok() {
-            remove_any(src)?;
-            return Ok(Committed {
-                digest,
-                size,
-                is_dir,
-            });
-        }
-        seal(src, self.fsync)?;
-        let parent = dest.parent().expect("object path has a parent");
-        fs::create_dir_all(parent)?;
-        // File contents are fsynced before the rename (`seal`), so a name that survives a
-        // crash never has wrong bytes. The rename itself is not fsynced: if it is lost,
-        // the object is simply missing, which every reader treats as a cache miss.
-        match fs::rename(src, &dest) {
-            Ok(()) => {}
-            // Another process committed the same content first: theirs is as good as ours.
-            Err(_) if fs::symlink_metadata(&dest).is_ok() => remove_any(src)?,
-            Err(e) => return Err(e),
-        }
-        Ok(Committed {
+        let committed = Committed {
             digest,
             size,
             is_dir,
-        })
+        };
+        let dest = self.path(&digest);
+        match fs::symlink_metadata(&dest) {
+            Ok(existing) if is_sealed(&existing) => {
+                remove_any(src)?;
+                return Ok(committed);
+            }
+            Ok(_) => {
+                // Unsealed: another commit of the same bytes is in flight, or a killed run
+                // left it. Its name proves nothing; its bytes must.
+                if hash::hash_path(&dest).ok() == Some(digest) {
+                    remove_any(src)?;
+                    self.queue_seal(dest);
+                    return Ok(committed);
+                }
+                remove_any(&dest)?;
+            }
+            Err(_) => {}
+        }
+        protect(src)?;
+        let parent = dest.parent().expect("object path has a parent");
+        fs::create_dir_all(parent)?;
+        match fs::rename(src, &dest) {
+            Ok(()) => {}
+            // Another process committed the same content meanwhile: its copy gets sealed
+            // (or rehashed) like ours would.
+            Err(_) if fs::symlink_metadata(&dest).is_ok() => remove_any(src)?,
+            Err(e) => return Err(e),
+        }
+        self.queue_seal(dest);
+        Ok(committed)
     }
 
     /// Copies an outside path into a temp folder and commits it.
@@ -191,21 +246,58 @@ pub fn tree_size(path: &Path) -> io::Result<u64> {
     Ok(total)
 }
 
-/// Makes files read-only (an object must never change in place) and fsyncs them.
-fn seal(path: &Path, fsync: bool) -> io::Result<()> {
+fn is_sealed(meta: &fs::Metadata) -> bool {
+    // A symlink object has no bytes to flush and no mode of its own.
+    meta.file_type().is_symlink() || meta.permissions().mode() & SEALED_BIT != 0
+}
+
+/// Makes files read-only (an object must never change in place) and clears the sealed
+/// bit of the top entry. Cheap: no data is flushed here.
+fn protect(path: &Path) -> io::Result<()> {
     for entry in walkdir::WalkDir::new(path) {
         let entry = entry.map_err(io::Error::other)?;
         let ft = entry.file_type();
-        if ft.is_file() {
-            let meta = entry.metadata().map_err(io::Error::other)?;
-            let mode = meta.permissions().mode() & !0o222;
-            fs::set_permissions(entry.path(), fs::Permissions::from_mode(mode))?;
-            if fsync {
-                fs::File::open(entry.path())?.sync_data()?;
+        let top = entry.depth() == 0;
+        if ft.is_file() || (top && ft.is_dir()) {
+            let mut mode = entry
+                .metadata()
+                .map_err(io::Error::other)?
+                .permissions()
+                .mode();
+            if ft.is_file() {
+                mode &= !0o222;
             }
+            if top {
+                mode &= !SEALED_BIT;
+            }
+            fs::set_permissions(entry.path(), fs::Permissions::from_mode(mode))?;
         }
     }
     Ok(())
+}
+
+/// Flushes an object's file data, then sets the sealed bit through a descriptor opened
+/// before the flush, so the bit lands on exactly the bytes that were made durable.
+fn seal(path: &Path, fsync: bool) -> io::Result<()> {
+    let meta = fs::symlink_metadata(path)?;
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    let top = fs::File::open(path)?;
+    if fsync {
+        if meta.is_dir() {
+            for entry in walkdir::WalkDir::new(path) {
+                let entry = entry.map_err(io::Error::other)?;
+                if entry.file_type().is_file() {
+                    fs::File::open(entry.path())?.sync_data()?;
+                }
+            }
+        } else {
+            top.sync_data()?;
+        }
+    }
+    let mode = top.metadata()?.permissions().mode();
+    top.set_permissions(fs::Permissions::from_mode(mode | SEALED_BIT))
 }
 
 /// Copies a file, symlink or directory tree, keeping the executable bit.
@@ -248,6 +340,8 @@ pub fn process_alive(pid: i32) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::MetadataExt;
+
     use super::*;
 
     #[test]
@@ -268,6 +362,67 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o222, 0, "objects are read-only");
+    }
+
+    fn commit_bytes(area: &ObjectArea, bytes: &[u8]) -> ObjectDigest {
+        let t = area.temp_dir("t").unwrap();
+        fs::write(t.join("f"), bytes).unwrap();
+        area.commit(&t.join("f")).unwrap().digest
+    }
+
+    #[test]
+    fn objects_are_sealed_only_by_seal_pending() {
+        let root = tempfile::tempdir().unwrap();
+        let area = ObjectArea::new(root.path(), true);
+        area.create_dirs().unwrap();
+        let digest = commit_bytes(&area, b"bytes");
+        assert!(area.contains(&digest));
+        assert!(!area.is_sealed(&digest), "renamed, not yet durable");
+        area.seal_pending().unwrap();
+        assert!(area.is_sealed(&digest));
+        let mode = fs::metadata(area.path(&digest))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o222, 0, "still read-only");
+    }
+
+    #[test]
+    fn regression_an_unsealed_object_with_wrong_bytes_is_replaced_not_trusted() {
+        let root = tempfile::tempdir().unwrap();
+        let area = ObjectArea::new(root.path(), false);
+        area.create_dirs().unwrap();
+        // What a power loss can leave: the name in place, the bytes not (never sealed).
+        let digest = commit_bytes(&area, b"the real content");
+        let path = area.path(&digest);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&path, b"\0\0\0\0").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
+        area.unsealed.lock().unwrap().clear();
+
+        assert_eq!(commit_bytes(&area, b"the real content"), digest);
+        assert_eq!(fs::read(&path).unwrap(), b"the real content");
+        area.seal_pending().unwrap();
+        assert!(area.is_sealed(&digest));
+
+        // A sealed object is trusted as it is: committing the same bytes keeps it.
+        let inode = fs::metadata(&path).unwrap().ino();
+        assert_eq!(commit_bytes(&area, b"the real content"), digest);
+        assert_eq!(fs::metadata(&path).unwrap().ino(), inode);
+    }
+
+    #[test]
+    fn an_unsealed_object_with_the_right_bytes_is_kept_and_sealed() {
+        let root = tempfile::tempdir().unwrap();
+        let area = ObjectArea::new(root.path(), false);
+        area.create_dirs().unwrap();
+        let digest = commit_bytes(&area, b"left by a killed run");
+        area.unsealed.lock().unwrap().clear();
+        let inode = fs::metadata(area.path(&digest)).unwrap().ino();
+        assert_eq!(commit_bytes(&area, b"left by a killed run"), digest);
+        assert_eq!(fs::metadata(area.path(&digest)).unwrap().ino(), inode);
+        area.seal_pending().unwrap();
+        assert!(area.is_sealed(&digest));
     }
 
     #[test]
