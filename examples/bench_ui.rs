@@ -97,11 +97,9 @@ fn main() -> anyhow::Result<()> {
                     StepStatus::Ran
                 },
                 reason: "param size changed 500 -> 400".into(),
-                cache_key: Some(
-                    blake3::hash(format!("key{r}{s}").as_bytes())
-                        .to_hex()
-                        .to_string(),
-                ),
+                cache_key: Some(cairn::store::CacheKey::from(blake3::hash(
+                    format!("key{r}{s}").as_bytes(),
+                ))),
                 duration_ms: 10 + s as u64,
                 started_at: started.clone(),
                 params: json!({"size": 400, "run": "python step.py"}),

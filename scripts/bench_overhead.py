@@ -70,7 +70,8 @@ def fan_yaml(n):
                   f'    with: {{run: "cat ${{inputs.r}} > ${{outputs.out}}; echo {value} >> ${{outputs.out}}"}}']
     lines += ["  join:", "    uses: command", "    inputs:"]
     lines += [f"      i{i}: f{i}.out" for i in range(n)]
-    lines += ["    outputs: {out: file}", '    with: {run: "cat $(env | grep ^CAIRN_INPUT_ | cut -d= -f2 | sort) > ${outputs.out}"}']
+    # xargs: 10,000 input paths exceed one command line.
+    lines += ["    outputs: {out: file}", '    with: {run: "env | grep ^CAIRN_INPUT_ | cut -d= -f2 | sort | xargs cat > ${outputs.out}"}']
     return "\n".join(lines) + "\n"
 
 
@@ -82,7 +83,7 @@ def floor_script(n, shape, shell="bash"):
     else:
         body = [f'{shell} -c "echo root > r"']
         body += [f'{shell} -c "cat r > o{i}; echo {i} >> o{i}"' for i in range(n)]
-        body += [f'{shell} -c "cat o* > joined"']
+        body += [f'{shell} -c "ls | grep ^o | xargs cat > joined"']
     return "set -e\n" + "\n".join(body) + "\n"
 
 

@@ -85,3 +85,28 @@ fn a_step_failure_exits_one() {
     let (code, _, err) = p.exec(&["run", "p.yaml"]);
     assert_eq!(code, 1, "{err}");
 }
+
+/// Failures say whose they are to fix: the step's own work, or what it was given.
+#[test]
+fn failed_steps_report_their_class() {
+    let p = common::Project::new();
+    p.write(
+        "p.yaml",
+        "name: classes
+steps:
+  gone: {uses: source, with: {path: no/such/folder}}
+  broken: {uses: command, with: {run: \"exit 4\"}}
+  model: {uses: chunk, inputs: {documents: docs.documents}, with: {model: no/such/model}}
+  docs: {uses: ingest, inputs: {files: here.data}}
+  here: {uses: source, with: {path: notes}}
+",
+    );
+    p.write("notes/a.md", "# A\n\nwords\n");
+    let run = p.run("p.yaml", &[]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let class = |name: &str| run.step(name)["error_class"].as_str().map(str::to_string);
+    assert_eq!(class("gone").as_deref(), Some("input"), "{}", run.json);
+    assert_eq!(class("broken").as_deref(), Some("step"), "{}", run.json);
+    assert_eq!(class("model").as_deref(), Some("input"), "{}", run.json);
+    assert_eq!(class("here"), None, "succeeded steps carry no class");
+}

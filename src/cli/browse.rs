@@ -198,7 +198,7 @@ pub fn runs(cli: &Cli, cmd: &RunsCommand) -> anyhow::Result<ExitCode> {
                 .db()
                 .step_record(&record.id, step)?
                 .ok_or_else(|| UsageError(format!("run {} has no step `{step}`", record.id)))?;
-            match s.log.and_then(|l| l.parse::<ObjectDigest>().ok()) {
+            match s.log {
                 Some(d) => {
                     let bytes = std::fs::read(store.object_path(&d))?;
                     std::io::stdout().write_all(&bytes)?;

@@ -116,7 +116,7 @@ fn step_line(report: &StepReport) -> String {
         let outs: Vec<String> = report
             .outputs
             .iter()
-            .map(|(name, digest)| format!("{name}={}", &digest[..12.min(digest.len())]))
+            .map(|(name, digest)| format!("{name}={}", digest.short()))
             .collect();
         line.push_str(&format!("  [{}]", outs.join(" ")));
     }

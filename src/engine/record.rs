@@ -14,7 +14,8 @@ use std::sync::Arc;
 
 use crate::pipeline::ResolvedPipeline;
 use crate::store::{
-    ArtifactRecord, CacheEntry, RunRecord, RunStatus, StepRecord, StepWrite, Store, StoreError,
+    ArtifactRecord, CacheEntry, ObjectDigest, RunRecord, RunStatus, StepRecord, StepWrite, Store,
+    StoreError,
 };
 use crate::util::clock::{new_run_id, now_rfc3339};
 
@@ -110,13 +111,13 @@ impl Recorder {
         self.store.db().write_steps(&batch)
     }
 
-    /// Stores a step's log, if it wrote one; returns its digest (hex).
-    pub fn store_log(&self, log_path: &Path) -> Option<String> {
+    /// Stores a step's log, if it wrote one; returns its digest.
+    pub fn store_log(&self, log_path: &Path) -> Option<ObjectDigest> {
         let len = std::fs::metadata(log_path).map(|m| m.len()).unwrap_or(0);
         if len == 0 {
             return None;
         }
-        self.store.commit(log_path).ok().map(|c| c.digest.to_hex())
+        self.store.commit(log_path).ok().map(|c| c.digest)
     }
 
     /// Writes what is queued and the run's final status.

@@ -4,8 +4,9 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::steps::FailureClass;
 pub use crate::store::RunStatus;
-use crate::store::StepStatus;
+use crate::store::{CacheKey, ObjectDigest, StepStatus};
 
 /// One step's outcome, as printed by `--json`.
 #[derive(Clone, Debug, Serialize)]
@@ -16,15 +17,18 @@ pub struct StepReport {
     pub status: StepStatus,
     /// Why, in words.
     pub reason: String,
-    /// Cache key (hex), when known.
-    pub cache_key: Option<String>,
-    /// Output name -> artifact digest (hex).
-    pub outputs: BTreeMap<String, String>,
+    /// Cache key, when known.
+    pub cache_key: Option<CacheKey>,
+    /// Output name -> artifact digest.
+    pub outputs: BTreeMap<String, ObjectDigest>,
     /// Wall time in milliseconds.
     pub duration_ms: u64,
     /// Error message of a failed step.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Whose a failure is to fix: step, input, environment, cancelled, internal.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_class: Option<FailureClass>,
 }
 
 /// A whole run (or plan), as printed by `--json`.

@@ -24,7 +24,9 @@ use super::record::Recorder;
 use super::report::{RunReport, RunStatus, StepReport};
 use super::{explain, key, EngineError, RunOptions, Selection};
 use crate::pipeline::{ResolvedPipeline, ResolvedStep};
-use crate::steps::{InputArtifact, Progress, StepContext, StepError, StepOutputs, VerifyContext};
+use crate::steps::{
+    FailureClass, InputArtifact, Progress, StepContext, StepError, StepOutputs, VerifyContext,
+};
 use crate::store::{
     ArtifactRecord, CacheEntry, CacheKey, InputRef, ObjectDigest, OutputRef, StepRecord,
     StepStatus, Store, StoreError,
@@ -78,12 +80,18 @@ struct Finished {
     progress: Progress,
 }
 
+/// A step's failure: the message and whose it is to fix.
+struct Failure {
+    message: String,
+    class: FailureClass,
+}
+
 /// How one execution went, for its record.
 struct Execution {
     duration_ms: u64,
     started_at: String,
     error: Option<String>,
-    log: Option<String>,
+    log: Option<ObjectDigest>,
 }
 
 impl Execution {
@@ -480,8 +488,10 @@ impl<'a> Walk<'a> {
             .store
             .db()
             .last_step_record(&self.pipeline.name, &step.name)?;
-        let key = self.keys[i].map(|k| k.to_hex());
-        if previous.as_ref().is_some_and(|p| p.cache_key == key) {
+        if previous
+            .as_ref()
+            .is_some_and(|p| p.cache_key == self.keys[i])
+        {
             return Ok(
                 "no cached result for these inputs (the last run with them was \
                        interrupted, or `cairn gc` dropped it)"
@@ -586,7 +596,11 @@ impl<'a> Walk<'a> {
                 } else {
                     "the step task was aborted"
                 };
-                self.fail(i, what.to_string(), 0, now_rfc3339(), None, None)?;
+                let failure = Failure {
+                    message: what.to_string(),
+                    class: FailureClass::Internal,
+                };
+                self.fail(i, failure, 0, now_rfc3339(), None, None)?;
                 i
             }
         };
@@ -642,7 +656,7 @@ impl<'a> Walk<'a> {
             .ok_or_else(|| StoreError::Corrupt(format!("step {} has no cache key", step.name)))?;
         Ok(StepContext {
             step: step.name.clone(),
-            cache_key: key.to_hex(),
+            cache_key: key,
             param_env: step.param_env.clone(),
             inputs,
             outputs: step.outputs.clone(),
@@ -666,25 +680,19 @@ impl<'a> Walk<'a> {
         self.recycle(f.work_dir.clone());
         let outputs = match f.result {
             Ok(outputs) => outputs,
-            Err(StepError::Cancelled) => {
+            Err(e) => {
+                let failure = Failure {
+                    message: e.to_string(),
+                    class: e.class(),
+                };
                 return self.fail(
                     i,
-                    "cancelled".into(),
+                    failure,
                     f.duration_ms,
                     f.started_at,
                     log,
                     Some(&f.progress),
                 );
-            }
-            Err(e) => {
-                return self.fail(
-                    i,
-                    e.to_string(),
-                    f.duration_ms,
-                    f.started_at,
-                    log,
-                    Some(&f.progress),
-                )
             }
         };
         let refs: Outputs = outputs
@@ -810,13 +818,14 @@ impl<'a> Walk<'a> {
     fn fail(
         &mut self,
         i: usize,
-        error: String,
+        failure: Failure,
         duration_ms: u64,
         started_at: String,
-        log: Option<String>,
+        log: Option<ObjectDigest>,
         progress: Option<&Progress>,
     ) -> Result<(), EngineError> {
         self.states[i] = State::Failed;
+        let error = failure.message;
         let reason = self.reasons[i].clone();
         let record = self.step_record(
             i,
@@ -832,7 +841,8 @@ impl<'a> Walk<'a> {
         if let Some(recorder) = self.recorder.as_mut() {
             recorder.executed(record, self.seq[i], &[], None)?;
         }
-        let report = self.report(i, StepStatus::Failed, reason, duration_ms, Some(error));
+        let mut report = self.report(i, StepStatus::Failed, reason, duration_ms, Some(error));
+        report.error_class = Some(failure.class);
         self.observer.step_finished(&report, progress);
         self.reports[i] = Some(report);
         Ok(())
@@ -847,20 +857,20 @@ impl<'a> Walk<'a> {
         error: Option<String>,
     ) -> StepReport {
         let outputs = match &self.states[i] {
-            State::Done(o) | State::Planned(Some(o)) => o
-                .iter()
-                .map(|(k, v)| (k.clone(), v.digest.to_hex()))
-                .collect(),
+            State::Done(o) | State::Planned(Some(o)) => {
+                o.iter().map(|(k, v)| (k.clone(), v.digest)).collect()
+            }
             _ => BTreeMap::new(),
         };
         StepReport {
             name: self.step(i).name.clone(),
             status,
             reason,
-            cache_key: self.keys[i].map(|k| k.to_hex()),
+            cache_key: self.keys[i],
             outputs,
             duration_ms,
             error,
+            error_class: None,
         }
     }
 
@@ -883,7 +893,7 @@ impl<'a> Walk<'a> {
             version: step.version.clone(),
             status,
             reason: reason.to_string(),
-            cache_key: self.keys[i].map(|k| k.to_hex()),
+            cache_key: self.keys[i],
             duration_ms: exec.duration_ms,
             started_at: exec.started_at,
             // Records are displayed and kept: secrets in parameters are masked (the cache
@@ -935,13 +945,15 @@ impl<'a> Walk<'a> {
     /// the message is both its reason and its error.
     fn settle_invalid(&mut self, i: usize, message: String) {
         self.states[i] = State::Failed;
-        let report = self.report(
+        let mut report = self.report(
             i,
             StepStatus::Failed,
             message.clone(),
             0,
             Some(message.clone()),
         );
+        // It names files that are missing or wrong (a model folder, a tokenizer).
+        report.error_class = Some(FailureClass::Input);
         self.observer.step_finished(&report, None);
         self.reports[i] = Some(report);
         if !self.planning() {

@@ -180,7 +180,7 @@ impl Kind for ChunkStep {
         // Moved into the tokenizing thread.
         let p = p.clone();
         let model_dir =
-            models::resolve(&p.model, &ctx.cwd).map_err(|e| StepError::Failed(e.to_string()))?;
+            models::resolve(&p.model, &ctx.cwd).map_err(|e| StepError::Input(e.to_string()))?;
         let input = ctx.input_path("documents")?;
         let out = ctx.output_path("chunks");
         let progress = ctx.progress.clone();

@@ -10,7 +10,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::StepError;
-use crate::store::{ObjectDigest, OutputRef, Store};
+use crate::store::{CacheKey, ObjectDigest, OutputRef, Store};
 pub use crate::util::progress::Progress;
 
 /// An input artifact as the step sees it.
@@ -55,7 +55,7 @@ pub struct StepContext {
     /// The step's cache key (hex): kind, version, parameters, input and named-file
     /// digests. Work that must survive a failed attempt (training checkpoints) is filed
     /// under it, so only an identical rerun picks it up.
-    pub cache_key: String,
+    pub cache_key: CacheKey,
     /// Parameters exported to commands as `CAIRN_PARAM_<NAME>`.
     pub param_env: BTreeMap<String, Value>,
     /// Input artifacts by name.
@@ -94,7 +94,7 @@ impl StepContext {
         self.inputs
             .get(name)
             .map(|i| i.path.clone())
-            .ok_or_else(|| StepError::Failed(format!("input `{name}` is missing")))
+            .ok_or_else(|| StepError::Input(format!("input `{name}` is missing")))
     }
 
     /// Resolves a user-given path against the working directory.

@@ -108,7 +108,7 @@ impl Kind for EmbedStep {
             .parse::<DeviceChoice>()
             .map_err(StepError::Failed)?;
         let model_dir =
-            models::resolve(&p.model, &ctx.cwd).map_err(|e| StepError::Failed(e.to_string()))?;
+            models::resolve(&p.model, &ctx.cwd).map_err(|e| StepError::Input(e.to_string()))?;
         let input = ctx.input_path("chunks")?;
         let out_dir = ctx.output_path("embeddings");
         std::fs::create_dir_all(&out_dir)

@@ -184,7 +184,7 @@ impl Kind for EvaluateStep {
         } else if let Some(b) = &p.baseline_model {
             targets.push((
                 "baseline".into(),
-                models::resolve(b, &ctx.cwd).map_err(|e| StepError::Failed(e.to_string()))?,
+                models::resolve(b, &ctx.cwd).map_err(|e| StepError::Input(e.to_string()))?,
             ));
         }
         let dataset = ctx.inputs.get("dataset").map(|d| d.path.clone());

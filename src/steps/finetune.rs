@@ -193,7 +193,7 @@ impl Kind for FinetuneStep {
     ) -> Result<StepOutputs, StepError> {
         let mut p = params.clone();
         let base_dir = match (&p.model, ctx.inputs.get("model"), &p.scratch) {
-            (Some(m), _, _) => Some(models::resolve(m, &ctx.cwd).map_err(|e| StepError::Failed(e.to_string()))?),
+            (Some(m), _, _) => Some(models::resolve(m, &ctx.cwd).map_err(|e| StepError::Input(e.to_string()))?),
             (None, Some(input), _) => Some(input.path.clone()),
             (None, None, Some(_)) => None,
             (None, None, None) => {
@@ -209,7 +209,11 @@ impl Kind for FinetuneStep {
             .inputs
             .get("dataset")
             .ok_or_else(|| StepError::Failed("input `dataset` is missing".into()))?;
-        let checkpoints = ctx.store.root().join("checkpoints").join(&ctx.cache_key);
+        let checkpoints = ctx
+            .store
+            .root()
+            .join("checkpoints")
+            .join(ctx.cache_key.to_hex());
         let output = ctx.output_path("model");
         let base_name = match (&p.model, ctx.inputs.get("model")) {
             (Some(m), _) => json!(m),

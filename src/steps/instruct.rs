@@ -539,8 +539,7 @@ async fn embed_messages(
     convs: &[chat::Conversation],
     extra: &mut Value,
 ) -> Result<(usize, Vec<f32>), StepError> {
-    let model =
-        models::resolve(&p.model, &ctx.cwd).map_err(|e| StepError::Failed(e.to_string()))?;
+    let model = models::resolve(&p.model, &ctx.cwd).map_err(|e| StepError::Input(e.to_string()))?;
     let input = ctx.work_dir.join("messages.jsonl");
     let lines: Vec<Value> = convs
         .iter()

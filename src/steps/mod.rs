@@ -358,18 +358,52 @@ impl ParamIssue {
     }
 }
 
-/// Why a step failed.
+/// Why a step failed. Its [`FailureClass`] says whose it is to fix, and is reported
+/// with the message (`error_class` in `--json`).
 #[derive(Debug, Error)]
 pub enum StepError {
-    /// The step's own work failed; the message says why.
+    /// The step's own work failed (a program exited non-zero, a server refused, the
+    /// helper reported an error); the message says why.
     #[error("{0}")]
     Failed(String),
+    /// What the step was given cannot work: a missing input, a path or model folder
+    /// that does not exist or is not what the parameter says. Fix the pipeline or files.
+    #[error("{0}")]
+    Input(String),
     /// The run was cancelled (Ctrl-C) while the step ran.
     #[error("cancelled")]
     Cancelled,
-    /// Storing outputs failed.
+    /// Storing outputs failed (disk full, permissions).
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+}
+
+/// Whose a failure is to fix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureClass {
+    /// The step's work failed.
+    Step,
+    /// The pipeline or the files it names.
+    Input,
+    /// The machine: the store's disk, permissions.
+    Environment,
+    /// Ctrl-C.
+    Cancelled,
+    /// A bug in cairn (a step panicked).
+    Internal,
+}
+
+impl StepError {
+    /// Whose this failure is to fix.
+    pub fn class(&self) -> FailureClass {
+        match self {
+            StepError::Failed(_) => FailureClass::Step,
+            StepError::Input(_) => FailureClass::Input,
+            StepError::Cancelled => FailureClass::Cancelled,
+            StepError::Store(_) => FailureClass::Environment,
+        }
+    }
 }
 
 /// Deserializes `with:` into a step's typed params, naming the offending key on error.

@@ -60,7 +60,7 @@ impl Kind for SourceStep {
     ) -> Result<StepOutputs, StepError> {
         let root = ctx.resolve_path(&params.path);
         let root = root.canonicalize().map_err(|e| {
-            StepError::Failed(format!(
+            StepError::Input(format!(
                 "source path `{}` cannot be read: {e}",
                 root.display()
             ))

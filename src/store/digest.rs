@@ -1,5 +1,6 @@
 //! Typed blake3 digests: an object's content digest and a step's cache key are
-//! different things and must never stand in for each other.
+//! different things and must never stand in for each other. Both serialize as 64 hex
+//! characters.
 
 use std::fmt;
 use std::str::FromStr;
@@ -47,6 +48,19 @@ macro_rules! digest_type {
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 write!(f, "{}({})", stringify!($name), self.short())
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                text.parse().map_err(serde::de::Error::custom)
             }
         }
 

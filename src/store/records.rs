@@ -190,7 +190,7 @@ pub struct StepRecord {
     /// Why it ran or was cached, in words.
     pub reason: String,
     /// Cache key, when one could be computed.
-    pub cache_key: Option<String>,
+    pub cache_key: Option<CacheKey>,
     /// Wall time in milliseconds.
     pub duration_ms: u64,
     /// RFC 3339 start time.
@@ -205,8 +205,8 @@ pub struct StepRecord {
     pub outputs: BTreeMap<String, OutputRef>,
     /// Error message when failed.
     pub error: Option<String>,
-    /// Digest of the captured log object, if any.
-    pub log: Option<String>,
+    /// The captured log object, if any.
+    pub log: Option<ObjectDigest>,
 }
 
 /// An artifact: an object plus what is known of how it came to be.

@@ -41,7 +41,7 @@ fn record_run(store: &Store, run: &str, outputs: &[ObjectDigest]) {
         version: "1".into(),
         status: StepStatus::Ran,
         reason: "test".into(),
-        cache_key: Some(blake3::hash(run.as_bytes()).to_hex().to_string()),
+        cache_key: Some(CacheKey::from(blake3::hash(run.as_bytes()))),
         duration_ms: 0,
         started_at: "2026-01-01T00:00:00Z".into(),
         params: json!({}),

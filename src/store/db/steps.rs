@@ -1,0 +1,175 @@
+//! The `run_steps` table (one row per step of a run) and `step_io` (which digests each
+//! executed step consumed and produced, for lineage).
+
+use std::collections::BTreeMap;
+
+use rusqlite::{params, OptionalExtension, Row};
+
+use super::{column, from_json, insert_artifact, json, optional_column, Database, ARTIFACT_INSERT};
+use crate::store::{ArtifactRecord, CacheEntry, StepRecord, StepStatus, StoreError};
+
+/// A step execution to record, with the artifacts it touched.
+pub struct StepWrite<'a> {
+    /// The step record.
+    pub record: &'a StepRecord,
+    /// Sequence number of the step within the run (topological order).
+    pub seq: usize,
+    /// New artifact records to insert (first production wins).
+    pub artifacts: &'a [ArtifactRecord],
+    /// Cache entry to insert when the step succeeded.
+    pub cache: Option<&'a CacheEntry>,
+    /// Index the inputs and outputs by digest (for lineage). Executed steps only: a
+    /// cache hit consumed and produced nothing new, and a no-op run of a big pipeline
+    /// should not write thousands of index rows.
+    pub index_io: bool,
+}
+
+const STEP_SELECT: &str = "SELECT s.run_id, s.step, s.kind, s.version, s.status, s.reason, s.cache_key,
+    s.duration_ms, s.started_at, s.params, s.param_refs, s.inputs, s.outputs, s.error, s.log FROM run_steps s";
+
+impl TryFrom<&Row<'_>> for StepRecord {
+    type Error = rusqlite::Error;
+
+    fn try_from(r: &Row<'_>) -> rusqlite::Result<Self> {
+        Ok(StepRecord {
+            run_id: r.get(0)?,
+            step: r.get(1)?,
+            kind: r.get(2)?,
+            version: r.get(3)?,
+            status: column(r, 4, |s| {
+                StepStatus::parse(s).ok_or_else(|| format!("unknown step status `{s}`"))
+            })?,
+            reason: r.get(5)?,
+            cache_key: optional_column(r, 6, str::parse)?,
+            duration_ms: r.get::<_, i64>(7)?.max(0) as u64,
+            started_at: r.get(8)?,
+            params: column(r, 9, from_json)?,
+            param_refs: column(r, 10, from_json)?,
+            inputs: column(r, 11, from_json)?,
+            outputs: column(r, 12, from_json)?,
+            error: r.get(13)?,
+            log: optional_column(r, 14, str::parse)?,
+        })
+    }
+}
+
+impl Database {
+    /// Records step executions, their artifacts and cache entries in one transaction.
+    pub fn write_steps(&mut self, writes: &[StepWrite<'_>]) -> Result<(), StoreError> {
+        let empty_in = BTreeMap::new();
+        let empty_out = BTreeMap::new();
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        {
+            let mut step_stmt = tx.prepare_cached(
+                "INSERT OR REPLACE INTO run_steps (run_id, step, seq, kind, version, status, reason,
+                 cache_key, duration_ms, started_at, params, param_refs, inputs, outputs, error, log)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+            )?;
+            let mut io_stmt = tx.prepare_cached(
+                "INSERT OR REPLACE INTO step_io (run_id, step, direction, name, digest) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            let mut art_stmt = tx.prepare_cached(ARTIFACT_INSERT)?;
+            let mut cache_stmt = tx.prepare_cached(
+                "INSERT OR REPLACE INTO cache (key, outputs, run_id, step, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for w in writes {
+                let r = w.record;
+                step_stmt.execute(params![
+                    r.run_id,
+                    r.step,
+                    w.seq as i64,
+                    r.kind,
+                    r.version,
+                    r.status.as_str(),
+                    r.reason,
+                    r.cache_key.map(|k| k.to_hex()),
+                    r.duration_ms as i64,
+                    r.started_at,
+                    json(&r.params),
+                    json(&r.param_refs),
+                    json(&r.inputs),
+                    json(&r.outputs),
+                    r.error,
+                    r.log.map(|d| d.to_hex())
+                ])?;
+                let io = if w.index_io {
+                    (&r.inputs, &r.outputs)
+                } else {
+                    (&empty_in, &empty_out)
+                };
+                for (name, input) in io.0 {
+                    io_stmt.execute(params![
+                        r.run_id,
+                        r.step,
+                        "in",
+                        name,
+                        input.digest.to_hex()
+                    ])?;
+                }
+                for (name, output) in io.1 {
+                    io_stmt.execute(params![
+                        r.run_id,
+                        r.step,
+                        "out",
+                        name,
+                        output.digest.to_hex()
+                    ])?;
+                }
+                for a in w.artifacts {
+                    insert_artifact(&mut art_stmt, a)?;
+                }
+                if let Some(c) = w.cache {
+                    cache_stmt.execute(params![
+                        c.key.to_hex(),
+                        json(&c.outputs),
+                        c.run_id,
+                        c.step,
+                        r.started_at
+                    ])?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The most recent successful execution of `step` in `pipeline`, to explain reruns.
+    pub fn last_step_record(
+        &self,
+        pipeline: &str,
+        step: &str,
+    ) -> Result<Option<StepRecord>, StoreError> {
+        let sql = format!(
+            "{STEP_SELECT} JOIN runs ON runs.id = s.run_id
+             WHERE runs.pipeline = ?1 AND s.step = ?2 AND s.status IN ('ran', 'cached')
+             ORDER BY runs.rowid DESC LIMIT 1"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let row = stmt
+            .query_row(params![pipeline, step], |r| StepRecord::try_from(r))
+            .optional()?;
+        Ok(row)
+    }
+
+    /// The step records of a run, in execution order.
+    pub fn run_steps(&self, run_id: &str) -> Result<Vec<StepRecord>, StoreError> {
+        let sql = format!("{STEP_SELECT} WHERE s.run_id = ?1 ORDER BY s.seq");
+        let mut stmt = self.conn.prepare(&sql)?;
+        let rows = stmt
+            .query_map(params![run_id], |r| StepRecord::try_from(r))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// One step record.
+    pub fn step_record(&self, run_id: &str, step: &str) -> Result<Option<StepRecord>, StoreError> {
+        let sql = format!("{STEP_SELECT} WHERE s.run_id = ?1 AND s.step = ?2");
+        let mut stmt = self.conn.prepare(&sql)?;
+        let row = stmt
+            .query_row(params![run_id, step], |r| StepRecord::try_from(r))
+            .optional()?;
+        Ok(row)
+    }
+}
