@@ -106,11 +106,15 @@ fn cairn_logits(model: &Path, ids: &Path, out: &Path) {
 fn decoder_logits_match_transformers() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    reference(&[&"make", &root, &"gpt2", &"llama", &"qwen2"]);
-    // 100 positions: rotary angles and learned positions well past the first few.
+    let archs = ["gpt2", "llama", "llama3", "qwen2", "qwen3"];
+    let mut make: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"make", &root];
+    make.extend(archs.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
+    reference(&make);
+    // 100 positions: rotary angles and learned positions well past the first few (and,
+    // for llama3's rope scaling, past its original 32-position context).
     let ids = root.join("ids.safetensors");
     write_ids(&ids, 100);
-    for arch in ["gpt2", "llama", "qwen2"] {
+    for arch in archs {
         let ours = root.join(format!("{arch}.logits.safetensors"));
         cairn_logits(&root.join(arch), &ids, &ours);
         let r = reference(&[&"check-logits", &root.join(arch), &ids, &ours]);
@@ -138,13 +142,13 @@ fn train_job(root: &Path, base: &Path, out: &str, settings: Value, dump: Option<
 fn one_optimizer_step_matches_torch_adamw() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    reference(&[&"make", &root, &"gpt2", &"llama"]);
+    reference(&[&"make", &root, &"gpt2", &"llama", &"qwen3"]);
     write_dataset(&root.join("ds"));
     // Gradient accumulation over two micro-batches, clipping that engages, weight decay.
     let settings = json!({"learning_rate": 1e-3, "weight_decay": 0.1, "scheduler": "constant",
         "batch_size": 2, "grad_accum": 2, "max_steps": 1, "max_grad_norm": 0.5, "device": "cpu",
         "max_seq_len": 200, "eval_every": 0, "checkpoint_every": 0});
-    for arch in ["gpt2", "llama"] {
+    for arch in ["gpt2", "llama", "qwen3"] {
         let batch = root.join(format!("{arch}.batch.safetensors"));
         let job = train_job(
             root,

@@ -1,6 +1,6 @@
 """Reference side of cairn's decoder parity tests (transformers + PEFT on CPU, fp32).
 
-    decoder.py make ROOT ARCH...                 random tiny models (gpt2, llama, qwen2) +
+    decoder.py make ROOT ARCH...                 random tiny models (gpt2, llama, llama3, qwen2, qwen3) +
                                                  a byte-level tokenizer, in ROOT/ARCH
     decoder.py check-logits MODEL IDS OURS [peft]  transformers' (or PEFT's) logits for the
                                                  `input_ids` in IDS vs `logits` in OURS
@@ -38,11 +38,24 @@ def make(out, arch):
         model = tf.GPT2LMHeadModel(cfg)
     else:
         cls_cfg, cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
-                        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[arch]
-        cfg = cls_cfg(vocab_size=259, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      rms_norm_eps=1e-6, tie_word_embeddings=(arch == "qwen2"),
-                      bos_token_id=256, eos_token_id=256)
+                        "llama3": (tf.LlamaConfig, tf.LlamaForCausalLM),
+                        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+                        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM)}[arch]
+        extra = {}
+        if arch == "llama3":
+            # Llama 3.x's scaled rotary embeddings; a short original context so that 100
+            # positions cross all three frequency bands (kept, interpolated, divided).
+            extra = dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 32},
+                         tie_word_embeddings=True)
+        if arch == "qwen3":
+            # Qwen3: per-head q/k RMSNorm, head_dim independent of hidden/heads.
+            extra = dict(head_dim=24, tie_word_embeddings=False)
+        cfg = cls_cfg(**{**dict(vocab_size=259, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                rms_norm_eps=1e-6, tie_word_embeddings=(arch == "qwen2"),
+                                bos_token_id=256, eos_token_id=256), **extra})
         model = cls(cfg)
     # Non-trivial norms and biases, so the test sees them.
     with torch.no_grad():

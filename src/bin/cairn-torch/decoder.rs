@@ -53,14 +53,63 @@ pub struct Config {
     pub max_positions: i64,
     pub eps: f64,
     pub rope_theta: f64,
+    /// Llama 3.x's frequency-dependent rotary scaling (`rope_type: llama3`).
+    pub rope_llama3: Option<Llama3Rope>,
     pub tie_embeddings: bool,
     /// Qwen2 has biases on q/k/v.
     pub qkv_bias: bool,
+    /// Qwen3 RMS-normalises each head of q and k (`q_norm`, `k_norm`) before rotary.
+    pub qk_norm: bool,
     pub embd_pdrop: f64,
     pub resid_pdrop: f64,
     pub attn_pdrop: f64,
     /// The config.json written with the model.
     pub raw: Value,
+}
+
+/// The `llama3` rope parameters (transformers' `_compute_llama3_parameters`): long
+/// wavelengths are divided by `factor`, short ones kept, the band between interpolated.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Llama3Rope {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_positions: f64,
+}
+
+impl Llama3Rope {
+    fn from_hf(r: &Value) -> Result<Self, String> {
+        let num = |k: &str| {
+            r[k].as_f64()
+                .ok_or_else(|| format!("config.json: rope parameters of type llama3 need `{k}`"))
+        };
+        let rope = Self {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_positions: num("original_max_position_embeddings")?,
+        };
+        if rope.high_freq_factor <= rope.low_freq_factor || rope.factor <= 0.0 {
+            return Err(format!(
+                "config.json: llama3 rope needs factor > 0 and high_freq_factor > low_freq_factor (got {rope:?})"
+            ));
+        }
+        Ok(rope)
+    }
+
+    /// Rescales inverse frequencies (f32, on any device).
+    fn apply(&self, inv: &Tensor) -> Tensor {
+        let low_wavelen = self.original_max_positions / self.low_freq_factor;
+        let high_wavelen = self.original_max_positions / self.high_freq_factor;
+        let wavelen = inv.reciprocal() * (2.0 * std::f64::consts::PI);
+        let long = wavelen.gt(low_wavelen);
+        let scaled = inv.where_self(&long.logical_not(), &(inv / self.factor));
+        let smooth = (wavelen.reciprocal() * self.original_max_positions - self.low_freq_factor)
+            / (self.high_freq_factor - self.low_freq_factor);
+        let smoothed = (smooth.ones_like() - &smooth) * &scaled / self.factor + &smooth * &scaled;
+        let medium = wavelen.lt(high_wavelen).logical_not() * long.logical_not();
+        smoothed.where_self(&medium, &scaled)
+    }
 }
 
 fn int(v: &Value, keys: &[&str]) -> Option<i64> {
@@ -99,15 +148,17 @@ impl Config {
                     max_positions: need(&["n_positions", "max_position_embeddings"])?,
                     eps: v["layer_norm_epsilon"].as_f64().unwrap_or(1e-5),
                     rope_theta: 0.0,
+                    rope_llama3: None,
                     tie_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(true),
                     qkv_bias: true,
+                    qk_norm: false,
                     embd_pdrop: v["embd_pdrop"].as_f64().unwrap_or(0.1),
                     resid_pdrop: v["resid_pdrop"].as_f64().unwrap_or(0.1),
                     attn_pdrop: v["attn_pdrop"].as_f64().unwrap_or(0.1),
                     raw: v.clone(),
                 })
             }
-            "llama" | "qwen2" | "mistral" => {
+            "llama" | "qwen2" | "qwen3" | "mistral" => {
                 let hidden = need(&["hidden_size"])?;
                 let heads = need(&["num_attention_heads"])?;
                 let act = v["hidden_act"].as_str().unwrap_or("silu");
@@ -120,8 +171,17 @@ impl Config {
                     .or_else(|| v["rope_scaling"].get("rope_type").and_then(Value::as_str))
                     .or_else(|| v["rope_scaling"].get("type").and_then(Value::as_str))
                     .unwrap_or("default");
-                if rope_type != "default" {
-                    return Err(format!("config.json: rope scaling {rope_type:?} is not supported (models with plain rotary embeddings only)"));
+                let rope_llama3 = match rope_type {
+                    "default" => None,
+                    "llama3" => Some(Llama3Rope::from_hf(
+                        rope.or_else(|| v.get("rope_scaling")).unwrap_or(&Value::Null),
+                    )?),
+                    other => {
+                        return Err(format!("config.json: rope scaling {other:?} is not supported (default, llama3)"))
+                    }
+                };
+                if model_type == "qwen3" && v["use_sliding_window"].as_bool() == Some(true) {
+                    return Err("config.json: use_sliding_window is not supported for qwen3 (set it to false)".into());
                 }
                 let rope_theta = rope
                     .and_then(|r| r["rope_theta"].as_f64())
@@ -139,8 +199,10 @@ impl Config {
                     max_positions: int(v, &["max_position_embeddings"]).unwrap_or(2048),
                     eps: v["rms_norm_eps"].as_f64().unwrap_or(1e-6),
                     rope_theta,
+                    rope_llama3,
                     tie_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(model_type == "qwen2"),
                     qkv_bias: model_type == "qwen2" || v["attention_bias"].as_bool() == Some(true),
+                    qk_norm: model_type == "qwen3",
                     embd_pdrop: 0.0,
                     resid_pdrop: 0.0,
                     attn_pdrop: v["attention_dropout"].as_f64().unwrap_or(0.0),
@@ -148,7 +210,7 @@ impl Config {
                 })
             }
             other => Err(format!(
-                "config.json: model_type {other:?} is not supported; cairn trains gpt2 and llama-family (llama, qwen2, mistral) models"
+                "config.json: model_type {other:?} is not supported; cairn trains gpt2 and llama-family (llama incl. llama3 rope scaling, qwen2, qwen3, mistral) models"
             )),
         }
     }
@@ -244,6 +306,10 @@ impl Config {
                         add(format!("{p}.self_attn.q_proj.bias"), vec![q]);
                         add(format!("{p}.self_attn.k_proj.bias"), vec![kv]);
                         add(format!("{p}.self_attn.v_proj.bias"), vec![kv]);
+                    }
+                    if self.qk_norm {
+                        add(format!("{p}.self_attn.q_norm.weight"), vec![self.head_dim]);
+                        add(format!("{p}.self_attn.k_norm.weight"), vec![self.head_dim]);
                     }
                     add(format!("{p}.self_attn.o_proj.weight"), vec![h, q]);
                     add(format!("{p}.post_attention_layernorm.weight"), vec![h]);
@@ -666,14 +732,17 @@ impl Model {
                 let rep = nh / nkv;
                 let p = format!("model.layers.{l}");
                 let a = self.rms(h, &format!("{p}.input_layernorm.weight"));
-                let q = self
+                let mut q = self
                     .linear(&format!("{p}.self_attn.q_proj"), &a)
-                    .view([b, t, nh, hd])
-                    .transpose(1, 2);
-                let k = self
+                    .view([b, t, nh, hd]);
+                let mut k = self
                     .linear(&format!("{p}.self_attn.k_proj"), &a)
-                    .view([b, t, nkv, hd])
-                    .transpose(1, 2);
+                    .view([b, t, nkv, hd]);
+                if self.cfg.qk_norm {
+                    q = self.rms(&q, &format!("{p}.self_attn.q_norm.weight"));
+                    k = self.rms(&k, &format!("{p}.self_attn.k_norm.weight"));
+                }
+                let (q, k) = (q.transpose(1, 2), k.transpose(1, 2));
                 let mut v = self
                     .linear(&format!("{p}.self_attn.v_proj"), &a)
                     .view([b, t, nkv, hd])
@@ -744,11 +813,14 @@ impl Model {
     /// halves of the head repeat the frequencies).
     fn rope(&self, past: i64, t: i64) -> (Tensor, Tensor) {
         let hd = self.cfg.head_dim;
-        let inv = (Tensor::arange_start_step(0i64, hd, 2, (Kind::Int64, self.device))
+        let mut inv = (Tensor::arange_start_step(0i64, hd, 2, (Kind::Int64, self.device))
             .to_kind(Kind::Float)
             / hd as f64
             * -self.cfg.rope_theta.ln())
         .exp();
+        if let Some(scaling) = &self.cfg.rope_llama3 {
+            inv = scaling.apply(&inv);
+        }
         let pos =
             Tensor::arange_start(past, past + t, (Kind::Int64, self.device)).to_kind(Kind::Float);
         let freqs = pos.unsqueeze(1) * inv.unsqueeze(0);
@@ -776,4 +848,63 @@ fn append_cache(slot: &mut Option<(Tensor, Tensor)>, k: Tensor, v: Tensor) -> (T
     };
     *slot = Some((k.shallow_clone(), v.shallow_clone()));
     (k, v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama_like(extra: Value) -> Value {
+        let mut v = json!({
+            "model_type": "llama", "vocab_size": 32, "hidden_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+        });
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        v
+    }
+
+    #[test]
+    fn unsupported_configs_are_named_with_what_is_supported() {
+        let gemma = Config::from_hf(&llama_like(json!({"model_type": "gemma"}))).unwrap_err();
+        assert!(
+            gemma.contains("\"gemma\"") && gemma.contains("qwen3"),
+            "{gemma}"
+        );
+        let yarn = Config::from_hf(&llama_like(
+            json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}),
+        ))
+        .unwrap_err();
+        assert!(
+            yarn.contains("\"yarn\"") && yarn.contains("llama3"),
+            "{yarn}"
+        );
+        let partial = Config::from_hf(&llama_like(
+            json!({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}),
+        ))
+        .unwrap_err();
+        assert!(partial.contains("low_freq_factor"), "{partial}");
+        let window = Config::from_hf(&llama_like(
+            json!({"model_type": "qwen3", "use_sliding_window": true}),
+        ))
+        .unwrap_err();
+        assert!(window.contains("use_sliding_window"), "{window}");
+    }
+
+    #[test]
+    fn llama3_rope_keeps_short_wavelengths_and_divides_long_ones() {
+        let rope = Llama3Rope {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_positions: 32.0,
+        };
+        // Wavelengths 2*pi/inv: ~6 (short: kept), ~20 (medium: interpolated), ~628 (long: /8).
+        let inv = Tensor::from_slice(&[1.0f32, 0.3, 0.01]);
+        let out: Vec<f32> = Vec::try_from(rope.apply(&inv)).unwrap();
+        assert!((out[0] - 1.0).abs() < 1e-6, "{out:?}");
+        assert!(out[1] < 0.3 && out[1] > 0.3 / 8.0, "{out:?}");
+        assert!((out[2] - 0.01 / 8.0).abs() < 1e-7, "{out:?}");
+    }
 }
