@@ -19,6 +19,9 @@ use crate::store::{
 };
 use crate::util::clock::{new_run_id, now_rfc3339};
 
+/// Settled records written per transaction at most.
+const SETTLED_BATCH: usize = 1024;
+
 /// Writes one run's records.
 pub(super) struct Recorder {
     store: Arc<Store>,
@@ -62,6 +65,12 @@ impl Recorder {
     /// Queues the record of a step settled without executing.
     pub fn settled(&mut self, record: StepRecord, seq: usize) {
         self.settled.push((record, seq));
+    }
+
+    /// Whether enough settled records wait that writing them now bounds memory (a no-op
+    /// rerun of a huge pipeline settles every step in one pass).
+    pub fn batch_full(&self) -> bool {
+        self.settled.len() >= SETTLED_BATCH
     }
 
     /// Writes an executed step's artifact records now and queues its record and, when it

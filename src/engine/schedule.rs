@@ -408,6 +408,9 @@ impl<'a> Walk<'a> {
             if settled {
                 self.release(i);
             }
+            if self.recorder.as_ref().is_some_and(Recorder::batch_full) {
+                self.flush()?;
+            }
         }
         self.flush()
     }
