@@ -803,6 +803,50 @@ steps:
     assert!(!p.store().join("objects").exists(), "nothing written");
 }
 
+/// An unsupported model family is an input error when the pipeline loads (exit 2, the
+/// value's location), not a failure after the run started.
+#[test]
+fn unsupported_model_families_are_refused_at_load_time() {
+    let p = Project::new();
+    p.write(
+        "gemma/config.json",
+        r#"{"model_type": "gemma2", "hidden_size": 8}"#,
+    )
+    .write(
+        "yarn/config.json",
+        r#"{"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}"#,
+    )
+    .write("data.jsonl", "{}\n")
+    .write(
+        "p.yaml",
+        r#"name: families
+steps:
+  ds: {uses: source, with: {path: data.jsonl}}
+  train:
+    uses: finetune
+    inputs: {dataset: ds.data}
+    with: {model: gemma, max_steps: 1}
+  eval:
+    uses: evaluate
+    inputs: {model: train.model, dataset: ds.data}
+    with: {baseline_model: yarn}
+"#,
+    );
+    let (code, out, err) = p.exec(&["run", "p.yaml"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("p.yaml:7:")
+            && err.contains("model_type \"gemma2\" is not supported")
+            && err.contains("qwen3"),
+        "{err}"
+    );
+    assert!(
+        err.contains("p.yaml:11:") && err.contains("rope scaling \"yarn\""),
+        "{err}"
+    );
+    assert!(!p.store().join("objects").exists(), "nothing ran");
+}
+
 #[test]
 fn the_demo_trains_and_evaluates_its_twin() {
     let store = tempfile::tempdir().unwrap();

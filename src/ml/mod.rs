@@ -4,6 +4,7 @@
 //! jobs defined here.
 
 pub mod data;
+pub mod family;
 pub mod job;
 pub mod report;
 pub mod rouge;

@@ -141,7 +141,10 @@ impl Kind for EvaluateStep {
     }
 
     fn validate(&self, p: &EvaluateParams) -> Vec<ParamIssue> {
-        let mut issues = Vec::new();
+        let mut issues: Vec<ParamIssue> =
+            super::finetune::unsupported_model(p.baseline_model.as_deref(), "with.baseline_model")
+                .into_iter()
+                .collect();
         if let Err(e) = p.device.parse::<crate::embed::DeviceChoice>() {
             issues.push(ParamIssue::new("with.device", e));
         }

@@ -116,6 +116,16 @@ pub fn settings_issues(p: &TrainSettings) -> Vec<ParamIssue> {
     issues
 }
 
+/// A model folder that resolves now (relative to where cairn runs) and whose config.json
+/// names a family the decoder lacks: an input error at load time, not mid-run.
+pub fn unsupported_model(model: Option<&str>, path: &str) -> Option<ParamIssue> {
+    let cwd = std::env::current_dir().ok()?;
+    let dir = models::resolve(model?, &cwd).ok()?;
+    crate::ml::family::check_model_dir(&dir)
+        .err()
+        .map(|message| ParamIssue::new(path, message))
+}
+
 /// The model directory a param (`key`) names, resolved (for the cache key: swapping the
 /// model's files reruns the step); none when the param is absent.
 pub fn named_model(
@@ -183,7 +193,9 @@ impl Kind for FinetuneStep {
     }
 
     fn validate(&self, p: &TrainSettings) -> Vec<ParamIssue> {
-        settings_issues(p)
+        let mut issues = settings_issues(p);
+        issues.extend(unsupported_model(p.model.as_deref(), "with.model"));
+        issues
     }
 
     async fn run(

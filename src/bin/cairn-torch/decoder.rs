@@ -129,7 +129,9 @@ impl Config {
                 let heads = need(&["n_head", "num_attention_heads"])?;
                 let act = v["activation_function"].as_str().unwrap_or("gelu_new");
                 if !matches!(act, "gelu_new" | "gelu_pytorch_tanh") {
-                    return Err(format!("config.json: activation_function {act:?} is not supported (gelu_new)"));
+                    return Err(format!(
+                        "config.json: activation_function {act:?} is not supported (gelu_new)"
+                    ));
                 }
                 if v["scale_attn_by_inverse_layer_idx"].as_bool() == Some(true)
                     || v["reorder_and_upcast_attn"].as_bool() == Some(true)
@@ -163,21 +165,23 @@ impl Config {
                 let heads = need(&["num_attention_heads"])?;
                 let act = v["hidden_act"].as_str().unwrap_or("silu");
                 if act != "silu" {
-                    return Err(format!("config.json: hidden_act {act:?} is not supported (silu)"));
+                    return Err(format!(
+                        "config.json: hidden_act {act:?} is not supported (silu)"
+                    ));
                 }
                 let rope = v.get("rope_parameters").filter(|r| r.is_object());
-                let rope_type = rope
-                    .and_then(|r| r["rope_type"].as_str())
-                    .or_else(|| v["rope_scaling"].get("rope_type").and_then(Value::as_str))
-                    .or_else(|| v["rope_scaling"].get("type").and_then(Value::as_str))
-                    .unwrap_or("default");
+                let rope_type = cairn::ml::family::rope_type(v);
                 let rope_llama3 = match rope_type {
                     "default" => None,
                     "llama3" => Some(Llama3Rope::from_hf(
-                        rope.or_else(|| v.get("rope_scaling")).unwrap_or(&Value::Null),
+                        rope.or_else(|| v.get("rope_scaling"))
+                            .unwrap_or(&Value::Null),
                     )?),
                     other => {
-                        return Err(format!("config.json: rope scaling {other:?} is not supported (default, llama3)"))
+                        return Err(format!(
+                            "config.json: rope scaling {other:?} is not supported ({})",
+                            cairn::ml::family::ROPE_TYPES.join(", ")
+                        ))
                     }
                 };
                 if model_type == "qwen3" && v["use_sliding_window"].as_bool() == Some(true) {
@@ -200,7 +204,9 @@ impl Config {
                     eps: v["rms_norm_eps"].as_f64().unwrap_or(1e-6),
                     rope_theta,
                     rope_llama3,
-                    tie_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(model_type == "qwen2"),
+                    tie_embeddings: v["tie_word_embeddings"]
+                        .as_bool()
+                        .unwrap_or(model_type == "qwen2"),
                     qkv_bias: model_type == "qwen2" || v["attention_bias"].as_bool() == Some(true),
                     qk_norm: model_type == "qwen3",
                     embd_pdrop: 0.0,
@@ -210,7 +216,8 @@ impl Config {
                 })
             }
             other => Err(format!(
-                "config.json: model_type {other:?} is not supported; cairn trains gpt2 and llama-family (llama incl. llama3 rope scaling, qwen2, qwen3, mistral) models"
+                "config.json: model_type {other:?} is not supported; cairn trains {}",
+                cairn::ml::family::MODEL_TYPES.join(", ")
             )),
         }
     }

@@ -1,0 +1,92 @@
+//! Which decoder families the `cairn-torch` helper can load, checked from a model
+//! folder's `config.json` when a pipeline loads, so an unsupported model is an input
+//! error (exit 2) instead of a failure after the run started. The helper's own loader
+//! (`Config::from_hf`) uses the same lists.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+/// `model_type` values the decoder implements.
+pub const MODEL_TYPES: &[&str] = &["gpt2", "llama", "qwen2", "qwen3", "mistral"];
+
+/// Rotary scaling types the decoder implements (`rope_parameters.rope_type` or
+/// `rope_scaling.rope_type`/`type`).
+pub const ROPE_TYPES: &[&str] = &["default", "llama3"];
+
+/// The rope type a config.json asks for.
+pub fn rope_type(config: &Value) -> &str {
+    config
+        .get("rope_parameters")
+        .filter(|r| r.is_object())
+        .and_then(|r| r["rope_type"].as_str())
+        .or_else(|| {
+            config["rope_scaling"]
+                .get("rope_type")
+                .and_then(Value::as_str)
+        })
+        .or_else(|| config["rope_scaling"].get("type").and_then(Value::as_str))
+        .unwrap_or("default")
+}
+
+/// Checks that the model in `dir` is one the decoder supports; `Ok` when `dir` has no
+/// readable config.json (the helper reports that with the model's own error).
+pub fn check_model_dir(dir: &Path) -> Result<(), String> {
+    let Some(config) = std::fs::read(dir.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+    else {
+        return Ok(());
+    };
+    let model_type = config["model_type"].as_str().unwrap_or("");
+    if !MODEL_TYPES.contains(&model_type) {
+        return Err(format!(
+            "{}: model_type {model_type:?} is not supported; cairn trains {}",
+            dir.join("config.json").display(),
+            MODEL_TYPES.join(", ")
+        ));
+    }
+    let rope = rope_type(&config);
+    if model_type != "gpt2" && !ROPE_TYPES.contains(&rope) {
+        return Err(format!(
+            "{}: rope scaling {rope:?} is not supported ({})",
+            dir.join("config.json").display(),
+            ROPE_TYPES.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_the_unsupported_family_and_the_supported_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(
+            check_model_dir(dir.path()).is_ok(),
+            "no config.json: left to the helper"
+        );
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"model_type": "gemma2"}"#,
+        )
+        .unwrap();
+        let err = check_model_dir(dir.path()).unwrap_err();
+        assert!(err.contains("\"gemma2\"") && err.contains("qwen3"), "{err}");
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"model_type": "llama", "rope_scaling": {"type": "yarn", "factor": 4}}"#,
+        )
+        .unwrap();
+        let err = check_model_dir(dir.path()).unwrap_err();
+        assert!(err.contains("\"yarn\"") && err.contains("llama3"), "{err}");
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"model_type": "llama", "rope_parameters": {"rope_type": "llama3"}}"#,
+        )
+        .unwrap();
+        assert!(check_model_dir(dir.path()).is_ok());
+    }
+}
