@@ -106,7 +106,7 @@ fn cairn_logits(model: &Path, ids: &Path, out: &Path) {
 fn decoder_logits_match_transformers() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let archs = ["gpt2", "llama", "llama3", "qwen2", "qwen3"];
+    let archs = ["gpt2", "llama", "llama3", "qwen2", "qwen3", "mistral"];
     let mut make: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"make", &root];
     make.extend(archs.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
     reference(&make);

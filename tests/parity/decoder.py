@@ -1,6 +1,6 @@
 """Reference side of cairn's decoder parity tests (transformers + PEFT on CPU, fp32).
 
-    decoder.py make ROOT ARCH...                 random tiny models (gpt2, llama, llama3, qwen2, qwen3) +
+    decoder.py make ROOT ARCH...                 random tiny models (gpt2, llama, llama3, qwen2, qwen3, mistral) +
                                                  a byte-level tokenizer, in ROOT/ARCH
     decoder.py check-logits MODEL IDS OURS [peft]  transformers' (or PEFT's) logits for the
                                                  `input_ids` in IDS vs `logits` in OURS
@@ -40,6 +40,7 @@ def make(out, arch):
         cls_cfg, cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
                         "llama3": (tf.LlamaConfig, tf.LlamaForCausalLM),
                         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+                        "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
                         "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM)}[arch]
         extra = {}
         if arch == "llama3":
@@ -49,6 +50,9 @@ def make(out, arch):
                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                           "original_max_position_embeddings": 32},
                          tie_word_embeddings=True)
+        if arch == "mistral":
+            # Sliding-window attention: 100 positions against a 16-token window.
+            extra = dict(sliding_window=16)
         if arch == "qwen3":
             # Qwen3: per-head q/k RMSNorm, head_dim independent of hidden/heads.
             extra = dict(head_dim=24, tie_word_embeddings=False)

@@ -60,6 +60,9 @@ pub struct Config {
     pub qkv_bias: bool,
     /// Qwen3 RMS-normalises each head of q and k (`q_norm`, `k_norm`) before rotary.
     pub qk_norm: bool,
+    /// Mistral's sliding-window attention: a query sees the last `w` keys (itself
+    /// included), as transformers' `kv_idx > q_idx - sliding_window`.
+    pub sliding_window: Option<i64>,
     pub embd_pdrop: f64,
     pub resid_pdrop: f64,
     pub attn_pdrop: f64,
@@ -154,6 +157,7 @@ impl Config {
                     tie_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(true),
                     qkv_bias: true,
                     qk_norm: false,
+                    sliding_window: None,
                     embd_pdrop: v["embd_pdrop"].as_f64().unwrap_or(0.1),
                     resid_pdrop: v["resid_pdrop"].as_f64().unwrap_or(0.1),
                     attn_pdrop: v["attn_pdrop"].as_f64().unwrap_or(0.1),
@@ -184,9 +188,21 @@ impl Config {
                         ))
                     }
                 };
-                if model_type == "qwen3" && v["use_sliding_window"].as_bool() == Some(true) {
-                    return Err("config.json: use_sliding_window is not supported for qwen3 (set it to false)".into());
+                if matches!(model_type, "qwen2" | "qwen3")
+                    && v["use_sliding_window"].as_bool() == Some(true)
+                {
+                    return Err(format!("config.json: use_sliding_window is not supported for {model_type} (set it to false)"));
                 }
+                let sliding_window = match v.get("sliding_window") {
+                    Some(w) if model_type == "mistral" && !w.is_null() => {
+                        Some(w.as_i64().filter(|w| *w > 0).ok_or_else(|| {
+                            format!(
+                                "config.json: sliding_window {w} is not a positive whole number"
+                            )
+                        })?)
+                    }
+                    _ => None,
+                };
                 let rope_theta = rope
                     .and_then(|r| r["rope_theta"].as_f64())
                     .or_else(|| v["rope_theta"].as_f64())
@@ -209,6 +225,7 @@ impl Config {
                         .unwrap_or(model_type == "qwen2"),
                     qkv_bias: model_type == "qwen2" || v["attention_bias"].as_bool() == Some(true),
                     qk_norm: model_type == "qwen3",
+                    sliding_window,
                     embd_pdrop: 0.0,
                     resid_pdrop: 0.0,
                     attn_pdrop: v["attention_dropout"].as_f64().unwrap_or(0.0),
@@ -767,9 +784,22 @@ impl Model {
                 } else {
                     (k, v)
                 };
-                let y = Tensor::scaled_dot_product_attention::<Tensor>(
-                    &q, &k, &v, None, attn_p, causal, None, false,
-                );
+                let window = self.sliding_window_mask(t, k.size()[2]);
+                let y = match &window {
+                    Some(mask) => Tensor::scaled_dot_product_attention(
+                        &q,
+                        &k,
+                        &v,
+                        Some(mask),
+                        attn_p,
+                        false,
+                        None,
+                        false,
+                    ),
+                    None => Tensor::scaled_dot_product_attention::<Tensor>(
+                        &q, &k, &v, None, attn_p, causal, None, false,
+                    ),
+                };
                 let y = y.transpose(1, 2).reshape([b, t, nh * hd]);
                 let h = h + self.linear(&format!("{p}.self_attn.o_proj"), &y);
                 let m = self.rms(&h, &format!("{p}.post_attention_layernorm.weight"));
@@ -814,6 +844,17 @@ impl Model {
         let var = xf.square().mean_dim(&[-1i64][..], true, None::<Kind>);
         let normed = (xf * (var + self.cfg.eps).rsqrt()).to_kind(kind);
         self.p(weight) * normed
+    }
+
+    /// For sliding-window models whose keys reach further back than the window: the
+    /// boolean mask [t, keys] (true = attend) of causal attention limited to the last
+    /// `window` keys; the `t` queries are the last `t` of the `keys` positions.
+    fn sliding_window_mask(&self, t: i64, keys: i64) -> Option<Tensor> {
+        let window = self.cfg.sliding_window.filter(|w| *w < keys)?;
+        let past = keys - t;
+        let q = Tensor::arange_start(past, keys, (Kind::Int64, self.device)).unsqueeze(1);
+        let k = Tensor::arange(keys, (Kind::Int64, self.device)).unsqueeze(0);
+        Some(k.le_tensor(&q).logical_and(&k.gt_tensor(&(&q - window))))
     }
 
     /// cos/sin tables [t, head_dim] for positions past..past+t (HF's layout: the two
