@@ -7,9 +7,9 @@ use clap::{Args, Subcommand};
 use serde_json::Value;
 
 use super::{human_bytes, Cli, Failed, UsageError};
-use crate::pipeline::did_you_mean;
 use crate::steps;
 use crate::store::{hash as content_hash, Access, Store};
+use crate::util::suggest::did_you_mean;
 
 /// `cairn steps`.
 #[derive(Debug, Subcommand)]

@@ -63,13 +63,6 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The steps that would execute.
-    pub fn to_run(&self) -> impl Iterator<Item = &StepReport> {
-        self.steps
-            .iter()
-            .filter(|s| s.status == StepStatus::WillRun)
-    }
-
     /// The `--json` form: a report with status `planned` and no run id.
     pub fn report(&self) -> RunReport {
         RunReport {

@@ -49,16 +49,6 @@ impl Dag {
         }
     }
 
-    /// Number of nodes.
-    pub fn len(&self) -> usize {
-        self.upstream.len()
-    }
-
-    /// Whether the graph has no nodes.
-    pub fn is_empty(&self) -> bool {
-        self.upstream.is_empty()
-    }
-
     /// Node indices in a topological order (producers first).
     pub fn order(&self) -> &[usize] {
         &self.order

@@ -23,8 +23,6 @@ use serde_json::Value;
 use crate::graph::Dag;
 
 use crate::steps::{BoundParams, Step};
-pub use crate::util::suggest::did_you_mean;
-pub use crate::util::template::value_text;
 pub use diagnostic::{Diagnostic, Diagnostics, Location};
 pub use parse::yaml_to_json;
 use resolve::Resolver;

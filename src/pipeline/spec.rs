@@ -9,8 +9,10 @@ use indexmap::IndexMap;
 use serde_json::{json, Value};
 
 use super::raw::{ParamType, RawSpec, SPEC_KEYS};
-use super::{did_you_mean, value_text, yaml_to_json, Diagnostic, Diagnostics, SourceFile};
+use super::{yaml_to_json, Diagnostic, Diagnostics, SourceFile};
 use crate::steps::{InputDecl, ParamIssue, StepIo};
+use crate::util::suggest::did_you_mean;
+use crate::util::template::value_text;
 use crate::util::template::{self, Escapes};
 
 /// Whether `uses:` names a spec file rather than a built-in kind.

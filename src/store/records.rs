@@ -8,25 +8,6 @@ use serde_json::Value;
 
 use super::digest::{CacheKey, ObjectDigest};
 
-/// Serde helpers so digests serialize as hex strings.
-pub mod hex {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::str::FromStr;
-
-    /// Serializes any digest as hex.
-    pub fn serialize<T: std::fmt::Display, S: Serializer>(d: &T, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(d)
-    }
-
-    /// Parses a hex digest.
-    pub fn deserialize<'de, T: FromStr<Err = String>, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<T, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
 /// How a step fared in a run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -123,7 +104,6 @@ impl std::fmt::Display for RunStatus {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutputRef {
     /// Content digest of the artifact.
-    #[serde(with = "hex")]
     pub digest: ObjectDigest,
     /// Artifact kind (file, dir, documents, ...).
     pub kind: String,
@@ -133,7 +113,6 @@ pub struct OutputRef {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InputRef {
     /// Content digest of the artifact.
-    #[serde(with = "hex")]
     pub digest: ObjectDigest,
     /// Producing step and output, as written in the pipeline (`clean.documents`).
     pub from: String,
@@ -143,7 +122,6 @@ pub struct InputRef {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CacheEntry {
     /// The key.
-    #[serde(with = "hex")]
     pub key: CacheKey,
     /// Outputs by name.
     pub outputs: BTreeMap<String, OutputRef>,
@@ -213,7 +191,6 @@ pub struct StepRecord {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ArtifactRecord {
     /// Content digest.
-    #[serde(with = "hex")]
     pub digest: ObjectDigest,
     /// Artifact kind.
     pub kind: String,

@@ -160,7 +160,7 @@ fn json<T: serde::Serialize>(v: &T) -> String {
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, StoreError> {
-    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("bad JSON in record: {e}")))
+    from_json(s).map_err(StoreError::Corrupt)
 }
 
 /// A text column parsed into `T` (JSON, a digest, a status word) inside a row conversion;
