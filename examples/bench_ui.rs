@@ -145,6 +145,7 @@ fn main() -> anyhow::Result<()> {
                 artifacts: std::slice::from_ref(&artifacts[i]),
                 cache: None,
                 index_io: true,
+                latest_in: None,
             })
             .collect();
         store.db().write_steps(&writes)?;

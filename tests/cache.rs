@@ -88,6 +88,12 @@ fn cold_noop_change_revert() {
         ["report", "src", "upper", "words"]
     );
     assert_eq!(revert.output("report", "out"), report);
+
+    // Explained against the step's last execution, cache hits included (the revert), not
+    // against the last one that ran (case=lower, lines=1).
+    let again = p.run("p.yaml", &["--set", "lines=3"]);
+    assert_eq!(again.with_status("ran"), ["report"]);
+    assert_eq!(again.reason("report"), "param lines changed 2 -> 3");
 }
 
 #[test]

@@ -281,6 +281,7 @@ fn add_model_record(p: &Project) -> String {
         artifacts: std::slice::from_ref(&artifact),
         cache: None,
         index_io: true,
+        latest_in: None,
     };
     store.db().write_steps(&[write]).unwrap();
     digest.to_hex()

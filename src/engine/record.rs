@@ -9,13 +9,14 @@
 //! in at once: the steps it unblocks read their inputs' metadata from them. A kill in
 //! between costs a rerun of that step, never a trusted partial artifact.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::pipeline::ResolvedPipeline;
 use crate::store::{
-    ArtifactRecord, CacheEntry, ObjectDigest, RunRecord, RunStatus, StepRecord, StepWrite, Store,
-    StoreError,
+    ArtifactRecord, CacheEntry, CacheKey, ObjectDigest, RunRecord, RunStatus, StepRecord,
+    StepStatus, StepWrite, Store, StoreError,
 };
 use crate::util::clock::{new_run_id, now_rfc3339};
 
@@ -26,6 +27,10 @@ const SETTLED_BATCH: usize = 1024;
 pub(super) struct Recorder {
     store: Arc<Store>,
     run_id: String,
+    pipeline: String,
+    /// The cache key of each step's last successful execution in this pipeline: a
+    /// record with the same key need not replace it.
+    latest: HashMap<String, Option<CacheKey>>,
     settled: Vec<(StepRecord, usize)>,
     /// Executed steps waiting for their outputs to be sealed.
     executed: Vec<(StepRecord, usize, Option<CacheEntry>)>,
@@ -49,9 +54,12 @@ impl Recorder {
             pid: std::process::id() as i64,
             args: crate::redact::redact(args),
         })?;
+        let latest = store.db().latest_keys(&pipeline.name)?;
         Ok(Self {
             store,
             run_id,
+            pipeline: pipeline.name.clone(),
+            latest,
             settled: Vec::new(),
             executed: Vec::new(),
         })
@@ -100,23 +108,26 @@ impl Recorder {
         }
         let settled = std::mem::take(&mut self.settled);
         let executed = std::mem::take(&mut self.executed);
-        let mut batch: Vec<StepWrite<'_>> = settled
+        let records = settled
             .iter()
-            .map(|(record, seq)| StepWrite {
+            .map(|(record, seq)| (record, seq, None, false))
+            .chain(
+                executed
+                    .iter()
+                    .map(|(record, seq, cache)| (record, seq, cache.as_ref(), true)),
+            );
+        let mut batch = Vec::with_capacity(settled.len() + executed.len());
+        for (record, seq, cache, index_io) in records {
+            let latest = becomes_latest(&mut self.latest, record);
+            batch.push(StepWrite {
                 record,
                 seq: *seq,
                 artifacts: &[],
-                cache: None,
-                index_io: false,
-            })
-            .collect();
-        batch.extend(executed.iter().map(|(record, seq, cache)| StepWrite {
-            record,
-            seq: *seq,
-            artifacts: &[],
-            cache: cache.as_ref(),
-            index_io: true,
-        }));
+                cache,
+                index_io,
+                latest_in: latest.then_some(self.pipeline.as_str()),
+            });
+        }
         self.store.db().write_steps(&batch)
     }
 
@@ -135,5 +146,24 @@ impl Recorder {
         self.store
             .db()
             .finish_run(&self.run_id, status, &now_rfc3339())
+    }
+}
+
+/// Whether `record` is a successful execution whose key differs from the step's last one
+/// in `latest` (noting it as the last one).
+fn becomes_latest(latest: &mut HashMap<String, Option<CacheKey>>, record: &StepRecord) -> bool {
+    if !matches!(record.status, StepStatus::Ran | StepStatus::Cached) {
+        return false;
+    }
+    match latest.get_mut(&record.step) {
+        Some(key) if *key == record.cache_key => false,
+        Some(key) => {
+            *key = record.cache_key;
+            true
+        }
+        None => {
+            latest.insert(record.step.clone(), record.cache_key);
+            true
+        }
     }
 }

@@ -1,10 +1,12 @@
 //! The raw stage: a pipeline file parsed into [`RawPipeline`], in one serde pass when it
 //! is well formed, else carefully, with every shape problem located.
 
+use indexmap::IndexMap;
+use serde::Deserialize;
 use serde_json::Value;
 
 use super::location::NodeKind;
-use super::raw::{RawPipeline, PIPELINE_KEYS, STEP_KEYS};
+use super::raw::{unique_keys, RawDocstore, RawPipeline, RawStep, PIPELINE_KEYS, STEP_KEYS};
 use super::source::SourceFile;
 use super::{Diagnostic, Diagnostics, Location};
 
@@ -47,29 +49,34 @@ pub fn yaml_to_json(v: &serde_yaml::Value) -> Result<Value, String> {
     })
 }
 
-/// The common case, a well-formed file: one serde parse, no location index. serde_yaml's
-/// `Mapping` rejects duplicate keys, and the shape check below covers unknown and missing
-/// keys; anything unusual returns `None` and takes the careful path.
+/// The common case, a well-formed file: one typed serde pass, no location index and no
+/// intermediate YAML tree. Unknown keys and duplicate keys fail it (the careful path then
+/// reports them with their locations), as does anything else unusual.
 pub(super) fn quick_parse(src: &SourceFile) -> Option<RawPipeline> {
-    let value: serde_yaml::Value = serde_yaml::from_str(&src.text).ok()?;
-    let only_keys = |m: &serde_yaml::Mapping, allowed: &[&str]| {
-        m.keys()
-            .all(|k| k.as_str().is_some_and(|k| allowed.contains(&k)))
-    };
-    let root = value.as_mapping()?;
-    let steps = root.get("steps")?.as_mapping()?;
-    let well_formed = only_keys(root, PIPELINE_KEYS)
-        && root.contains_key("name")
-        && steps.iter().all(|(name, step)| {
-            name.is_string()
-                && step
-                    .as_mapping()
-                    .is_some_and(|m| m.contains_key("uses") && only_keys(m, STEP_KEYS))
-        });
-    if !well_formed {
-        return None;
+    /// `RawPipeline` refusing what the careful path reports softly.
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Strict {
+        name: String,
+        #[serde(default)]
+        description: Option<String>,
+        #[serde(default, deserialize_with = "unique_keys")]
+        params: Option<IndexMap<String, serde_yaml::Value>>,
+        #[serde(default)]
+        docstore: Option<RawDocstore>,
+        #[serde(deserialize_with = "unique_keys")]
+        steps: Option<IndexMap<String, RawStep>>,
     }
-    serde_yaml::from_value(value).ok()
+
+    let strict: Strict = serde_yaml::from_str(&src.text).ok()?;
+    let steps = strict.steps.filter(|s| !s.is_empty())?;
+    Some(RawPipeline {
+        name: strict.name,
+        description: strict.description,
+        params: strict.params,
+        docstore: strict.docstore,
+        steps,
+    })
 }
 
 /// The careful path: index the file and report every shape problem with its location.
@@ -129,11 +136,57 @@ pub(super) fn careful_parse(
         diags.extend(soft);
         return Err(Diagnostics(diags).normalized());
     }
-    match src.deserialize::<RawPipeline>() {
-        Ok(raw) => Ok((raw, soft)),
+    let mut raw = match src.deserialize::<RawPipeline<serde_yaml::Value>>() {
+        Ok(raw) => raw,
         Err(d) => {
-            soft.push(d);
-            Err(Diagnostics(soft).normalized())
+            // serde's unlocated "duplicate entry" repeats a duplicate located above.
+            let repeats =
+                d.message.contains("duplicate entry") && !src.index().duplicates.is_empty();
+            if !repeats {
+                soft.push(d);
+            }
+            return Err(Diagnostics(soft).normalized());
+        }
+    };
+    if raw.steps.is_empty() {
+        soft.push(src.diag("steps", "the pipeline has no steps"));
+    }
+    let steps = deserialize_steps(src, std::mem::take(&mut raw.steps), &mut soft);
+    Ok((raw.with_steps(steps), soft))
+}
+
+/// Each step on its own, so a type error in one does not hide the others. Unknown keys
+/// were reported from the index already; they are left out here.
+fn deserialize_steps(
+    src: &SourceFile,
+    steps: IndexMap<String, serde_yaml::Value>,
+    diags: &mut Vec<Diagnostic>,
+) -> IndexMap<String, RawStep> {
+    let mut out = IndexMap::new();
+    for (name, mut value) in steps {
+        if let Some(map) = value.as_mapping_mut() {
+            map.retain(|k, _| k.as_str().is_some_and(|k| STEP_KEYS.contains(&k)));
+        }
+        match serde_path_to_error::deserialize::<_, RawStep>(value) {
+            Ok(step) => {
+                out.insert(name, step);
+            }
+            Err(err) => {
+                let sub = err.path().to_string();
+                let path = if sub == "." {
+                    format!("steps.{name}")
+                } else {
+                    format!("steps.{name}.{sub}")
+                };
+                let message = crate::util::suggest::plain_type_names(&err.inner().to_string());
+                let message = if sub == "." {
+                    message
+                } else {
+                    format!("{sub}: {message}")
+                };
+                diags.push(src.diag(&path, format!("step `{name}`: {message}")));
+            }
         }
     }
+    out
 }

@@ -22,10 +22,11 @@ pub const SPEC_KEYS: &[&str] = &[
     "retry_backoff_ms",
 ];
 
-/// A pipeline file. Unknown keys are reported from the location index (all at once,
-/// with suggestions), so serde ignores them here instead of stopping at the first.
+/// A pipeline file, its steps still YAML values (`S`) or typed ([`RawStep`]). Unknown keys
+/// are reported from the location index (all at once, with suggestions), so serde
+/// ignores them here instead of stopping at the first.
 #[derive(Debug, Deserialize)]
-pub struct RawPipeline {
+pub struct RawPipeline<S = RawStep> {
     /// Pipeline name (runs are grouped by it).
     pub name: String,
     /// Free text.
@@ -37,9 +38,22 @@ pub struct RawPipeline {
     /// Where document-store steps write (default: the embedded store).
     #[serde(default)]
     pub docstore: Option<RawDocstore>,
-    /// Steps by name; each is deserialized on its own so that type errors in several
-    /// steps are all reported.
-    pub steps: IndexMap<String, serde_yaml::Value>,
+    /// Steps by name. The careful path deserializes each on its own so that type errors
+    /// in several steps are all reported.
+    pub steps: IndexMap<String, S>,
+}
+
+impl<S> RawPipeline<S> {
+    /// The same pipeline with other steps.
+    pub fn with_steps<T>(self, steps: IndexMap<String, T>) -> RawPipeline<T> {
+        RawPipeline {
+            name: self.name,
+            description: self.description,
+            params: self.params,
+            docstore: self.docstore,
+            steps,
+        }
+    }
 }
 
 /// The pipeline's document store.
@@ -51,8 +65,10 @@ pub struct RawDocstore {
     pub uri: Option<String>,
 }
 
-/// A step entry (unknown keys: see `RawPipeline`).
+/// A step entry. Unknown keys are refused here: the careful path reports them from the
+/// location index and removes them before deserializing.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RawStep {
     /// Step kind, or a spec file path (`./steps/x.yaml`).
     pub uses: String,
@@ -60,10 +76,10 @@ pub struct RawStep {
     #[serde(default)]
     pub description: Option<String>,
     /// Input name -> `step.output`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     pub inputs: Option<IndexMap<String, String>>,
     /// Parameters of the step kind.
-    #[serde(default, rename = "with")]
+    #[serde(default, rename = "with", deserialize_with = "unique_keys")]
     pub with: Option<IndexMap<String, serde_yaml::Value>>,
     /// Output name -> kind (for `command` steps); a list of names declares files, as
     /// DVC users write `outs:`.
@@ -97,7 +113,9 @@ fn outputs_map_or_list<'de, D: serde::Deserializer<'de>>(
         ) -> Result<Self::Value, A::Error> {
             let mut out = IndexMap::new();
             while let Some((name, kind)) = map.next_entry::<String, String>()? {
-                out.insert(name, kind);
+                if out.insert(name.clone(), kind).is_some() {
+                    return Err(duplicate(&name));
+                }
             }
             Ok(Some(out))
         }
@@ -120,6 +138,51 @@ fn outputs_map_or_list<'de, D: serde::Deserializer<'de>>(
     }
 
     deserializer.deserialize_any(Outputs)
+}
+
+fn duplicate<E: serde::de::Error>(key: &str) -> E {
+    E::custom(format!("duplicate key `{key}`"))
+}
+
+/// A mapping whose keys must be unique: serde fills an `IndexMap` last-wins, and the quick
+/// path, which has no location index, must not accept what the careful one reports.
+pub(super) fn unique_keys<'de, D, V>(
+    deserializer: D,
+) -> Result<Option<IndexMap<String, V>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    struct Unique<V>(std::marker::PhantomData<V>);
+
+    impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Unique<V> {
+        type Value = Option<IndexMap<String, V>>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a map")
+        }
+
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = IndexMap::with_capacity(map.size_hint().unwrap_or(0));
+            while let Some(key) = map.next_key::<String>()? {
+                if out.contains_key(&key) {
+                    return Err(duplicate(&key));
+                }
+                let value = map.next_value()?;
+                out.insert(key, value);
+            }
+            Ok(Some(out))
+        }
+    }
+
+    deserializer.deserialize_any(Unique(std::marker::PhantomData))
 }
 
 /// An input or output declaration in a spec: a kind, or a kind with docs.

@@ -45,10 +45,7 @@ impl<'a> Resolver<'a> {
             self.error("name", "pipeline `name` is empty", None);
         }
         let params = self.pipeline_params(&raw, sets);
-        if raw.steps.is_empty() {
-            self.error("steps", "the pipeline has no steps", None);
-        }
-        let raw_steps = self.deserialize_steps(std::mem::take(&mut raw.steps));
+        let raw_steps = std::mem::take(&mut raw.steps);
         self.check_input_targets(&raw_steps);
         let mut steps = Vec::new();
         for (name, step) in &raw_steps {
@@ -83,37 +80,6 @@ impl<'a> Resolver<'a> {
             steps,
             dag,
         })
-    }
-
-    /// Each step on its own, so a type error in one does not hide the others.
-    pub(super) fn deserialize_steps(
-        &mut self,
-        steps: IndexMap<String, serde_yaml::Value>,
-    ) -> IndexMap<String, raw::RawStep> {
-        let mut out = IndexMap::new();
-        for (name, value) in steps {
-            match serde_path_to_error::deserialize::<_, raw::RawStep>(value) {
-                Ok(step) => {
-                    out.insert(name, step);
-                }
-                Err(err) => {
-                    let sub = err.path().to_string();
-                    let path = if sub == "." {
-                        format!("steps.{name}")
-                    } else {
-                        format!("steps.{name}.{sub}")
-                    };
-                    let message = crate::util::suggest::plain_type_names(&err.inner().to_string());
-                    let message = if sub == "." {
-                        message
-                    } else {
-                        format!("{sub}: {message}")
-                    };
-                    self.error(&path, format!("step `{name}`: {message}"), None);
-                }
-            }
-        }
-        out
     }
 
     pub(super) fn resolve_step(

@@ -65,6 +65,7 @@ fn record_run(store: &Store, run: &str, outputs: &[ObjectDigest]) {
             artifacts: &[],
             cache: Some(&entry),
             index_io: true,
+            latest_in: None,
         }])
         .unwrap();
 }
@@ -151,4 +152,38 @@ fn fsck_finds_corruption() {
     let report = store.fsck().unwrap();
     assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
     assert!(report.problems[0].contains("corrupted"));
+}
+
+#[test]
+fn a_version_1_store_learns_each_steps_last_execution() {
+    let root = tempfile::tempdir().unwrap();
+    let store = Store::open(root.path(), Access::Shared).unwrap();
+    record_run(&store, "20260101-000000-000001", &[]);
+    record_run(&store, "20260101-000000-000002", &[]);
+    drop(store);
+    // What version 1 had: an index on run_steps(step, run_id), no step_latest.
+    let db = root.path().join("cairn.db");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch(
+        "DROP TABLE step_latest; CREATE INDEX run_steps_by_step ON run_steps(step, run_id);
+         PRAGMA user_version = 1;",
+    )
+    .unwrap();
+    drop(conn);
+
+    let store = Store::open(root.path(), Access::Shared).unwrap();
+    let last = store.db().last_step_record("p", "s").unwrap().unwrap();
+    assert_eq!(last.run_id, "20260101-000000-000002");
+    assert!(store.db().last_step_record("p", "other").unwrap().is_none());
+    drop(store);
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let (version, index): (i64, i64) = conn
+        .query_row(
+            "SELECT (SELECT user_version FROM pragma_user_version),
+                    (SELECT COUNT(*) FROM sqlite_master WHERE name = 'run_steps_by_step')",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((version, index), (2, 0));
 }

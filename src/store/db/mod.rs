@@ -25,7 +25,7 @@ use super::records::ArtifactRecord;
 
 use super::StoreError;
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// How long a writer waits for another process's transaction.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -86,7 +86,14 @@ CREATE TABLE IF NOT EXISTS run_steps (
     log TEXT,
     PRIMARY KEY (run_id, step)
 );
-CREATE INDEX IF NOT EXISTS run_steps_by_step ON run_steps(step, run_id);
+CREATE TABLE IF NOT EXISTS step_latest (
+    pipeline TEXT NOT NULL,
+    step TEXT NOT NULL,
+    run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    cache_key TEXT,
+    PRIMARY KEY (pipeline, step)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS step_latest_by_run ON step_latest(run_id);
 CREATE TABLE IF NOT EXISTS step_io (
     run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
     step TEXT NOT NULL,
@@ -125,6 +132,17 @@ CREATE TABLE IF NOT EXISTS stat_cache (
     ino INTEGER NOT NULL,
     digest TEXT NOT NULL
 );
+"#;
+
+/// Version 1 found a step's last execution through an index on `run_steps(step, run_id)`;
+/// every run touched one page of it per step (a no-op rerun of a 1000-step pipeline
+/// rewrote ~4 MB and slowed down as runs accumulated). `step_latest` replaces it.
+const MIGRATE_1_TO_2: &str = r#"
+INSERT OR REPLACE INTO step_latest (pipeline, step, run_id, cache_key)
+    SELECT runs.pipeline, s.step, s.run_id, s.cache_key FROM run_steps s
+    JOIN runs ON runs.id = s.run_id
+    WHERE s.status IN ('ran', 'cached') ORDER BY runs.rowid;
+DROP INDEX IF EXISTS run_steps_by_step;
 "#;
 
 pub(crate) const ARTIFACT_INSERT: &str =
@@ -216,6 +234,9 @@ impl Database {
                 let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
                 if version < SCHEMA_VERSION {
                     tx.execute_batch(SCHEMA)?;
+                    if version == 1 {
+                        tx.execute_batch(MIGRATE_1_TO_2)?;
+                    }
                     tx.execute_batch(&format!("PRAGMA user_version={SCHEMA_VERSION}"))?;
                 }
                 tx.commit()?;

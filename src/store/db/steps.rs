@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use rusqlite::{params, OptionalExtension, Row};
 
 use super::{column, from_json, insert_artifact, json, optional_column, Database, ARTIFACT_INSERT};
-use crate::store::{ArtifactRecord, CacheEntry, StepRecord, StepStatus, StoreError};
+use crate::store::{ArtifactRecord, CacheEntry, CacheKey, StepRecord, StepStatus, StoreError};
 
 /// A step execution to record, with the artifacts it touched.
 pub struct StepWrite<'a> {
@@ -22,6 +22,10 @@ pub struct StepWrite<'a> {
     /// cache hit consumed and produced nothing new, and a no-op run of a big pipeline
     /// should not write thousands of index rows.
     pub index_io: bool,
+    /// Make this record the step's last successful execution in `pipeline` (what a
+    /// rerun is explained against). Not needed when the one recorded has the same cache
+    /// key: its parameters, inputs and outputs are the same.
+    pub latest_in: Option<&'a str>,
 }
 
 const STEP_SELECT: &str = "SELECT s.run_id, s.step, s.kind, s.version, s.status, s.reason, s.cache_key,
@@ -74,6 +78,9 @@ impl Database {
             let mut cache_stmt = tx.prepare_cached(
                 "INSERT OR REPLACE INTO cache (key, outputs, run_id, step, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
+            let mut latest_stmt = tx.prepare_cached(
+                "INSERT OR REPLACE INTO step_latest (pipeline, step, run_id, cache_key) VALUES (?1, ?2, ?3, ?4)",
+            )?;
             for w in writes {
                 let r = w.record;
                 step_stmt.execute(params![
@@ -120,6 +127,14 @@ impl Database {
                 for a in w.artifacts {
                     insert_artifact(&mut art_stmt, a)?;
                 }
+                if let Some(pipeline) = w.latest_in {
+                    latest_stmt.execute(params![
+                        pipeline,
+                        r.step,
+                        r.run_id,
+                        r.cache_key.map(|k| k.to_hex())
+                    ])?;
+                }
                 if let Some(c) = w.cache {
                     cache_stmt.execute(params![
                         c.key.to_hex(),
@@ -142,15 +157,28 @@ impl Database {
         step: &str,
     ) -> Result<Option<StepRecord>, StoreError> {
         let sql = format!(
-            "{STEP_SELECT} JOIN runs ON runs.id = s.run_id
-             WHERE runs.pipeline = ?1 AND s.step = ?2 AND s.status IN ('ran', 'cached')
-             ORDER BY runs.rowid DESC LIMIT 1"
+            "{STEP_SELECT} JOIN step_latest l ON l.run_id = s.run_id AND l.step = s.step
+             WHERE l.pipeline = ?1 AND l.step = ?2"
         );
         let mut stmt = self.conn.prepare_cached(&sql)?;
         let row = stmt
             .query_row(params![pipeline, step], |r| StepRecord::try_from(r))
             .optional()?;
         Ok(row)
+    }
+
+    /// The cache key of each step's last successful execution in `pipeline`.
+    pub fn latest_keys(
+        &self,
+        pipeline: &str,
+    ) -> Result<std::collections::HashMap<String, Option<CacheKey>>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT step, cache_key FROM step_latest WHERE pipeline = ?1")?;
+        let rows = stmt.query_map(params![pipeline], |r| {
+            Ok((r.get::<_, String>(0)?, optional_column(r, 1, str::parse)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// The step records of a run, in execution order.
