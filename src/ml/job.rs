@@ -212,6 +212,11 @@ pub struct TrainSettings {
     /// `auto` (bf16 autocast on CUDA, f32 on CPU), `f32` or `bf16`.
     #[serde(default = "default_device")]
     pub precision: String,
+    /// How the frozen base weights of LoRA are stored: `auto` (bf16 on CUDA, f32 on
+    /// CPU), `f32`, `bf16` or `f16`. Adapters and optimizer state stay f32; full
+    /// fine-tuning trains f32 weights.
+    #[serde(default = "default_device")]
+    pub dtype: String,
     /// CPU threads (0: libtorch's default).
     #[serde(default)]
     pub threads: usize,

@@ -59,6 +59,20 @@ pub fn settings_issues(p: &TrainSettings) -> Vec<ParamIssue> {
             format!("precision {:?}: use auto, f32 or bf16", p.precision),
         );
     }
+    match (p.dtype.as_str(), p.method) {
+        ("auto" | "f32", _) | ("bf16" | "f16", Method::Lora) => {}
+        ("bf16" | "f16", _) => bad(
+            "dtype",
+            format!(
+                "dtype {} stores the frozen base weights of LoRA in 16 bits; full fine-tuning trains every weight in f32 (use method: lora, or dtype: auto)",
+                p.dtype
+            ),
+        ),
+        (other, _) => bad(
+            "dtype",
+            format!("dtype {other:?}: use auto, f32, bf16 or f16"),
+        ),
+    }
     if p.batch_size == 0 || p.grad_accum == 0 {
         bad(
             "batch_size",

@@ -2,8 +2,11 @@
 
     decoder.py make ROOT ARCH...                 random tiny models (gpt2, llama, llama3, qwen2, qwen3, mistral) +
                                                  a byte-level tokenizer, in ROOT/ARCH
-    decoder.py check-logits MODEL IDS OURS [peft]  transformers' (or PEFT's) logits for the
-                                                 `input_ids` in IDS vs `logits` in OURS
+    decoder.py check-logits MODEL IDS OURS [peft] [bf16]
+                                                 transformers' (or PEFT's) logits for the
+                                                 `input_ids` in IDS vs `logits` in OURS; with
+                                                 bf16, also transformers' own bf16 run (the
+                                                 model loaded with torch_dtype=bfloat16)
     decoder.py check-step MODEL BATCH OURS JSON  one torch AdamW step on cairn's dumped
                                                  batch vs cairn's updated weights in OURS
 """
@@ -70,20 +73,21 @@ def make(out, arch):
     byte_tokenizer(f"{out}/tokenizer.json")
 
 
-def load(path):
+def load(path, dtype=torch.float32):
     import transformers as tf
-    return tf.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    return tf.AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype).eval()
 
 
-def hf_logits(model_dir, ids, peft):
+def hf_logits(model_dir, ids, peft, dtype=torch.float32):
     if peft:
         from peft import PeftModel
         cfg = json.load(open(f"{model_dir}/adapter_config.json"))
-        model = PeftModel.from_pretrained(load(cfg["base_model_name_or_path"]), model_dir).eval()
+        # PEFT keeps adapters in f32 over a 16-bit base (autocast_adapter_dtype), as cairn.
+        model = PeftModel.from_pretrained(load(cfg["base_model_name_or_path"], dtype), model_dir).eval()
     else:
-        model = load(model_dir)
+        model = load(model_dir, dtype)
     with torch.no_grad():
-        return model(input_ids=ids).logits
+        return model(input_ids=ids).logits.float()
 
 
 def main():
@@ -97,8 +101,14 @@ def main():
         ids = load_file(ids)["input_ids"]
         theirs = hf_logits(model_dir, ids, "peft" in flags)
         ours = load_file(ours)["logits"]
-        print(json.dumps({"max_abs_diff": (ours - theirs).abs().max().item(),
-                          "shape": list(theirs.shape)}))
+        out = {"max_abs_diff": (ours - theirs).abs().max().item(), "shape": list(theirs.shape)}
+        if "bf16" in flags:
+            # How far transformers' own bf16 run is from its f32 one: the yardstick for
+            # cairn's bf16 run (max_abs_diff above is then cairn bf16 vs transformers f32).
+            hf16 = hf_logits(model_dir, ids, "peft" in flags, torch.bfloat16)
+            out["hf_bf16_vs_f32"] = (hf16 - theirs).abs().max().item()
+            out["vs_hf_bf16"] = (ours - hf16).abs().max().item()
+        print(json.dumps(out))
     elif cmd == "check-step":
         model_dir, batch, ours, settings = args
         s = json.loads(settings)

@@ -405,8 +405,9 @@ pub struct Model {
 }
 
 /// Reads every tensor of a model directory (model.safetensors, or the shards named by
-/// model.safetensors.index.json).
-pub fn read_weights(dir: &Path) -> Result<Vec<(String, Tensor)>, String> {
+/// model.safetensors.index.json), floating-point tensors converted to `kind` one at a
+/// time as they are read: a bf16 model stored in f32 never exists whole in f32.
+pub fn read_weights(dir: &Path, kind: Kind) -> Result<Vec<(String, Tensor)>, String> {
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
     let files: Vec<std::path::PathBuf> = if single.exists() {
@@ -438,18 +439,99 @@ pub fn read_weights(dir: &Path) -> Result<Vec<(String, Tensor)>, String> {
     };
     let mut out = Vec::new();
     for f in files {
-        out.extend(Tensor::read_safetensors(&f).map_err(|e| format!("{}: {e}", f.display()))?);
+        read_safetensors_as(&f, kind, &mut out).map_err(|e| format!("{}: {e}", f.display()))?;
     }
     Ok(out)
+}
+
+/// Appends the tensors of one safetensors file to `out`, each read on its own (positioned
+/// reads, so only one tensor's bytes are ever held beyond the result) and converted to
+/// `kind` when it is a floating-point tensor.
+fn read_safetensors_as(
+    path: &Path,
+    kind: Kind,
+    out: &mut Vec<(String, Tensor)>,
+) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    const MAX_HEADER: usize = 100 << 20;
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let file_len = file.metadata().map_err(|e| e.to_string())?.len() as usize;
+    let mut n = [0u8; 8];
+    file.read_exact_at(&mut n, 0)
+        .map_err(|e| format!("not a safetensors file: {e}"))?;
+    let n = u64::from_le_bytes(n) as usize;
+    if n > MAX_HEADER || 8 + n > file_len {
+        return Err(format!("not a safetensors file (header of {n} bytes)"));
+    }
+    let mut header = vec![0u8; n];
+    file.read_exact_at(&mut header, 8)
+        .map_err(|e| e.to_string())?;
+    let meta: safetensors::tensor::Metadata =
+        serde_json::from_slice(&header).map_err(|e| format!("bad safetensors header: {e}"))?;
+    let data_start = 8 + n;
+    let mut tensors: Vec<(String, &safetensors::tensor::TensorInfo)> =
+        meta.tensors().into_iter().collect();
+    tensors.sort_by_key(|(_, info)| info.data_offsets.0);
+    for (name, info) in tensors {
+        let (start, end) = info.data_offsets;
+        let numel: usize = info.shape.iter().product();
+        let stored = stored_kind(info.dtype)
+            .ok_or_else(|| format!("tensor {name}: dtype {:?} is not supported", info.dtype))?;
+        if end < start
+            || data_start + end > file_len
+            || end - start != numel * info.dtype.bitsize() / 8
+        {
+            return Err(format!(
+                "tensor {name}: data offsets {start}..{end} do not match its shape {:?} or the file size",
+                info.shape
+            ));
+        }
+        let mut bytes = vec![0u8; end - start];
+        file.read_exact_at(&mut bytes, (data_start + start) as u64)
+            .map_err(|e| e.to_string())?;
+        let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+        let t = Tensor::f_from_data_size(&bytes, &shape, stored).map_err(|e| e.to_string())?;
+        drop(bytes);
+        let floating = matches!(
+            stored,
+            Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double
+        );
+        let t = if floating && stored != kind {
+            t.to_kind(kind)
+        } else {
+            t
+        };
+        out.push((name, t));
+    }
+    Ok(())
+}
+
+fn stored_kind(dtype: safetensors::Dtype) -> Option<Kind> {
+    use safetensors::Dtype as D;
+    Some(match dtype {
+        D::F32 => Kind::Float,
+        D::F16 => Kind::Half,
+        D::BF16 => Kind::BFloat16,
+        D::F64 => Kind::Double,
+        D::I64 => Kind::Int64,
+        D::I32 => Kind::Int,
+        D::I16 => Kind::Int16,
+        D::I8 => Kind::Int8,
+        D::U8 => Kind::Uint8,
+        D::BOOL => Kind::Bool,
+        _ => return None,
+    })
 }
 
 impl Model {
     /// Builds a model from named tensors (HF names, with or without GPT-2's
     /// `transformer.` prefix), checking that every weight is there with its shape.
+    /// Weights are stored in `kind` (f32, or bf16/f16 to halve their memory).
     pub fn from_tensors(
         cfg: Config,
         tensors: Vec<(String, Tensor)>,
         device: Device,
+        kind: Kind,
     ) -> Result<Self, String> {
         let mut by_name: BTreeMap<String, Tensor> = BTreeMap::new();
         for (name, t) in tensors {
@@ -476,7 +558,7 @@ impl Model {
                     t.size()
                 ));
             }
-            params.insert(name, t.to_kind(Kind::Float).to_device(device).detach());
+            params.insert(name, t.to_kind(kind).to_device(device).detach());
         }
         Ok(Self::new(cfg, params, device))
     }
@@ -547,6 +629,15 @@ impl Model {
         m
     }
 
+    /// The dtype the base weights are stored in, as transformers names it.
+    pub fn dtype_name(&self) -> &'static str {
+        match self.params.values().next().map(Tensor::kind) {
+            Some(Kind::BFloat16) => "bfloat16",
+            Some(Kind::Half) => "float16",
+            _ => "float32",
+        }
+    }
+
     /// Total parameters (adapters included).
     pub fn num_params(&self) -> i64 {
         self.params
@@ -607,7 +698,8 @@ impl Model {
             } else {
                 delta
             };
-            *w = (&*w + delta).detach();
+            // PEFT casts the update to the weight's dtype before adding it.
+            *w = (&*w + delta.to_kind(w.kind())).detach();
         }
     }
 
@@ -638,10 +730,21 @@ impl Model {
             } else {
                 x.shallow_clone()
             };
+            // As PEFT: the adapter computes in its own dtype (f32) and the sum is cast
+            // back to the base layer's.
+            let kind = y.kind();
+            let input = if input.kind() == pair.a.kind() {
+                input
+            } else {
+                input.to_kind(pair.a.kind())
+            };
             y = y + input
                 .linear::<Tensor>(&pair.a, None)
                 .linear::<Tensor>(&pair.b, None)
                 * self.lora_scaling;
+            if y.kind() != kind {
+                y = y.to_kind(kind);
+            }
         }
         y
     }

@@ -105,6 +105,9 @@ enum Command {
         /// Output safetensors file.
         #[arg(long)]
         output: PathBuf,
+        /// Dtype of the base weights: f32, bf16 or f16 (logits are written as f32).
+        #[arg(long, default_value = "f32")]
+        dtype: String,
     },
     /// Print libtorch's fp32 matrix-multiply rate (GFLOP/s) for a few shapes.
     Gemm {
@@ -126,7 +129,7 @@ fn generate_command(
     let g: cairn::ml::job::GenerationSettings =
         serde_json::from_str(settings).map_err(|e| format!("--settings: {e}"))?;
     let (device, reason, _) = train::device_for(device, "auto", threads)?;
-    let (mut m, tokenizer, card) = modeldir::load_any(model, device)?;
+    let (mut m, tokenizer, card) = modeldir::load_any(model, device, tch::Kind::Float)?;
     m.merge_lora();
     let template = match template {
         Some(t) => cairn::ml::template::Template::parse(t)?,
@@ -247,8 +250,10 @@ fn main() -> ExitCode {
             model,
             input,
             output,
+            dtype,
         } => guarded(|| {
-            let (mut m, _, _) = modeldir::load_any(&model, tch::Device::Cpu)?;
+            let kind = train::weight_kind(&dtype, false, true)?;
+            let (mut m, _, _) = modeldir::load_any(&model, tch::Device::Cpu, kind)?;
             m.merge_lora();
             let tensors = tch::Tensor::read_safetensors(&input).map_err(|e| e.to_string())?;
             let ids = tensors
@@ -256,7 +261,7 @@ fn main() -> ExitCode {
                 .find(|(n, _)| n == "input_ids")
                 .ok_or("no input_ids tensor")?
                 .1;
-            let logits = tch::no_grad(|| m.forward(&ids, None));
+            let logits = tch::no_grad(|| m.forward(&ids, None)).to_kind(tch::Kind::Float);
             modeldir::write_safetensors(&output, &[("logits".to_string(), &logits)])?;
             Ok(json!({"shape": logits.size()}))
         }),

@@ -40,13 +40,13 @@ pub fn read_card(dir: &Path, tokenizer: &Tokenizer, arch: &str) -> ModelCard {
     }
 }
 
-/// Loads a full model directory.
-pub fn load_full(dir: &Path, device: Device) -> Result<(Model, Tokenizer), String> {
+/// Loads a full model directory, its weights stored in `kind`.
+pub fn load_full(dir: &Path, device: Device, kind: Kind) -> Result<(Model, Tokenizer), String> {
     let cfg = Config::from_hf(&read_json(&dir.join("config.json"))?)
         .map_err(|e| format!("{}: {e}", dir.display()))?;
-    let tensors = crate::decoder::read_weights(dir)?;
-    let model =
-        Model::from_tensors(cfg, tensors, device).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let tensors = crate::decoder::read_weights(dir, kind)?;
+    let model = Model::from_tensors(cfg, tensors, device, kind)
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
     let tokenizer = cairn::models::load_tokenizer(dir).map_err(|e| e.to_string())?;
     Ok((model, tokenizer))
 }
@@ -76,15 +76,20 @@ pub fn adapter_base(dir: &Path) -> Result<PathBuf, String> {
 }
 
 /// Loads any model directory: a full model, or a LoRA adapter on its base (adapters
-/// kept separate, so training can continue them).
-pub fn load_any(dir: &Path, device: Device) -> Result<(Model, Tokenizer, ModelCard), String> {
+/// kept separate, in f32, so training can continue them). Base weights are stored in
+/// `kind`.
+pub fn load_any(
+    dir: &Path,
+    device: Device,
+    kind: Kind,
+) -> Result<(Model, Tokenizer, ModelCard), String> {
     if !is_adapter(dir) {
-        let (model, tokenizer) = load_full(dir, device)?;
+        let (model, tokenizer) = load_full(dir, device, kind)?;
         let card = read_card(dir, &tokenizer, model.cfg.arch.name());
         return Ok((model, tokenizer, card));
     }
     let base = adapter_base(dir)?;
-    let (mut model, base_tokenizer) = load_full(&base, device)?;
+    let (mut model, base_tokenizer) = load_full(&base, device, kind)?;
     let tokenizer = if dir.join("tokenizer.json").exists() {
         cairn::models::load_tokenizer(dir).map_err(|e| e.to_string())?
     } else {
@@ -134,26 +139,28 @@ pub fn load_any(dir: &Path, device: Device) -> Result<(Model, Tokenizer, ModelCa
     Ok((model, tokenizer, card))
 }
 
-/// Writes tensors as safetensors with the `format: pt` metadata `transformers` expects.
+/// Writes tensors as safetensors with the `format: pt` metadata `transformers` expects:
+/// bf16 and f16 tensors as they are, everything else as f32.
 pub fn write_safetensors(path: &Path, tensors: &[(String, &Tensor)]) -> Result<(), String> {
-    let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut buffers: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (name, t) in tensors {
-        let t = t
-            .detach()
-            .to_device(Device::Cpu)
-            .to_kind(Kind::Float)
-            .contiguous();
+        let t = t.detach().to_device(Device::Cpu);
+        let (t, dtype) = match t.kind() {
+            Kind::BFloat16 => (t, safetensors::Dtype::BF16),
+            Kind::Half => (t, safetensors::Dtype::F16),
+            _ => (t.to_kind(Kind::Float), safetensors::Dtype::F32),
+        };
+        let t = t.contiguous();
         let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
         let n = t.numel();
-        let mut values = vec![0f32; n];
-        t.f_copy_data(&mut values, n).map_err(|e| e.to_string())?;
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        buffers.push((name.clone(), shape, bytes));
+        let mut bytes = vec![0u8; n * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut bytes, n).map_err(|e| e.to_string())?;
+        buffers.push((name.clone(), dtype, shape, bytes));
     }
     let views = buffers
         .iter()
-        .map(|(name, shape, bytes)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+        .map(|(name, dtype, shape, bytes)| {
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
                 .map(|v| (name.clone(), v))
                 .map_err(|e| e.to_string())
         })
@@ -198,7 +205,7 @@ pub fn save_full(
         model.params.iter().map(|(k, v)| (k.clone(), v)).collect();
     write_safetensors(&dir.join("model.safetensors"), &tensors)?;
     let mut config = model.cfg.raw.clone();
-    config["torch_dtype"] = json!("float32");
+    config["torch_dtype"] = json!(model.dtype_name());
     if let Some(eos) = tokenizer.token_to_id(&card.eos_token) {
         config["eos_token_id"] = json!(eos);
     }

@@ -266,8 +266,26 @@ fn load_checkpoint(path: &Path, slots: &mut [Slot]) -> Result<State, String> {
     Ok(state)
 }
 
-/// The tokenizer and base model of a job.
-fn build_model(job: &TrainJob, device: Device) -> Result<(Model, Tokenizer, ModelCard), String> {
+/// How base weights are stored for `dtype` (`auto`: bf16 when they stay frozen on CUDA).
+pub fn weight_kind(dtype: &str, cuda: bool, frozen: bool) -> Result<Kind, String> {
+    Ok(match (dtype, cuda && frozen) {
+        ("f32", _) | ("auto", false) => Kind::Float,
+        ("bf16", _) | ("auto", true) => Kind::BFloat16,
+        ("f16", _) => Kind::Half,
+        (other, _) => {
+            return Err(format!(
+                "unknown dtype {other:?}; use auto, f32, bf16 or f16"
+            ))
+        }
+    })
+}
+
+/// The tokenizer and base model of a job, base weights stored in `kind`.
+fn build_model(
+    job: &TrainJob,
+    device: Device,
+    kind: Kind,
+) -> Result<(Model, Tokenizer, ModelCard), String> {
     let s = &job.settings;
     if let Some(scratch) = &s.scratch {
         let tokenizer = match &s.tokenizer {
@@ -302,7 +320,7 @@ fn build_model(job: &TrainJob, device: Device) -> Result<(Model, Tokenizer, Mode
         .base_dir
         .as_ref()
         .ok_or("no base model: give `model`, `scratch`, or an input `model` artifact")?;
-    modeldir::load_any(base, device)
+    modeldir::load_any(base, device, kind)
 }
 
 /// Runs a training job; `emit` receives the progress events.
@@ -312,7 +330,14 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
     emit(
         json!({"device": {"device": crate::device::name(device), "reason": reason, "bf16": bf16, "threads": tch::get_num_threads()}}),
     );
-    let (mut model, tokenizer, mut card) = build_model(job, device)?;
+    let kind = weight_kind(&s.dtype, device.is_cuda(), s.method == Method::Lora)?;
+    if kind != Kind::Float && s.method != Method::Lora {
+        return Err(format!(
+            "dtype {} needs method: lora (full fine-tuning trains f32 weights)",
+            s.dtype
+        ));
+    }
+    let (mut model, tokenizer, mut card) = build_model(job, device, kind)?;
     let template = Template::parse(&s.template)?;
     let (eos, eos_id) = card.eos(&tokenizer, s.eos_token.as_deref())?;
     let pad = i64::from(eos_id);
@@ -648,6 +673,7 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
         "seconds": state.seconds, "tokens_per_second": state.tokens as f64 / state.seconds.max(1e-9),
         "flops_per_token": flops, "device": crate::device::name(device), "device_reason": reason,
         "precision": if bf16 { "bf16" } else { "f32" }, "arch": model.cfg.arch.name(),
+        "dtype": model.dtype_name(),
         "train_rows": train_rows.len(), "test_rows": test_rows.len(),
         "max_seq_len": max_len, "eos_token": card.eos_token, "template": card.template,
         "lora_targets": lora_targets,
