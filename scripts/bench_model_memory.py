@@ -20,7 +20,7 @@ def make(out, a):
 
     cfg = tf.LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
                          num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv,
-                         max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=256, eos_token_id=256,
+                         max_position_embeddings=131072, tie_word_embeddings=True, bos_token_id=256, eos_token_id=256,
                          rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                           "original_max_position_embeddings": 8192})
@@ -30,6 +30,7 @@ def make(out, a):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02)
+    model.tie_weights()  # to_empty untied the head from the embeddings
     model.save_pretrained(out, safe_serialization=True)
     byte_tokenizer(f"{out}/tokenizer.json")
     print(json.dumps({"params": sum(p.numel() for p in model.parameters())}))

@@ -405,9 +405,14 @@ pub struct Model {
 }
 
 /// Reads every tensor of a model directory (model.safetensors, or the shards named by
-/// model.safetensors.index.json), floating-point tensors converted to `kind` one at a
-/// time as they are read: a bf16 model stored in f32 never exists whole in f32.
-pub fn read_weights(dir: &Path, kind: Kind) -> Result<Vec<(String, Tensor)>, String> {
+/// model.safetensors.index.json) that `wanted` accepts, floating-point tensors converted
+/// to `kind` one at a time as they are read: a bf16 model stored in f32 never exists
+/// whole in f32, and tensors the config does not use (a tied head) are never read.
+pub fn read_weights(
+    dir: &Path,
+    kind: Kind,
+    wanted: &dyn Fn(&str) -> bool,
+) -> Result<Vec<(String, Tensor)>, String> {
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
     let files: Vec<std::path::PathBuf> = if single.exists() {
@@ -439,7 +444,8 @@ pub fn read_weights(dir: &Path, kind: Kind) -> Result<Vec<(String, Tensor)>, Str
     };
     let mut out = Vec::new();
     for f in files {
-        read_safetensors_as(&f, kind, &mut out).map_err(|e| format!("{}: {e}", f.display()))?;
+        read_safetensors_as(&f, kind, wanted, &mut out)
+            .map_err(|e| format!("{}: {e}", f.display()))?;
     }
     Ok(out)
 }
@@ -450,6 +456,7 @@ pub fn read_weights(dir: &Path, kind: Kind) -> Result<Vec<(String, Tensor)>, Str
 fn read_safetensors_as(
     path: &Path,
     kind: Kind,
+    wanted: &dyn Fn(&str) -> bool,
     out: &mut Vec<(String, Tensor)>,
 ) -> Result<(), String> {
     use std::os::unix::fs::FileExt;
@@ -469,8 +476,11 @@ fn read_safetensors_as(
     let meta: safetensors::tensor::Metadata =
         serde_json::from_slice(&header).map_err(|e| format!("bad safetensors header: {e}"))?;
     let data_start = 8 + n;
-    let mut tensors: Vec<(String, &safetensors::tensor::TensorInfo)> =
-        meta.tensors().into_iter().collect();
+    let mut tensors: Vec<(String, &safetensors::tensor::TensorInfo)> = meta
+        .tensors()
+        .into_iter()
+        .filter(|(name, _)| wanted(name))
+        .collect();
     tensors.sort_by_key(|(_, info)| info.data_offsets.0);
     for (name, info) in tensors {
         let (start, end) = info.data_offsets;
@@ -521,6 +531,19 @@ fn stored_kind(dtype: safetensors::Dtype) -> Option<Kind> {
         D::BOOL => Kind::Bool,
         _ => return None,
     })
+}
+
+impl Config {
+    /// Whether a checkpoint tensor of this name is one the model uses (GPT-2 checkpoints
+    /// name them with or without the `transformer.` prefix).
+    pub fn uses_tensor(&self) -> impl Fn(&str) -> bool {
+        let names: std::collections::HashSet<String> =
+            self.expected().into_iter().map(|(n, _)| n).collect();
+        let gpt2 = self.arch == Arch::Gpt2;
+        move |name: &str| {
+            names.contains(name) || (gpt2 && names.contains(&format!("transformer.{name}")))
+        }
+    }
 }
 
 impl Model {

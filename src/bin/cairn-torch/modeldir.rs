@@ -44,7 +44,7 @@ pub fn read_card(dir: &Path, tokenizer: &Tokenizer, arch: &str) -> ModelCard {
 pub fn load_full(dir: &Path, device: Device, kind: Kind) -> Result<(Model, Tokenizer), String> {
     let cfg = Config::from_hf(&read_json(&dir.join("config.json"))?)
         .map_err(|e| format!("{}: {e}", dir.display()))?;
-    let tensors = crate::decoder::read_weights(dir, kind)?;
+    let tensors = crate::decoder::read_weights(dir, kind, &cfg.uses_tensor())?;
     let model = Model::from_tensors(cfg, tensors, device, kind)
         .map_err(|e| format!("{}: {e}", dir.display()))?;
     let tokenizer = cairn::models::load_tokenizer(dir).map_err(|e| e.to_string())?;
