@@ -129,7 +129,9 @@ fn assert_bf16_parity(what: &str, r: &Value) {
 fn decoder_logits_match_transformers() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let archs = ["gpt2", "llama", "llama3", "qwen2", "qwen3", "mistral"];
+    let archs = [
+        "gpt2", "llama", "llama3", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2", "gemma3",
+    ];
     let mut make: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"make", &root];
     make.extend(archs.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
     reference(&make);
@@ -150,11 +152,52 @@ fn decoder_logits_match_transformers() {
     }
 }
 
+/// Greedy decoding with the KV cache (past the 16-token sliding windows) gives the tokens
+/// transformers' `generate` gives, for every family.
+#[test]
+fn greedy_generation_matches_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let archs = [
+        "gpt2", "llama3", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2", "gemma3",
+    ];
+    let mut make: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"make", &root];
+    make.extend(archs.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
+    reference(&make);
+    let prompt = "Dear diary, today the twin wrote";
+    let settings = json!({"max_new_tokens": 32, "temperature": 0.0, "top_k": 0, "top_p": 1.0,
+        "repetition_penalty": 1.0})
+    .to_string();
+    for arch in archs {
+        let out = Command::new(env!("CARGO_BIN_EXE_cairn-torch"))
+            .args(["generate", "--raw", "--device", "cpu", "--prompt", prompt])
+            .arg("--model")
+            .arg(root.join(arch))
+            .args(["--settings", &settings])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{arch}: {stderr}");
+        let ours = String::from_utf8_lossy(&out.stdout);
+        let theirs = reference(&[&"greedy", &root.join(arch), &prompt, &"32"]);
+        assert!(
+            stderr.contains(&format!("[{} tokens", theirs["tokens"])),
+            "{arch}: transformers generated {} tokens; cairn: {stderr}",
+            theirs["tokens"]
+        );
+        assert_eq!(
+            ours.strip_suffix('\n').unwrap_or(&ours),
+            theirs["text"].as_str().unwrap(),
+            "{arch}"
+        );
+    }
+}
+
 #[test]
 fn bf16_weights_match_transformers_bf16_run() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let archs = ["gpt2", "llama3", "qwen3", "mistral"];
+    let archs = ["gpt2", "llama3", "qwen3", "mistral", "gemma2", "gemma3"];
     let mut make: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"make", &root];
     make.extend(archs.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
     reference(&make);
@@ -262,11 +305,11 @@ fn one_optimizer_step_matches_torch_adamw() {
 fn lora_adapters_load_in_peft_with_cairns_logits() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    reference(&[&"make", &root, &"gpt2", &"llama"]);
+    reference(&[&"make", &root, &"gpt2", &"llama", &"phi3"]);
     write_dataset(&root.join("ds"));
     let ids = root.join("ids.safetensors");
     write_ids(&ids, 40);
-    for arch in ["gpt2", "llama"] {
+    for arch in ["gpt2", "llama", "phi3"] {
         let settings = json!({"method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "merge": true},
             "learning_rate": 1e-2, "max_steps": 3, "batch_size": 4, "device": "cpu", "max_seq_len": 200,
             "eval_every": 0, "checkpoint_every": 0});
@@ -287,10 +330,10 @@ fn lora_adapters_load_in_peft_with_cairns_logits() {
         assert_eq!(config["peft_type"], "LORA");
         assert_eq!(
             config["target_modules"],
-            if arch == "gpt2" {
-                json!(["c_attn"])
-            } else {
-                json!(["q_proj", "v_proj"])
+            match arch {
+                "gpt2" => json!(["c_attn"]),
+                "phi3" => json!(["qkv_proj"]),
+                _ => json!(["q_proj", "v_proj"]),
             }
         );
 
@@ -910,8 +953,8 @@ steps:
 fn unsupported_model_families_are_refused_at_load_time() {
     let p = Project::new();
     p.write(
-        "gemma/config.json",
-        r#"{"model_type": "gemma2", "hidden_size": 8}"#,
+        "falcon/config.json",
+        r#"{"model_type": "falcon", "hidden_size": 8}"#,
     )
     .write(
         "yarn/config.json",
@@ -926,7 +969,7 @@ steps:
   train:
     uses: finetune
     inputs: {dataset: ds.data}
-    with: {model: gemma, max_steps: 1}
+    with: {model: falcon, max_steps: 1}
   eval:
     uses: evaluate
     inputs: {model: train.model, dataset: ds.data}
@@ -937,7 +980,7 @@ steps:
     assert_eq!(code, 2, "{out}{err}");
     assert!(
         err.contains("p.yaml:7:")
-            && err.contains("model_type \"gemma2\" is not supported")
+            && err.contains("model_type \"falcon\" is not supported")
             && err.contains("qwen3"),
         "{err}"
     );
@@ -1036,4 +1079,266 @@ fn llm_twin_pipeline_runs_end_to_end_with_a_judge() {
     let m = &report["models"]["model"];
     assert!(m["judged"].as_u64().unwrap() > 0, "{report:#}");
     assert!((1.0..=3.0).contains(&m["judge_accuracy"].as_f64().unwrap()));
+}
+
+/// Chat templates written for these tests in the styles of the families people twin
+/// (not copies): Llama 3 headers, Gemma turns with a folded system prompt and role
+/// checks, ChatML with a namespace and Python string methods, Mistral [INST] with
+/// `raise_exception`, and Phi-3 closing with EOS only without a generation prompt.
+const CHAT_TEMPLATES: &[(&str, &str)] = &[
+    (
+        "llama3",
+        r#"{{- bos_token }}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] | trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "You are the twin." %}
+{%- endif %}
+{{- "<|im_start|>system<|im_end|>\n\n" + system_message + "<|endoftext|>" }}
+{%- for message in messages %}
+    {{- '<|im_start|>' + message['role'] + '<|im_end|>\n\n' + message['content'] | trim + '<|endoftext|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant<|im_end|>\n\n' }}
+{%- endif %}
+"#,
+    ),
+    (
+        "gemma",
+        r#"{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+    {{ '<|im_start|>' + role + '\n' + (first_user_prefix if loop.first else "") + message['content'] | trim + '<|im_end|>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{ '<|im_start|>model\n' }}
+{%- endif -%}
+"#,
+    ),
+    (
+        "chatml",
+        r#"{%- set ns = namespace(system=false) %}
+{%- for message in messages %}
+    {%- if message.role == 'system' %}{% set ns.system = true %}{% endif %}
+{%- endfor %}
+{%- if not ns.system %}
+    {{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- set content = message.content.strip() %}
+    {%- if message.role == 'assistant' and '</think>' in content %}
+        {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+    {%- endif %}
+    {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"#,
+    ),
+    (
+        "mistral",
+        r#"{{- bos_token }}
+{%- for message in messages %}
+    {%- if message['role'] == 'user' %}
+        {{- '[INST] ' + message['content'] + ' [/INST]' }}
+    {%- elif message['role'] == 'assistant' %}
+        {{- ' ' + message['content'] + eos_token }}
+    {%- else %}
+        {{- raise_exception('Only user and assistant roles are supported!') }}
+    {%- endif %}
+{%- endfor %}
+"#,
+    ),
+    (
+        "phi3",
+        "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|im_end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|im_end|>\n'}}{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|im_end|>\n'}}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}",
+    ),
+];
+
+/// A copy of the tiny model in `base` whose tokenizer_config.json carries `template`.
+fn with_chat_template(base: &Path, dir: &Path, template: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    for entry in std::fs::read_dir(base).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    let config = json!({"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template,
+        "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"});
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+    // The end-of-turn token of these templates ends generation too.
+    std::fs::write(
+        dir.join("generation_config.json"),
+        json!({"eos_token_id": [256, 258]}).to_string(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn model_chat_templates_render_as_transformers_renders_them() {
+    use cairn::ml::chat_template::ChatTemplate;
+    use cairn::ml::template::Role;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    reference(&[&"make", &root, &"llama"]);
+    let msg = |role: &str, content: &str| json!({"role": role, "content": content});
+    let conversations = json!([
+        [
+            msg("system", "  Answer as Maya.  "),
+            msg("user", "Hi there"),
+            msg("assistant", " Hello! "),
+            msg("user", "Plans for today?"),
+            msg("assistant", "<think>hm</think>\nWriting, then a walk.")
+        ],
+        [msg("user", "One question")],
+        [msg("user", "Q"), msg("assistant", "A: naïve café — ✓")],
+        [msg("user", "Q"), msg("user", "again")],
+    ]);
+    let conv_file = root.join("conversations.json");
+    std::fs::write(&conv_file, conversations.to_string()).unwrap();
+    for (name, template) in CHAT_TEMPLATES {
+        let dir = root.join(name);
+        with_chat_template(&root.join("llama"), &dir, template);
+        let theirs = reference(&[&"render-chat", &dir, &conv_file]);
+        let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+        let ours = ChatTemplate::from_model_dir(&dir, &tokenizer).unwrap();
+        assert_eq!(ours.stops(), ["<|endoftext|>", "<|im_end|>"], "{name}");
+        for (i, messages) in conversations.as_array().unwrap().iter().enumerate() {
+            let turns: Vec<(Role, String)> = messages
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| {
+                    let role = match m["role"].as_str().unwrap() {
+                        "system" => Role::System,
+                        "user" => Role::User,
+                        _ => Role::Assistant,
+                    };
+                    (role, m["content"].as_str().unwrap().to_string())
+                })
+                .collect();
+            let expected = &theirs[i];
+            match expected.get("error") {
+                Some(error) => {
+                    let err = ours.render(&turns, false).unwrap_err();
+                    assert!(
+                        err.contains(error.as_str().unwrap()),
+                        "{name} #{i}: transformers raised {error}, cairn said {err}"
+                    );
+                }
+                None => {
+                    assert_eq!(
+                        ours.render(&turns, false).unwrap(),
+                        expected["text"].as_str().unwrap(),
+                        "{name} #{i}"
+                    );
+                    assert_eq!(
+                        ours.render(&turns, true).unwrap(),
+                        expected["prompt"].as_str().unwrap(),
+                        "{name} #{i} with the generation prompt"
+                    );
+                    let pieces = ours.pieces(&turns).unwrap();
+                    let whole: String = pieces.iter().map(|p| p.0.as_str()).collect();
+                    assert_eq!(whole, expected["text"].as_str().unwrap(), "{name} #{i}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn training_with_the_models_chat_template_learns_its_replies_and_keeps_the_template() {
+    use cairn::ml::chat_template::ChatTemplate;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    reference(&[&"make", &root, &"llama"]);
+    let chatml = CHAT_TEMPLATES.iter().find(|t| t.0 == "chatml").unwrap().1;
+    let base = root.join("chat-llama");
+    with_chat_template(&root.join("llama"), &base, chatml);
+    std::fs::create_dir_all(root.join("ds")).unwrap();
+    let rec = |q: &str, a: &str| {
+        json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+            .to_string()
+    };
+    let lines: Vec<String> = (0..8)
+        .map(|i| rec(&format!("q{i}"), &format!("a{i}")))
+        .collect();
+    std::fs::write(root.join("ds/train.jsonl"), lines[..6].join("\n") + "\n").unwrap();
+    std::fs::write(root.join("ds/test.jsonl"), lines[6..].join("\n") + "\n").unwrap();
+    let settings = json!({"method": "lora", "template": "model", "lora": {"r": 4, "alpha": 8},
+        "learning_rate": 1e-2, "max_steps": 2, "batch_size": 2, "device": "cpu", "max_seq_len": 200,
+        "eval_every": 0, "checkpoint_every": 0});
+    let batch = root.join("batch.safetensors");
+    let job = train_job(root, &base, "out", settings, Some(&batch));
+    let (ok, events, stderr) = torch_helper(&[&"train", &"--job", &job]);
+    assert!(ok, "{events:?} {stderr}");
+    assert_eq!(finished(&events)["template"], "model");
+
+    // The trained tokens are the replies with their end-of-turn token, nothing else.
+    let tokenizer = tokenizers::Tokenizer::from_file(base.join("tokenizer.json")).unwrap();
+    let bytes = std::fs::read(&batch).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let labels = st.tensor("labels.0").unwrap();
+    let labels: Vec<i64> = labels
+        .data()
+        .chunks(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let row_len = labels.len() / 2;
+    let trained: Vec<u32> = labels[..row_len]
+        .iter()
+        .filter(|&&l| l >= 0)
+        .map(|&l| l as u32)
+        .collect();
+    let text = tokenizer.decode(&trained, false).unwrap();
+    assert!(
+        text.starts_with('a') && text.ends_with("<|im_end|>") && text.len() <= 14,
+        "trained on {text:?}"
+    );
+
+    // The adapter carries the template, its special tokens and its stop ids.
+    let out = root.join("out");
+    let saved = ChatTemplate::from_model_dir(&out, &tokenizer).unwrap();
+    assert_eq!(saved.source(), chatml);
+    assert_eq!(saved.stops(), ["<|endoftext|>", "<|im_end|>"]);
+    let generation: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("generation_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(generation["eos_token_id"], json!([256, 258]));
+}
+
+/// The recipes for real models validate before their weights are downloaded.
+#[test]
+fn model_recipes_validate_without_their_weights() {
+    let store = tempfile::tempdir().unwrap();
+    for recipe in [
+        "llama3_blog_assistant",
+        "gpt2_advice_column",
+        "gemma_chat_twin",
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .current_dir(repo())
+            .env("CAIRN_STORE", store.path())
+            .args(["validate", &format!("pipelines/recipes/{recipe}.yaml")])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{recipe}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

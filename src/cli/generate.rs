@@ -41,7 +41,7 @@ pub struct GenerateArgs {
     /// Feed the prompt as is, without the model's template.
     #[arg(long)]
     pub raw: bool,
-    /// Use this template instead of the model's (alpaca, chatml, or a string with {output}).
+    /// Use this template instead of the model's (alpaca, chatml, model: its own chat template, or a string with {output}).
     #[arg(long)]
     pub template: Option<String>,
     /// auto, cpu, cuda, cuda:N.
@@ -89,7 +89,7 @@ pub fn generate(cli: &Cli, args: &GenerateArgs) -> anyhow::Result<ExitCode> {
         return Err(UsageError(format!("--device: {e}")).into());
     }
     if let Some(t) = &args.template {
-        crate::ml::template::Template::parse(t)
+        crate::ml::template::Template::check(t)
             .map_err(|e| UsageError(format!("--template: {e}")))?;
     }
     let dir = model_dir(cli, &args.model)?;

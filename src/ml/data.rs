@@ -85,7 +85,7 @@ pub fn encode(
         ids: Vec::new(),
         labels: Vec::new(),
     };
-    for seg in template.render(conv, eos) {
+    for seg in template.render(conv, eos)? {
         let enc = tokenizer
             .encode(seg.text.as_str(), false)
             .map_err(|e| format!("tokenizing: {e}"))?;

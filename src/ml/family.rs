@@ -8,11 +8,21 @@ use std::path::Path;
 use serde_json::Value;
 
 /// `model_type` values the decoder implements.
-pub const MODEL_TYPES: &[&str] = &["gpt2", "llama", "qwen2", "qwen3", "mistral"];
+pub const MODEL_TYPES: &[&str] = &[
+    "gpt2",
+    "llama",
+    "qwen2",
+    "qwen3",
+    "mistral",
+    "phi3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+];
 
 /// Rotary scaling types the decoder implements (`rope_parameters.rope_type` or
 /// `rope_scaling.rope_type`/`type`).
-pub const ROPE_TYPES: &[&str] = &["default", "llama3"];
+pub const ROPE_TYPES: &[&str] = &["default", "llama3", "linear"];
 
 /// The rope type a config.json asks for.
 pub fn rope_type(config: &Value) -> &str {
@@ -70,11 +80,14 @@ mod tests {
         );
         std::fs::write(
             dir.path().join("config.json"),
-            r#"{"model_type": "gemma2"}"#,
+            r#"{"model_type": "falcon"}"#,
         )
         .unwrap();
         let err = check_model_dir(dir.path()).unwrap_err();
-        assert!(err.contains("\"gemma2\"") && err.contains("qwen3"), "{err}");
+        assert!(
+            err.contains("\"falcon\"") && err.contains("gemma2"),
+            "{err}"
+        );
         std::fs::write(
             dir.path().join("config.json"),
             r#"{"model_type": "llama", "rope_scaling": {"type": "yarn", "factor": 4}}"#,

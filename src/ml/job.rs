@@ -448,13 +448,19 @@ pub struct ModelCard {
 }
 
 impl ModelCard {
-    /// The template the model was trained with (Alpaca for models cairn did not train).
-    pub fn template(&self) -> Result<crate::ml::template::Template, String> {
-        crate::ml::template::Template::parse(if self.template.is_empty() {
+    /// The template the model in `dir` was trained with (Alpaca for models cairn did not
+    /// train); `model` reads the chat template saved with it.
+    pub fn template(
+        &self,
+        dir: &std::path::Path,
+        tokenizer: &tokenizers::Tokenizer,
+    ) -> Result<crate::ml::template::Template, String> {
+        let name = if self.template.is_empty() {
             "alpaca"
         } else {
             &self.template
-        })
+        };
+        crate::ml::template::Template::load(name, Some(dir), tokenizer)
     }
 
     /// The EOS token and its id: `wanted` if given, else the card's, else the tokenizer's.

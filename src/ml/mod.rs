@@ -3,6 +3,7 @@
 //! training loop run in the `cairn-torch` helper (src/bin/cairn-torch/), which reads the
 //! jobs defined here.
 
+pub mod chat_template;
 pub mod data;
 pub mod family;
 pub mod job;

@@ -2,8 +2,12 @@
 //! template (Alpaca, ChatML, or the user's) renders it into segments that say which text
 //! the loss is computed on (the responses, i.e. the twin's turns).
 
+use std::path::Path;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use super::chat_template::ChatTemplate;
 
 /// Who speaks a turn.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,8 +115,7 @@ pub struct Segment {
 }
 
 /// How conversations become text.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Template {
     /// Stanford Alpaca's prompt (`### Instruction:` / `### Input:` / `### Response:`).
     Alpaca,
@@ -121,21 +124,55 @@ pub enum Template {
     /// A user string with `{instruction}`, `{input}` and `{output}`: everything from
     /// `{output}` on is the response.
     Custom(String),
+    /// The model's own chat template (`template: model`), rendered as transformers does.
+    Model(Box<ChatTemplate>),
 }
 
 const ALPACA_HEAD: &str =
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n";
 const ALPACA_HEAD_INPUT: &str = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n";
 
+/// The `template` value that selects the model's own chat template.
+pub const MODEL_TEMPLATE: &str = "model";
+
 impl Template {
-    /// Parses the `template` parameter: `alpaca`, `chatml`, or a string with `{output}`.
+    /// Checks a `template` value: `alpaca`, `chatml`, `model`, or a string with
+    /// `{output}`.
+    pub fn check(s: &str) -> Result<(), String> {
+        if s == MODEL_TEMPLATE {
+            return Ok(());
+        }
+        Self::parse(s).map(|_| ())
+    }
+
+    /// A `template` value: `model` reads the chat template of the model in `model_dir`
+    /// (its stop tokens through `tokenizer`).
+    pub fn load(
+        s: &str,
+        model_dir: Option<&Path>,
+        tokenizer: &tokenizers::Tokenizer,
+    ) -> Result<Self, String> {
+        if s != MODEL_TEMPLATE {
+            return Self::parse(s);
+        }
+        let dir = model_dir.ok_or(
+            "template: model reads the chat template of a pretrained model; a scratch model has none",
+        )?;
+        Ok(Template::Model(Box::new(ChatTemplate::from_model_dir(
+            dir, tokenizer,
+        )?)))
+    }
+
+    /// Parses a `template` value other than `model`: `alpaca`, `chatml`, or a string with
+    /// `{output}`.
     pub fn parse(s: &str) -> Result<Self, String> {
         match s {
             "alpaca" => Ok(Template::Alpaca),
             "chatml" => Ok(Template::Chatml),
+            MODEL_TEMPLATE => Err("template: model needs the model's directory to read its chat template from".into()),
             custom if custom.contains("{output}") => Ok(Template::Custom(custom.to_string())),
             other => Err(format!(
-                "template {other:?} is neither `alpaca`, `chatml` nor a template string with {{output}} (and optionally {{instruction}}, {{input}})"
+                "template {other:?} is neither `alpaca`, `chatml`, `model` (the model's own chat template) nor a template string with {{output}} (and optionally {{instruction}}, {{input}})"
             )),
         }
     }
@@ -146,12 +183,29 @@ impl Template {
             Template::Alpaca => "alpaca".into(),
             Template::Chatml => "chatml".into(),
             Template::Custom(s) => s.clone(),
+            Template::Model(_) => MODEL_TEMPLATE.into(),
         }
     }
 
-    /// Renders a whole conversation for training; `eos` ends every response.
-    pub fn render(&self, conv: &Conversation, eos: &str) -> Vec<Segment> {
+    /// The model's chat template, for `template: model`.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
         match self {
+            Template::Model(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// Renders a whole conversation for training; `eos` ends every response (a model's
+    /// chat template ends turns itself).
+    pub fn render(&self, conv: &Conversation, eos: &str) -> Result<Vec<Segment>, String> {
+        Ok(match self {
+            Template::Model(t) => {
+                let mut out = Vec::new();
+                for (text, train) in t.pieces(&conv.turns)? {
+                    push(&mut out, text, train);
+                }
+                out
+            }
             Template::Chatml => {
                 let mut out = Vec::new();
                 for (role, content) in &conv.turns {
@@ -179,7 +233,7 @@ impl Template {
                     None => (conv.clone(), None),
                 };
                 let mut out = vec![Segment {
-                    text: self.prompt(&prompt),
+                    text: self.prompt(&prompt)?,
                     train: false,
                 }];
                 if let Some(reply) = reply {
@@ -189,15 +243,16 @@ impl Template {
                 out.retain(|s| !s.text.is_empty());
                 out
             }
-        }
+        })
     }
 
     /// The text a model continues to answer `conv` (its turns so far).
-    pub fn prompt(&self, conv: &Conversation) -> String {
-        match self {
+    pub fn prompt(&self, conv: &Conversation) -> Result<String, String> {
+        Ok(match self {
+            Template::Model(t) => t.render(&conv.turns, true)?,
             Template::Chatml => {
                 let mut s: String = self
-                    .render(conv, "")
+                    .render(conv, "")?
                     .into_iter()
                     .map(|seg| seg.text)
                     .collect();
@@ -218,10 +273,10 @@ impl Template {
                         head.replace("{instruction}", &instruction)
                             .replace("{input}", &input)
                     }
-                    Template::Chatml => unreachable!("handled above"),
+                    Template::Chatml | Template::Model(_) => unreachable!("handled above"),
                 }
             }
-        }
+        })
     }
 
     /// The text a custom template puts after `{output}` (part of the response).
@@ -239,6 +294,7 @@ impl Template {
     /// Text that ends a response in generation (besides the tokenizer's EOS token).
     pub fn stop_strings(&self) -> Vec<String> {
         match self {
+            Template::Model(t) => t.stops().to_vec(),
             Template::Chatml => vec!["<|im_end|>".into()],
             Template::Alpaca => vec!["### Instruction:".into()],
             Template::Custom(t) => {
@@ -303,7 +359,7 @@ mod tests {
         let conv =
             Conversation::from_record(&json!({"instruction": "Q", "input": "ctx", "output": "A"}))
                 .unwrap();
-        let segs = Template::Alpaca.render(&conv, "</s>");
+        let segs = Template::Alpaca.render(&conv, "</s>").unwrap();
         assert_eq!(segs.len(), 2);
         assert!(!segs[0].train);
         assert!(
@@ -319,7 +375,9 @@ mod tests {
             }
         );
         assert_eq!(
-            Template::Alpaca.prompt(&conv.split_last_reply().unwrap().0),
+            Template::Alpaca
+                .prompt(&conv.split_last_reply().unwrap().0)
+                .unwrap(),
             segs[0].text
         );
     }
@@ -331,7 +389,7 @@ mod tests {
             {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"},
             {"role": "assistant", "content": "a2"}]}))
         .unwrap();
-        let segs = Template::Chatml.render(&conv, "");
+        let segs = Template::Chatml.render(&conv, "").unwrap();
         let trained: Vec<&str> = segs
             .iter()
             .filter(|s| s.train)
@@ -344,6 +402,7 @@ mod tests {
         assert_eq!(reply, "a2");
         assert!(Template::Chatml
             .prompt(&prompt)
+            .unwrap()
             .ends_with("u2<|im_end|>\n<|im_start|>assistant\n"));
     }
 
@@ -352,7 +411,7 @@ mod tests {
         let t = Template::parse("Q: {instruction}\nA: {output}\n").unwrap();
         let conv = Conversation::from_record(&json!({"instruction": "why?", "output": "because"}))
             .unwrap();
-        let segs = t.render(&conv, "<eos>");
+        let segs = t.render(&conv, "<eos>").unwrap();
         assert_eq!(segs[0].text, "Q: why?\nA: ");
         assert_eq!(segs[1].text, "because\n<eos>");
         // A whitespace tail would cut multi-line answers: it is no stop string.

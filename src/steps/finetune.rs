@@ -47,7 +47,7 @@ pub fn settings_issues(p: &TrainSettings) -> Vec<ParamIssue> {
             );
         }
     }
-    if let Err(e) = Template::parse(&p.template) {
+    if let Err(e) = Template::check(&p.template) {
         bad("template", e);
     }
     if let Err(e) = p.device.parse::<crate::embed::DeviceChoice>() {

@@ -1,6 +1,7 @@
 """Reference side of cairn's decoder parity tests (transformers + PEFT on CPU, fp32).
 
-    decoder.py make ROOT ARCH...                 random tiny models (gpt2, llama, llama3, qwen2, qwen3, mistral) +
+    decoder.py make ROOT ARCH...                 random tiny models (gpt2, llama, llama3, qwen2, qwen3, mistral,
+                                                 phi3, gemma, gemma2, gemma3) +
                                                  a byte-level tokenizer, in ROOT/ARCH
     decoder.py check-logits MODEL IDS OURS [peft] [bf16]
                                                  transformers' (or PEFT's) logits for the
@@ -9,6 +10,11 @@
                                                  model loaded with torch_dtype=bfloat16)
     decoder.py check-step MODEL BATCH OURS JSON  one torch AdamW step on cairn's dumped
                                                  batch vs cairn's updated weights in OURS
+    decoder.py greedy MODEL PROMPT N             transformers' greedy continuation (N new tokens,
+                                                 stopping at EOS) of PROMPT, decoded
+    decoder.py render-chat MODEL CONVERSATIONS   transformers' apply_chat_template of each
+                                                 conversation (a JSON list of message lists),
+                                                 with and without the generation prompt
 """
 import json
 import sys
@@ -44,7 +50,11 @@ def make(out, arch):
                         "llama3": (tf.LlamaConfig, tf.LlamaForCausalLM),
                         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
                         "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
-                        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM)}[arch]
+                        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+                        "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM),
+                        "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM),
+                        "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM),
+                        "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM)}[arch]
         extra = {}
         if arch == "llama3":
             # Llama 3.x's scaled rotary embeddings; a short original context so that 100
@@ -59,6 +69,25 @@ def make(out, arch):
         if arch == "qwen3":
             # Qwen3: per-head q/k RMSNorm, head_dim independent of hidden/heads.
             extra = dict(head_dim=24, tie_word_embeddings=False)
+        if arch == "phi3":
+            # Phi-3: fused qkv and gate_up projections, a sliding window on every layer.
+            extra = dict(sliding_window=16, pad_token_id=0, tie_word_embeddings=False)
+        if arch == "gemma":
+            # Gemma: (1 + w) RMSNorm, sqrt(hidden) embedding scale, GeGLU, tied head.
+            extra = dict(head_dim=16, tie_word_embeddings=True)
+        if arch == "gemma2":
+            # Gemma 2: sandwich norms, query_pre_attn_scalar, attention and final logit
+            # soft-capping (small caps so they bite), a 16-token window on layer 0 only.
+            extra = dict(head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+                         final_logit_softcapping=3.0, sliding_window=16, tie_word_embeddings=True)
+        if arch == "gemma3":
+            # Gemma 3: q/k norms, a local rope base on the sliding layer, linear rope
+            # scaling on the global one.
+            extra = dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=16,
+                         layer_types=["sliding_attention", "full_attention"],
+                         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                                          "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+                         tie_word_embeddings=True)
         cfg = cls_cfg(**{**dict(vocab_size=259, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                 rms_norm_eps=1e-6, tie_word_embeddings=(arch == "qwen2"),
@@ -69,6 +98,9 @@ def make(out, arch):
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
+            # Scores and logits large enough for Gemma 2's soft-capping to change them.
+            if arch == "gemma2" and any(k in name for k in ("q_proj", "k_proj", "embed_tokens")):
+                p.mul_(20.0)
     model.save_pretrained(out, safe_serialization=True)
     byte_tokenizer(f"{out}/tokenizer.json")
 
@@ -140,6 +172,32 @@ def main():
             "max_update": max((after[k] - before[k]).abs().max().item() for k in shared),
             "tensors": len(shared), "only_cairn": sorted(set(ours) - set(after)),
         }))
+    elif cmd == "greedy":
+        from tokenizers import Tokenizer
+        model_dir, prompt, n = args
+        tok = Tokenizer.from_file(f"{model_dir}/tokenizer.json")
+        ids = torch.tensor([tok.encode(prompt, add_special_tokens=False).ids])
+        out = load(model_dir).generate(ids, do_sample=False, max_new_tokens=int(n),
+                                       eos_token_id=256, pad_token_id=256)
+        new = out[0, ids.shape[1]:].tolist()
+        if 256 in new:
+            new = new[:new.index(256)]
+        print(json.dumps({"text": tok.decode(new, skip_special_tokens=False).rstrip("\ufffd"),
+                          "tokens": len(new)}))
+    elif cmd == "render-chat":
+        from transformers import PreTrainedTokenizerFast
+        model_dir, conversations = args
+        tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
+        out = []
+        for messages in json.load(open(conversations)):
+            row = {}
+            try:
+                row["text"] = tok.apply_chat_template(messages, tokenize=False)
+                row["prompt"] = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception as e:  # the template's raise_exception
+                row["error"] = str(e)
+            out.append(row)
+        print(json.dumps(out))
     else:
         sys.exit(f"unknown command {cmd}")
 

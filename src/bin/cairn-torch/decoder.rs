@@ -1,7 +1,8 @@
 //! Decoder-only language models in tch: GPT-2 (learned positions, LayerNorm, GELU MLP,
-//! fused QKV "Conv1D" weights) and the Llama family (Llama, Qwen2, Mistral, SmolLM:
-//! RMSNorm, rotary embeddings, grouped-query attention, SwiGLU), with optional LoRA
-//! adapters on any linear module. Weights are plain tensors keyed by their Hugging Face
+//! fused QKV "Conv1D" weights) and the Llama family (Llama, Qwen2/3, Mistral, SmolLM:
+//! RMSNorm, rotary embeddings, grouped-query attention, SwiGLU; Gemma 1-3 as variations
+//! of it: offset norms, scaled embeddings, GeGLU, sandwich norms, soft-capping, local and
+//! global layers), with optional LoRA adapters on any linear module. Weights are plain tensors keyed by their Hugging Face
 //! names, so loading and saving are name-for-name with `transformers`.
 
 use std::collections::BTreeMap;
@@ -17,7 +18,7 @@ use cairn::ml::job::ScratchConfig;
 pub enum Arch {
     /// GPT-2 and its checkpoints (distilgpt2, gpt2-medium...).
     Gpt2,
-    /// Llama, Qwen2, Mistral, SmolLM.
+    /// Llama, Qwen2/3, Mistral, SmolLM, Gemma 1-3.
     Llama,
 }
 
@@ -60,9 +61,31 @@ pub struct Config {
     pub qkv_bias: bool,
     /// Qwen3 RMS-normalises each head of q and k (`q_norm`, `k_norm`) before rotary.
     pub qk_norm: bool,
-    /// Mistral's sliding-window attention: a query sees the last `w` keys (itself
-    /// included), as transformers' `kv_idx > q_idx - sliding_window`.
+    /// Sliding-window attention: a query sees the last `w` keys (itself included), as
+    /// transformers' `kv_idx > q_idx - sliding_window`, on the layers `sliding_layers`
+    /// marks (every layer for Mistral; Gemma 2/3 alternate with global layers).
     pub sliding_window: Option<i64>,
+    pub sliding_layers: Vec<bool>,
+    /// Gemma 3's sliding layers rotate with their own base frequency.
+    pub rope_theta_local: Option<f64>,
+    /// `rope_type: linear`: positions divided by this factor (Gemma 3's global layers).
+    pub rope_linear: Option<f64>,
+    /// Gemma: RMSNorm scales by (1 + weight), in f32 before casting back.
+    pub norm_offset: bool,
+    /// Gemma: embeddings multiplied by sqrt(hidden) (in the weights' dtype).
+    pub embed_scale: Option<f64>,
+    /// The gated MLP's activation: SiLU (Llama) or tanh-approximated GELU (Gemma).
+    pub gelu_mlp: bool,
+    /// Gemma 2/3: norms after attention and around the MLP ("sandwich" norms).
+    pub sandwich_norms: bool,
+    /// Attention scale when not 1/sqrt(head_dim) (Gemma 2/3: query_pre_attn_scalar^-0.5).
+    pub attn_scale: Option<f64>,
+    /// Gemma 2: attention scores soft-capped as cap * tanh(scores / cap).
+    pub attn_softcap: Option<f64>,
+    /// Gemma 2: logits soft-capped likewise.
+    pub final_softcap: Option<f64>,
+    /// Phi-3: q, k and v in one `qkv_proj`, gate and up in one `gate_up_proj`.
+    pub fused_projections: bool,
     pub embd_pdrop: f64,
     pub resid_pdrop: f64,
     pub attn_pdrop: f64,
@@ -158,29 +181,72 @@ impl Config {
                     qkv_bias: true,
                     qk_norm: false,
                     sliding_window: None,
+                    sliding_layers: Vec::new(),
+                    rope_theta_local: None,
+                    rope_linear: None,
+                    norm_offset: false,
+                    embed_scale: None,
+                    gelu_mlp: false,
+                    sandwich_norms: false,
+                    attn_scale: None,
+                    attn_softcap: None,
+                    final_softcap: None,
+                    fused_projections: false,
                     embd_pdrop: v["embd_pdrop"].as_f64().unwrap_or(0.1),
                     resid_pdrop: v["resid_pdrop"].as_f64().unwrap_or(0.1),
                     attn_pdrop: v["attn_pdrop"].as_f64().unwrap_or(0.1),
                     raw: v.clone(),
                 })
             }
-            "llama" | "qwen2" | "qwen3" | "mistral" => {
+            "llama" | "qwen2" | "qwen3" | "mistral" | "phi3" | "gemma" | "gemma2"
+            | "gemma3_text" => {
                 let hidden = need(&["hidden_size"])?;
                 let heads = need(&["num_attention_heads"])?;
-                let act = v["hidden_act"].as_str().unwrap_or("silu");
-                if act != "silu" {
-                    return Err(format!(
-                        "config.json: hidden_act {act:?} is not supported (silu)"
-                    ));
-                }
-                let rope = v.get("rope_parameters").filter(|r| r.is_object());
-                let rope_type = cairn::ml::family::rope_type(v);
-                let rope_llama3 = match rope_type {
-                    "default" => None,
-                    "llama3" => Some(Llama3Rope::from_hf(
-                        rope.or_else(|| v.get("rope_scaling"))
-                            .unwrap_or(&Value::Null),
-                    )?),
+                let layers = need(&["num_hidden_layers"])?;
+                let gemma = model_type.starts_with("gemma");
+                let act = if gemma {
+                    v["hidden_activation"]
+                        .as_str()
+                        .or_else(|| v["hidden_act"].as_str())
+                        .unwrap_or("gelu_pytorch_tanh")
+                } else {
+                    v["hidden_act"].as_str().unwrap_or("silu")
+                };
+                let gelu_mlp = match (act, gemma) {
+                    ("silu", false) => false,
+                    // transformers maps Gemma's legacy `gelu` to the tanh approximation.
+                    ("gelu_pytorch_tanh" | "gelu", true) => true,
+                    _ => {
+                        return Err(format!(
+                            "config.json: hidden activation {act:?} is not supported ({})",
+                            if gemma { "gelu_pytorch_tanh" } else { "silu" }
+                        ))
+                    }
+                };
+                // Gemma 3 keeps one set of rope parameters per layer type.
+                let rope_all = v.get("rope_parameters").filter(|r| r.is_object());
+                let rope = rope_all.and_then(|r| r.get("full_attention")).or(rope_all);
+                let rope_local = rope_all.and_then(|r| r.get("sliding_attention"));
+                let rope_type = match rope {
+                    Some(r)
+                        if r.get("full_attention").is_none() && r.get("rope_type").is_some() =>
+                    {
+                        r["rope_type"].as_str().unwrap_or("default")
+                    }
+                    _ => cairn::ml::family::rope_type(v),
+                };
+                let scaling = rope
+                    .or_else(|| v.get("rope_scaling"))
+                    .unwrap_or(&Value::Null);
+                let (rope_llama3, rope_linear) = match rope_type {
+                    "default" => (None, None),
+                    "llama3" => (Some(Llama3Rope::from_hf(scaling)?), None),
+                    "linear" => (
+                        None,
+                        Some(scaling["factor"].as_f64().filter(|f| *f > 0.0).ok_or(
+                            "config.json: rope parameters of type linear need a positive `factor`",
+                        )?),
+                    ),
                     other => {
                         return Err(format!(
                             "config.json: rope scaling {other:?} is not supported ({})",
@@ -188,13 +254,29 @@ impl Config {
                         ))
                     }
                 };
+                if let Some(local) = rope_local {
+                    let kind = local["rope_type"].as_str().unwrap_or("default");
+                    if kind != "default" {
+                        return Err(format!("config.json: rope scaling {kind:?} on sliding layers is not supported (default)"));
+                    }
+                }
                 if matches!(model_type, "qwen2" | "qwen3")
                     && v["use_sliding_window"].as_bool() == Some(true)
                 {
                     return Err(format!("config.json: use_sliding_window is not supported for {model_type} (set it to false)"));
                 }
+                let partial = rope
+                    .and_then(|r| r["partial_rotary_factor"].as_f64())
+                    .or_else(|| v["partial_rotary_factor"].as_f64())
+                    .unwrap_or(1.0);
+                if partial != 1.0 {
+                    return Err(format!(
+                        "config.json: partial_rotary_factor {partial} is not supported (1.0)"
+                    ));
+                }
+                let windowed = matches!(model_type, "mistral" | "phi3" | "gemma2" | "gemma3_text");
                 let sliding_window = match v.get("sliding_window") {
-                    Some(w) if model_type == "mistral" && !w.is_null() => {
+                    Some(w) if windowed && !w.is_null() => {
                         Some(w.as_i64().filter(|w| *w > 0).ok_or_else(|| {
                             format!(
                                 "config.json: sliding_window {w} is not a positive whole number"
@@ -203,18 +285,60 @@ impl Config {
                     }
                     _ => None,
                 };
+                // Which layers slide: `layer_types` when given, else the family's pattern
+                // (transformers writes layer_types into every config it saves).
+                let sliding_layers: Vec<bool> = match v["layer_types"].as_array() {
+                    Some(types) if sliding_window.is_some() => {
+                        if types.len() as i64 != layers {
+                            return Err(format!("config.json: layer_types lists {} layers, num_hidden_layers is {layers}", types.len()));
+                        }
+                        types
+                            .iter()
+                            .map(|t| match t.as_str() {
+                                Some("sliding_attention") => Ok(true),
+                                Some("full_attention") => Ok(false),
+                                _ => Err(format!("config.json: layer type {t} is not supported (sliding_attention, full_attention)")),
+                            })
+                            .collect::<Result<_, _>>()?
+                    }
+                    _ if sliding_window.is_none() => vec![false; layers as usize],
+                    _ => (0..layers)
+                        .map(|i| match model_type {
+                            "gemma2" => (i + 1) % 2 != 0,
+                            "gemma3_text" => (i + 1) % 6 != 0,
+                            _ => true,
+                        })
+                        .collect(),
+                };
                 let rope_theta = rope
                     .and_then(|r| r["rope_theta"].as_f64())
                     .or_else(|| v["rope_theta"].as_f64())
-                    .unwrap_or(10000.0);
+                    .unwrap_or(if model_type == "gemma3_text" {
+                        1_000_000.0
+                    } else {
+                        10000.0
+                    });
+                let rope_theta_local = (model_type == "gemma3_text").then(|| {
+                    rope_local
+                        .and_then(|r| r["rope_theta"].as_f64())
+                        .or_else(|| v["rope_local_base_freq"].as_f64())
+                        .unwrap_or(10000.0)
+                });
+                let head_dim =
+                    int(v, &["head_dim"]).unwrap_or(if gemma { 256 } else { hidden / heads });
+                let softcap = |key: &str, default: Option<f64>| match v.get(key) {
+                    Some(Value::Null) => None,
+                    Some(x) => x.as_f64(),
+                    None => default,
+                };
                 Ok(Self {
                     arch: Arch::Llama,
                     vocab: need(&["vocab_size"])?,
                     hidden,
-                    layers: need(&["num_hidden_layers"])?,
+                    layers,
                     heads,
                     kv_heads: int(v, &["num_key_value_heads"]).unwrap_or(heads),
-                    head_dim: int(v, &["head_dim"]).unwrap_or(hidden / heads),
+                    head_dim,
                     intermediate: need(&["intermediate_size"])?,
                     max_positions: int(v, &["max_position_embeddings"]).unwrap_or(2048),
                     eps: v["rms_norm_eps"].as_f64().unwrap_or(1e-6),
@@ -222,12 +346,40 @@ impl Config {
                     rope_llama3,
                     tie_embeddings: v["tie_word_embeddings"]
                         .as_bool()
-                        .unwrap_or(model_type == "qwen2"),
+                        .unwrap_or(model_type == "qwen2" || gemma),
                     qkv_bias: model_type == "qwen2" || v["attention_bias"].as_bool() == Some(true),
-                    qk_norm: model_type == "qwen3",
+                    qk_norm: matches!(model_type, "qwen3" | "gemma3_text"),
                     sliding_window,
+                    sliding_layers,
+                    rope_theta_local,
+                    rope_linear,
+                    norm_offset: gemma,
+                    embed_scale: gemma.then(|| (hidden as f64).sqrt()),
+                    gelu_mlp,
+                    sandwich_norms: matches!(model_type, "gemma2" | "gemma3_text"),
+                    attn_scale: match model_type {
+                        "gemma2" | "gemma3_text" => Some(
+                            v["query_pre_attn_scalar"]
+                                .as_f64()
+                                .unwrap_or(head_dim as f64)
+                                .powf(-0.5),
+                        ),
+                        _ => None,
+                    },
+                    attn_softcap: if model_type == "gemma2" {
+                        softcap("attn_logit_softcapping", Some(50.0))
+                    } else {
+                        softcap("attn_logit_softcapping", None)
+                    },
+                    final_softcap: if model_type == "gemma2" {
+                        softcap("final_logit_softcapping", Some(30.0))
+                    } else {
+                        softcap("final_logit_softcapping", None)
+                    },
+                    fused_projections: model_type == "phi3",
                     embd_pdrop: 0.0,
-                    resid_pdrop: 0.0,
+                    // Phi-3 drops out the attention and MLP outputs before each residual.
+                    resid_pdrop: v["resid_pdrop"].as_f64().unwrap_or(0.0),
                     attn_pdrop: v["attention_dropout"].as_f64().unwrap_or(0.0),
                     raw: v.clone(),
                 })
@@ -323,9 +475,16 @@ impl Config {
                 for l in 0..self.layers {
                     let p = format!("model.layers.{l}");
                     add(format!("{p}.input_layernorm.weight"), vec![h]);
-                    add(format!("{p}.self_attn.q_proj.weight"), vec![q, h]);
-                    add(format!("{p}.self_attn.k_proj.weight"), vec![kv, h]);
-                    add(format!("{p}.self_attn.v_proj.weight"), vec![kv, h]);
+                    if self.fused_projections {
+                        add(
+                            format!("{p}.self_attn.qkv_proj.weight"),
+                            vec![q + 2 * kv, h],
+                        );
+                    } else {
+                        add(format!("{p}.self_attn.q_proj.weight"), vec![q, h]);
+                        add(format!("{p}.self_attn.k_proj.weight"), vec![kv, h]);
+                        add(format!("{p}.self_attn.v_proj.weight"), vec![kv, h]);
+                    }
                     if self.qkv_bias {
                         add(format!("{p}.self_attn.q_proj.bias"), vec![q]);
                         add(format!("{p}.self_attn.k_proj.bias"), vec![kv]);
@@ -337,8 +496,16 @@ impl Config {
                     }
                     add(format!("{p}.self_attn.o_proj.weight"), vec![h, q]);
                     add(format!("{p}.post_attention_layernorm.weight"), vec![h]);
-                    add(format!("{p}.mlp.gate_proj.weight"), vec![i, h]);
-                    add(format!("{p}.mlp.up_proj.weight"), vec![i, h]);
+                    if self.sandwich_norms {
+                        add(format!("{p}.pre_feedforward_layernorm.weight"), vec![h]);
+                        add(format!("{p}.post_feedforward_layernorm.weight"), vec![h]);
+                    }
+                    if self.fused_projections {
+                        add(format!("{p}.mlp.gate_up_proj.weight"), vec![2 * i, h]);
+                    } else {
+                        add(format!("{p}.mlp.gate_proj.weight"), vec![i, h]);
+                        add(format!("{p}.mlp.up_proj.weight"), vec![i, h]);
+                    }
                     add(format!("{p}.mlp.down_proj.weight"), vec![h, i]);
                 }
                 add("model.norm.weight".into(), vec![h]);
@@ -348,6 +515,16 @@ impl Config {
             }
         }
         out
+    }
+
+    /// The LoRA targets when none are given: PEFT's defaults (`c_attn` for GPT-2, q/v
+    /// for the Llama family), Phi-3's fused `qkv_proj`.
+    pub fn default_lora_targets(&self) -> Vec<String> {
+        if self.fused_projections {
+            vec!["qkv_proj".into()]
+        } else {
+            self.arch.default_lora_targets()
+        }
     }
 
     /// Whether module `name` stores its weight as [in, out] (GPT-2's Conv1D).
@@ -384,8 +561,13 @@ pub struct LoraPair {
 pub enum Positions {
     /// GPT-2: already added to the embeddings.
     Learned,
-    /// Llama: rotary tables [seq, head_dim].
-    Rotary { cos: Tensor, sin: Tensor },
+    /// Llama: rotary tables [seq, head_dim]; `local` for sliding layers that rotate
+    /// with their own base frequency (Gemma 3).
+    Rotary {
+        cos: Tensor,
+        sin: Tensor,
+        local: Option<(Tensor, Tensor)>,
+    },
 }
 
 /// Per-layer key/value cache for generation.
@@ -821,8 +1003,22 @@ impl Model {
             Arch::Llama => {
                 let h =
                     Tensor::embedding(self.p("model.embed_tokens.weight"), ids, -1, false, false);
-                let (cos, sin) = self.rope(past, t);
-                (h, Positions::Rotary { cos, sin })
+                let h = match self.cfg.embed_scale {
+                    // As transformers: the scale is a tensor cast to the weights' dtype.
+                    Some(scale) => {
+                        let scale = Tensor::from(scale as f32)
+                            .to_kind(h.kind())
+                            .to_device(self.device);
+                        h * scale
+                    }
+                    None => h,
+                };
+                let (cos, sin) = self.rope(past, t, self.cfg.rope_theta, true);
+                let local = self
+                    .cfg
+                    .rope_theta_local
+                    .map(|theta| self.rope(past, t, theta, false));
+                (h, Positions::Rotary { cos, sin, local })
             }
         }
     }
@@ -878,25 +1074,38 @@ impl Model {
                 let m = self.linear(&format!("{p}.mlp.c_proj"), &m);
                 h + self.dropout(m, self.cfg.resid_pdrop)
             }
-            (Arch::Llama, Positions::Rotary { cos, sin }) => {
+            (Arch::Llama, Positions::Rotary { cos, sin, local }) => {
                 let rep = nh / nkv;
                 let p = format!("model.layers.{l}");
+                let sliding = self.cfg.sliding_layers.get(l as usize) == Some(&true);
+                let (cos, sin) = match local {
+                    Some((lc, ls)) if sliding => (lc, ls),
+                    _ => (cos, sin),
+                };
                 let a = self.rms(h, &format!("{p}.input_layernorm.weight"));
-                let mut q = self
-                    .linear(&format!("{p}.self_attn.q_proj"), &a)
-                    .view([b, t, nh, hd]);
-                let mut k = self
-                    .linear(&format!("{p}.self_attn.k_proj"), &a)
-                    .view([b, t, nkv, hd]);
+                let (q, k, v) = if self.cfg.fused_projections {
+                    let qkv = self.linear(&format!("{p}.self_attn.qkv_proj"), &a);
+                    let parts = qkv.split_with_sizes([nh * hd, nkv * hd, nkv * hd], -1);
+                    (
+                        parts[0].shallow_clone(),
+                        parts[1].shallow_clone(),
+                        parts[2].shallow_clone(),
+                    )
+                } else {
+                    (
+                        self.linear(&format!("{p}.self_attn.q_proj"), &a),
+                        self.linear(&format!("{p}.self_attn.k_proj"), &a),
+                        self.linear(&format!("{p}.self_attn.v_proj"), &a),
+                    )
+                };
+                let mut q = q.view([b, t, nh, hd]);
+                let mut k = k.view([b, t, nkv, hd]);
                 if self.cfg.qk_norm {
                     q = self.rms(&q, &format!("{p}.self_attn.q_norm.weight"));
                     k = self.rms(&k, &format!("{p}.self_attn.k_norm.weight"));
                 }
                 let (q, k) = (q.transpose(1, 2), k.transpose(1, 2));
-                let mut v = self
-                    .linear(&format!("{p}.self_attn.v_proj"), &a)
-                    .view([b, t, nkv, hd])
-                    .transpose(1, 2);
+                let mut v = v.view([b, t, nkv, hd]).transpose(1, 2);
                 let q = apply_rope(&q, cos, sin);
                 let mut k = apply_rope(&k, cos, sin);
                 if let Some(slot) = cache {
@@ -910,28 +1119,21 @@ impl Model {
                 } else {
                     (k, v)
                 };
-                let window = self.sliding_window_mask(t, k.size()[2]);
-                let y = match &window {
-                    Some(mask) => Tensor::scaled_dot_product_attention(
-                        &q,
-                        &k,
-                        &v,
-                        Some(mask),
-                        attn_p,
-                        false,
-                        None,
-                        false,
-                    ),
-                    None => Tensor::scaled_dot_product_attention::<Tensor>(
-                        &q, &k, &v, None, attn_p, causal, None, false,
-                    ),
-                };
+                let y = self.attend(&q, &k, &v, sliding, causal, attn_p);
                 let y = y.transpose(1, 2).reshape([b, t, nh * hd]);
-                let h = h + self.linear(&format!("{p}.self_attn.o_proj"), &y);
-                let m = self.rms(&h, &format!("{p}.post_attention_layernorm.weight"));
-                let g = self.linear(&format!("{p}.mlp.gate_proj"), &m).silu();
-                let u = self.linear(&format!("{p}.mlp.up_proj"), &m);
-                &h + self.linear(&format!("{p}.mlp.down_proj"), &(g * u))
+                let y = self.linear(&format!("{p}.self_attn.o_proj"), &y);
+                if self.cfg.sandwich_norms {
+                    let y = self.rms(&y, &format!("{p}.post_attention_layernorm.weight"));
+                    let h = h + y;
+                    let m = self.rms(&h, &format!("{p}.pre_feedforward_layernorm.weight"));
+                    let m = self.mlp(&p, &m);
+                    let m = self.rms(&m, &format!("{p}.post_feedforward_layernorm.weight"));
+                    &h + m
+                } else {
+                    let h = h + self.dropout(y, self.cfg.resid_pdrop);
+                    let m = self.rms(&h, &format!("{p}.post_attention_layernorm.weight"));
+                    &h + self.dropout(self.mlp(&p, &m), self.cfg.resid_pdrop)
+                }
             }
             (Arch::Llama, Positions::Learned) => unreachable!("llama blocks take rotary tables"),
         }
@@ -961,15 +1163,114 @@ impl Model {
         } else {
             self.p("lm_head.weight")
         };
-        h.linear::<Tensor>(head, None)
+        let logits = h.linear::<Tensor>(head, None);
+        match self.cfg.final_softcap {
+            Some(cap) => (logits / cap).tanh() * cap,
+            None => logits,
+        }
+    }
+
+    /// The gated MLP of block `p`: down(act(gate(x)) * up(x)).
+    fn mlp(&self, p: &str, x: &Tensor) -> Tensor {
+        let (g, u) = if self.cfg.fused_projections {
+            let gate_up = self.linear(&format!("{p}.mlp.gate_up_proj"), x);
+            let halves = gate_up.chunk(2, -1);
+            (halves[0].shallow_clone(), halves[1].shallow_clone())
+        } else {
+            (
+                self.linear(&format!("{p}.mlp.gate_proj"), x),
+                self.linear(&format!("{p}.mlp.up_proj"), x),
+            )
+        };
+        let g = if self.cfg.gelu_mlp {
+            g.gelu("tanh")
+        } else {
+            g.silu()
+        };
+        self.linear(&format!("{p}.mlp.down_proj"), &(g * u))
+    }
+
+    /// Attention of `q` over `k`/`v` [batch, heads, seq, head_dim]: causal, limited to
+    /// the sliding window on sliding layers, scaled and soft-capped as the config says.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        sliding: bool,
+        causal: bool,
+        attn_p: f64,
+    ) -> Tensor {
+        let (t, keys) = (q.size()[2], k.size()[2]);
+        let window = if sliding {
+            self.sliding_window_mask(t, keys)
+        } else {
+            None
+        };
+        let Some(cap) = self.cfg.attn_softcap else {
+            return match &window {
+                Some(mask) => Tensor::scaled_dot_product_attention(
+                    q,
+                    k,
+                    v,
+                    Some(mask),
+                    attn_p,
+                    false,
+                    self.cfg.attn_scale,
+                    false,
+                ),
+                None => Tensor::scaled_dot_product_attention::<Tensor>(
+                    q,
+                    k,
+                    v,
+                    None,
+                    attn_p,
+                    causal,
+                    self.cfg.attn_scale,
+                    false,
+                ),
+            };
+        };
+        // Soft-capping needs the scores themselves: transformers' eager attention.
+        let scale = self
+            .cfg
+            .attn_scale
+            .unwrap_or((self.cfg.head_dim as f64).powf(-0.5));
+        let scores = q.matmul(&k.transpose(-2, -1)) * scale;
+        let scores = (scores / cap).tanh() * cap;
+        let allowed = window.or_else(|| causal.then(|| self.causal_mask(t, keys)));
+        let scores = match allowed {
+            Some(mask) => scores.masked_fill(&mask.logical_not(), f64::NEG_INFINITY),
+            None => scores,
+        };
+        let probs = scores.softmax(-1, Kind::Float).to_kind(q.kind());
+        let probs = if attn_p > 0.0 {
+            probs.dropout(attn_p, true)
+        } else {
+            probs
+        };
+        probs.matmul(v)
+    }
+
+    /// [t, keys] (true = attend): the `t` queries are the last `t` of `keys` positions.
+    fn causal_mask(&self, t: i64, keys: i64) -> Tensor {
+        let past = keys - t;
+        let q = Tensor::arange_start(past, keys, (Kind::Int64, self.device)).unsqueeze(1);
+        let k = Tensor::arange(keys, (Kind::Int64, self.device)).unsqueeze(0);
+        k.le_tensor(&q)
     }
 
     fn rms(&self, x: &Tensor, weight: &str) -> Tensor {
         let kind = x.kind();
         let xf = x.to_kind(Kind::Float);
         let var = xf.square().mean_dim(&[-1i64][..], true, None::<Kind>);
-        let normed = (xf * (var + self.cfg.eps).rsqrt()).to_kind(kind);
-        self.p(weight) * normed
+        let normed = xf * (var + self.cfg.eps).rsqrt();
+        if self.cfg.norm_offset {
+            // Gemma: (x * (1 + w)) in f32, then cast (Llama casts before scaling).
+            (normed * (self.p(weight).to_kind(Kind::Float) + 1.0)).to_kind(kind)
+        } else {
+            self.p(weight) * normed.to_kind(kind)
+        }
     }
 
     /// For sliding-window models whose keys reach further back than the window: the
@@ -985,15 +1286,22 @@ impl Model {
 
     /// cos/sin tables [t, head_dim] for positions past..past+t (HF's layout: the two
     /// halves of the head repeat the frequencies).
-    fn rope(&self, past: i64, t: i64) -> (Tensor, Tensor) {
+    /// With `scaled`, the config's rope scaling applies (Gemma 3's sliding layers use
+    /// their own base frequency without it).
+    fn rope(&self, past: i64, t: i64, theta: f64, scaled: bool) -> (Tensor, Tensor) {
         let hd = self.cfg.head_dim;
         let mut inv = (Tensor::arange_start_step(0i64, hd, 2, (Kind::Int64, self.device))
             .to_kind(Kind::Float)
             / hd as f64
-            * -self.cfg.rope_theta.ln())
+            * -theta.ln())
         .exp();
-        if let Some(scaling) = &self.cfg.rope_llama3 {
-            inv = scaling.apply(&inv);
+        if scaled {
+            if let Some(scaling) = &self.cfg.rope_llama3 {
+                inv = scaling.apply(&inv);
+            }
+            if let Some(factor) = self.cfg.rope_linear {
+                inv = &inv / factor;
+            }
         }
         let pos =
             Tensor::arange_start(past, past + t, (Kind::Int64, self.device)).to_kind(Kind::Float);
@@ -1041,10 +1349,10 @@ mod tests {
 
     #[test]
     fn unsupported_configs_are_named_with_what_is_supported() {
-        let gemma = Config::from_hf(&llama_like(json!({"model_type": "gemma"}))).unwrap_err();
+        let falcon = Config::from_hf(&llama_like(json!({"model_type": "falcon"}))).unwrap_err();
         assert!(
-            gemma.contains("\"gemma\"") && gemma.contains("qwen3"),
-            "{gemma}"
+            falcon.contains("\"falcon\"") && falcon.contains("gemma3_text"),
+            "{falcon}"
         );
         let yarn = Config::from_hf(&llama_like(
             json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}),

@@ -23,7 +23,7 @@ pub fn run(job: &EvalJob, emit: &mut dyn FnMut(Value)) -> Result<EvalResults, St
     emit(json!({"device": {"device": crate::device::name(device), "reason": reason}}));
     let (mut model, tokenizer, card) = modeldir::load_any(&job.model, device, tch::Kind::Float)?;
     model.merge_lora();
-    let template = card.template()?;
+    let template = card.template(&job.model, &tokenizer)?;
     let (eos, _) = card.eos(&tokenizer, None)?;
     let pad = tokenizer.token_to_id(&eos).map(i64::from).unwrap_or(0);
     let stops = template.stop_strings();
@@ -64,7 +64,7 @@ pub fn run(job: &EvalJob, emit: &mut dyn FnMut(Value)) -> Result<EvalResults, St
         let out = generate(
             &model,
             &tokenizer,
-            &template.prompt(conv),
+            &template.prompt(conv)?,
             &greedy,
             &stops,
             &eos_ids,
@@ -97,7 +97,7 @@ pub fn run(job: &EvalJob, emit: &mut dyn FnMut(Value)) -> Result<EvalResults, St
         let out = generate(
             &model,
             &tokenizer,
-            &template.prompt(&conv),
+            &template.prompt(&conv)?,
             &g,
             &stop_all,
             &eos_ids,

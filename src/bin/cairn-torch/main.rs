@@ -81,7 +81,7 @@ enum Command {
         /// Feed the prompt as is.
         #[arg(long)]
         raw: bool,
-        /// Override the template (alpaca, chatml, or a string with {output}).
+        /// Override the template (alpaca, chatml, model: its own chat template, or a string with {output}).
         #[arg(long)]
         template: Option<String>,
         /// Sampling settings as JSON (`cairn::ml::job::GenerationSettings`).
@@ -132,15 +132,15 @@ fn generate_command(
     let (mut m, tokenizer, card) = modeldir::load_any(model, device, tch::Kind::Float)?;
     m.merge_lora();
     let template = match template {
-        Some(t) => cairn::ml::template::Template::parse(t)?,
-        None => card.template()?,
+        Some(t) => cairn::ml::template::Template::load(t, Some(model), &tokenizer)?,
+        None => card.template(model, &tokenizer)?,
     };
     let text = if raw {
         prompt.to_string()
     } else {
         template.prompt(&cairn::ml::template::Conversation {
             turns: vec![(cairn::ml::template::Role::User, prompt.to_string())],
-        })
+        })?
     };
     // A tokenizer without a known EOS still generates, up to max_new_tokens.
     let eos = card.eos(&tokenizer, None).map(|e| e.0).unwrap_or_default();

@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 use tokenizers::Tokenizer;
 
+use cairn::ml::chat_template::ChatTemplate;
 use cairn::ml::job::{LoraSettings, ModelCard, MODEL_CARD};
 
 use crate::decoder::{Config, LoraPair, Model};
@@ -175,15 +176,40 @@ fn write_json(path: &Path, v: &Value) -> Result<(), String> {
     std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn write_tokenizer(dir: &Path, tokenizer: &Tokenizer, card: &ModelCard) -> Result<(), String> {
+/// tokenizer.json and tokenizer_config.json; with the model's chat template, the template
+/// and its special tokens too, and generation_config.json's end-of-turn ids, so that
+/// transformers, llama.cpp converters and servers render and stop as training did.
+fn write_tokenizer(
+    dir: &Path,
+    tokenizer: &Tokenizer,
+    card: &ModelCard,
+    chat: Option<&ChatTemplate>,
+) -> Result<(), String> {
     tokenizer
         .save(dir.join("tokenizer.json"), false)
         .map_err(|e| format!("tokenizer.json: {e}"))?;
-    write_json(
-        &dir.join("tokenizer_config.json"),
-        &json!({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": card.eos_token,
-                "pad_token": card.eos_token, "model_max_length": 1_000_000_000_000_000_000i64}),
-    )
+    let mut config = json!({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": card.eos_token,
+        "pad_token": card.eos_token, "model_max_length": 1_000_000_000_000_000_000i64});
+    if let Some(chat) = chat {
+        config["chat_template"] = json!(chat.source());
+        if !chat.bos_token().is_empty() {
+            config["bos_token"] = json!(chat.bos_token());
+        }
+        if !chat.eos_token().is_empty() {
+            config["eos_token"] = json!(chat.eos_token());
+        }
+        let stop_ids: Vec<u32> = chat
+            .stops()
+            .iter()
+            .filter_map(|s| tokenizer.token_to_id(s))
+            .collect();
+        let mut generation = json!({"eos_token_id": stop_ids});
+        if let Some(bos) = tokenizer.token_to_id(chat.bos_token()) {
+            generation["bos_token_id"] = json!(bos);
+        }
+        write_json(&dir.join("generation_config.json"), &generation)?;
+    }
+    write_json(&dir.join("tokenizer_config.json"), &config)
 }
 
 /// Writes a full model directory (merged adapters included).
@@ -191,6 +217,7 @@ pub fn save_full(
     model: &Model,
     tokenizer: &Tokenizer,
     card: &ModelCard,
+    chat: Option<&ChatTemplate>,
     dir: &Path,
 ) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -213,7 +240,7 @@ pub fn save_full(
     let mut card = card.clone();
     card.method = "full".into();
     card.base_model = None;
-    write_tokenizer(dir, tokenizer, &card)?;
+    write_tokenizer(dir, tokenizer, &card, chat)?;
     write_json(
         &dir.join(MODEL_CARD),
         &serde_json::to_value(&card).map_err(|e| e.to_string())?,
@@ -225,8 +252,8 @@ pub fn save_adapter(
     model: &Model,
     tokenizer: &Tokenizer,
     card: &ModelCard,
+    chat: Option<&ChatTemplate>,
     lora: &LoraSettings,
-    targets: &[String],
     base_ref: &str,
     dir: &Path,
 ) -> Result<(), String> {
@@ -242,18 +269,18 @@ pub fn save_adapter(
         &json!({
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_ref,
             "r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
-            "target_modules": targets, "fan_in_fan_out": model.cfg.is_conv1d(), "bias": "none",
+            "target_modules": lora.target_modules, "fan_in_fan_out": model.cfg.is_conv1d(), "bias": "none",
             "inference_mode": true, "init_lora_weights": true, "modules_to_save": null,
             "use_rslora": false, "use_dora": false, "layers_to_transform": null,
         }),
     )?;
-    write_tokenizer(dir, tokenizer, card)?;
+    write_tokenizer(dir, tokenizer, card, chat)?;
     write_json(
         &dir.join(MODEL_CARD),
         &serde_json::to_value(card).map_err(|e| e.to_string())?,
     )?;
     if lora.merge {
-        save_full(model, tokenizer, card, &dir.join("merged"))?;
+        save_full(model, tokenizer, card, chat, &dir.join("merged"))?;
     }
     Ok(())
 }

@@ -338,7 +338,7 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
         ));
     }
     let (mut model, tokenizer, mut card) = build_model(job, device, kind)?;
-    let template = Template::parse(&s.template)?;
+    let template = Template::load(&s.template, job.base_dir.as_deref(), &tokenizer)?;
     let (eos, eos_id) = card.eos(&tokenizer, s.eos_token.as_deref())?;
     let pad = i64::from(eos_id);
     let max_len = s.max_seq_len.min(model.cfg.max_positions as usize);
@@ -382,7 +382,7 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
         Method::Lora => {
             if model.lora.is_empty() {
                 let targets = if s.lora.target_modules.is_empty() {
-                    model.cfg.arch.default_lora_targets()
+                    model.cfg.default_lora_targets()
                 } else {
                     s.lora.target_modules.clone()
                 };
@@ -639,7 +639,13 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
     card.eos_token = eos;
     card.provenance = job.provenance.clone();
     match s.method {
-        Method::Full => modeldir::save_full(&model, &tokenizer, &card, &job.output)?,
+        Method::Full => modeldir::save_full(
+            &model,
+            &tokenizer,
+            &card,
+            template.chat_template(),
+            &job.output,
+        )?,
         Method::Lora => {
             let base = job.base_dir.clone().ok_or("LoRA needs a base model")?;
             let base = if modeldir::is_adapter(&base) {
@@ -657,8 +663,8 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
                 &model,
                 &tokenizer,
                 &card,
+                template.chat_template(),
                 &lora,
-                &lora_targets,
                 &base.display().to_string(),
                 &job.output,
             )?;
