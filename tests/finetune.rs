@@ -366,7 +366,8 @@ fn lora_over_bf16_base_weights_trains_and_loads_in_peft() {
     write_dataset(&root.join("ds"));
     let ids = root.join("ids.safetensors");
     write_ids(&ids, 40);
-    let settings = json!({"method": "lora", "dtype": "bf16",
+    // Shards of at most 60 kB: the tiny model's merged weights (~270 kB in bf16) split.
+    let settings = json!({"method": "lora", "dtype": "bf16", "max_shard_mb": 0.06,
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "merge": true},
         "learning_rate": 1e-2, "max_steps": 4, "batch_size": 4, "device": "cpu", "max_seq_len": 200,
         "eval_every": 0, "checkpoint_every": 0});
@@ -396,9 +397,34 @@ fn lora_over_bf16_base_weights_trains_and_loads_in_peft() {
     assert!(dtypes(&dir.join("adapter_model.safetensors"))
         .iter()
         .all(|d| *d == safetensors::Dtype::F32));
-    assert!(dtypes(&dir.join("merged/model.safetensors"))
-        .iter()
-        .all(|d| *d == safetensors::Dtype::BF16));
+    let index: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("merged/model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    let mut shards: Vec<&str> = index["weight_map"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    shards.sort();
+    shards.dedup();
+    assert!(shards.len() > 2, "{index}");
+    let mut total = 0;
+    for shard in &shards {
+        let file = dir.join("merged").join(shard);
+        assert!(std::fs::metadata(&file).unwrap().len() < 61_000, "{shard}");
+        assert!(dtypes(&file).iter().all(|d| *d == safetensors::Dtype::BF16));
+        let bytes = std::fs::read(&file).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        total += st
+            .tensors()
+            .iter()
+            .map(|(_, v)| v.data().len())
+            .sum::<usize>();
+    }
+    assert_eq!(index["metadata"]["total_size"], json!(total));
+    assert!(!dir.join("merged/model.safetensors").exists());
     let config: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("merged/config.json")).unwrap())
             .unwrap();

@@ -212,6 +212,10 @@ pub struct TrainSettings {
     /// `auto` (bf16 autocast on CUDA, f32 on CPU), `f32` or `bf16`.
     #[serde(default = "default_device")]
     pub precision: String,
+    /// Largest weights file of a saved full or merged model, in MB: bigger models are
+    /// written as transformers shards them (model-0000x-of-0000y.safetensors + index).
+    #[serde(default = "default_shard_mb")]
+    pub max_shard_mb: f64,
     /// How the frozen base weights of LoRA are stored: `auto` (bf16 on CUDA, f32 on
     /// CPU), `f32`, `bf16` or `f16`. Adapters and optimizer state stay f32; full
     /// fine-tuning trains f32 weights.
@@ -266,6 +270,9 @@ fn default_eval_every() -> u64 {
 }
 fn default_checkpoint_every() -> u64 {
     100
+}
+fn default_shard_mb() -> f64 {
+    5000.0
 }
 fn default_device() -> String {
     "auto".into()

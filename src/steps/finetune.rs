@@ -73,6 +73,12 @@ pub fn settings_issues(p: &TrainSettings) -> Vec<ParamIssue> {
             format!("dtype {other:?}: use auto, f32, bf16 or f16"),
         ),
     }
+    if !(p.max_shard_mb > 0.0 && p.max_shard_mb.is_finite()) {
+        bad(
+            "max_shard_mb",
+            format!("max_shard_mb must be positive, got {}", p.max_shard_mb),
+        );
+    }
     if p.batch_size == 0 || p.grad_accum == 0 {
         bad(
             "batch_size",

@@ -171,6 +171,53 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, &Tensor)]) -> Result<(
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Writes `tensors` as model.safetensors, or, past `max_shard_bytes`, as shards filled in
+/// order plus the index transformers reads (`metadata.total_size`, `weight_map`).
+fn write_sharded(
+    dir: &Path,
+    tensors: &[(String, &Tensor)],
+    max_shard_bytes: u64,
+) -> Result<(), String> {
+    let bytes = |t: &Tensor| {
+        let elt = match t.kind() {
+            Kind::BFloat16 | Kind::Half => 2,
+            _ => 4,
+        };
+        (t.numel() * elt) as u64
+    };
+    let total: u64 = tensors.iter().map(|(_, t)| bytes(t)).sum();
+    if total <= max_shard_bytes {
+        return write_safetensors(&dir.join("model.safetensors"), tensors);
+    }
+    let mut shards: Vec<Vec<(String, &Tensor)>> = vec![Vec::new()];
+    let mut filled = 0;
+    for (name, t) in tensors {
+        let size = bytes(t);
+        if filled > 0 && filled + size > max_shard_bytes {
+            shards.push(Vec::new());
+            filled = 0;
+        }
+        filled += size;
+        shards
+            .last_mut()
+            .expect("one shard at least")
+            .push((name.clone(), *t));
+    }
+    let n = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
+        write_safetensors(&dir.join(&file), shard)?;
+        for (name, _) in shard {
+            weight_map.insert(name.clone(), json!(file));
+        }
+    }
+    write_json(
+        &dir.join("model.safetensors.index.json"),
+        &json!({"metadata": {"total_size": total}, "weight_map": weight_map}),
+    )
+}
+
 fn write_json(path: &Path, v: &Value) -> Result<(), String> {
     let text = serde_json::to_string_pretty(v).map_err(|e| e.to_string())?;
     std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))
@@ -212,12 +259,22 @@ fn write_tokenizer(
     write_json(&dir.join("tokenizer_config.json"), &config)
 }
 
+/// What is written beside the weights, and how the weights are split.
+#[derive(Clone, Copy)]
+pub struct SaveOptions<'a> {
+    /// The model's chat template (`template: model`), kept with the tokenizer.
+    pub chat: Option<&'a ChatTemplate>,
+    /// Largest weights file: bigger models are written as transformers shards them
+    /// (`model-0000x-of-0000y.safetensors` + `model.safetensors.index.json`).
+    pub max_shard_bytes: u64,
+}
+
 /// Writes a full model directory (merged adapters included).
 pub fn save_full(
     model: &Model,
     tokenizer: &Tokenizer,
     card: &ModelCard,
-    chat: Option<&ChatTemplate>,
+    opts: &SaveOptions<'_>,
     dir: &Path,
 ) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -230,7 +287,7 @@ pub fn save_full(
     };
     let tensors: Vec<(String, &Tensor)> =
         model.params.iter().map(|(k, v)| (k.clone(), v)).collect();
-    write_safetensors(&dir.join("model.safetensors"), &tensors)?;
+    write_sharded(dir, &tensors, opts.max_shard_bytes)?;
     let mut config = model.cfg.raw.clone();
     config["torch_dtype"] = json!(model.dtype_name());
     if let Some(eos) = tokenizer.token_to_id(&card.eos_token) {
@@ -240,7 +297,7 @@ pub fn save_full(
     let mut card = card.clone();
     card.method = "full".into();
     card.base_model = None;
-    write_tokenizer(dir, tokenizer, &card, chat)?;
+    write_tokenizer(dir, tokenizer, &card, opts.chat)?;
     write_json(
         &dir.join(MODEL_CARD),
         &serde_json::to_value(&card).map_err(|e| e.to_string())?,
@@ -252,7 +309,7 @@ pub fn save_adapter(
     model: &Model,
     tokenizer: &Tokenizer,
     card: &ModelCard,
-    chat: Option<&ChatTemplate>,
+    opts: &SaveOptions<'_>,
     lora: &LoraSettings,
     base_ref: &str,
     dir: &Path,
@@ -274,13 +331,13 @@ pub fn save_adapter(
             "use_rslora": false, "use_dora": false, "layers_to_transform": null,
         }),
     )?;
-    write_tokenizer(dir, tokenizer, card, chat)?;
+    write_tokenizer(dir, tokenizer, card, opts.chat)?;
     write_json(
         &dir.join(MODEL_CARD),
         &serde_json::to_value(card).map_err(|e| e.to_string())?,
     )?;
     if lora.merge {
-        save_full(model, tokenizer, card, chat, &dir.join("merged"))?;
+        save_full(model, tokenizer, card, opts, &dir.join("merged"))?;
     }
     Ok(())
 }

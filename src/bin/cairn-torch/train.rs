@@ -638,14 +638,12 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
     card.template = template.name();
     card.eos_token = eos;
     card.provenance = job.provenance.clone();
+    let save = modeldir::SaveOptions {
+        chat: template.chat_template(),
+        max_shard_bytes: (s.max_shard_mb * 1e6) as u64,
+    };
     match s.method {
-        Method::Full => modeldir::save_full(
-            &model,
-            &tokenizer,
-            &card,
-            template.chat_template(),
-            &job.output,
-        )?,
+        Method::Full => modeldir::save_full(&model, &tokenizer, &card, &save, &job.output)?,
         Method::Lora => {
             let base = job.base_dir.clone().ok_or("LoRA needs a base model")?;
             let base = if modeldir::is_adapter(&base) {
@@ -663,7 +661,7 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
                 &model,
                 &tokenizer,
                 &card,
-                template.chat_template(),
+                &save,
                 &lora,
                 &base.display().to_string(),
                 &job.output,
