@@ -1304,7 +1304,8 @@ fn training_with_the_models_chat_template_learns_its_replies_and_keeps_the_templ
         .collect();
     std::fs::write(root.join("ds/train.jsonl"), lines[..6].join("\n") + "\n").unwrap();
     std::fs::write(root.join("ds/test.jsonl"), lines[6..].join("\n") + "\n").unwrap();
-    let settings = json!({"method": "lora", "template": "model", "lora": {"r": 4, "alpha": 8},
+    let settings = json!({"method": "lora", "template": "model", "lora": {"r": 4, "alpha": 8, "merge": true},
+        "gguf": "q8_0",
         "learning_rate": 1e-2, "max_steps": 2, "batch_size": 2, "device": "cpu", "max_seq_len": 200,
         "eval_every": 0, "checkpoint_every": 0});
     let batch = root.join("batch.safetensors");
@@ -1344,6 +1345,77 @@ fn training_with_the_models_chat_template_learns_its_replies_and_keeps_the_templ
         serde_json::from_str(&std::fs::read_to_string(out.join("generation_config.json")).unwrap())
             .unwrap();
     assert_eq!(generation["eos_token_id"], json!([256, 258]));
+
+    // The GGUF file carries the template and both stop tokens for llama.cpp.
+    let r = reference(&[
+        &"check-gguf",
+        &out.join("model-q8_0.gguf"),
+        &out.join("merged"),
+    ]);
+    assert_eq!(r["meta"]["tokenizer.chat_template"], chatml, "{r}");
+    assert_eq!(r["meta"]["tokenizer.ggml.eos_token_id"], 256, "{r}");
+    assert_eq!(r["meta"]["tokenizer.ggml.eot_token_id"], 258, "{r}");
+    assert_eq!(r["missing"], json!([]), "{r}");
+    assert_eq!(r["q8_0_bit_exact"], true, "{r}");
+}
+
+/// GGUF files as llama.cpp's own reader (the `gguf` package) sees them: metadata, every
+/// tensor under llama.cpp's name and shape, dequantized values against the model's,
+/// q8_0 bytes identical to ggml's reference quantizer.
+#[test]
+fn gguf_export_reads_back_in_llama_cpps_reader() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    reference(&[&"make", &root, &"gpt2", &"llama3", &"qwen2", &"qwen3"]);
+    for (arch, gguf_arch) in [("gpt2", "gpt2"), ("llama3", "llama"), ("qwen2", "qwen2")] {
+        for (ty, tolerance) in [("q8_0", 0.0045), ("bf16", 0.004), ("f16", 0.0005)] {
+            let file = root.join(format!("{arch}.{ty}.gguf"));
+            let (ok, events, stderr) = torch_helper(&[
+                &"gguf",
+                &"--model",
+                &root.join(arch),
+                &"--type",
+                &ty,
+                &"--output",
+                &file,
+            ]);
+            assert!(ok, "{arch} {ty}: {events:?} {stderr}");
+            let r = reference(&[&"check-gguf", &file, &root.join(arch)]);
+            let what = format!("{arch} {ty}: {r}");
+            assert_eq!(r["meta"]["general.architecture"], gguf_arch, "{what}");
+            assert_eq!(r["meta"]["tokenizer.ggml.tokens"], 259, "{what}");
+            assert_eq!(r["meta"]["tokenizer.ggml.eos_token_id"], 256, "{what}");
+            assert_eq!(r["missing"], json!([]), "{what}");
+            assert_eq!(r["shapes_ok"], true, "{what}");
+            assert_eq!(r["q8_0_bit_exact"], true, "{what}");
+            let err = r["max_rel_err"].as_f64().unwrap();
+            assert!(err > 0.0 && err < tolerance, "{what}");
+            let quantized = r["types"].get(match ty {
+                "q8_0" => "Q8_0",
+                "bf16" => "BF16",
+                _ => "F16",
+            });
+            assert!(quantized.is_some(), "{what}");
+            let rope_freqs = r["tensors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|t| t == "rope_freqs.weight");
+            assert_eq!(rope_freqs, arch == "llama3", "{what}");
+        }
+    }
+    let (ok, events, _) = torch_helper(&[
+        &"gguf",
+        &"--model",
+        &root.join("qwen3"),
+        &"--output",
+        &root.join("qwen3.gguf"),
+    ]);
+    assert!(!ok, "{events:?}");
+    assert!(
+        format!("{events:?}").contains("GGUF export supports"),
+        "{events:?}"
+    );
 }
 
 /// The recipes for real models validate before their weights are downloaded.

@@ -212,6 +212,10 @@ pub struct TrainSettings {
     /// `auto` (bf16 autocast on CUDA, f32 on CPU), `f32` or `bf16`.
     #[serde(default = "default_device")]
     pub precision: String,
+    /// Also write the trained model (adapters merged) as `model-<type>.gguf` for
+    /// llama.cpp and Ollama: `f16`, `bf16` or `q8_0`.
+    #[serde(default)]
+    pub gguf: Option<String>,
     /// Largest weights file of a saved full or merged model, in MB: bigger models are
     /// written as transformers shards them (model-0000x-of-0000y.safetensors + index).
     #[serde(default = "default_shard_mb")]

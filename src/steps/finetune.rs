@@ -73,6 +73,11 @@ pub fn settings_issues(p: &TrainSettings) -> Vec<ParamIssue> {
             format!("dtype {other:?}: use auto, f32, bf16 or f16"),
         ),
     }
+    if let Some(t) = &p.gguf {
+        if !matches!(t.as_str(), "f16" | "bf16" | "q8_0") {
+            bad("gguf", format!("gguf {t:?}: use f16, bf16 or q8_0"));
+        }
+    }
     if !(p.max_shard_mb > 0.0 && p.max_shard_mb.is_finite()) {
         bad(
             "max_shard_mb",

@@ -12,6 +12,8 @@
                                                  batch vs cairn's updated weights in OURS
     decoder.py greedy MODEL PROMPT N             transformers' greedy continuation (N new tokens,
                                                  stopping at EOS) of PROMPT, decoded
+    decoder.py check-gguf GGUF MODEL             read GGUF with the `gguf` package (llama.cpp's
+                                                 reader) and compare every tensor with MODEL's
     decoder.py render-chat MODEL CONVERSATIONS   transformers' apply_chat_template of each
                                                  conversation (a JSON list of message lists),
                                                  with and without the generation prompt
@@ -122,6 +124,84 @@ def hf_logits(model_dir, ids, peft, dtype=torch.float32):
         return model(input_ids=ids).logits.float()
 
 
+def check_gguf(path, model_dir):
+    """What llama.cpp would read: metadata and every tensor dequantized, against the
+    Hugging Face weights under llama.cpp's names (convert_hf_to_gguf.py's mapping)."""
+    import glob
+    from gguf import GGUFReader
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    reader = GGUFReader(path)
+    meta = {}
+    for key, field in reader.fields.items():
+        if not key.startswith("GGUF."):
+            value = field.contents()
+            meta[key] = len(value) if isinstance(value, list) and len(value) > 8 else value
+    hf = {}
+    for f in glob.glob(f"{model_dir}/*.safetensors"):
+        hf.update({k: v.float() for k, v in load_file(f).items()})
+    cfg = json.load(open(f"{model_dir}/config.json"))
+    arch = meta["general.architecture"]
+
+    def permute(w, n):
+        return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    expected = {}
+    if arch == "gpt2":
+        expected["token_embd.weight"] = hf["transformer.wte.weight"]
+        expected["position_embd.weight"] = hf["transformer.wpe.weight"]
+        for l in range(cfg["n_layer"]):
+            for src, dst in [("ln_1", "attn_norm"), ("attn.c_attn", "attn_qkv"), ("attn.c_proj", "attn_output"),
+                             ("ln_2", "ffn_norm"), ("mlp.c_fc", "ffn_up"), ("mlp.c_proj", "ffn_down")]:
+                w = hf[f"transformer.h.{l}.{src}.weight"]
+                expected[f"blk.{l}.{dst}.weight"] = w.T if w.dim() == 2 else w
+                expected[f"blk.{l}.{dst}.bias"] = hf[f"transformer.h.{l}.{src}.bias"]
+        expected["output_norm.weight"] = hf["transformer.ln_f.weight"]
+        expected["output_norm.bias"] = hf["transformer.ln_f.bias"]
+    else:
+        heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+        expected["token_embd.weight"] = hf["model.embed_tokens.weight"]
+        for l in range(cfg["num_hidden_layers"]):
+            p = f"model.layers.{l}"
+            q, k = hf[f"{p}.self_attn.q_proj.weight"], hf[f"{p}.self_attn.k_proj.weight"]
+            if arch == "llama":
+                q, k = permute(q, heads), permute(k, kv)
+            expected.update({
+                f"blk.{l}.attn_norm.weight": hf[f"{p}.input_layernorm.weight"],
+                f"blk.{l}.attn_q.weight": q, f"blk.{l}.attn_k.weight": k,
+                f"blk.{l}.attn_v.weight": hf[f"{p}.self_attn.v_proj.weight"],
+                f"blk.{l}.attn_output.weight": hf[f"{p}.self_attn.o_proj.weight"],
+                f"blk.{l}.ffn_norm.weight": hf[f"{p}.post_attention_layernorm.weight"],
+                f"blk.{l}.ffn_gate.weight": hf[f"{p}.mlp.gate_proj.weight"],
+                f"blk.{l}.ffn_up.weight": hf[f"{p}.mlp.up_proj.weight"],
+                f"blk.{l}.ffn_down.weight": hf[f"{p}.mlp.down_proj.weight"],
+            })
+            for proj in ("q", "k", "v"):
+                if f"{p}.self_attn.{proj}_proj.bias" in hf:
+                    expected[f"blk.{l}.attn_{proj}.bias"] = hf[f"{p}.self_attn.{proj}_proj.bias"]
+        expected["output_norm.weight"] = hf["model.norm.weight"]
+    if "lm_head.weight" in hf and not cfg.get("tie_word_embeddings", False):
+        expected["output.weight"] = hf["lm_head.weight"]
+    worst, types, shapes_ok, q8_exact = 0.0, {}, True, True
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+        if t.name not in expected:
+            continue
+        want = expected.pop(t.name)
+        got = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float()
+        shapes_ok &= list(reversed(t.shape.tolist())) == list(want.shape)
+        got = got.reshape(want.shape)
+        worst = max(worst, ((got - want).abs().max() / want.abs().max().clamp(min=1e-12)).item())
+        if t.tensor_type == GGMLQuantizationType.Q8_0:
+            # The gguf package's quantizer is bit-exact with ggml's reference one.
+            theirs = quantize(want.contiguous().numpy(), GGMLQuantizationType.Q8_0)
+            q8_exact &= bytes(t.data.tobytes()) == bytes(theirs.tobytes())
+    print(json.dumps({"meta": meta, "types": types, "missing": sorted(expected), "shapes_ok": shapes_ok,
+                      "max_rel_err": worst, "q8_0_bit_exact": q8_exact,
+                      "tensors": [t.name for t in reader.tensors]}))
+
+
 def main():
     cmd, *args = sys.argv[1:]
     if cmd == "make":
@@ -184,6 +264,8 @@ def main():
             new = new[:new.index(256)]
         print(json.dumps({"text": tok.decode(new, skip_special_tokens=False).rstrip("\ufffd"),
                           "tokens": len(new)}))
+    elif cmd == "check-gguf":
+        check_gguf(*args)
     elif cmd == "render-chat":
         from transformers import PreTrainedTokenizerFast
         model_dir, conversations = args

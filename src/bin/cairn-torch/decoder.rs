@@ -123,6 +123,30 @@ impl Llama3Rope {
         Ok(rope)
     }
 
+    /// The per-frequency divisors llama.cpp reads as `rope_freqs.weight` (what
+    /// `convert_hf_to_gguf.py` computes for `rope_type: llama3`).
+    pub fn factors(&self, head_dim: i64, theta: f64) -> Tensor {
+        let low_wavelen = self.original_max_positions / self.low_freq_factor;
+        let high_wavelen = self.original_max_positions / self.high_freq_factor;
+        let factors: Vec<f32> = (0..head_dim)
+            .step_by(2)
+            .map(|i| {
+                let freq = 1.0 / theta.powf(i as f64 / head_dim as f64);
+                let wavelen = 2.0 * std::f64::consts::PI / freq;
+                (if wavelen < high_wavelen {
+                    1.0
+                } else if wavelen > low_wavelen {
+                    self.factor
+                } else {
+                    let smooth = (self.original_max_positions / wavelen - self.low_freq_factor)
+                        / (self.high_freq_factor - self.low_freq_factor);
+                    1.0 / ((1.0 - smooth) / self.factor + smooth)
+                }) as f32
+            })
+            .collect();
+        Tensor::from_slice(&factors)
+    }
+
     /// Rescales inverse frequencies (f32, on any device).
     fn apply(&self, inv: &Tensor) -> Tensor {
         let low_wavelen = self.original_max_positions / self.low_freq_factor;

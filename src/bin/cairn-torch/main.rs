@@ -10,6 +10,7 @@ mod device;
 mod embedder;
 mod evaluate;
 mod generate;
+mod gguf;
 mod modeldir;
 mod train;
 
@@ -93,6 +94,18 @@ enum Command {
         /// CPU threads (0: default).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+    },
+    /// Write a model directory (adapters merged) as a GGUF file for llama.cpp/Ollama.
+    Gguf {
+        /// Model directory (full or LoRA adapter).
+        #[arg(long)]
+        model: PathBuf,
+        /// f16, bf16 or q8_0.
+        #[arg(long, default_value = "q8_0")]
+        r#type: String,
+        /// The .gguf file to write.
+        #[arg(long)]
+        output: PathBuf,
     },
     /// Write the logits of a model for token ids (parity tests): safetensors `logits`.
     Logits {
@@ -246,6 +259,19 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Gguf {
+            model,
+            r#type,
+            output,
+        } => guarded(|| {
+            let ty = gguf::GgufType::parse(&r#type)?;
+            let (m, tokenizer, card) =
+                modeldir::load_any(&model, tch::Device::Cpu, tch::Kind::Float)?;
+            let template = card.template(&model, &tokenizer)?;
+            let eos = card.eos(&tokenizer, None)?.0;
+            gguf::export(&m, &tokenizer, &eos, template.chat_template(), ty, &output)?;
+            Ok(json!({"gguf": output, "type": ty.name()}))
+        }),
         Command::Logits {
             model,
             input,

@@ -668,6 +668,18 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
             )?;
         }
     }
+    if let Some(ty) = &s.gguf {
+        let ty = crate::gguf::GgufType::parse(ty)?;
+        let path = job.output.join(format!("model-{}.gguf", ty.name()));
+        crate::gguf::export(
+            &model,
+            &tokenizer,
+            &card.eos_token,
+            template.chat_template(),
+            ty,
+            &path,
+        )?;
+    }
     let flops = model.cfg.train_flops_per_token(base_params, max_len as i64);
     Ok(json!({
         "steps": state.step, "total_steps": total, "stopped_early": stopped_early,
