@@ -2,7 +2,7 @@
 
     bench_lora.py make DIR --hidden H --layers L --intermediate I --heads N --kv K --vocab V
         a random Llama-shaped model saved by transformers (f32) with cairn's byte tokenizer
-    bench_lora.py train DIR DTYPE --batch B --seq S --steps N --warmup W --threads T
+    bench_lora.py train DIR DTYPE --batch B --seq S --steps N --warmup W --threads T [--device cuda]
         transformers + PEFT: the model loaded with torch_dtype=DTYPE, LoRA r16 / alpha 32 /
         dropout 0.05 on q_proj and v_proj, AdamW on the adapters, N timed steps after W;
         prints tokens/s as JSON
@@ -39,14 +39,17 @@ def train(a):
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
-    model = tf.AutoModelForCausalLM.from_pretrained(a.dir, dtype=dtype)
+    model = tf.AutoModelForCausalLM.from_pretrained(a.dir, dtype=dtype).to(a.device)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
                                              target_modules=["q_proj", "v_proj"]))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(0, 256, (a.batch, a.seq))
+    ids = torch.randint(0, 256, (a.batch, a.seq), device=a.device)
+    cuda = a.device.startswith("cuda")
     seconds = 0.0
     for step in range(a.steps + a.warmup):
+        if cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         logits = model(input_ids=ids).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
@@ -55,10 +58,13 @@ def train(a):
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
         if step >= a.warmup:
             seconds += time.perf_counter() - t0
     print(json.dumps({"tokens_per_second": a.batch * a.seq * a.steps / seconds,
-                      "threads": torch.get_num_threads()}))
+                      "threads": torch.get_num_threads(),
+                      "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}))
 
 
 if __name__ == "__main__":
@@ -66,6 +72,7 @@ if __name__ == "__main__":
     p.add_argument("cmd", choices=["make", "train"])
     p.add_argument("dir")
     p.add_argument("dtype", nargs="?", default="f32")
+    p.add_argument("--device", default="cpu")
     for k in ["hidden", "layers", "intermediate", "heads", "kv", "vocab", "batch", "seq", "steps", "warmup", "threads"]:
         p.add_argument(f"--{k}", type=int, default=0)
     a = p.parse_args()

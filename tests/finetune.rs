@@ -1440,3 +1440,37 @@ fn model_recipes_validate_without_their_weights() {
         );
     }
 }
+
+/// scripts/gpu-check, which a GPU session runs as is, works end to end: here on the CPU
+/// with small models (no GPU is lent to the tests).
+#[test]
+fn gpu_check_script_runs_its_checks_on_the_cpu() {
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new(repo().join("scripts/gpu-check"))
+        .current_dir(repo())
+        .args(["--device", "cpu", "--small", "--bin"])
+        .arg(env!("CARGO_BIN_EXE_cairn-torch"))
+        .arg("--out")
+        .arg(out.path())
+        .output()
+        .unwrap();
+    let report = std::fs::read_to_string(out.path().join("gpu-check.md")).unwrap_or_default();
+    assert!(
+        run.status.success(),
+        "{report}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    for arch in ["gpt2", "llama3", "qwen3", "phi3", "gemma2"] {
+        let row = report
+            .lines()
+            .find(|l| l.starts_with(&format!("| {arch} |")))
+            .unwrap_or_else(|| panic!("no {arch} row in {report}"));
+        assert!(row.ends_with("| yes |"), "{row}");
+    }
+    assert!(
+        report.contains("same tokens as transformers (CPU): yes"),
+        "{report}"
+    );
+    assert!(report.contains("| cairn / theirs |"), "{report}");
+    assert!(report.contains("FLOP/token"), "{report}");
+}

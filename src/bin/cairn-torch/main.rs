@@ -121,6 +121,9 @@ enum Command {
         /// Dtype of the base weights: f32, bf16 or f16 (logits are written as f32).
         #[arg(long, default_value = "f32")]
         dtype: String,
+        /// cpu, cuda, cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Print libtorch's fp32 matrix-multiply rate (GFLOP/s) for a few shapes.
     Gemm {
@@ -277,16 +280,19 @@ fn main() -> ExitCode {
             input,
             output,
             dtype,
+            device,
         } => guarded(|| {
             let kind = train::weight_kind(&dtype, false, true)?;
-            let (mut m, _, _) = modeldir::load_any(&model, tch::Device::Cpu, kind)?;
+            let (device, _, _) = train::device_for(&device, "f32", 0)?;
+            let (mut m, _, _) = modeldir::load_any(&model, device, kind)?;
             m.merge_lora();
             let tensors = tch::Tensor::read_safetensors(&input).map_err(|e| e.to_string())?;
             let ids = tensors
                 .into_iter()
                 .find(|(n, _)| n == "input_ids")
                 .ok_or("no input_ids tensor")?
-                .1;
+                .1
+                .to_device(device);
             let logits = tch::no_grad(|| m.forward(&ids, None)).to_kind(tch::Kind::Float);
             modeldir::write_safetensors(&output, &[("logits".to_string(), &logits)])?;
             Ok(json!({"shape": logits.size()}))
