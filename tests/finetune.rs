@@ -1474,3 +1474,93 @@ fn gpu_check_script_runs_its_checks_on_the_cpu() {
     assert!(report.contains("| cairn / theirs |"), "{report}");
     assert!(report.contains("FLOP/token"), "{report}");
 }
+
+/// `add_tokens`: speaker tokens become single tokens, the embeddings grow by their rows
+/// (initialised to the mean of the others) and only those rows train next to the LoRA
+/// adapters; PEFT loads the adapter over the resized base (`modules_to_save`) with
+/// cairn's logits, and transformers loads the merged model.
+#[test]
+fn added_tokens_train_and_load_in_peft() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    reference(&[&"make", &root, &"llama"]);
+    std::fs::create_dir_all(root.join("ds")).unwrap();
+    let rec = |i: usize| {
+        json!({"messages": [{"role": "user", "content": format!("<FRIEND> plans for day {i}?")},
+            {"role": "assistant", "content": format!("<TWIN> a walk, then bread {i}.")}]})
+        .to_string()
+    };
+    let lines: Vec<String> = (0..10).map(rec).collect();
+    std::fs::write(root.join("ds/train.jsonl"), lines[..8].join("\n") + "\n").unwrap();
+    std::fs::write(root.join("ds/test.jsonl"), lines[8..].join("\n") + "\n").unwrap();
+    let settings = json!({"method": "lora", "template": "chatml", "add_tokens": ["<TWIN>", "<FRIEND>"],
+        "lora": {"r": 4, "alpha": 8, "merge": true},
+        "learning_rate": 5e-2, "max_steps": 4, "batch_size": 4, "device": "cpu", "max_seq_len": 200,
+        "eval_every": 0, "checkpoint_every": 0});
+    let job = train_job(root, &root.join("llama"), "added", settings, None);
+    let (ok, events, stderr) = torch_helper(&[&"train", &"--job", &job]);
+    assert!(ok, "{events:?} {stderr}");
+    let out = root.join("added");
+    let tokenizer = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
+    let (twin, friend) = (
+        tokenizer.token_to_id("<TWIN>").unwrap(),
+        tokenizer.token_to_id("<FRIEND>").unwrap(),
+    );
+    assert_eq!((twin, friend), (259, 260));
+    let ids = tokenizer.encode("<TWIN>hi", false).unwrap();
+    assert_eq!(ids.get_ids()[0], 259, "a single token");
+
+    // Only the added rows moved: the old rows are the base's, the new ones left the mean.
+    let table = |file: &Path, name: &str| -> Vec<f32> {
+        let bytes = std::fs::read(file).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        st.tensor(name)
+            .unwrap()
+            .data()
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    let base = table(
+        &root.join("llama/model.safetensors"),
+        "model.embed_tokens.weight",
+    );
+    let grown = table(
+        &out.join("adapter_model.safetensors"),
+        "base_model.model.model.embed_tokens.weight",
+    );
+    let hidden = 64;
+    assert_eq!(grown.len(), 261 * hidden);
+    assert_eq!(&grown[..base.len()], &base[..]);
+    let mean: Vec<f32> = (0..hidden)
+        .map(|j| (0..259).map(|r| base[r * hidden + j]).sum::<f32>() / 259.0)
+        .collect();
+    let moved = (0..hidden)
+        .map(|j| (grown[259 * hidden + j] - mean[j]).abs())
+        .fold(0f32, f32::max);
+    assert!(moved > 1e-3, "the <TWIN> row did not train ({moved})");
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        config["modules_to_save"],
+        json!(["embed_tokens", "lm_head"]),
+        "{config}"
+    );
+
+    // Logits over ids that use the new tokens: cairn, PEFT over the resized base, and
+    // the merged model in transformers.
+    let ids_file = root.join("ids.safetensors");
+    let ids: Vec<i64> = (0..40).map(|i| [259, 260, 72, 105][i % 4]).collect();
+    let bytes: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![1, 40], &bytes).unwrap();
+    safetensors::tensor::serialize_to_file([("input_ids", view)], None, &ids_file).unwrap();
+    let ours = root.join("added.logits.safetensors");
+    cairn_logits(&out, &ids_file, &ours);
+    let peft = reference(&[&"check-logits", &out, &ids_file, &ours, &"peft"]);
+    assert_eq!(peft["shape"], json!([1, 40, 261]), "{peft}");
+    assert!(peft["max_abs_diff"].as_f64().unwrap() < 1e-4, "{peft}");
+    let merged = reference(&[&"check-logits", &out.join("merged"), &ids_file, &ours]);
+    assert!(merged["max_abs_diff"].as_f64().unwrap() < 1e-4, "{merged}");
+}

@@ -212,6 +212,12 @@ pub struct TrainSettings {
     /// `auto` (bf16 autocast on CUDA, f32 on CPU), `f32` or `bf16`.
     #[serde(default = "default_device")]
     pub precision: String,
+    /// Tokens to add to the tokenizer (e.g. speaker tokens like `<TWIN>`), as special
+    /// tokens that are never split; the embeddings (and an untied head) grow by one row
+    /// each, initialised to the mean of the others, and these rows are trained, with
+    /// LoRA too (saved as PEFT `modules_to_save`).
+    #[serde(default)]
+    pub add_tokens: Vec<String>,
     /// Also write the trained model (adapters merged) as `model-<type>.gguf` for
     /// llama.cpp and Ollama: `f16`, `bf16` or `q8_0`.
     #[serde(default)]

@@ -73,6 +73,15 @@ pub fn settings_issues(p: &TrainSettings) -> Vec<ParamIssue> {
             format!("dtype {other:?}: use auto, f32, bf16 or f16"),
         ),
     }
+    let mut seen = std::collections::HashSet::new();
+    for (i, token) in p.add_tokens.iter().enumerate() {
+        if token.trim().is_empty() || !seen.insert(token) {
+            bad(
+                &format!("add_tokens.{i}"),
+                format!("add_tokens: {token:?} is empty or listed twice"),
+            );
+        }
+    }
     if let Some(t) = &p.gguf {
         if !matches!(t.as_str(), "f16" | "bf16" | "q8_0") {
             bad("gguf", format!("gguf {t:?}: use f16, bf16 or q8_0"));

@@ -117,7 +117,15 @@ def hf_logits(model_dir, ids, peft, dtype=torch.float32):
         from peft import PeftModel
         cfg = json.load(open(f"{model_dir}/adapter_config.json"))
         # PEFT keeps adapters in f32 over a 16-bit base (autocast_adapter_dtype), as cairn.
-        model = PeftModel.from_pretrained(load(cfg["base_model_name_or_path"], dtype), model_dir).eval()
+        base = load(cfg["base_model_name_or_path"], dtype)
+        if cfg.get("modules_to_save"):
+            # Added tokens: the base grows to the adapter's tokenizer first, as PEFT's
+            # documentation has users do.
+            from tokenizers import Tokenizer
+            vocab = Tokenizer.from_file(f"{model_dir}/tokenizer.json").get_vocab_size(with_added_tokens=True)
+            if vocab > base.get_input_embeddings().weight.shape[0]:
+                base.resize_token_embeddings(vocab, mean_resizing=False)
+        model = PeftModel.from_pretrained(base, model_dir).eval()
     else:
         model = load(model_dir, dtype)
     with torch.no_grad():

@@ -608,6 +608,17 @@ pub struct Model {
     /// Dropout on (training) or off.
     pub train: bool,
     pub device: Device,
+    /// Rows for tokens added to the vocabulary, trained on their own while the rest of
+    /// the embeddings stays frozen (LoRA with `add_tokens`).
+    pub new_rows: Option<NewRows>,
+}
+
+/// Embedding (and untied output head) rows of added tokens, after the model's own.
+pub struct NewRows {
+    /// [added, hidden]
+    pub embed: Tensor,
+    /// [added, hidden], when the head is not tied to the embeddings.
+    pub head: Option<Tensor>,
 }
 
 /// Reads every tensor of a model directory (model.safetensors, or the shards named by
@@ -826,7 +837,86 @@ impl Model {
             lora_dropout: 0.0,
             train: false,
             device,
+            new_rows: None,
         }
+    }
+
+    /// The name of the token embedding table.
+    pub fn embed_name(&self) -> &'static str {
+        match self.cfg.arch {
+            Arch::Gpt2 => "transformer.wte.weight",
+            Arch::Llama => "model.embed_tokens.weight",
+        }
+    }
+
+    /// The token embeddings, added rows included.
+    pub fn embed_table(&self) -> Tensor {
+        let base = self.p(self.embed_name());
+        match &self.new_rows {
+            Some(rows) => Tensor::cat(&[base, &rows.embed.to_kind(base.kind())], 0),
+            None => base.shallow_clone(),
+        }
+    }
+
+    /// The output head's weights, added rows included.
+    pub fn head_table(&self) -> Tensor {
+        if self.cfg.tie_embeddings {
+            return self.embed_table();
+        }
+        let base = self.p("lm_head.weight");
+        match self.new_rows.as_ref().and_then(|r| r.head.as_ref()) {
+            Some(rows) => Tensor::cat(&[base, &rows.to_kind(base.kind())], 0),
+            None => base.shallow_clone(),
+        }
+    }
+
+    /// Grows the vocabulary to `vocab` rows, new rows initialised to the mean of the old
+    /// ones (embeddings and an untied head). With `separate`, the new rows are kept apart
+    /// in f32 so that they alone can be trained (LoRA); else the tables grow in place.
+    pub fn grow_vocab(&mut self, vocab: i64, separate: bool) {
+        let added = vocab - self.cfg.vocab;
+        if added <= 0 {
+            return;
+        }
+        let _guard = tch::no_grad_guard();
+        let mean_rows = |t: &Tensor| {
+            t.to_kind(Kind::Float)
+                .mean_dim(&[0i64][..], true, None::<Kind>)
+                .expand([added, t.size()[1]], false)
+                .contiguous()
+        };
+        let embed_name = self.embed_name();
+        let embed = mean_rows(self.p(embed_name));
+        let head = (!self.cfg.tie_embeddings).then(|| mean_rows(self.p("lm_head.weight")));
+        if separate {
+            self.new_rows = Some(NewRows { embed, head });
+        } else {
+            let grow = |base: &Tensor, rows: &Tensor| {
+                Tensor::cat(&[base, &rows.to_kind(base.kind())], 0).detach()
+            };
+            let grown = grow(self.p(embed_name), &embed);
+            self.params.insert(embed_name.to_string(), grown);
+            if let Some(head) = head {
+                let grown = grow(self.p("lm_head.weight"), &head);
+                self.params.insert("lm_head.weight".to_string(), grown);
+            }
+        }
+        self.cfg.vocab = vocab;
+        self.cfg.raw["vocab_size"] = json!(vocab);
+    }
+
+    /// Folds separately kept rows of added tokens into the tables.
+    pub fn fold_new_rows(&mut self) {
+        if self.new_rows.is_none() {
+            return;
+        }
+        let embed = self.embed_table().detach();
+        let head = (!self.cfg.tie_embeddings).then(|| self.head_table().detach());
+        self.params.insert(self.embed_name().to_string(), embed);
+        if let Some(head) = head {
+            self.params.insert("lm_head.weight".to_string(), head);
+        }
+        self.new_rows = None;
     }
 
     /// This model with its adapters folded into the weights; `self` is left as it was
@@ -854,7 +944,12 @@ impl Model {
             })
             .collect();
         m.lora_scaling = self.lora_scaling;
+        m.new_rows = self.new_rows.as_ref().map(|r| NewRows {
+            embed: r.embed.shallow_clone(),
+            head: r.head.as_ref().map(Tensor::shallow_clone),
+        });
         m.merge_lora();
+        m.fold_new_rows();
         m
     }
 
@@ -1020,13 +1115,12 @@ impl Model {
         match self.cfg.arch {
             Arch::Gpt2 => {
                 let pos = Tensor::arange_start(past, past + t, (Kind::Int64, self.device));
-                let h = Tensor::embedding(self.p("transformer.wte.weight"), ids, -1, false, false)
+                let h = Tensor::embedding(&self.embed_table(), ids, -1, false, false)
                     + Tensor::embedding(self.p("transformer.wpe.weight"), &pos, -1, false, false);
                 (self.dropout(h, self.cfg.embd_pdrop), Positions::Learned)
             }
             Arch::Llama => {
-                let h =
-                    Tensor::embedding(self.p("model.embed_tokens.weight"), ids, -1, false, false);
+                let h = Tensor::embedding(&self.embed_table(), ids, -1, false, false);
                 let h = match self.cfg.embed_scale {
                     // As transformers: the scale is a tensor cast to the weights' dtype.
                     Some(scale) => {
@@ -1179,15 +1273,7 @@ impl Model {
 
     /// Logits from final hidden states (tied to the embeddings when the config says so).
     pub fn head(&self, h: &Tensor) -> Tensor {
-        let head = if self.cfg.tie_embeddings {
-            match self.cfg.arch {
-                Arch::Gpt2 => self.p("transformer.wte.weight"),
-                Arch::Llama => self.p("model.embed_tokens.weight"),
-            }
-        } else {
-            self.p("lm_head.weight")
-        };
-        let logits = h.linear::<Tensor>(head, None);
+        let logits = h.linear::<Tensor>(&self.head_table(), None);
         match self.cfg.final_softcap {
             Some(cap) => (logits / cap).tanh() * cap,
             None => logits,

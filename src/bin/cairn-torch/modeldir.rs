@@ -107,6 +107,17 @@ pub fn load_any(
     let mut pairs: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
     for (name, t) in tensors {
         let name = name.strip_prefix(PEFT_PREFIX).unwrap_or(&name).to_string();
+        // `modules_to_save`: whole tables (the embeddings and head grown by added tokens).
+        if name == model.embed_name() || name == "lm_head.weight" {
+            let t = t.to_kind(kind).to_device(device);
+            let rows = t.size()[0];
+            model.params.insert(name, t);
+            if rows > model.cfg.vocab {
+                model.cfg.vocab = rows;
+                model.cfg.raw["vocab_size"] = json!(rows);
+            }
+            continue;
+        }
         let t = t.to_kind(Kind::Float).to_device(device);
         if let Some(m) = name.strip_suffix(".lora_A.weight") {
             pairs.entry(m.to_string()).or_default().0 = Some(t);
@@ -320,6 +331,27 @@ pub fn save_adapter(
         tensors.push((format!("{PEFT_PREFIX}{m}.lora_A.weight"), &pair.a));
         tensors.push((format!("{PEFT_PREFIX}{m}.lora_B.weight"), &pair.b));
     }
+    // Added tokens: the grown tables as PEFT `modules_to_save` (loaded over a base whose
+    // embeddings were resized to the tokenizer: `model.resize_token_embeddings(len(tok))`).
+    let (embed, head);
+    let mut modules_to_save: Vec<String> = Vec::new();
+    if model.new_rows.is_some() {
+        let embed_module = model.embed_name().trim_end_matches(".weight");
+        embed = model.embed_table().detach();
+        tensors.push((format!("{PEFT_PREFIX}{embed_module}.weight"), &embed));
+        modules_to_save.push(
+            embed_module
+                .rsplit('.')
+                .next()
+                .unwrap_or(embed_module)
+                .into(),
+        );
+        if !model.cfg.tie_embeddings {
+            head = model.head_table().detach();
+            tensors.push((format!("{PEFT_PREFIX}lm_head.weight"), &head));
+            modules_to_save.push("lm_head".into());
+        }
+    }
     write_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
     write_json(
         &dir.join("adapter_config.json"),
@@ -327,7 +359,8 @@ pub fn save_adapter(
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_ref,
             "r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
             "target_modules": lora.target_modules, "fan_in_fan_out": model.cfg.is_conv1d(), "bias": "none",
-            "inference_mode": true, "init_lora_weights": true, "modules_to_save": null,
+            "inference_mode": true, "init_lora_weights": true,
+            "modules_to_save": (!modules_to_save.is_empty()).then_some(&modules_to_save),
             "use_rslora": false, "use_dora": false, "layers_to_transform": null,
         }),
     )?;

@@ -337,7 +337,17 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
             s.dtype
         ));
     }
-    let (mut model, tokenizer, mut card) = build_model(job, device, kind)?;
+    let (mut model, mut tokenizer, mut card) = build_model(job, device, kind)?;
+    if !s.add_tokens.is_empty() {
+        let tokens: Vec<tokenizers::AddedToken> = s
+            .add_tokens
+            .iter()
+            .map(|t| tokenizers::AddedToken::from(t.clone(), true))
+            .collect();
+        tokenizer.add_special_tokens(&tokens);
+        let vocab = tokenizer.get_vocab_size(true) as i64;
+        model.grow_vocab(vocab, s.method == Method::Lora);
+    }
     let template = Template::load(&s.template, job.base_dir.as_deref(), &tokenizer)?;
     let (eos, eos_id) = card.eos(&tokenizer, s.eos_token.as_deref())?;
     let pad = i64::from(eos_id);
@@ -434,6 +444,14 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
         for (m, pair) in &model.lora {
             add_slot(format!("{m}.lora_A"), &pair.a, true);
             add_slot(format!("{m}.lora_B"), &pair.b, true);
+        }
+        // The rows of added tokens train with the adapters (matrices: decayed, like
+        // every 2-D parameter here).
+        if let Some(rows) = &model.new_rows {
+            add_slot("added_tokens.embed".into(), &rows.embed, true);
+            if let Some(head) = &rows.head {
+                add_slot("added_tokens.head".into(), head, true);
+            }
         }
     }
     let trainable: i64 = slots.iter().map(|s| s.param.numel() as i64).sum();
