@@ -42,8 +42,15 @@ def forward(model_dir, ids, dtype):
 
     ids = load_file(ids)["input_ids"]
     start = time.perf_counter()
-    model = tf.AutoModelForCausalLM.from_pretrained(
-        model_dir, torch_dtype={"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[dtype]).eval()
+    if dtype == "nf4":
+        # bitsandbytes' QLoRA setting: NF4, double quantization, bf16 compute.
+        q = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16)
+        model = tf.AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, dtype=torch.bfloat16,
+                                                        device_map="cpu").eval()
+    else:
+        model = tf.AutoModelForCausalLM.from_pretrained(
+            model_dir, torch_dtype={"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[dtype]).eval()
     with torch.no_grad():
         model(input_ids=ids)
     print(json.dumps({"seconds": time.perf_counter() - start,

@@ -1564,3 +1564,92 @@ fn added_tokens_train_and_load_in_peft() {
     let merged = reference(&[&"check-logits", &out.join("merged"), &ids_file, &ours]);
     assert!(merged["max_abs_diff"].as_f64().unwrap() < 1e-4, "{merged}");
 }
+
+/// NF4 as bitsandbytes lays it out (its CPU backend): the packed 4-bit codes, the maxima
+/// of the double quantization and its offset bit for bit; the 8-bit codes of the block
+/// maxima equal except the few where bitsandbytes' approximate search misses the nearest
+/// entry (cairn's is then the nearer); shapes with a short last block and several blocks
+/// of maxima.
+#[test]
+fn nf4_matches_bitsandbytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (i, (rows, cols)) in [(160, 72), (300, 130)].into_iter().enumerate() {
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D + i as u64;
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ((x % 20_001) as f32 / 10_000.0 - 1.0) * 0.05
+            })
+            .collect();
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![rows, cols], &bytes)
+                .unwrap();
+        let input = tmp.path().join(format!("w{i}.safetensors"));
+        safetensors::tensor::serialize_to_file([("weight", view)], None, &input).unwrap();
+        let ours = tmp.path().join(format!("w{i}.nf4.safetensors"));
+        let (ok, events, stderr) = torch_helper(&[&"nf4", &"--input", &input, &"--output", &ours]);
+        assert!(ok, "{events:?} {stderr}");
+        let r = reference(&[&"check-nf4", &input, &ours]);
+        for key in [
+            "packed_equal",
+            "absmax2_equal",
+            "offset_equal",
+            "qabsmax_differ_only_where_ours_is_nearer",
+        ] {
+            assert_eq!(r[key], true, "{rows}x{cols} {key}: {r}");
+        }
+        let differ = r["qabsmax_differ"].as_i64().unwrap();
+        assert!(
+            differ * 50 <= r["qabsmax_count"].as_i64().unwrap(),
+            "{differ} of the 8-bit maxima codes differ: {r}"
+        );
+        // A differing maximum code moves its block's values by less than a step.
+        assert!(r["dequantized_max_diff"].as_f64().unwrap() < 1e-4, "{r}");
+        assert!(r["quantization_error"].as_f64().unwrap() > 0.0, "{r}");
+    }
+}
+
+/// QLoRA: the blocks' weights held in NF4 (recomputed blocks in the backward pass), the
+/// loss goes down, and the adapter loads in PEFT over the 16/32-bit base with cairn's
+/// logits.
+#[test]
+fn qlora_trains_over_nf4_weights_and_loads_in_peft() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    reference(&[&"make", &root, &"llama"]);
+    write_dataset(&root.join("ds"));
+    let ids = root.join("ids.safetensors");
+    write_ids(&ids, 40);
+    let settings = json!({"method": "lora", "quantize": "nf4",
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "learning_rate": 1e-2, "max_steps": 4, "batch_size": 4, "device": "cpu", "max_seq_len": 200,
+        "eval_every": 0, "checkpoint_every": 0});
+    let job = train_job(root, &root.join("llama"), "qlora", settings, None);
+    let (ok, events, stderr) = torch_helper(&[&"train", &"--job", &job]);
+    assert!(ok, "{events:?} {stderr}");
+    let f = finished(&events);
+    assert_eq!(f["quantize"], "nf4", "{f}");
+    // 2 layers x 7 linear weights in NF4: half a byte per value and the block maxima.
+    let nf4_bytes = f["quantized_bytes"].as_i64().unwrap();
+    let linear_values = 2 * (64 * 64 + 2 * 32 * 64 + 64 * 64 + 3 * 160 * 64);
+    assert!(
+        nf4_bytes < linear_values * 6 / 10 && nf4_bytes > linear_values / 2,
+        "{nf4_bytes} bytes for {linear_values} values"
+    );
+    assert!(f["recomputed_blocks"].as_i64().unwrap() > 0, "{f}");
+    let losses: Vec<f64> = f["curve"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["loss"].as_f64().unwrap())
+        .collect();
+    assert!(losses.last() < losses.first(), "{losses:?}");
+    let dir = root.join("qlora");
+    let ours = root.join("qlora.logits.safetensors");
+    cairn_logits(&dir, &ids, &ours);
+    let peft = reference(&[&"check-logits", &dir, &ids, &ours, &"peft"]);
+    assert!(peft["max_abs_diff"].as_f64().unwrap() < 1e-4, "{peft}");
+}

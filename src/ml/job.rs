@@ -212,6 +212,12 @@ pub struct TrainSettings {
     /// `auto` (bf16 autocast on CUDA, f32 on CPU), `f32` or `bf16`.
     #[serde(default = "default_device")]
     pub precision: String,
+    /// `nf4`: hold the frozen base weights of the blocks' linear layers in 4-bit
+    /// NormalFloat with double-quantized block maxima (QLoRA, bitsandbytes' layout),
+    /// computing in `dtype`; blocks are recomputed in the backward pass (gradient
+    /// checkpointing) so that only one layer's weights are ever dequantized at a time.
+    #[serde(default)]
+    pub quantize: Option<String>,
     /// Tokens to add to the tokenizer (e.g. speaker tokens like `<TWIN>`), as special
     /// tokens that are never split; the embeddings (and an untied head) grow by one row
     /// each, initialised to the mean of the others, and these rows are trained, with

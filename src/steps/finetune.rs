@@ -73,6 +73,15 @@ pub fn settings_issues(p: &TrainSettings) -> Vec<ParamIssue> {
             format!("dtype {other:?}: use auto, f32, bf16 or f16"),
         ),
     }
+    match (p.quantize.as_deref(), p.method) {
+        (None, _) | (Some("nf4"), Method::Lora) => {}
+        (Some("nf4"), _) => bad(
+            "quantize",
+            "quantize: nf4 freezes the base weights in 4 bits (QLoRA); it needs method: lora"
+                .into(),
+        ),
+        (Some(other), _) => bad("quantize", format!("quantize {other:?}: use nf4")),
+    }
     let mut seen = std::collections::HashSet::new();
     for (i, token) in p.add_tokens.iter().enumerate() {
         if token.trim().is_empty() || !seen.insert(token) {

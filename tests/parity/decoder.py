@@ -274,6 +274,35 @@ def main():
                           "tokens": len(new)}))
     elif cmd == "check-gguf":
         check_gguf(*args)
+    elif cmd == "check-nf4":
+        # bitsandbytes' own quantize_4bit (NF4, blocks of 64, double quantization).
+        import bitsandbytes.functional as F
+        src, ours = args
+        w = load_file(src)["weight"]
+        q, state = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        o = load_file(ours)
+        back = F.dequantize_4bit(q, state)
+        # The 8-bit codes of the block maxima: where they differ, cairn's must be the
+        # nearest entry of the map (bitsandbytes' C search is approximate).
+        code = state.state2.code.float()
+        theirs, mine = state.absmax.flatten().long(), o["qabsmax"].flatten().long()
+        maxima = w.float().reshape(-1)[: (w.numel() // 64) * 64].reshape(-1, 64).abs().amax(1)
+        if w.numel() % 64:
+            maxima = torch.cat([maxima, w.float().reshape(-1)[(w.numel() // 64) * 64:].abs().amax().reshape(1)])
+        centered = maxima - state.offset
+        blocks2 = torch.cat([c.abs().amax().expand(len(c)) for c in centered.split(256)])
+        x = centered / blocks2
+        differ = theirs != mine
+        mine_not_farther = bool(((x - code[mine]).abs() <= (x - code[theirs]).abs())[differ].all())
+        print(json.dumps({
+            "packed_equal": bool(torch.equal(q.flatten(), o["packed"].flatten())),
+            "qabsmax_differ": int(differ.sum()), "qabsmax_count": int(differ.numel()),
+            "qabsmax_differ_only_where_ours_is_nearer": mine_not_farther,
+            "absmax2_equal": bool(torch.equal(state.state2.absmax.flatten(), o["absmax2"].flatten())),
+            "offset_equal": bool(float(state.offset) == float(o["offset"][0])),
+            "dequantized_max_diff": (back.float() - o["dequantized"]).abs().max().item(),
+            "quantization_error": (back.float() - w).abs().max().item(),
+        }))
     elif cmd == "render-chat":
         from transformers import PreTrainedTokenizerFast
         model_dir, conversations = args

@@ -13,6 +13,8 @@ use tch::{Device, Kind, Tensor};
 
 use cairn::ml::job::ScratchConfig;
 
+use crate::nf4::Nf4Weight;
+
 /// Architecture family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
@@ -557,8 +559,7 @@ impl Config {
     }
 
     /// Input and output width of linear module `module` (for LoRA).
-    pub fn linear_shape(&self, weight: &Tensor) -> (i64, i64) {
-        let s = weight.size();
+    pub fn linear_shape(&self, s: &[i64]) -> (i64, i64) {
         if self.is_conv1d() {
             (s[0], s[1])
         } else {
@@ -611,6 +612,10 @@ pub struct Model {
     /// Rows for tokens added to the vocabulary, trained on their own while the rest of
     /// the embeddings stays frozen (LoRA with `add_tokens`).
     pub new_rows: Option<NewRows>,
+    /// Frozen block weights held in NF4 (QLoRA), dequantized when their layer runs.
+    pub quantized: BTreeMap<String, Nf4Weight>,
+    /// The dtype quantized weights are dequantized to.
+    pub compute_kind: Kind,
 }
 
 /// Embedding (and untied output head) rows of added tokens, after the model's own.
@@ -625,10 +630,13 @@ pub struct NewRows {
 /// model.safetensors.index.json) that `wanted` accepts, floating-point tensors converted
 /// to `kind` one at a time as they are read: a bf16 model stored in f32 never exists
 /// whole in f32, and tensors the config does not use (a tied head) are never read.
+/// `keep` sees each tensor as it is read and returns what to keep of it (`None`: it took
+/// the tensor, e.g. to quantize it).
 pub fn read_weights(
     dir: &Path,
     kind: Kind,
     wanted: &dyn Fn(&str) -> bool,
+    keep: &mut dyn FnMut(String, Tensor) -> Option<(String, Tensor)>,
 ) -> Result<Vec<(String, Tensor)>, String> {
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
@@ -661,7 +669,7 @@ pub fn read_weights(
     };
     let mut out = Vec::new();
     for f in files {
-        read_safetensors_as(&f, kind, wanted, &mut out)
+        read_safetensors_as(&f, kind, wanted, keep, &mut out)
             .map_err(|e| format!("{}: {e}", f.display()))?;
     }
     Ok(out)
@@ -674,6 +682,7 @@ fn read_safetensors_as(
     path: &Path,
     kind: Kind,
     wanted: &dyn Fn(&str) -> bool,
+    keep: &mut dyn FnMut(String, Tensor) -> Option<(String, Tensor)>,
     out: &mut Vec<(String, Tensor)>,
 ) -> Result<(), String> {
     use std::os::unix::fs::FileExt;
@@ -713,24 +722,77 @@ fn read_safetensors_as(
                 info.shape
             ));
         }
-        let mut bytes = vec![0u8; end - start];
-        file.read_exact_at(&mut bytes, (data_start + start) as u64)
-            .map_err(|e| e.to_string())?;
         let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
-        let t = Tensor::f_from_data_size(&bytes, &shape, stored).map_err(|e| e.to_string())?;
-        drop(bytes);
         let floating = matches!(
             stored,
             Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double
         );
-        let t = if floating && stored != kind {
-            t.to_kind(kind)
-        } else {
-            t
-        };
-        out.push((name, t));
+        let target = if floating { kind } else { stored };
+        let offset = (data_start + start) as u64;
+        let t = read_converted(&file, offset, &shape, stored, target)
+            .map_err(|e| format!("tensor {name}: {e}"))?;
+        out.extend(keep(name, t));
     }
     Ok(())
+}
+
+/// A tensor of `shape` stored as `stored` at `offset`, read in slices of at most 64 MiB
+/// that are converted into a tensor of `target` as they come: a 1 GB f32 embedding
+/// becomes bf16 without ever being held whole in f32.
+fn read_converted(
+    file: &std::fs::File,
+    offset: u64,
+    shape: &[i64],
+    stored: Kind,
+    target: Kind,
+) -> Result<Tensor, String> {
+    use std::os::unix::fs::FileExt;
+    const SLICE_BYTES: i64 = 64 << 20;
+    let elt = stored.elt_size_in_bytes() as i64;
+    let (rows, row_shape) = match shape.split_first() {
+        Some((&rows, rest)) => (rows, rest.to_vec()),
+        None => (1, Vec::new()),
+    };
+    let row_bytes = row_shape.iter().product::<i64>() * elt;
+    let mut out = Tensor::f_empty(shape, (target, tch::Device::Cpu)).map_err(|e| e.to_string())?;
+    let total = (rows * row_bytes) as usize;
+    if total == 0 {
+        return Ok(out);
+    }
+    if stored == target {
+        // Same dtype: read straight into the tensor's memory.
+        // SAFETY: `out` is a fresh contiguous CPU tensor of exactly `total` bytes, not
+        // shared with anything else while this slice lives.
+        let dst = unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut u8, total) };
+        file.read_exact_at(dst, offset).map_err(|e| e.to_string())?;
+        return Ok(out);
+    }
+    let per_slice = (SLICE_BYTES / row_bytes.max(1)).max(1);
+    let mut buf = Vec::new();
+    let mut row = 0;
+    while row < rows {
+        let n = per_slice.min(rows - row);
+        buf.resize((n * row_bytes) as usize, 0);
+        file.read_exact_at(&mut buf, offset + (row * row_bytes) as u64)
+            .map_err(|e| e.to_string())?;
+        let mut slice_shape = vec![n];
+        slice_shape.extend(&row_shape);
+        if shape.is_empty() {
+            slice_shape.clear();
+        }
+        let part =
+            Tensor::f_from_data_size(&buf, &slice_shape, stored).map_err(|e| e.to_string())?;
+        let _guard = tch::no_grad_guard();
+        if shape.is_empty() {
+            out.f_copy_(&part).map_err(|e| e.to_string())?;
+        } else {
+            out.narrow(0, row, n)
+                .f_copy_(&part)
+                .map_err(|e| e.to_string())?;
+        }
+        row += n;
+    }
+    Ok(out)
 }
 
 fn stored_kind(dtype: safetensors::Dtype) -> Option<Kind> {
@@ -750,7 +812,28 @@ fn stored_kind(dtype: safetensors::Dtype) -> Option<Kind> {
     })
 }
 
+/// Whether `name` is the weight of a linear layer inside a block (what QLoRA quantizes;
+/// embeddings, norms and the head stay in the compute dtype, as with bitsandbytes).
+pub fn is_block_linear(name: &str, t: &Tensor) -> bool {
+    t.dim() == 2
+        && name.ends_with(".weight")
+        && (name.starts_with("model.layers.") || name.starts_with("transformer.h."))
+}
+
 impl Config {
+    /// A checkpoint tensor's name as the model keys it (GPT-2 checkpoints may lack the
+    /// `transformer.` prefix).
+    pub fn hf_name(&self, name: String) -> String {
+        if self.arch == Arch::Gpt2
+            && !name.starts_with("transformer.")
+            && !name.starts_with("lm_head")
+        {
+            format!("transformer.{name}")
+        } else {
+            name
+        }
+    }
+
     /// Whether a checkpoint tensor of this name is one the model uses (GPT-2 checkpoints
     /// name them with or without the `transformer.` prefix).
     pub fn uses_tensor(&self) -> impl Fn(&str) -> bool {
@@ -765,28 +848,33 @@ impl Config {
 
 impl Model {
     /// Builds a model from named tensors (HF names, with or without GPT-2's
-    /// `transformer.` prefix), checking that every weight is there with its shape.
-    /// Weights are stored in `kind` (f32, or bf16/f16 to halve their memory).
+    /// `transformer.` prefix) and already quantized block weights, checking that every
+    /// weight is there with its shape. Weights are stored in `kind` (f32, or bf16/f16 to
+    /// halve their memory), which is also what quantized weights compute in.
     pub fn from_tensors(
         cfg: Config,
         tensors: Vec<(String, Tensor)>,
+        mut quantized: BTreeMap<String, Nf4Weight>,
         device: Device,
         kind: Kind,
     ) -> Result<Self, String> {
         let mut by_name: BTreeMap<String, Tensor> = BTreeMap::new();
         for (name, t) in tensors {
-            let name = if cfg.arch == Arch::Gpt2
-                && !name.starts_with("transformer.")
-                && !name.starts_with("lm_head")
-            {
-                format!("transformer.{name}")
-            } else {
-                name
-            };
-            by_name.insert(name, t);
+            by_name.insert(cfg.hf_name(name), t);
         }
         let mut params = BTreeMap::new();
+        let mut kept = BTreeMap::new();
         for (name, shape) in cfg.expected() {
+            if let Some(q) = quantized.remove(&name) {
+                if q.shape != shape {
+                    return Err(format!(
+                        "tensor `{name}` has shape {:?}, the config implies {shape:?}",
+                        q.shape
+                    ));
+                }
+                kept.insert(name, q);
+                continue;
+            }
             let t = by_name.remove(&name).ok_or_else(|| {
                 format!(
                     "the checkpoint has no tensor `{name}` (expected {shape:?} for this config)"
@@ -800,7 +888,10 @@ impl Model {
             }
             params.insert(name, t.to_kind(kind).to_device(device).detach());
         }
-        Ok(Self::new(cfg, params, device))
+        let mut model = Self::new(cfg, params, device);
+        model.quantized = kept;
+        model.compute_kind = kind;
+        Ok(model)
     }
 
     /// Initialises fresh weights the way `transformers` does (normal(0, 0.02), GPT-2's
@@ -838,6 +929,35 @@ impl Model {
             train: false,
             device,
             new_rows: None,
+            quantized: BTreeMap::new(),
+            compute_kind: Kind::Float,
+        }
+    }
+
+    /// The weight `name`, dequantized when it is held in NF4.
+    fn weight(&self, name: &str) -> Tensor {
+        match self.params.get(name) {
+            Some(t) => t.shallow_clone(),
+            None => self
+                .quantized
+                .get(name)
+                .unwrap_or_else(|| panic!("missing parameter {name}"))
+                .dequantize(self.compute_kind),
+        }
+    }
+
+    /// The shape of weight `name`, quantized or not.
+    fn weight_shape(&self, name: &str) -> Vec<i64> {
+        match self.params.get(name) {
+            Some(t) => t.size(),
+            None => self.quantized[name].shape.clone(),
+        }
+    }
+
+    /// Dequantizes every NF4 weight back into `compute_kind` (for merging and export).
+    pub fn dequantize_all(&mut self) {
+        for (name, q) in std::mem::take(&mut self.quantized) {
+            self.params.insert(name, q.dequantize(self.compute_kind));
         }
     }
 
@@ -948,8 +1068,15 @@ impl Model {
             embed: r.embed.shallow_clone(),
             head: r.head.as_ref().map(Tensor::shallow_clone),
         });
+        m.quantized = self
+            .quantized
+            .iter()
+            .map(|(k, q)| (k.clone(), q.share()))
+            .collect();
+        m.compute_kind = self.compute_kind;
         m.merge_lora();
         m.fold_new_rows();
+        m.dequantize_all();
         m
     }
 
@@ -964,18 +1091,25 @@ impl Model {
 
     /// Total parameters (adapters included).
     pub fn num_params(&self) -> i64 {
-        self.params
+        let plain: i64 = self
+            .params
             .values()
             .chain(self.lora.values().flat_map(|p| [&p.a, &p.b]))
-            .map(Tensor::numel)
-            .map(|n| n as i64)
-            .sum()
+            .map(|t| t.numel() as i64)
+            .sum();
+        let quantized: i64 = self
+            .quantized
+            .values()
+            .map(|q| q.shape.iter().product::<i64>())
+            .sum();
+        plain + quantized
     }
 
     /// The linear modules whose last name component is in `targets`.
     pub fn linear_modules(&self, targets: &[String]) -> Vec<String> {
         self.params
             .keys()
+            .chain(self.quantized.keys())
             .filter(|n| n.ends_with(".weight"))
             .map(|n| n.trim_end_matches(".weight").to_string())
             .filter(|m| {
@@ -998,8 +1132,9 @@ impl Model {
         self.lora_scaling = alpha / r as f64;
         self.lora_dropout = dropout;
         for m in modules {
-            let w = &self.params[&format!("{m}.weight")];
-            let (fan_in, fan_out) = self.cfg.linear_shape(w);
+            let (fan_in, fan_out) = self
+                .cfg
+                .linear_shape(&self.weight_shape(&format!("{m}.weight")));
             let bound = 1.0 / (fan_in as f64).sqrt();
             let a = Tensor::rand([r, fan_in], (Kind::Float, self.device)) * (2.0 * bound) - bound;
             let b = Tensor::zeros([fan_out, r], (Kind::Float, self.device));
@@ -1012,10 +1147,12 @@ impl Model {
         let _guard = tch::no_grad_guard();
         let scaling = self.lora_scaling;
         for (m, pair) in std::mem::take(&mut self.lora) {
-            let w = self
-                .params
-                .get_mut(&format!("{m}.weight"))
-                .expect("adapted weight");
+            let name = format!("{m}.weight");
+            if let Some(q) = self.quantized.remove(&name) {
+                self.params
+                    .insert(name.clone(), q.dequantize(self.compute_kind));
+            }
+            let w = self.params.get_mut(&name).expect("adapted weight");
             let delta = pair.b.matmul(&pair.a) * scaling; // [out, in]
             let delta = if self.cfg.is_conv1d() {
                 delta.transpose(0, 1)
@@ -1037,7 +1174,7 @@ impl Model {
     // activations saved for the backward pass.
     #[allow(clippy::assign_op_pattern)]
     fn linear(&self, module: &str, x: &Tensor) -> Tensor {
-        let w = self.p(&format!("{module}.weight"));
+        let w = &self.weight(&format!("{module}.weight"));
         let b = self.params.get(&format!("{module}.bias"));
         let mut y = if self.cfg.is_conv1d() {
             let y = x.matmul(w);

@@ -21,7 +21,11 @@ pub fn stop_ids(tokenizer: &tokenizers::Tokenizer, eos: &str, stops: &[String]) 
 pub fn run(job: &EvalJob, emit: &mut dyn FnMut(Value)) -> Result<EvalResults, String> {
     let (device, reason, bf16) = train::device_for(&job.device, "auto", job.threads)?;
     emit(json!({"device": {"device": crate::device::name(device), "reason": reason}}));
-    let (mut model, tokenizer, card) = modeldir::load_any(&job.model, device, tch::Kind::Float)?;
+    let (mut model, tokenizer, card) = modeldir::load_any(
+        &job.model,
+        device,
+        modeldir::Storage::plain(tch::Kind::Float),
+    )?;
     model.merge_lora();
     let template = card.template(&job.model, &tokenizer)?;
     let (eos, _) = card.eos(&tokenizer, None)?;

@@ -100,7 +100,7 @@ pub fn export(
     path: &Path,
 ) -> Result<(), String> {
     let merged;
-    let model = if model.lora.is_empty() {
+    let model = if model.lora.is_empty() && model.quantized.is_empty() && model.new_rows.is_none() {
         model
     } else {
         merged = model.merged();

@@ -12,6 +12,7 @@ mod evaluate;
 mod generate;
 mod gguf;
 mod modeldir;
+mod nf4;
 mod train;
 
 use std::io::Write;
@@ -107,6 +108,14 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
+    /// Quantize the tensor `weight` of a safetensors file to NF4 and write its parts and
+    /// its dequantized values (parity tests against bitsandbytes).
+    Nf4 {
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+    },
     /// Write the logits of a model for token ids (parity tests): safetensors `logits`.
     Logits {
         /// Model directory.
@@ -124,6 +133,9 @@ enum Command {
         /// cpu, cuda, cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Hold the blocks' linear weights in NF4 (`nf4`), computing in --dtype.
+        #[arg(long)]
+        quantize: Option<String>,
     },
     /// Print libtorch's fp32 matrix-multiply rate (GFLOP/s) for a few shapes.
     Gemm {
@@ -145,7 +157,8 @@ fn generate_command(
     let g: cairn::ml::job::GenerationSettings =
         serde_json::from_str(settings).map_err(|e| format!("--settings: {e}"))?;
     let (device, reason, _) = train::device_for(device, "auto", threads)?;
-    let (mut m, tokenizer, card) = modeldir::load_any(model, device, tch::Kind::Float)?;
+    let (mut m, tokenizer, card) =
+        modeldir::load_any(model, device, modeldir::Storage::plain(tch::Kind::Float))?;
     m.merge_lora();
     let template = match template {
         Some(t) => cairn::ml::template::Template::load(t, Some(model), &tokenizer)?,
@@ -262,14 +275,40 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Nf4 { input, output } => guarded(|| {
+            let tensors = tch::Tensor::read_safetensors(&input).map_err(|e| e.to_string())?;
+            let w = tensors
+                .into_iter()
+                .find(|(n, _)| n == "weight")
+                .ok_or("no tensor `weight`")?
+                .1;
+            let q = nf4::Nf4Weight::quantize(&w);
+            let offset = tch::Tensor::from_slice(&[q.offset]);
+            let back = q.dequantize(tch::Kind::Float);
+            tch::Tensor::write_safetensors(
+                &[
+                    ("packed", &q.packed),
+                    ("qabsmax", &q.qabsmax),
+                    ("absmax2", &q.absmax2),
+                    ("offset", &offset),
+                    ("dequantized", &back),
+                ],
+                &output,
+            )
+            .map_err(|e| e.to_string())?;
+            Ok(json!({"bytes": q.nbytes()}))
+        }),
         Command::Gguf {
             model,
             r#type,
             output,
         } => guarded(|| {
             let ty = gguf::GgufType::parse(&r#type)?;
-            let (m, tokenizer, card) =
-                modeldir::load_any(&model, tch::Device::Cpu, tch::Kind::Float)?;
+            let (m, tokenizer, card) = modeldir::load_any(
+                &model,
+                tch::Device::Cpu,
+                modeldir::Storage::plain(tch::Kind::Float),
+            )?;
             let template = card.template(&model, &tokenizer)?;
             let eos = card.eos(&tokenizer, None)?.0;
             gguf::export(&m, &tokenizer, &eos, template.chat_template(), ty, &output)?;
@@ -281,10 +320,19 @@ fn main() -> ExitCode {
             output,
             dtype,
             device,
+            quantize,
         } => guarded(|| {
             let kind = train::weight_kind(&dtype, false, true)?;
             let (device, _, _) = train::device_for(&device, "f32", 0)?;
-            let (mut m, _, _) = modeldir::load_any(&model, device, kind)?;
+            let storage = modeldir::Storage {
+                kind,
+                nf4: match quantize.as_deref() {
+                    None => false,
+                    Some("nf4") => true,
+                    Some(other) => return Err(format!("--quantize {other:?}: use nf4")),
+                },
+            };
+            let (mut m, _, _) = modeldir::load_any(&model, device, storage)?;
             m.merge_lora();
             let tensors = tch::Tensor::read_safetensors(&input).map_err(|e| e.to_string())?;
             let ids = tensors

@@ -41,12 +41,70 @@ pub fn read_card(dir: &Path, tokenizer: &Tokenizer, arch: &str) -> ModelCard {
     }
 }
 
-/// Loads a full model directory, its weights stored in `kind`.
-pub fn load_full(dir: &Path, device: Device, kind: Kind) -> Result<(Model, Tokenizer), String> {
+/// How a model's base weights are held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Storage {
+    /// Dtype of the weights (and what NF4 weights compute in).
+    pub kind: Kind,
+    /// The blocks' linear weights in NF4, quantized as each is read (QLoRA).
+    pub nf4: bool,
+}
+
+impl Storage {
+    /// Plain weights in `kind`.
+    pub fn plain(kind: Kind) -> Self {
+        Self { kind, nf4: false }
+    }
+}
+
+/// While loading, allocations of 1 MiB and more get their own mappings, handed back to
+/// the system when freed: the per-tensor temporaries of conversion and quantization
+/// would otherwise stay in the heap and in the resident set (glibc's adaptive threshold
+/// serves them from the heap after the first big free). Afterwards the threshold is
+/// glibc's usual ceiling, so the many activations of training come from the heap.
+struct LoadingAllocator;
+
+impl LoadingAllocator {
+    fn start() -> Self {
+        // SAFETY: mallopt only tunes glibc's allocator.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        }
+        Self
+    }
+}
+
+impl Drop for LoadingAllocator {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        }
+    }
+}
+
+/// Loads a full model directory, its weights held as `storage` says.
+pub fn load_full(
+    dir: &Path,
+    device: Device,
+    storage: Storage,
+) -> Result<(Model, Tokenizer), String> {
+    let _allocator = LoadingAllocator::start();
     let cfg = Config::from_hf(&read_json(&dir.join("config.json"))?)
         .map_err(|e| format!("{}: {e}", dir.display()))?;
-    let tensors = crate::decoder::read_weights(dir, kind, &cfg.uses_tensor())?;
-    let model = Model::from_tensors(cfg, tensors, device, kind)
+    let mut quantized = std::collections::BTreeMap::new();
+    // Quantized one tensor at a time as read: the 16/32-bit weights never exist whole.
+    let tensors =
+        crate::decoder::read_weights(dir, storage.kind, &cfg.uses_tensor(), &mut |name, t| {
+            let name = cfg.hf_name(name);
+            if storage.nf4 && crate::decoder::is_block_linear(&name, &t) {
+                quantized.insert(name, crate::nf4::Nf4Weight::quantize(&t.to_device(device)));
+                None
+            } else {
+                Some((name, t))
+            }
+        })?;
+    let model = Model::from_tensors(cfg, tensors, quantized, device, storage.kind)
         .map_err(|e| format!("{}: {e}", dir.display()))?;
     let tokenizer = cairn::models::load_tokenizer(dir).map_err(|e| e.to_string())?;
     Ok((model, tokenizer))
@@ -82,15 +140,16 @@ pub fn adapter_base(dir: &Path) -> Result<PathBuf, String> {
 pub fn load_any(
     dir: &Path,
     device: Device,
-    kind: Kind,
+    storage: Storage,
 ) -> Result<(Model, Tokenizer, ModelCard), String> {
+    let kind = storage.kind;
     if !is_adapter(dir) {
-        let (model, tokenizer) = load_full(dir, device, kind)?;
+        let (model, tokenizer) = load_full(dir, device, storage)?;
         let card = read_card(dir, &tokenizer, model.cfg.arch.name());
         return Ok((model, tokenizer, card));
     }
     let base = adapter_base(dir)?;
-    let (mut model, base_tokenizer) = load_full(&base, device, kind)?;
+    let (mut model, base_tokenizer) = load_full(&base, device, storage)?;
     let tokenizer = if dir.join("tokenizer.json").exists() {
         cairn::models::load_tokenizer(dir).map_err(|e| e.to_string())?
     } else {
@@ -290,7 +349,7 @@ pub fn save_full(
 ) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let merged;
-    let model = if model.lora.is_empty() {
+    let model = if model.lora.is_empty() && model.quantized.is_empty() && model.new_rows.is_none() {
         model
     } else {
         merged = model.merged();

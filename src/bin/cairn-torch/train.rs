@@ -280,11 +280,11 @@ pub fn weight_kind(dtype: &str, cuda: bool, frozen: bool) -> Result<Kind, String
     })
 }
 
-/// The tokenizer and base model of a job, base weights stored in `kind`.
+/// The tokenizer and base model of a job, base weights held as `storage` says.
 fn build_model(
     job: &TrainJob,
     device: Device,
-    kind: Kind,
+    storage: modeldir::Storage,
 ) -> Result<(Model, Tokenizer, ModelCard), String> {
     let s = &job.settings;
     if let Some(scratch) = &s.scratch {
@@ -320,7 +320,7 @@ fn build_model(
         .base_dir
         .as_ref()
         .ok_or("no base model: give `model`, `scratch`, or an input `model` artifact")?;
-    modeldir::load_any(base, device, kind)
+    modeldir::load_any(base, device, storage)
 }
 
 /// Runs a training job; `emit` receives the progress events.
@@ -337,7 +337,14 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
             s.dtype
         ));
     }
-    let (mut model, mut tokenizer, mut card) = build_model(job, device, kind)?;
+    let nf4 = s.quantize.as_deref() == Some("nf4");
+    if nf4 && s.method != Method::Lora {
+        return Err(
+            "quantize: nf4 freezes the base weights in 4 bits; it needs method: lora".into(),
+        );
+    }
+    let (mut model, mut tokenizer, mut card) =
+        build_model(job, device, modeldir::Storage { kind, nf4 })?;
     if !s.add_tokens.is_empty() {
         let tokens: Vec<tokenizers::AddedToken> = s
             .add_tokens
@@ -537,7 +544,7 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
                 &labels,
                 1.0 / targets.max(1) as f64,
                 bf16,
-                s.gradient_checkpointing,
+                s.gradient_checkpointing || nf4,
                 seed,
             );
             loss_total += loss;
@@ -712,5 +719,6 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
         "max_seq_len": max_len, "eos_token": card.eos_token, "template": card.template,
         "lora_targets": lora_targets,
         "recomputed_blocks": recomputed_blocks,
+        "quantize": s.quantize, "quantized_bytes": model.quantized.values().map(crate::nf4::Nf4Weight::nbytes).sum::<i64>(),
     }))
 }
