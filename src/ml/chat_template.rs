@@ -340,17 +340,21 @@ mod tests {
         ]
     }
 
+    fn replies(pieces: &[(String, bool)]) -> Vec<&str> {
+        pieces
+            .iter()
+            .filter(|p| p.1)
+            .map(|p| p.0.as_str())
+            .collect()
+    }
+
     const HEADERS: &str = "{{ bos_token }}{% for m in messages %}<|start|>{{ m['role'] }}\n\n{{ m['content'] | trim }}<|eot|>{% endfor %}{% if add_generation_prompt %}<|start|>assistant\n\n{% endif %}";
 
     #[test]
     fn replies_are_the_assistant_turns_with_their_end_tokens() {
         let t = ChatTemplate::new(HEADERS, "<s>", "<|eot|>").unwrap();
         let pieces = t.pieces(&turns()).unwrap();
-        let replies: Vec<&str> = pieces
-            .iter()
-            .filter(|p| p.1)
-            .map(|p| p.0.as_str())
-            .collect();
+        let replies = replies(&pieces);
         assert_eq!(replies, ["Hello!<|eot|>", "See you.<|eot|>"]);
         let all: String = pieces.iter().map(|p| p.0.as_str()).collect();
         assert_eq!(all, t.render(&turns(), false).unwrap());
@@ -389,11 +393,7 @@ mod tests {
         .unwrap();
         t.add_stop("<|end|>");
         let pieces = t.pieces(&turns()).unwrap();
-        let replies: Vec<&str> = pieces
-            .iter()
-            .filter(|p| p.1)
-            .map(|p| p.0.as_str())
-            .collect();
+        let replies = replies(&pieces);
         assert_eq!(replies, ["Hello!<|end|>", "See you.<|end|>\n<|endoftext|>"]);
         let all: String = pieces.iter().map(|p| p.0.as_str()).collect();
         assert_eq!(all, t.render(&turns(), false).unwrap());

@@ -107,17 +107,8 @@ fn outputs_map_or_list<'de, D: serde::Deserializer<'de>>(
             Ok(None)
         }
 
-        fn visit_map<A: serde::de::MapAccess<'de>>(
-            self,
-            mut map: A,
-        ) -> Result<Self::Value, A::Error> {
-            let mut out = IndexMap::new();
-            while let Some((name, kind)) = map.next_entry::<String, String>()? {
-                if out.insert(name.clone(), kind).is_some() {
-                    return Err(duplicate(&name));
-                }
-            }
-            Ok(Some(out))
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            collect_unique(map).map(Some)
         }
 
         fn visit_seq<A: serde::de::SeqAccess<'de>>(
@@ -144,6 +135,23 @@ fn duplicate<E: serde::de::Error>(key: &str) -> E {
     E::custom(format!("duplicate key `{key}`"))
 }
 
+/// The entries of a mapping, refusing a key seen twice.
+fn collect_unique<'de, A, V>(mut map: A) -> Result<IndexMap<String, V>, A::Error>
+where
+    A: serde::de::MapAccess<'de>,
+    V: Deserialize<'de>,
+{
+    let mut out = IndexMap::with_capacity(map.size_hint().unwrap_or(0));
+    while let Some(key) = map.next_key::<String>()? {
+        if out.contains_key(&key) {
+            return Err(duplicate(&key));
+        }
+        let value = map.next_value()?;
+        out.insert(key, value);
+    }
+    Ok(out)
+}
+
 /// A mapping whose keys must be unique: serde fills an `IndexMap` last-wins, and the quick
 /// path, which has no location index, must not accept what the careful one reports.
 pub(super) fn unique_keys<'de, D, V>(
@@ -166,19 +174,8 @@ where
             Ok(None)
         }
 
-        fn visit_map<A: serde::de::MapAccess<'de>>(
-            self,
-            mut map: A,
-        ) -> Result<Self::Value, A::Error> {
-            let mut out = IndexMap::with_capacity(map.size_hint().unwrap_or(0));
-            while let Some(key) = map.next_key::<String>()? {
-                if out.contains_key(&key) {
-                    return Err(duplicate(&key));
-                }
-                let value = map.next_value()?;
-                out.insert(key, value);
-            }
-            Ok(Some(out))
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            collect_unique(map).map(Some)
         }
     }
 

@@ -618,6 +618,25 @@ pub struct Model {
     pub compute_kind: Kind,
 }
 
+/// A model as plain weights (see [`Model::folded`]).
+pub enum Folded<'a> {
+    /// The model itself, already plain.
+    Same(&'a Model),
+    /// A merged copy.
+    Merged(Box<Model>),
+}
+
+impl std::ops::Deref for Folded<'_> {
+    type Target = Model;
+
+    fn deref(&self) -> &Model {
+        match self {
+            Folded::Same(m) => m,
+            Folded::Merged(m) => m,
+        }
+    }
+}
+
 /// Embedding (and untied output head) rows of added tokens, after the model's own.
 pub struct NewRows {
     /// [added, hidden]
@@ -1037,6 +1056,16 @@ impl Model {
             self.params.insert("lm_head.weight".to_string(), head);
         }
         self.new_rows = None;
+    }
+
+    /// This model as plain weights, for saving and export: itself when it holds no
+    /// adapters, added-token rows or NF4 weights, else [`Model::merged`].
+    pub fn folded(&self) -> Folded<'_> {
+        if self.lora.is_empty() && self.quantized.is_empty() && self.new_rows.is_none() {
+            Folded::Same(self)
+        } else {
+            Folded::Merged(Box::new(self.merged()))
+        }
     }
 
     /// This model with its adapters folded into the weights; `self` is left as it was

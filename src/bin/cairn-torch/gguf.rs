@@ -99,13 +99,7 @@ pub fn export(
     ty: GgufType,
     path: &Path,
 ) -> Result<(), String> {
-    let merged;
-    let model = if model.lora.is_empty() && model.quantized.is_empty() && model.new_rows.is_none() {
-        model
-    } else {
-        merged = model.merged();
-        &merged
-    };
+    let model = model.folded();
     let cfg = &model.cfg;
     let model_type = cfg.raw["model_type"].as_str().unwrap_or("");
     let arch = match (cfg.arch, model_type) {
@@ -154,7 +148,7 @@ pub fn export(
     }
     tokenizer_meta(tokenizer, cfg.vocab, eos_token, chat, &mut kv)?;
 
-    let tensors = tensors(model, arch, ty)?;
+    let tensors = tensors(&model, arch, ty)?;
     write(path, &meta, &tensors)
 }
 

@@ -348,13 +348,7 @@ pub fn save_full(
     dir: &Path,
 ) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let merged;
-    let model = if model.lora.is_empty() && model.quantized.is_empty() && model.new_rows.is_none() {
-        model
-    } else {
-        merged = model.merged();
-        &merged
-    };
+    let model = model.folded();
     let tensors: Vec<(String, &Tensor)> =
         model.params.iter().map(|(k, v)| (k.clone(), v)).collect();
     write_sharded(dir, &tensors, opts.max_shard_bytes)?;
