@@ -130,6 +130,13 @@ fn assert_bf16_parity(what: &str, r: &Value) {
     );
 }
 
+/// Random tiny models of `archs` under `root/<arch>` (tests/parity/decoder.py make).
+fn make_models(root: &Path, archs: &[&str]) {
+    let mut make: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"make", &root];
+    make.extend(archs.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
+    reference(&make);
+}
+
 /// The per-step training losses of a finished event.
 fn losses(finished: &Value) -> Vec<f64> {
     finished["curve"]
@@ -157,9 +164,7 @@ fn decoder_logits_match_transformers() {
     let archs = [
         "gpt2", "llama", "llama3", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2", "gemma3",
     ];
-    let mut make: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"make", &root];
-    make.extend(archs.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
-    reference(&make);
+    make_models(root, &archs);
     // 100 positions: rotary angles and learned positions well past the first few (and,
     // for llama3's rope scaling, past its original 32-position context).
     let ids = root.join("ids.safetensors");
@@ -186,9 +191,7 @@ fn greedy_generation_matches_transformers() {
     let archs = [
         "gpt2", "llama3", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2", "gemma3",
     ];
-    let mut make: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"make", &root];
-    make.extend(archs.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
-    reference(&make);
+    make_models(root, &archs);
     let prompt = "Dear diary, today the twin wrote";
     let settings = json!({"max_new_tokens": 32, "temperature": 0.0, "top_k": 0, "top_p": 1.0,
         "repetition_penalty": 1.0})
@@ -223,9 +226,7 @@ fn bf16_weights_match_transformers_bf16_run() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let archs = ["gpt2", "llama3", "qwen3", "mistral", "gemma2", "gemma3"];
-    let mut make: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"make", &root];
-    make.extend(archs.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
-    reference(&make);
+    make_models(root, &archs);
     let ids = root.join("ids.safetensors");
     write_ids(&ids, 100);
     for arch in archs {
