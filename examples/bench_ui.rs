@@ -146,6 +146,7 @@ fn main() -> anyhow::Result<()> {
                 cache: None,
                 index_io: true,
                 latest_in: None,
+                same_as: None,
             })
             .collect();
         store.db().write_steps(&writes)?;

@@ -346,3 +346,74 @@ fn outputs_may_be_a_list_of_file_names() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("output `one` is listed twice"), "{err}");
 }
+
+/// A no-op rerun records each cache hit as a pointer to the execution it repeats, and
+/// reads back the same records; a hit whose record would differ (an upstream step renamed
+/// without changing what it computes) is recorded whole and becomes what later hits
+/// point to.
+#[test]
+fn cache_hits_are_stored_as_pointers_and_read_back_whole() {
+    let p = diamond();
+    let show = |run: &common::Outcome| -> Vec<serde_json::Value> {
+        let id = run.json["run_id"].as_str().unwrap();
+        let (code, out, err) = p.exec(&["runs", "show", id, "--json"]);
+        assert_eq!(code, 0, "{err}");
+        let mut steps = serde_json::from_str::<serde_json::Value>(&out).unwrap()["steps"]
+            .as_array()
+            .unwrap()
+            .clone();
+        steps.sort_by_key(|s| s["step"].as_str().unwrap().to_string());
+        steps
+    };
+    let shared = |step: &serde_json::Value| {
+        let fields = [
+            "step",
+            "kind",
+            "cache_key",
+            "params",
+            "param_refs",
+            "inputs",
+            "outputs",
+        ];
+        fields.map(|f| step[f].clone())
+    };
+    let pointer_rows = |run: &common::Outcome| -> i64 {
+        let conn = rusqlite::Connection::open(p.store().join("cairn.db")).unwrap();
+        conn.query_row(
+            "SELECT COUNT(*) FROM run_steps WHERE run_id = ?1 AND same_as IS NOT NULL AND params = ''",
+            [run.json["run_id"].as_str().unwrap()],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    let cold = p.run("p.yaml", &[]);
+    assert_eq!(cold.code, 0, "{}", cold.stderr);
+    let noop = p.run("p.yaml", &[]);
+    assert_eq!(noop.with_status("cached").len(), 4, "{}", noop.stderr);
+    assert_eq!(pointer_rows(&noop), 4);
+    let (cold_steps, noop_steps) = (show(&cold), show(&noop));
+    for (c, n) in cold_steps.iter().zip(&noop_steps) {
+        assert_eq!(shared(c), shared(n));
+        assert_eq!(n["status"], "cached");
+        assert_eq!(n["run_id"], noop.json["run_id"]);
+    }
+
+    // `words` renamed `counts`: every key stays, so everything is cached, but `report`'s
+    // input now comes from `counts.out` and `counts` has no history under its name.
+    p.write(
+        "p.yaml",
+        &DIAMOND
+            .replace("  words:", "  counts:")
+            .replace("words.out", "counts.out"),
+    );
+    let renamed = p.run("p.yaml", &[]);
+    assert_eq!(renamed.with_status("cached").len(), 4, "{}", renamed.stderr);
+    assert_eq!(pointer_rows(&renamed), 2, "src and upper are unchanged");
+    let report = |steps: &[serde_json::Value]| {
+        steps.iter().find(|s| s["step"] == "report").unwrap()["inputs"]["words"]["from"].clone()
+    };
+    assert_eq!(report(&show(&renamed)), "counts.out");
+    let again = p.run("p.yaml", &[]);
+    assert_eq!(pointer_rows(&again), 4);
+    assert_eq!(report(&show(&again)), "counts.out");
+}

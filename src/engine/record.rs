@@ -8,6 +8,10 @@
 //! together, so a step recorded as `ran` is always reusable. Only its artifact records go
 //! in at once: the steps it unblocks read their inputs' metadata from them. A kill in
 //! between costs a rerun of that step, never a trusted partial artifact.
+//!
+//! A cache hit that repeats the step's last execution in the pipeline (same
+//! [`StepRecord::tag`]) is written as a pointer to that execution's row (`same_as`): a
+//! no-op rerun of a 1000-step pipeline writes ~100 kB instead of ~600 kB.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,22 +19,38 @@ use std::sync::Arc;
 
 use crate::pipeline::ResolvedPipeline;
 use crate::store::{
-    ArtifactRecord, CacheEntry, CacheKey, ObjectDigest, RunRecord, RunStatus, StepRecord,
-    StepStatus, StepWrite, Store, StoreError,
+    ArtifactRecord, CacheEntry, LatestExecution, ObjectDigest, RecordTag, RunRecord, RunStatus,
+    StepRecord, StepStatus, StepWrite, Store, StoreError,
 };
 use crate::util::clock::{new_run_id, now_rfc3339};
 
 /// Settled records written per transaction at most.
 const SETTLED_BATCH: usize = 1024;
 
+/// Where a step's last successful execution is recorded, and what it holds.
+#[derive(Clone, Debug, PartialEq)]
+struct Latest {
+    run_id: String,
+    tag: Option<RecordTag>,
+}
+
+/// How one record is written.
+#[derive(Debug, PartialEq)]
+struct Placement {
+    /// Written as a pointer to this run's row of the step.
+    same_as: Option<String>,
+    /// Becomes the step's latest execution, with this tag.
+    latest: Option<RecordTag>,
+}
+
 /// Writes one run's records.
 pub(super) struct Recorder {
     store: Arc<Store>,
     run_id: String,
     pipeline: String,
-    /// The cache key of each step's last successful execution in this pipeline: a
-    /// record with the same key need not replace it.
-    latest: HashMap<String, Option<CacheKey>>,
+    /// Each step's last successful execution in this pipeline: a cache hit with its tag
+    /// is recorded as a pointer to it.
+    latest: HashMap<String, Latest>,
     settled: Vec<(StepRecord, usize)>,
     /// Executed steps waiting for their outputs to be sealed.
     executed: Vec<(StepRecord, usize, Option<CacheEntry>)>,
@@ -42,6 +62,7 @@ impl Recorder {
         store: Arc<Store>,
         pipeline: &ResolvedPipeline,
         args: &serde_json::Value,
+        latest: &[LatestExecution],
     ) -> Result<Self, StoreError> {
         let run_id = new_run_id();
         store.db().insert_run(&RunRecord {
@@ -54,7 +75,16 @@ impl Recorder {
             pid: std::process::id() as i64,
             args: crate::redact::redact(args),
         })?;
-        let latest = store.db().latest_keys(&pipeline.name)?;
+        let latest = latest
+            .iter()
+            .map(|l| {
+                let at = Latest {
+                    run_id: l.run_id.clone(),
+                    tag: l.tag,
+                };
+                (l.step.clone(), at)
+            })
+            .collect();
         Ok(Self {
             store,
             run_id,
@@ -116,18 +146,24 @@ impl Recorder {
                     .iter()
                     .map(|(record, seq, cache)| (record, seq, cache.as_ref(), true)),
             );
-        let mut batch = Vec::with_capacity(settled.len() + executed.len());
-        for (record, seq, cache, index_io) in records {
-            let latest = becomes_latest(&mut self.latest, record);
-            batch.push(StepWrite {
+        let records: Vec<_> = records
+            .map(|(record, seq, cache, index_io)| {
+                let placement = place(&mut self.latest, record);
+                (record, seq, cache, index_io, placement)
+            })
+            .collect();
+        let batch: Vec<StepWrite<'_>> = records
+            .iter()
+            .map(|(record, seq, cache, index_io, placement)| StepWrite {
                 record,
-                seq: *seq,
+                seq: **seq,
                 artifacts: &[],
-                cache,
-                index_io,
-                latest_in: latest.then_some(self.pipeline.as_str()),
-            });
-        }
+                cache: *cache,
+                index_io: *index_io,
+                latest_in: placement.latest.map(|tag| (self.pipeline.as_str(), tag)),
+                same_as: placement.same_as.as_deref(),
+            })
+            .collect();
         self.store.db().write_steps(&batch)
     }
 
@@ -149,21 +185,45 @@ impl Recorder {
     }
 }
 
-/// Whether `record` is a successful execution whose key differs from the step's last one
-/// in `latest` (noting it as the last one).
-fn becomes_latest(latest: &mut HashMap<String, Option<CacheKey>>, record: &StepRecord) -> bool {
+/// How `record` is written given each step's latest execution in `latest` (which it
+/// updates): a cache hit with the latest's tag points to it; a successful execution with
+/// another tag becomes the latest.
+fn place(latest: &mut HashMap<String, Latest>, record: &StepRecord) -> Placement {
+    let keep = Placement {
+        same_as: None,
+        latest: None,
+    };
     if !matches!(record.status, StepStatus::Ran | StepStatus::Cached) {
-        return false;
+        return keep;
     }
+    let tag = record.tag();
     match latest.get_mut(&record.step) {
-        Some(key) if *key == record.cache_key => false,
-        Some(key) => {
-            *key = record.cache_key;
-            true
+        Some(l) if l.tag == Some(tag) => Placement {
+            same_as: (record.status == StepStatus::Cached).then(|| l.run_id.clone()),
+            latest: None,
+        },
+        Some(l) => {
+            *l = Latest {
+                run_id: record.run_id.clone(),
+                tag: Some(tag),
+            };
+            Placement {
+                same_as: None,
+                latest: Some(tag),
+            }
         }
         None => {
-            latest.insert(record.step.clone(), record.cache_key);
-            true
+            latest.insert(
+                record.step.clone(),
+                Latest {
+                    run_id: record.run_id.clone(),
+                    tag: Some(tag),
+                },
+            );
+            Placement {
+                same_as: None,
+                latest: Some(tag),
+            }
         }
     }
 }

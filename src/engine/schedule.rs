@@ -132,6 +132,9 @@ struct Walk<'a> {
     permits: Arc<Semaphore>,
     /// Emptied work folders of finished steps, for the next ones.
     free_work_dirs: Vec<PathBuf>,
+    /// Cache entries of the steps' last executions, read in one query: the entries a
+    /// no-op rerun looks up.
+    prefetched: HashMap<CacheKey, CacheEntry>,
 }
 
 /// Runs (`cancel` given) or plans (`None`) the selected steps.
@@ -176,10 +179,17 @@ pub(super) async fn walk(
         task_step: HashMap::new(),
         permits: Arc::new(Semaphore::new(opts.jobs.max(1))),
         free_work_dirs: Vec::new(),
+        prefetched: HashMap::new(),
     };
+    let mut latest = blocking(|| store.db().latest_executions(&pipeline.name))?;
+    walk.prefetched = latest
+        .iter_mut()
+        .filter_map(|l| l.entry.take())
+        .map(|e| (e.key, e))
+        .collect();
     blocking(|| walk.resolve_unselected())?;
     if !planning {
-        let recorder = blocking(|| Recorder::start(store, pipeline, &opts.args))?;
+        let recorder = blocking(|| Recorder::start(store, pipeline, &opts.args, &latest))?;
         observer.run_started(recorder.run_id(), &pipeline.name);
         walk.recorder = Some(recorder);
     }
@@ -247,9 +257,7 @@ impl<'a> Walk<'a> {
             let inputs = self.input_digests(i).map_err(|_| missing(name))?;
             let key = key::cache_key(self.step(i), &inputs);
             let entry = self
-                .store
-                .db()
-                .cache_get(&key)?
+                .cache_entry(&key)?
                 .filter(|e| self.objects_present(e))
                 .ok_or_else(|| missing(name))?;
             self.keys[i] = Some(key);
@@ -266,6 +274,14 @@ impl<'a> Walk<'a> {
             ));
         }
         Ok(())
+    }
+
+    /// The cache entry of `key`: prefetched, or looked up.
+    fn cache_entry(&mut self, key: &CacheKey) -> Result<Option<CacheEntry>, StoreError> {
+        match self.prefetched.remove(key) {
+            Some(entry) => Ok(Some(entry)),
+            None => self.store.db().cache_get(key),
+        }
     }
 
     fn objects_present(&self, entry: &CacheEntry) -> bool {
@@ -436,7 +452,7 @@ impl<'a> Walk<'a> {
         let key = key::cache_key(step, &inputs);
         self.inputs_of[i] = inputs;
         self.keys[i] = Some(key);
-        let entry = self.store.db().cache_get(&key)?;
+        let entry = self.cache_entry(&key)?;
         let outputs_present = entry.as_ref().is_some_and(|e| self.objects_present(e));
         let decision = decide::decide(Facts {
             volatile: step.implementation.volatile(),

@@ -187,6 +187,47 @@ pub struct StepRecord {
     pub log: Option<ObjectDigest>,
 }
 
+/// A digest of what a cache hit's record shares with the execution it reuses: two
+/// records with equal tags hold the same parameters, inputs and outputs.
+pub type RecordTag = [u8; 32];
+
+impl StepRecord {
+    /// The cache key, the referenced pipeline params, the inputs (with where they came
+    /// from) and the outputs, hashed. The cache key stands for the parameters (it hashes
+    /// them); the rest can differ between runs with the same key (a renamed upstream
+    /// step, an output re-made by a forced run).
+    pub fn tag(&self) -> RecordTag {
+        fn field(hasher: &mut blake3::Hasher, bytes: &[u8]) {
+            hasher.update(&(bytes.len() as u64).to_le_bytes());
+            hasher.update(bytes);
+        }
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"cairn-record-tag-v1\0");
+        match &self.cache_key {
+            Some(key) => field(&mut hasher, key.as_bytes()),
+            None => field(&mut hasher, b""),
+        }
+        hasher.update(&(self.param_refs.len() as u64).to_le_bytes());
+        for (name, value) in &self.param_refs {
+            field(&mut hasher, name.as_bytes());
+            field(&mut hasher, value.to_string().as_bytes());
+        }
+        hasher.update(&(self.inputs.len() as u64).to_le_bytes());
+        for (name, input) in &self.inputs {
+            field(&mut hasher, name.as_bytes());
+            field(&mut hasher, input.from.as_bytes());
+            hasher.update(input.digest.as_bytes());
+        }
+        hasher.update(&(self.outputs.len() as u64).to_le_bytes());
+        for (name, output) in &self.outputs {
+            field(&mut hasher, name.as_bytes());
+            field(&mut hasher, output.kind.as_bytes());
+            hasher.update(output.digest.as_bytes());
+        }
+        hasher.finalize().into()
+    }
+}
+
 /// An artifact: an object plus what is known of how it came to be.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ArtifactRecord {

@@ -66,6 +66,7 @@ fn record_run(store: &Store, run: &str, outputs: &[ObjectDigest]) {
             cache: Some(&entry),
             index_io: true,
             latest_in: None,
+            same_as: None,
         }])
         .unwrap();
 }
@@ -166,6 +167,7 @@ fn a_version_1_store_learns_each_steps_last_execution() {
     let conn = rusqlite::Connection::open(&db).unwrap();
     conn.execute_batch(
         "DROP TABLE step_latest; CREATE INDEX run_steps_by_step ON run_steps(step, run_id);
+         ALTER TABLE run_steps DROP COLUMN same_as;
          PRAGMA user_version = 1;",
     )
     .unwrap();
@@ -185,5 +187,187 @@ fn a_version_1_store_learns_each_steps_last_execution() {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    assert_eq!((version, index), (2, 0));
+    assert_eq!((version, index), (3, 0));
+}
+
+/// Records `run` with one step `s` that produced `out`, as the step's latest execution
+/// (full row) or, with `same_as`, as a cache hit pointing to that run's row.
+fn record_step(store: &Store, run: &str, out: ObjectDigest, same_as: Option<&str>) -> StepRecord {
+    store
+        .db()
+        .insert_run(&RunRecord {
+            id: run.into(),
+            pipeline: "p".into(),
+            pipeline_file: "p.yaml".into(),
+            status: RunStatus::Succeeded,
+            started_at: "2026-01-01T00:00:00Z".into(),
+            finished_at: None,
+            pid: 1,
+            args: json!({}),
+        })
+        .unwrap();
+    let record = StepRecord {
+        run_id: run.into(),
+        step: "s".into(),
+        kind: "command".into(),
+        version: "1".into(),
+        status: if same_as.is_some() {
+            StepStatus::Cached
+        } else {
+            StepStatus::Ran
+        },
+        reason: format!("reason of {run}"),
+        cache_key: Some(CacheKey::from(blake3::hash(b"key"))),
+        duration_ms: 0,
+        started_at: "2026-01-01T00:00:00Z".into(),
+        params: json!({"run": "echo hi > $out", "n": 3}),
+        param_refs: [("mid".to_string(), json!(1))].into(),
+        inputs: [(
+            "prev".to_string(),
+            InputRef {
+                digest: out,
+                from: "up.out".into(),
+            },
+        )]
+        .into(),
+        outputs: [(
+            "out".to_string(),
+            OutputRef {
+                digest: out,
+                kind: "file".into(),
+            },
+        )]
+        .into(),
+        error: None,
+        log: None,
+    };
+    store
+        .db()
+        .write_steps(&[StepWrite {
+            record: &record,
+            seq: 0,
+            artifacts: &[],
+            cache: None,
+            index_io: false,
+            latest_in: same_as.is_none().then(|| ("p", record.tag())),
+            same_as,
+        }])
+        .unwrap();
+    record
+}
+
+fn stored_params(store: &Store, run: &str) -> String {
+    let conn = rusqlite::Connection::open(store.root().join("cairn.db")).unwrap();
+    conn.query_row(
+        "SELECT params FROM run_steps WHERE run_id = ?1",
+        [run],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_cache_hit_like_the_last_execution_is_stored_as_a_pointer_and_reads_back_whole() {
+    let root = tempfile::tempdir().unwrap();
+    let store = Store::open(root.path(), Access::Shared).unwrap();
+    let out = put(&store, b"output");
+    let first = record_step(&store, "20260101-000000-000001", out, None);
+    let hit = record_step(
+        &store,
+        "20260101-000000-000002",
+        out,
+        Some("20260101-000000-000001"),
+    );
+    assert_eq!(stored_params(&store, "20260101-000000-000002"), "");
+    let read = store.db().run_steps("20260101-000000-000002").unwrap();
+    assert_eq!(read, vec![hit.clone()]);
+    assert_eq!(read[0].params, first.params);
+    assert_eq!(read[0].reason, "reason of 20260101-000000-000002");
+    let latest = store.db().latest_executions("p").unwrap();
+    assert_eq!(latest.len(), 1);
+    assert_eq!(latest[0].run_id, "20260101-000000-000001");
+    assert_eq!(latest[0].tag, Some(first.tag()));
+
+    // Pruning the run it points to first copies what it shares into it.
+    let report = store.gc(Some(1), false).unwrap();
+    assert_eq!(report.dropped_runs, vec!["20260101-000000-000001"]);
+    assert!(report.removed.is_empty(), "{report:?}");
+    assert!(stored_params(&store, "20260101-000000-000002").contains("echo hi"));
+    assert_eq!(
+        store.db().run_steps("20260101-000000-000002").unwrap(),
+        vec![hit]
+    );
+}
+
+#[test]
+fn a_pointer_to_a_row_that_is_gone_is_written_in_full() {
+    let root = tempfile::tempdir().unwrap();
+    let store = Store::open(root.path(), Access::Shared).unwrap();
+    let out = put(&store, b"output");
+    let hit = record_step(&store, "20260101-000000-000002", out, Some("no-such-run"));
+    assert!(stored_params(&store, "20260101-000000-000002").contains("echo hi"));
+    assert_eq!(
+        store.db().run_steps("20260101-000000-000002").unwrap(),
+        vec![hit]
+    );
+}
+
+#[test]
+fn the_tag_changes_with_what_a_hit_could_differ_in() {
+    let root = tempfile::tempdir().unwrap();
+    let store = Store::open(root.path(), Access::Shared).unwrap();
+    let out = put(&store, b"output");
+    let other = put(&store, b"other");
+    let base = record_step(&store, "20260101-000000-000001", out, None);
+    let mut renamed_upstream = base.clone();
+    renamed_upstream.inputs.get_mut("prev").unwrap().from = "up2.out".into();
+    let mut renamed_param = base.clone();
+    renamed_param.param_refs = [("middle".to_string(), json!(1))].into();
+    let mut remade_output = base.clone();
+    remade_output.outputs.get_mut("out").unwrap().digest = other;
+    let mut same = base.clone();
+    same.run_id = "another".into();
+    same.reason = "another reason".into();
+    same.status = StepStatus::Cached;
+    for changed in [&renamed_upstream, &renamed_param, &remade_output] {
+        assert_ne!(changed.tag(), base.tag());
+    }
+    assert_eq!(same.tag(), base.tag());
+}
+
+#[test]
+fn a_version_2_store_gains_pointer_rows() {
+    let root = tempfile::tempdir().unwrap();
+    let store = Store::open(root.path(), Access::Shared).unwrap();
+    let out = put(&store, b"output");
+    record_step(&store, "20260101-000000-000001", out, None);
+    drop(store);
+    let db = root.path().join("cairn.db");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch(
+        "ALTER TABLE run_steps DROP COLUMN same_as; ALTER TABLE step_latest DROP COLUMN tag;
+         PRAGMA user_version = 2;",
+    )
+    .unwrap();
+    drop(conn);
+
+    let store = Store::open(root.path(), Access::Shared).unwrap();
+    let latest = store.db().latest_executions("p").unwrap();
+    assert_eq!(latest[0].tag, None, "version 2 rows have no tag");
+    let hit = record_step(
+        &store,
+        "20260101-000000-000002",
+        out,
+        Some("20260101-000000-000001"),
+    );
+    assert_eq!(stored_params(&store, "20260101-000000-000002"), "");
+    assert_eq!(
+        store.db().run_steps("20260101-000000-000002").unwrap(),
+        vec![hit]
+    );
+    let version: i64 = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 3);
 }

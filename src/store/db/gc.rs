@@ -20,9 +20,11 @@ impl Database {
         let mut live_keys = HashSet::new();
         let mut referenced = HashSet::new();
         {
-            let mut stmt = self
-                .conn
-                .prepare("SELECT run_id, cache_key, inputs, outputs, log FROM run_steps")?;
+            let mut stmt = self.conn.prepare(
+                "SELECT s.run_id, s.cache_key, COALESCE(f.inputs, s.inputs),
+                     COALESCE(f.outputs, s.outputs), s.log FROM run_steps s
+                     LEFT JOIN run_steps f ON f.run_id = s.same_as AND f.step = s.step",
+            )?;
             let rows = stmt.query_map([], |r| {
                 Ok((
                     r.get::<_, String>(0)?,

@@ -14,7 +14,7 @@ mod stat;
 mod steps;
 
 pub use stat::StatEntry;
-pub use steps::StepWrite;
+pub use steps::{LatestExecution, StepWrite};
 
 use std::path::Path;
 use std::time::Duration;
@@ -25,7 +25,7 @@ use super::records::ArtifactRecord;
 
 use super::StoreError;
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// How long a writer waits for another process's transaction.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -84,6 +84,7 @@ CREATE TABLE IF NOT EXISTS run_steps (
     outputs TEXT NOT NULL,
     error TEXT,
     log TEXT,
+    same_as TEXT,
     PRIMARY KEY (run_id, step)
 );
 CREATE TABLE IF NOT EXISTS step_latest (
@@ -91,6 +92,7 @@ CREATE TABLE IF NOT EXISTS step_latest (
     step TEXT NOT NULL,
     run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
     cache_key TEXT,
+    tag BLOB,
     PRIMARY KEY (pipeline, step)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS step_latest_by_run ON step_latest(run_id);
@@ -144,6 +146,12 @@ INSERT OR REPLACE INTO step_latest (pipeline, step, run_id, cache_key)
     WHERE s.status IN ('ran', 'cached') ORDER BY runs.rowid;
 DROP INDEX IF EXISTS run_steps_by_step;
 "#;
+
+/// Version 3 records a cache hit that repeats the step's last execution in a few bytes:
+/// `same_as` names the run whose row of that step holds the parameters, inputs and
+/// outputs, and `step_latest.tag` says what that row holds (`StepRecord::tag`).
+const MIGRATE_RUN_STEPS_TO_3: &str = "ALTER TABLE run_steps ADD COLUMN same_as TEXT;";
+const MIGRATE_STEP_LATEST_TO_3: &str = "ALTER TABLE step_latest ADD COLUMN tag BLOB;";
 
 pub(crate) const ARTIFACT_INSERT: &str =
     "INSERT OR IGNORE INTO artifacts (digest, kind, is_dir, size,
@@ -236,6 +244,12 @@ impl Database {
                     tx.execute_batch(SCHEMA)?;
                     if version == 1 {
                         tx.execute_batch(MIGRATE_1_TO_2)?;
+                    }
+                    if version == 2 {
+                        tx.execute_batch(MIGRATE_STEP_LATEST_TO_3)?;
+                    }
+                    if (1..=2).contains(&version) {
+                        tx.execute_batch(MIGRATE_RUN_STEPS_TO_3)?;
                     }
                     tx.execute_batch(&format!("PRAGMA user_version={SCHEMA_VERSION}"))?;
                 }

@@ -171,9 +171,23 @@ impl Database {
             let tx = self
                 .conn
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            tx.execute_batch("CREATE TEMP TABLE IF NOT EXISTS pruned (id TEXT PRIMARY KEY)")?;
             for id in &ids {
-                tx.execute("DELETE FROM runs WHERE id = ?1", params![id])?;
+                tx.execute(
+                    "INSERT OR IGNORE INTO temp.pruned (id) VALUES (?1)",
+                    params![id],
+                )?;
             }
+            // Kept cache hits that point at a pruned run's row get its content first.
+            tx.execute_batch(
+                "UPDATE run_steps AS s SET params = f.params, param_refs = f.param_refs,
+                     inputs = f.inputs, outputs = f.outputs, same_as = NULL
+                 FROM run_steps AS f
+                 WHERE s.same_as IN (SELECT id FROM temp.pruned)
+                     AND f.run_id = s.same_as AND f.step = s.step;
+                 DELETE FROM runs WHERE id IN (SELECT id FROM temp.pruned);
+                 DROP TABLE temp.pruned;",
+            )?;
             tx.commit()?;
         }
         Ok(ids)

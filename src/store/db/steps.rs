@@ -1,12 +1,14 @@
 //! The `run_steps` table (one row per step of a run) and `step_io` (which digests each
 //! executed step consumed and produced, for lineage).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use rusqlite::{params, OptionalExtension, Row};
 
 use super::{column, from_json, insert_artifact, json, optional_column, Database, ARTIFACT_INSERT};
-use crate::store::{ArtifactRecord, CacheEntry, CacheKey, StepRecord, StepStatus, StoreError};
+use crate::store::{
+    ArtifactRecord, CacheEntry, CacheKey, RecordTag, StepRecord, StepStatus, StoreError,
+};
 
 /// A step execution to record, with the artifacts it touched.
 pub struct StepWrite<'a> {
@@ -23,13 +25,39 @@ pub struct StepWrite<'a> {
     /// should not write thousands of index rows.
     pub index_io: bool,
     /// Make this record the step's last successful execution in `pipeline` (what a
-    /// rerun is explained against). Not needed when the one recorded has the same cache
-    /// key: its parameters, inputs and outputs are the same.
-    pub latest_in: Option<&'a str>,
+    /// rerun is explained against, and what later cache hits point to with `same_as`),
+    /// with its [`StepRecord::tag`]. Not needed when the one recorded has the same tag.
+    pub latest_in: Option<(&'a str, RecordTag)>,
+    /// A cache hit whose parameters, inputs and outputs are those of this step's row in
+    /// that run (the step's latest in the pipeline, with the same tag): only the run's own
+    /// fields are written. Written in full instead if that row is gone.
+    pub same_as: Option<&'a str>,
 }
 
-const STEP_SELECT: &str = "SELECT s.run_id, s.step, s.kind, s.version, s.status, s.reason, s.cache_key,
-    s.duration_ms, s.started_at, s.params, s.param_refs, s.inputs, s.outputs, s.error, s.log FROM run_steps s";
+/// Column list of `run_steps` inserts.
+const STEP_COLUMNS: &str = "run_id, step, seq, kind, version, status, reason, cache_key,
+    duration_ms, started_at, params, param_refs, inputs, outputs, error, log, same_as";
+
+/// Step rows with what a `same_as` row shares taken from the row it points to.
+/// A step's last successful execution in a pipeline (`step_latest`).
+pub struct LatestExecution {
+    /// Step name.
+    pub step: String,
+    /// The run whose row holds it.
+    pub run_id: String,
+    /// Its cache key.
+    pub cache_key: Option<CacheKey>,
+    /// Its [`StepRecord::tag`] (absent in rows from before schema version 3).
+    pub tag: Option<RecordTag>,
+    /// The cache entry of its key, if still there.
+    pub entry: Option<CacheEntry>,
+}
+
+const STEP_SELECT: &str =
+    "SELECT s.run_id, s.step, s.kind, s.version, s.status, s.reason, s.cache_key,
+    s.duration_ms, s.started_at, COALESCE(f.params, s.params), COALESCE(f.param_refs, s.param_refs),
+    COALESCE(f.inputs, s.inputs), COALESCE(f.outputs, s.outputs), s.error, s.log FROM run_steps s
+    LEFT JOIN run_steps f ON f.run_id = s.same_as AND f.step = s.step";
 
 impl TryFrom<&Row<'_>> for StepRecord {
     type Error = rusqlite::Error;
@@ -66,11 +94,26 @@ impl Database {
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         {
-            let mut step_stmt = tx.prepare_cached(
-                "INSERT OR REPLACE INTO run_steps (run_id, step, seq, kind, version, status, reason,
-                 cache_key, duration_ms, started_at, params, param_refs, inputs, outputs, error, log)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
-            )?;
+            let mut step_stmt = tx.prepare_cached(&format!(
+                "INSERT OR REPLACE INTO run_steps ({STEP_COLUMNS})
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, NULL)"
+            ))?;
+            let mut same_stmt = tx.prepare_cached(&format!(
+                "INSERT INTO run_steps ({STEP_COLUMNS})
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, '', '', '', '', ?11, ?12, ?13)"
+            ))?;
+            // Pointers only to runs still there: a concurrent `cairn gc` may have pruned
+            // one since this run read it (pruning removes whole runs).
+            let mut pointed_to: HashMap<&str, bool> = HashMap::new();
+            {
+                let mut run_stmt = tx.prepare_cached("SELECT 1 FROM runs WHERE id = ?1")?;
+                for same_as in writes.iter().filter_map(|w| w.same_as) {
+                    if !pointed_to.contains_key(same_as) {
+                        let exists = run_stmt.exists(params![same_as])?;
+                        pointed_to.insert(same_as, exists);
+                    }
+                }
+            }
             let mut io_stmt = tx.prepare_cached(
                 "INSERT OR REPLACE INTO step_io (run_id, step, direction, name, digest) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
@@ -79,28 +122,51 @@ impl Database {
                 "INSERT OR REPLACE INTO cache (key, outputs, run_id, step, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
             let mut latest_stmt = tx.prepare_cached(
-                "INSERT OR REPLACE INTO step_latest (pipeline, step, run_id, cache_key) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT OR REPLACE INTO step_latest (pipeline, step, run_id, cache_key, tag) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
             for w in writes {
                 let r = w.record;
-                step_stmt.execute(params![
-                    r.run_id,
-                    r.step,
-                    w.seq as i64,
-                    r.kind,
-                    r.version,
-                    r.status.as_str(),
-                    r.reason,
-                    r.cache_key.map(|k| k.to_hex()),
-                    r.duration_ms as i64,
-                    r.started_at,
-                    json(&r.params),
-                    json(&r.param_refs),
-                    json(&r.inputs),
-                    json(&r.outputs),
-                    r.error,
-                    r.log.map(|d| d.to_hex())
-                ])?;
+                let compact = match w.same_as.filter(|run| pointed_to[run]) {
+                    Some(same_as) => {
+                        same_stmt.execute(params![
+                            r.run_id,
+                            r.step,
+                            w.seq as i64,
+                            r.kind,
+                            r.version,
+                            r.status.as_str(),
+                            r.reason,
+                            r.cache_key.map(|k| k.to_hex()),
+                            r.duration_ms as i64,
+                            r.started_at,
+                            r.error,
+                            r.log.map(|d| d.to_hex()),
+                            same_as
+                        ])?;
+                        true
+                    }
+                    None => false,
+                };
+                if !compact {
+                    step_stmt.execute(params![
+                        r.run_id,
+                        r.step,
+                        w.seq as i64,
+                        r.kind,
+                        r.version,
+                        r.status.as_str(),
+                        r.reason,
+                        r.cache_key.map(|k| k.to_hex()),
+                        r.duration_ms as i64,
+                        r.started_at,
+                        json(&r.params),
+                        json(&r.param_refs),
+                        json(&r.inputs),
+                        json(&r.outputs),
+                        r.error,
+                        r.log.map(|d| d.to_hex())
+                    ])?;
+                }
                 let io = if w.index_io {
                     (&r.inputs, &r.outputs)
                 } else {
@@ -127,12 +193,13 @@ impl Database {
                 for a in w.artifacts {
                     insert_artifact(&mut art_stmt, a)?;
                 }
-                if let Some(pipeline) = w.latest_in {
+                if let Some((pipeline, tag)) = w.latest_in {
                     latest_stmt.execute(params![
                         pipeline,
                         r.step,
                         r.run_id,
-                        r.cache_key.map(|k| k.to_hex())
+                        r.cache_key.map(|k| k.to_hex()),
+                        &tag[..]
                     ])?;
                 }
                 if let Some(c) = w.cache {
@@ -167,16 +234,34 @@ impl Database {
         Ok(row)
     }
 
-    /// The cache key of each step's last successful execution in `pipeline`.
-    pub fn latest_keys(
-        &self,
-        pipeline: &str,
-    ) -> Result<std::collections::HashMap<String, Option<CacheKey>>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT step, cache_key FROM step_latest WHERE pipeline = ?1")?;
+    /// Each step's last successful execution in `pipeline`, with the cache entry of its
+    /// key when there is one (what a rerun most likely reuses): one query for a plan.
+    pub fn latest_executions(&self, pipeline: &str) -> Result<Vec<LatestExecution>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT l.step, l.run_id, l.cache_key, l.tag, c.outputs, c.run_id, c.step
+             FROM step_latest l LEFT JOIN cache c ON c.key = l.cache_key WHERE l.pipeline = ?1",
+        )?;
         let rows = stmt.query_map(params![pipeline], |r| {
-            Ok((r.get::<_, String>(0)?, optional_column(r, 1, str::parse)?))
+            let cache_key: Option<CacheKey> = optional_column(r, 2, str::parse)?;
+            let tag = r
+                .get::<_, Option<Vec<u8>>>(3)?
+                .and_then(|t| RecordTag::try_from(t.as_slice()).ok());
+            let entry = match (cache_key, r.get::<_, Option<String>>(5)?) {
+                (Some(key), Some(run_id)) => Some(CacheEntry {
+                    key,
+                    outputs: column(r, 4, from_json)?,
+                    run_id,
+                    step: r.get(6)?,
+                }),
+                _ => None,
+            };
+            Ok(LatestExecution {
+                step: r.get(0)?,
+                run_id: r.get(1)?,
+                cache_key,
+                tag,
+                entry,
+            })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
