@@ -417,3 +417,105 @@ fn cache_hits_are_stored_as_pointers_and_read_back_whole() {
     assert_eq!(pointer_rows(&again), 4);
     assert_eq!(report(&show(&again)), "counts.out");
 }
+
+fn snapshot_files(p: &Project) -> Vec<std::path::PathBuf> {
+    match std::fs::read_dir(p.store().join("pipelines")) {
+        Ok(entries) => entries.map(|e| e.unwrap().path()).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// `run` keeps a snapshot of the resolved pipeline in the store and loads it instead of
+/// parsing the file again, keyed by the file's bytes and the `--set` values: tampering
+/// with the snapshot shows it is what the next run used; editing the file or changing a
+/// `--set` is never served a stale one; a damaged snapshot is ignored; `gc` drops them.
+#[test]
+fn resolved_pipeline_snapshots_are_reused_only_for_the_same_file_and_sets() {
+    let p = diamond();
+    let cold = p.run("p.yaml", &[]);
+    assert_eq!(cold.code, 0, "{}", cold.stderr);
+    let noop = p.run("p.yaml", &[]);
+    assert_eq!(noop.with_status("cached").len(), 4, "{}", noop.stderr);
+    let snapshots = snapshot_files(&p);
+    assert_eq!(snapshots.len(), 1, "{snapshots:?}");
+    let report = p
+        .exec(&["artifacts", "cat", &noop.output("report", "out")])
+        .1;
+    assert_eq!(report, "HELLO WORLD\nFROM MY BLOG\n7\n");
+
+    let text = std::fs::read_to_string(&snapshots[0]).unwrap();
+    assert!(text.contains("head -n 2"), "{text}");
+    std::fs::write(&snapshots[0], text.replace("head -n 2", "head -n 1")).unwrap();
+    let tampered = p.run("p.yaml", &[]);
+    assert_eq!(
+        tampered.with_status("ran"),
+        ["report"],
+        "{}",
+        tampered.stderr
+    );
+    let report = p
+        .exec(&["artifacts", "cat", &tampered.output("report", "out")])
+        .1;
+    assert_eq!(report, "HELLO WORLD\n7\n");
+
+    // Another `--set`, then an edit of the file: each loads what it says.
+    let set = p.run("p.yaml", &["--set", "lines=2"]);
+    assert_eq!(set.output("report", "out"), noop.output("report", "out"));
+    p.write("p.yaml", &DIAMOND.replace("lines: 2", "lines: 3"));
+    let edited = p.run("p.yaml", &[]);
+    assert_eq!(edited.with_status("ran"), ["report"], "{}", edited.stderr);
+    let report = p
+        .exec(&["artifacts", "cat", &edited.output("report", "out")])
+        .1;
+    assert_eq!(report, "HELLO WORLD\nFROM MY BLOG\nSECOND POST\n7\n");
+    assert_eq!(snapshot_files(&p).len(), 3);
+
+    for snapshot in snapshot_files(&p) {
+        std::fs::write(snapshot, "{ not json").unwrap();
+    }
+    let damaged = p.run("p.yaml", &[]);
+    assert_eq!(damaged.code, 0, "{}", damaged.stderr);
+    assert_eq!(damaged.with_status("cached").len(), 4, "{}", damaged.stderr);
+    assert_eq!(
+        damaged.output("report", "out"),
+        edited.output("report", "out")
+    );
+
+    let (code, _, err) = p.exec(&["gc"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(snapshot_files(&p).is_empty());
+}
+
+/// A pipeline holding a value that records mask (a password given with `--set`) is never
+/// written to a snapshot.
+#[test]
+fn pipelines_with_secrets_are_not_snapshotted() {
+    let p = Project::new();
+    p.write(
+        "p.yaml",
+        r#"
+name: secret
+params: {api_key: none}
+steps:
+  greet:
+    uses: command
+    outputs: {out: file}
+    with: {run: "echo ${params.api_key} | wc -c > ${outputs.out}"}
+"#,
+    );
+    for _ in 0..2 {
+        let run = p.run("p.yaml", &["--set", "api_key=sk-live-123"]);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+    }
+    assert!(snapshot_files(&p).is_empty());
+    let plain = Project::new();
+    plain.write("p.yaml", DIAMOND).write("data/a.txt", "x\n");
+    for _ in 0..2 {
+        assert_eq!(plain.run("p.yaml", &[]).code, 0);
+    }
+    assert_eq!(
+        snapshot_files(&plain).len(),
+        1,
+        "the same pipeline without a secret is"
+    );
+}

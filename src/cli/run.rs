@@ -116,16 +116,19 @@ fn execute(
     quiet: bool,
 ) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
-    let pipeline = pipeline::load(&sel.pipeline, &sel.sets)?;
+    let store_dir = cli.store_dir();
+    let store_exists = store_dir.join("cairn.db").exists();
+    // Snapshots of resolved pipelines live in an existing store (a plan never creates one).
+    let snapshots = store_exists.then(|| Store::pipeline_snapshots_dir(&store_dir));
+    let pipeline = pipeline::load_with_snapshots(&sel.pipeline, &sel.sets, snapshots.as_deref())?;
     let selection = engine::select(&pipeline, &opts)?;
     tracing::debug!(
         steps = pipeline.steps.len(),
         ms = started.elapsed().as_secs_f64() * 1e3,
         "pipeline loaded and selected"
     );
-    let store_dir = cli.store_dir();
     // Planning against no store: nothing is cached; do not create one.
-    let scratch = if mode == Mode::Plan && !store_dir.join("cairn.db").exists() {
+    let scratch = if mode == Mode::Plan && !store_exists {
         Some(tempfile::tempdir()?)
     } else {
         None

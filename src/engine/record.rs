@@ -17,6 +17,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use serde_json::Value;
+
 use crate::pipeline::ResolvedPipeline;
 use crate::store::{
     ArtifactRecord, CacheEntry, LatestExecution, ObjectDigest, RecordTag, RunRecord, RunStatus,
@@ -51,9 +53,9 @@ pub(super) struct Recorder {
     /// Each step's last successful execution in this pipeline: a cache hit with its tag
     /// is recorded as a pointer to it.
     latest: HashMap<String, Latest>,
-    settled: Vec<(StepRecord, usize)>,
+    settled: Vec<(StepRecord, usize, Placement)>,
     /// Executed steps waiting for their outputs to be sealed.
-    executed: Vec<(StepRecord, usize, Option<CacheEntry>)>,
+    executed: Vec<(StepRecord, usize, Option<CacheEntry>, Placement)>,
 }
 
 impl Recorder {
@@ -100,9 +102,14 @@ impl Recorder {
         &self.run_id
     }
 
-    /// Queues the record of a step settled without executing.
-    pub fn settled(&mut self, record: StepRecord, seq: usize) {
-        self.settled.push((record, seq));
+    /// Queues the record of a step settled without executing; `params` gives its masked
+    /// parameters, asked for only when the record is written whole (not as a pointer).
+    pub fn settled(&mut self, mut record: StepRecord, seq: usize, params: impl FnOnce() -> Value) {
+        let placement = place(&mut self.latest, &record);
+        if placement.same_as.is_none() {
+            record.params = params();
+        }
+        self.settled.push((record, seq, placement));
     }
 
     /// Whether enough settled records wait that writing them now bounds memory (a no-op
@@ -123,7 +130,8 @@ impl Recorder {
         if !artifacts.is_empty() {
             self.store.db().put_artifacts(artifacts)?;
         }
-        self.executed.push((record, seq, cache));
+        let placement = place(&mut self.latest, &record);
+        self.executed.push((record, seq, cache, placement));
         Ok(())
     }
 
@@ -140,26 +148,17 @@ impl Recorder {
         let executed = std::mem::take(&mut self.executed);
         let records = settled
             .iter()
-            .map(|(record, seq)| (record, seq, None, false))
-            .chain(
-                executed
-                    .iter()
-                    .map(|(record, seq, cache)| (record, seq, cache.as_ref(), true)),
-            );
-        let records: Vec<_> = records
-            .map(|(record, seq, cache, index_io)| {
-                let placement = place(&mut self.latest, record);
-                (record, seq, cache, index_io, placement)
-            })
-            .collect();
+            .map(|(record, seq, placement)| (record, *seq, None, false, placement))
+            .chain(executed.iter().map(|(record, seq, cache, placement)| {
+                (record, *seq, cache.as_ref(), true, placement)
+            }));
         let batch: Vec<StepWrite<'_>> = records
-            .iter()
             .map(|(record, seq, cache, index_io, placement)| StepWrite {
                 record,
-                seq: **seq,
+                seq,
                 artifacts: &[],
-                cache: *cache,
-                index_io: *index_io,
+                cache,
+                index_io,
                 latest_in: placement.latest.map(|tag| (self.pipeline.as_str(), tag)),
                 same_as: placement.same_as.as_deref(),
             })

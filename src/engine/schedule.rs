@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use serde_json::Value;
 use tokio::runtime::RuntimeFlavor;
 use tokio::sync::Semaphore;
 use tokio::task::{JoinError, JoinSet};
@@ -900,6 +901,19 @@ impl<'a> Walk<'a> {
         reason: &str,
         exec: Execution,
     ) -> StepRecord {
+        let mut record = self.record_without_params(i, status, reason, exec);
+        record.params = crate::redact::redact(&self.step(i).params);
+        record
+    }
+
+    /// [`Self::step_record`] with `params` left null.
+    fn record_without_params(
+        &self,
+        i: usize,
+        status: StepStatus,
+        reason: &str,
+        exec: Execution,
+    ) -> StepRecord {
         let step = self.step(i);
         let outputs = match &self.states[i] {
             State::Done(o) => o.clone(),
@@ -917,7 +931,7 @@ impl<'a> Walk<'a> {
             started_at: exec.started_at,
             // Records are displayed and kept: secrets in parameters are masked (the cache
             // key was computed from the real values).
-            params: crate::redact::redact(&step.params),
+            params: Value::Null,
             param_refs: step
                 .param_refs
                 .iter()
@@ -952,9 +966,13 @@ impl<'a> Walk<'a> {
         let report = self.report(i, status, reason, 0, None);
         self.observer.step_finished(&report, None);
         if status != StepStatus::WillRun && !self.planning() {
-            let record = self.step_record(i, status, &report.reason, Execution::settled());
+            // A cache hit that repeats the last execution is stored as a pointer: its
+            // parameters are masked and copied only when it is written whole.
+            let record =
+                self.record_without_params(i, status, &report.reason, Execution::settled());
+            let step = self.step(i);
             if let Some(recorder) = self.recorder.as_mut() {
-                recorder.settled(record, self.seq[i]);
+                recorder.settled(record, self.seq[i], || crate::redact::redact(&step.params));
             }
         }
         self.reports[i] = Some(report);
@@ -980,7 +998,8 @@ impl<'a> Walk<'a> {
             exec.error = Some(message.clone());
             let record = self.step_record(i, StepStatus::Failed, &message, exec);
             if let Some(recorder) = self.recorder.as_mut() {
-                recorder.settled(record, self.seq[i]);
+                let params = record.params.clone();
+                recorder.settled(record, self.seq[i], || params);
             }
         }
     }

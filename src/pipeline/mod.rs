@@ -11,6 +11,7 @@ mod params;
 mod parse;
 pub mod raw;
 mod resolve;
+mod snapshot;
 mod source;
 mod spec;
 
@@ -104,12 +105,42 @@ impl std::fmt::Display for InputBinding {
 
 /// Loads, checks and resolves a pipeline file with `--set KEY=VALUE` overrides.
 pub fn load(file: &Path, sets: &[String]) -> Result<ResolvedPipeline, Diagnostics> {
+    load_with_snapshots(file, sets, None)
+}
+
+/// [`load`], reusing (and keeping) a snapshot of the resolved pipeline in `snapshots`
+/// when given: an unchanged file with the same `--set` is not parsed again (see
+/// `snapshot.rs`).
+pub fn load_with_snapshots(
+    file: &Path,
+    sets: &[String],
+    snapshots: Option<&Path>,
+) -> Result<ResolvedPipeline, Diagnostics> {
     let src = SourceFile::read(file, "pipeline")?;
-    let (raw, soft) = match parse::quick_parse(&src) {
-        Some(raw) => (raw, Vec::new()),
-        None => parse::careful_parse(&src)?,
+    let snapshot = snapshots.and_then(|dir| Some((dir, snapshot::key(&src, sets)?)));
+    if let Some((dir, key)) = &snapshot {
+        if let Some(pipeline) = snapshot::read(dir, key, &src) {
+            return Ok(pipeline);
+        }
+    }
+    let Some(raw) = parse::quick_parse(&src) else {
+        // Not written to a snapshot: the careful parse found something to say.
+        let (raw, soft) = parse::careful_parse(&src)?;
+        let mut resolver = Resolver::new(&src);
+        resolver.diags = soft;
+        return resolver.resolve(raw, sets);
     };
-    let mut resolver = Resolver::new(&src);
-    resolver.diags = soft;
-    resolver.resolve(raw, sets)
+    let declared_outputs: BTreeMap<String, IndexMap<String, String>> = match &snapshot {
+        Some(_) => raw
+            .steps
+            .iter()
+            .map(|(name, step)| (name.clone(), step.outputs.clone().unwrap_or_default()))
+            .collect(),
+        None => BTreeMap::new(),
+    };
+    let pipeline = Resolver::new(&src).resolve(raw, sets)?;
+    if let Some((dir, key)) = &snapshot {
+        snapshot::write(dir, key, &pipeline, &declared_outputs);
+    }
+    Ok(pipeline)
 }

@@ -207,6 +207,11 @@ impl Store {
             .map_err(|e| StoreError::io("making stored objects durable", e))
     }
 
+    /// Where `run` and `plan` keep snapshots of resolved pipelines (a cache `gc` empties).
+    pub fn pipeline_snapshots_dir(root: &Path) -> PathBuf {
+        root.join("pipelines")
+    }
+
     /// Removes unreferenced objects (and, with `keep_runs`, run records beyond the newest
     /// `keep_runs` per pipeline first). Returns what was (or would be) freed.
     pub fn gc(&self, keep_runs: Option<usize>, dry_run: bool) -> Result<GcReport, StoreError> {
@@ -240,6 +245,7 @@ impl Store {
             }
         }
         if !dry_run {
+            let _ = std::fs::remove_dir_all(Self::pipeline_snapshots_dir(&self.root));
             report.stale_temp = self
                 .objects
                 .clean_stale_temp()

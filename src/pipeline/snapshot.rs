@@ -1,0 +1,201 @@
+//! Resolved-pipeline snapshots: what loading a pipeline file produced, kept in the store
+//! and keyed by everything loading reads, so an unchanged pipeline is not parsed and
+//! resolved again on every `run` and `plan`.
+//!
+//! YAML parsing is the floor of a no-op rerun: libyaml needs ~5 ms for the 160 kB of a
+//! 1000-step pipeline and substitution and linking ~3 ms more, while the rerun's own work
+//! is a few ms (like Nix's evaluation cache, the answer is not to redo it). The key hashes
+//! the cairn binary (size and mtime, so a rebuilt binary never reads an older build's
+//! snapshot), the working directory, the path as given, the file's bytes and every
+//! `--set`. A snapshot holds the parsed and substituted pipeline; step kinds bind its
+//! parameters again when it is read (binding checks what may have changed on disk since,
+//! and is cheap), and the graph is rebuilt, so a snapshot that no longer binds is just not used.
+//!
+//! Written only for what needs nothing else to load: no spec-file steps (they read other
+//! files), no document store URI, and no value that redaction would mask (a password given
+//! with `--set` never lands on disk). Anything unreadable or stale is ignored and the file
+//! is loaded the slow way. Writes are atomic (temp file, rename); at most
+//! [`MAX_SNAPSHOTS`] are kept, the oldest removed first.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use indexmap::IndexMap;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::link::step_graph;
+use super::{InputBinding, ResolvedPipeline, ResolvedStep, SourceFile};
+use crate::steps;
+
+/// Snapshots kept per store.
+pub const MAX_SNAPSHOTS: usize = 32;
+
+const DOMAIN: &[u8] = b"cairn-pipeline-snapshot-v1\0";
+
+/// A snapshot's key, as the file name it is stored under.
+pub(super) fn key(src: &SourceFile, sets: &[String]) -> Option<String> {
+    fn field(hasher: &mut blake3::Hasher, bytes: &[u8]) {
+        hasher.update(&(bytes.len() as u64).to_le_bytes());
+        hasher.update(bytes);
+    }
+    let exe = std::fs::metadata(std::env::current_exe().ok()?).ok()?;
+    let built = exe
+        .modified()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    let cwd = std::env::current_dir().ok()?;
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(DOMAIN);
+    field(&mut hasher, env!("CARGO_PKG_VERSION").as_bytes());
+    hasher.update(&exe.len().to_le_bytes());
+    hasher.update(&built.as_nanos().to_le_bytes());
+    field(&mut hasher, cwd.as_os_str().as_encoded_bytes());
+    field(&mut hasher, src.path.as_os_str().as_encoded_bytes());
+    field(&mut hasher, src.text.as_bytes());
+    hasher.update(&(sets.len() as u64).to_le_bytes());
+    for set in sets {
+        field(&mut hasher, set.as_bytes());
+    }
+    Some(format!("{}.json", hasher.finalize().to_hex()))
+}
+
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    name: String,
+    description: Option<String>,
+    params: IndexMap<String, Value>,
+    steps: Vec<StepSnapshot>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StepSnapshot {
+    name: String,
+    uses: String,
+    params: Value,
+    param_refs: BTreeMap<String, Value>,
+    param_env: BTreeMap<String, Value>,
+    inputs: IndexMap<String, (String, String)>,
+    declared_outputs: IndexMap<String, String>,
+}
+
+/// The pipeline stored under `key` in `dir`, bound again; `None` when there is none or it
+/// no longer binds.
+pub(super) fn read(dir: &Path, key: &str, src: &SourceFile) -> Option<ResolvedPipeline> {
+    let bytes = std::fs::read(dir.join(key)).ok()?;
+    let snapshot: Snapshot = serde_json::from_slice(&bytes).ok()?;
+    let mut steps = Vec::with_capacity(snapshot.steps.len());
+    for s in snapshot.steps {
+        let implementation = steps::lookup(&s.uses)?;
+        let (bound, io) = implementation.bind(&s.params, &s.declared_outputs).ok()?;
+        steps.push(ResolvedStep {
+            name: s.name,
+            uses: s.uses,
+            implementation,
+            version: implementation.version(),
+            params: s.params,
+            bound,
+            param_refs: s.param_refs,
+            param_env: s.param_env,
+            inputs: s
+                .inputs
+                .into_iter()
+                .map(|(name, (step, output))| (name, InputBinding { step, output }))
+                .collect(),
+            expects: io
+                .inputs
+                .iter()
+                .flatten()
+                .map(|d| (d.name.clone(), d.kind.clone()))
+                .collect(),
+            outputs: io.outputs,
+        });
+    }
+    let dag = step_graph(&steps).ok()?;
+    Some(ResolvedPipeline {
+        name: snapshot.name,
+        description: snapshot.description,
+        file: src.path.clone(),
+        params: snapshot.params,
+        docstore_uri: None,
+        steps,
+        dag,
+    })
+}
+
+/// Stores `pipeline` under `key` in `dir` when it may be (see the module doc); failures
+/// only cost the next load its speed.
+pub(super) fn write(
+    dir: &Path,
+    key: &str,
+    pipeline: &ResolvedPipeline,
+    declared_outputs: &BTreeMap<String, IndexMap<String, String>>,
+) {
+    if pipeline.docstore_uri.is_some() {
+        return;
+    }
+    let mut snapshot_steps = Vec::with_capacity(pipeline.steps.len());
+    for step in &pipeline.steps {
+        // A spec step's `uses` is a path, not a kind: it reads the spec file to load.
+        if steps::lookup(&step.uses).is_none() {
+            return;
+        }
+        snapshot_steps.push(StepSnapshot {
+            name: step.name.clone(),
+            uses: step.uses.clone(),
+            params: step.params.clone(),
+            param_refs: step.param_refs.clone(),
+            param_env: step.param_env.clone(),
+            inputs: step
+                .inputs
+                .iter()
+                .map(|(name, b)| (name.clone(), (b.step.clone(), b.output.clone())))
+                .collect(),
+            declared_outputs: declared_outputs
+                .get(&step.name)
+                .cloned()
+                .unwrap_or_default(),
+        });
+    }
+    let snapshot = Snapshot {
+        name: pipeline.name.clone(),
+        description: pipeline.description.clone(),
+        params: pipeline.params.clone(),
+        steps: snapshot_steps,
+    };
+    let Ok(value) = serde_json::to_value(&snapshot) else {
+        return;
+    };
+    if crate::redact::redact(&value) != value {
+        return;
+    }
+    let _ = store_atomically(dir, key, &value);
+}
+
+fn store_atomically(dir: &Path, key: &str, value: &Value) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut file = tempfile::NamedTempFile::new_in(dir)?;
+    serde_json::to_writer(std::io::BufWriter::new(file.as_file_mut()), value)?;
+    file.persist(dir.join(key)).map_err(|e| e.error)?;
+    prune(dir);
+    Ok(())
+}
+
+/// Keeps the newest [`MAX_SNAPSHOTS`] snapshots.
+fn prune(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut files: Vec<_> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    if files.len() <= MAX_SNAPSHOTS {
+        return;
+    }
+    files.sort();
+    for (_, path) in &files[..files.len() - MAX_SNAPSHOTS] {
+        let _ = std::fs::remove_file(path);
+    }
+}
