@@ -380,7 +380,7 @@ fn cache_hits_are_stored_as_pointers_and_read_back_whole() {
     let pointer_rows = |run: &common::Outcome| -> i64 {
         let conn = rusqlite::Connection::open(p.store().join("cairn.db")).unwrap();
         conn.query_row(
-            "SELECT COUNT(*) FROM run_steps WHERE run_id = ?1 AND same_as IS NOT NULL AND params = ''",
+            "SELECT COUNT(*) FROM step_rows WHERE run_id = ?1 AND same_as IS NOT NULL AND params IS NULL",
             [run.json["run_id"].as_str().unwrap()],
             |r| r.get(0),
         )

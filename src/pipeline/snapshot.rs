@@ -31,7 +31,7 @@ use crate::steps;
 /// Snapshots kept per store.
 pub const MAX_SNAPSHOTS: usize = 32;
 
-const DOMAIN: &[u8] = b"cairn-pipeline-snapshot-v1\0";
+const DOMAIN: &[u8] = b"cairn-pipeline-snapshot-v2\0";
 
 /// A snapshot's key, as the file name it is stored under.
 pub(super) fn key(src: &SourceFile, sets: &[String]) -> Option<String> {
@@ -69,15 +69,23 @@ struct Snapshot {
     steps: Vec<StepSnapshot>,
 }
 
+/// A step as loading left it. Lists rather than maps, and empty ones left out: reading a
+/// snapshot is most of a no-op rerun's load time.
 #[derive(Serialize, Deserialize)]
 struct StepSnapshot {
     name: String,
     uses: String,
     params: Value,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     param_refs: BTreeMap<String, Value>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     param_env: BTreeMap<String, Value>,
-    inputs: IndexMap<String, (String, String)>,
-    declared_outputs: IndexMap<String, String>,
+    /// (input, producing step, its output).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    inputs: Vec<(String, String, String)>,
+    /// (output, kind) as the file declares them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    declared_outputs: Vec<(String, String)>,
 }
 
 /// The pipeline stored under `key` in `dir`, bound again; `None` when there is none or it
@@ -88,7 +96,8 @@ pub(super) fn read(dir: &Path, key: &str, src: &SourceFile) -> Option<ResolvedPi
     let mut steps = Vec::with_capacity(snapshot.steps.len());
     for s in snapshot.steps {
         let implementation = steps::lookup(&s.uses)?;
-        let (bound, io) = implementation.bind(&s.params, &s.declared_outputs).ok()?;
+        let declared_outputs: IndexMap<String, String> = s.declared_outputs.into_iter().collect();
+        let (bound, io) = implementation.bind(&s.params, &declared_outputs).ok()?;
         steps.push(ResolvedStep {
             name: s.name,
             uses: s.uses,
@@ -101,7 +110,7 @@ pub(super) fn read(dir: &Path, key: &str, src: &SourceFile) -> Option<ResolvedPi
             inputs: s
                 .inputs
                 .into_iter()
-                .map(|(name, (step, output))| (name, InputBinding { step, output }))
+                .map(|(name, step, output)| (name, InputBinding { step, output }))
                 .collect(),
             expects: io
                 .inputs
@@ -150,11 +159,16 @@ pub(super) fn write(
             inputs: step
                 .inputs
                 .iter()
-                .map(|(name, b)| (name.clone(), (b.step.clone(), b.output.clone())))
+                .map(|(name, b)| (name.clone(), b.step.clone(), b.output.clone()))
                 .collect(),
             declared_outputs: declared_outputs
                 .get(&step.name)
-                .cloned()
+                .map(|outputs| {
+                    outputs
+                        .iter()
+                        .map(|(name, kind)| (name.clone(), kind.clone()))
+                        .collect()
+                })
                 .unwrap_or_default(),
         });
     }

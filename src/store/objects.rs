@@ -14,7 +14,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use super::digest::ObjectDigest;
 use super::hash;
@@ -30,6 +30,8 @@ pub struct ObjectArea {
     fsync: bool,
     /// Objects renamed into place whose data is not yet known durable.
     unsealed: Arc<Mutex<Vec<PathBuf>>>,
+    /// `objects/` opened once: presence checks look names up relative to it.
+    objects_dir: Arc<OnceLock<fs::File>>,
 }
 
 /// What committing a path into the store produced.
@@ -51,6 +53,7 @@ impl ObjectArea {
             tmp: root.join("tmp"),
             fsync,
             unsealed: Arc::new(Mutex::new(Vec::new())),
+            objects_dir: Arc::new(OnceLock::new()),
         }
     }
 
@@ -68,7 +71,27 @@ impl ObjectArea {
 
     /// Whether an object with this digest is present (sealed or not).
     pub fn contains(&self, digest: &ObjectDigest) -> bool {
-        fs::symlink_metadata(self.path(digest)).is_ok()
+        let hex = digest.to_hex();
+        let relative = format!("{}/{}", &hex[..2], &hex[2..]);
+        match self.opened_objects_dir() {
+            // Half the path walk of the full path: a no-op rerun asks this of every output.
+            Some(dir) => rustix::fs::statat(
+                dir,
+                relative.as_str(),
+                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .is_ok(),
+            None => fs::symlink_metadata(self.objects.join(relative)).is_ok(),
+        }
+    }
+
+    /// `objects/`, opened on first use (it may not exist yet).
+    fn opened_objects_dir(&self) -> Option<&fs::File> {
+        if let Some(dir) = self.objects_dir.get() {
+            return Some(dir);
+        }
+        let dir = fs::File::open(&self.objects).ok()?;
+        Some(self.objects_dir.get_or_init(|| dir))
     }
 
     /// Whether an object with this digest is present and known durable: what code that

@@ -192,10 +192,10 @@ pub struct StepRecord {
 pub type RecordTag = [u8; 32];
 
 impl StepRecord {
-    /// The cache key, the referenced pipeline params, the inputs (with where they came
-    /// from) and the outputs, hashed. The cache key stands for the parameters (it hashes
-    /// them); the rest can differ between runs with the same key (a renamed upstream
-    /// step, an output re-made by a forced run).
+    /// The cache key, kind and version as written, the referenced pipeline params, the
+    /// inputs (with where they came from) and the outputs, hashed. The cache key stands
+    /// for the parameters (it hashes them); the rest can differ between runs with the same
+    /// key (a renamed upstream step, an output re-made by a forced run).
     pub fn tag(&self) -> RecordTag {
         // One buffer hashed once: blake3 costs more per `update` call than per byte here.
         fn field(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -208,6 +208,8 @@ impl StepRecord {
             Some(key) => field(&mut bytes, key.as_bytes()),
             None => field(&mut bytes, b""),
         }
+        field(&mut bytes, self.kind.as_bytes());
+        field(&mut bytes, self.version.as_bytes());
         bytes.extend_from_slice(&(self.param_refs.len() as u64).to_le_bytes());
         for (name, value) in &self.param_refs {
             field(&mut bytes, name.as_bytes());

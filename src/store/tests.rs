@@ -167,7 +167,7 @@ fn a_version_1_store_learns_each_steps_last_execution() {
     let conn = rusqlite::Connection::open(&db).unwrap();
     conn.execute_batch(
         "DROP TABLE step_latest; CREATE INDEX run_steps_by_step ON run_steps(step, run_id);
-         ALTER TABLE run_steps DROP COLUMN same_as;
+         DROP VIEW step_rows; DROP TABLE run_hits;
          PRAGMA user_version = 1;",
     )
     .unwrap();
@@ -256,10 +256,11 @@ fn record_step(store: &Store, run: &str, out: ObjectDigest, same_as: Option<&str
     record
 }
 
-fn stored_params(store: &Store, run: &str) -> String {
+/// The parameters stored in `run`'s own row of step `s`; `None` for a pointer.
+fn stored_params(store: &Store, run: &str) -> Option<String> {
     let conn = rusqlite::Connection::open(store.root().join("cairn.db")).unwrap();
     conn.query_row(
-        "SELECT params FROM run_steps WHERE run_id = ?1",
+        "SELECT params FROM step_rows WHERE run_id = ?1",
         [run],
         |r| r.get(0),
     )
@@ -278,7 +279,7 @@ fn a_cache_hit_like_the_last_execution_is_stored_as_a_pointer_and_reads_back_who
         out,
         Some("20260101-000000-000001"),
     );
-    assert_eq!(stored_params(&store, "20260101-000000-000002"), "");
+    assert_eq!(stored_params(&store, "20260101-000000-000002"), None);
     let read = store.db().run_steps("20260101-000000-000002").unwrap();
     assert_eq!(read, vec![hit.clone()]);
     assert_eq!(read[0].params, first.params);
@@ -292,7 +293,9 @@ fn a_cache_hit_like_the_last_execution_is_stored_as_a_pointer_and_reads_back_who
     let report = store.gc(Some(1), false).unwrap();
     assert_eq!(report.dropped_runs, vec!["20260101-000000-000001"]);
     assert!(report.removed.is_empty(), "{report:?}");
-    assert!(stored_params(&store, "20260101-000000-000002").contains("echo hi"));
+    assert!(stored_params(&store, "20260101-000000-000002")
+        .unwrap()
+        .contains("echo hi"));
     assert_eq!(
         store.db().run_steps("20260101-000000-000002").unwrap(),
         vec![hit]
@@ -305,7 +308,9 @@ fn a_pointer_to_a_row_that_is_gone_is_written_in_full() {
     let store = Store::open(root.path(), Access::Shared).unwrap();
     let out = put(&store, b"output");
     let hit = record_step(&store, "20260101-000000-000002", out, Some("no-such-run"));
-    assert!(stored_params(&store, "20260101-000000-000002").contains("echo hi"));
+    assert!(stored_params(&store, "20260101-000000-000002")
+        .unwrap()
+        .contains("echo hi"));
     assert_eq!(
         store.db().run_steps("20260101-000000-000002").unwrap(),
         vec![hit]
@@ -325,11 +330,18 @@ fn the_tag_changes_with_what_a_hit_could_differ_in() {
     renamed_param.param_refs = [("middle".to_string(), json!(1))].into();
     let mut remade_output = base.clone();
     remade_output.outputs.get_mut("out").unwrap().digest = other;
+    let mut other_spec = base.clone();
+    other_spec.kind = "./steps/other.yaml".into();
     let mut same = base.clone();
     same.run_id = "another".into();
     same.reason = "another reason".into();
     same.status = StepStatus::Cached;
-    for changed in [&renamed_upstream, &renamed_param, &remade_output] {
+    for changed in [
+        &renamed_upstream,
+        &renamed_param,
+        &remade_output,
+        &other_spec,
+    ] {
         assert_ne!(changed.tag(), base.tag());
     }
     assert_eq!(same.tag(), base.tag());
@@ -345,7 +357,7 @@ fn a_version_2_store_gains_pointer_rows() {
     let db = root.path().join("cairn.db");
     let conn = rusqlite::Connection::open(&db).unwrap();
     conn.execute_batch(
-        "ALTER TABLE run_steps DROP COLUMN same_as; ALTER TABLE step_latest DROP COLUMN tag;
+        "DROP VIEW step_rows; DROP TABLE run_hits; ALTER TABLE step_latest DROP COLUMN tag;
          PRAGMA user_version = 2;",
     )
     .unwrap();
@@ -360,7 +372,7 @@ fn a_version_2_store_gains_pointer_rows() {
         out,
         Some("20260101-000000-000001"),
     );
-    assert_eq!(stored_params(&store, "20260101-000000-000002"), "");
+    assert_eq!(stored_params(&store, "20260101-000000-000002"), None);
     assert_eq!(
         store.db().run_steps("20260101-000000-000002").unwrap(),
         vec![hit]

@@ -21,9 +21,10 @@ impl Database {
         let mut referenced = HashSet::new();
         {
             let mut stmt = self.conn.prepare(
-                "SELECT s.run_id, s.cache_key, COALESCE(f.inputs, s.inputs),
-                     COALESCE(f.outputs, s.outputs), s.log FROM run_steps s
-                     LEFT JOIN run_steps f ON f.run_id = s.same_as AND f.step = s.step",
+                "SELECT s.run_id, COALESCE(s.cache_key, f.cache_key), COALESCE(s.inputs, f.inputs),
+                     COALESCE(s.outputs, f.outputs), s.log FROM step_rows s
+                     LEFT JOIN run_steps f ON s.same_as IS NOT NULL
+                         AND f.run_id = s.same_as AND f.step = s.step",
             )?;
             let rows = stmt.query_map([], |r| {
                 Ok((

@@ -147,7 +147,7 @@ impl Database {
     /// Step counts per status for a run.
     pub fn run_counts(&self, run_id: &str) -> Result<BTreeMap<String, u64>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT status, COUNT(*) FROM run_steps WHERE run_id = ?1 GROUP BY status",
+            "SELECT status, COUNT(*) FROM step_rows WHERE run_id = ?1 GROUP BY status",
         )?;
         let rows = stmt
             .query_map(params![run_id], |r| {
@@ -178,13 +178,22 @@ impl Database {
                     params![id],
                 )?;
             }
-            // Kept cache hits that point at a pruned run's row get its content first.
+            // Kept cache hits that point at a pruned run's row become whole rows first.
             tx.execute_batch(
-                "UPDATE run_steps AS s SET params = f.params, param_refs = f.param_refs,
-                     inputs = f.inputs, outputs = f.outputs, same_as = NULL
-                 FROM run_steps AS f
+                "INSERT INTO run_steps (run_id, step, seq, kind, version, status, reason,
+                     cache_key, duration_ms, started_at, params, param_refs, inputs, outputs,
+                     error, log)
+                 SELECT s.run_id, s.step, s.seq, f.kind, f.version, s.status, s.reason,
+                     f.cache_key, s.duration_ms, s.started_at, f.params, f.param_refs,
+                     f.inputs, f.outputs, NULL, NULL
+                 FROM step_rows s JOIN run_steps f ON f.run_id = s.same_as AND f.step = s.step
                  WHERE s.same_as IN (SELECT id FROM temp.pruned)
-                     AND f.run_id = s.same_as AND f.step = s.step;
+                     AND s.run_id NOT IN (SELECT id FROM temp.pruned);
+                 UPDATE run_hits SET steps = (
+                     SELECT json_group_array(json(j.value)) FROM json_each(run_hits.steps) j
+                     WHERE j.value ->> 'same_as' NOT IN (SELECT id FROM temp.pruned))
+                 WHERE EXISTS (SELECT 1 FROM json_each(run_hits.steps) j
+                     WHERE j.value ->> 'same_as' IN (SELECT id FROM temp.pruned));
                  DELETE FROM runs WHERE id IN (SELECT id FROM temp.pruned);
                  DROP TABLE temp.pruned;",
             )?;

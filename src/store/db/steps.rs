@@ -29,16 +29,21 @@ pub struct StepWrite<'a> {
     /// with its [`StepRecord::tag`]. Not needed when the one recorded has the same tag.
     pub latest_in: Option<(&'a str, RecordTag)>,
     /// A cache hit whose parameters, inputs and outputs are those of this step's row in
-    /// that run (the step's latest in the pipeline, with the same tag): only the run's own
-    /// fields are written. Written in full instead if that row is gone.
+    /// that run (the step's latest in the pipeline, with the same tag): written as a
+    /// pointer among the run's hits (`run_hits`), or in full if that run is gone.
     pub same_as: Option<&'a str>,
 }
 
-/// Column list of `run_steps` inserts.
-const STEP_COLUMNS: &str = "run_id, step, seq, kind, version, status, reason, cache_key,
-    duration_ms, started_at, params, param_refs, inputs, outputs, error, log, same_as";
+/// A cache hit as a pointer, one element of a `run_hits` row.
+#[derive(serde::Serialize)]
+struct Hit<'a> {
+    step: &'a str,
+    seq: usize,
+    reason: &'a str,
+    started_at: &'a str,
+    same_as: &'a str,
+}
 
-/// Step rows with what a `same_as` row shares taken from the row it points to.
 /// A step's last successful execution in a pipeline (`step_latest`).
 pub struct LatestExecution {
     /// Step name.
@@ -53,11 +58,18 @@ pub struct LatestExecution {
     pub entry: Option<CacheEntry>,
 }
 
-const STEP_SELECT: &str =
-    "SELECT s.run_id, s.step, s.kind, s.version, s.status, s.reason, s.cache_key,
-    s.duration_ms, s.started_at, COALESCE(f.params, s.params), COALESCE(f.param_refs, s.param_refs),
-    COALESCE(f.inputs, s.inputs), COALESCE(f.outputs, s.outputs), s.error, s.log FROM run_steps s
-    LEFT JOIN run_steps f ON f.run_id = s.same_as AND f.step = s.step";
+/// Columns of a whole step row, `s`.
+const STEP_FIELDS: &str = "s.run_id, s.step, s.kind, s.version, s.status, s.reason, s.cache_key,
+    s.duration_ms, s.started_at, s.params, s.param_refs, s.inputs, s.outputs, s.error, s.log";
+
+/// Every step row, pointers included, with what a pointer shares taken from the row it
+/// points to (kind, version, cache key, parameters, inputs, outputs).
+const STEP_SELECT: &str = "SELECT s.run_id, s.step, COALESCE(s.kind, f.kind),
+    COALESCE(s.version, f.version), s.status, s.reason, COALESCE(s.cache_key, f.cache_key),
+    s.duration_ms, s.started_at, COALESCE(s.params, f.params),
+    COALESCE(s.param_refs, f.param_refs), COALESCE(s.inputs, f.inputs),
+    COALESCE(s.outputs, f.outputs), s.error, s.log FROM step_rows s
+    LEFT JOIN run_steps f ON s.same_as IS NOT NULL AND f.run_id = s.same_as AND f.step = s.step";
 
 impl TryFrom<&Row<'_>> for StepRecord {
     type Error = rusqlite::Error;
@@ -94,14 +106,11 @@ impl Database {
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         {
-            let mut step_stmt = tx.prepare_cached(&format!(
-                "INSERT OR REPLACE INTO run_steps ({STEP_COLUMNS})
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, NULL)"
-            ))?;
-            let mut same_stmt = tx.prepare_cached(&format!(
-                "INSERT INTO run_steps ({STEP_COLUMNS})
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, '', '', '', '', ?11, ?12, ?13)"
-            ))?;
+            let mut step_stmt = tx.prepare_cached(
+                "INSERT OR REPLACE INTO run_steps (run_id, step, seq, kind, version, status, reason,
+                 cache_key, duration_ms, started_at, params, param_refs, inputs, outputs, error, log)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+            )?;
             // Pointers only to runs still there: a concurrent `cairn gc` may have pruned
             // one since this run read it (pruning removes whole runs).
             let mut pointed_to: HashMap<&str, bool> = HashMap::new();
@@ -114,6 +123,7 @@ impl Database {
                     }
                 }
             }
+            let mut hits: BTreeMap<&str, Vec<Hit<'_>>> = BTreeMap::new();
             let mut io_stmt = tx.prepare_cached(
                 "INSERT OR REPLACE INTO step_io (run_id, step, direction, name, digest) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
@@ -126,23 +136,18 @@ impl Database {
             )?;
             for w in writes {
                 let r = w.record;
-                let compact = match w.same_as.filter(|run| pointed_to[run]) {
+                // A pointer says `cached`, no error, no log, no time: settled cache hits only.
+                let pointer =
+                    r.status == StepStatus::Cached && r.error.is_none() && r.log.is_none();
+                let compact = match w.same_as.filter(|run| pointer && pointed_to[run]) {
                     Some(same_as) => {
-                        same_stmt.execute(params![
-                            r.run_id,
-                            r.step,
-                            w.seq as i64,
-                            r.kind,
-                            r.version,
-                            r.status.as_str(),
-                            r.reason,
-                            r.cache_key.map(|k| k.to_hex()),
-                            r.duration_ms as i64,
-                            r.started_at,
-                            r.error,
-                            r.log.map(|d| d.to_hex()),
-                            same_as
-                        ])?;
+                        hits.entry(r.run_id.as_str()).or_default().push(Hit {
+                            step: &r.step,
+                            seq: w.seq,
+                            reason: &r.reason,
+                            started_at: &r.started_at,
+                            same_as,
+                        });
                         true
                     }
                     None => false,
@@ -212,6 +217,11 @@ impl Database {
                     ])?;
                 }
             }
+            let mut hits_stmt =
+                tx.prepare_cached("INSERT INTO run_hits (run_id, steps) VALUES (?1, ?2)")?;
+            for (run_id, hits) in &hits {
+                hits_stmt.execute(params![run_id, json(hits)])?;
+            }
         }
         tx.commit()?;
         Ok(())
@@ -223,8 +233,10 @@ impl Database {
         pipeline: &str,
         step: &str,
     ) -> Result<Option<StepRecord>, StoreError> {
+        // A latest execution is always a whole row.
         let sql = format!(
-            "{STEP_SELECT} JOIN step_latest l ON l.run_id = s.run_id AND l.step = s.step
+            "SELECT {STEP_FIELDS} FROM run_steps s
+             JOIN step_latest l ON l.run_id = s.run_id AND l.step = s.step
              WHERE l.pipeline = ?1 AND l.step = ?2"
         );
         let mut stmt = self.conn.prepare_cached(&sql)?;
@@ -241,16 +253,36 @@ impl Database {
             "SELECT l.step, l.run_id, l.cache_key, l.tag, c.outputs, c.run_id, c.step
              FROM step_latest l LEFT JOIN cache c ON c.key = l.cache_key WHERE l.pipeline = ?1",
         )?;
+        // Borrowed text, parsed in place: this reads a row per step of the pipeline.
+        fn text<'r>(r: &'r Row<'_>, i: usize) -> rusqlite::Result<Option<&'r str>> {
+            r.get_ref(i)?.as_str_or_null().map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.into())
+            })
+        }
+        fn parsed<T>(
+            i: usize,
+            text: Option<&str>,
+            parse: impl FnOnce(&str) -> Result<T, String>,
+        ) -> rusqlite::Result<Option<T>> {
+            text.map(parse).transpose().map_err(|message| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    i,
+                    rusqlite::types::Type::Text,
+                    format!("store is inconsistent: {message}").into(),
+                )
+            })
+        }
         let rows = stmt.query_map(params![pipeline], |r| {
-            let cache_key: Option<CacheKey> = optional_column(r, 2, str::parse)?;
-            let tag = r
-                .get::<_, Option<Vec<u8>>>(3)?
-                .and_then(|t| RecordTag::try_from(t.as_slice()).ok());
-            let entry = match (cache_key, r.get::<_, Option<String>>(5)?) {
+            let cache_key: Option<CacheKey> = parsed(2, text(r, 2)?, str::parse)?;
+            let tag = match r.get_ref(3)? {
+                rusqlite::types::ValueRef::Blob(b) => RecordTag::try_from(b).ok(),
+                _ => None,
+            };
+            let entry = match (cache_key, text(r, 5)?) {
                 (Some(key), Some(run_id)) => Some(CacheEntry {
                     key,
-                    outputs: column(r, 4, from_json)?,
-                    run_id,
+                    outputs: parsed(4, text(r, 4)?, from_json)?.unwrap_or_default(),
+                    run_id: run_id.to_string(),
                     step: r.get(6)?,
                 }),
                 _ => None,
