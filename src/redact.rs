@@ -88,10 +88,39 @@ pub fn redact(value: &Value) -> Value {
     }
 }
 
+/// Whether [`redact`] would mask anything in `value`, without building the masked copy.
+pub fn contains_secret(value: &Value) -> bool {
+    match value {
+        Value::Object(map) => map.iter().any(|(k, v)| entry_is_secret(k, v)),
+        Value::Array(items) => items.iter().any(contains_secret),
+        Value::String(s) => redact_str(s) != *s,
+        _ => false,
+    }
+}
+
+/// Whether [`redact`] would mask something in the entry `key: value` of an object.
+pub fn entry_is_secret(key: &str, value: &Value) -> bool {
+    (secret_key(key) && !value.is_null()) || contains_secret(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn contains_secret_agrees_with_redact() {
+        for value in [
+            json!({"api_key": "sk-1"}),
+            json!({"api_key": null, "n": 1}),
+            json!({"nested": [{"uri": "mongodb://u:pw@h/db"}]}),
+            json!({"run": "echo hello", "tokens": 3, "api_key_env": "OPENAI_API_KEY"}),
+            json!(["https://example.org/feed?key=abc"]),
+            json!("plain"),
+        ] {
+            assert_eq!(contains_secret(&value), redact(&value) != value, "{value}");
+        }
+    }
 
     #[test]
     fn masks_secret_keys_and_url_passwords_but_not_env_names() {

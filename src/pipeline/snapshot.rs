@@ -17,6 +17,7 @@
 //! is loaded the slow way. Writes are atomic (temp file, rename); at most
 //! [`MAX_SNAPSHOTS`] are kept, the oldest removed first.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -61,31 +62,36 @@ pub(super) fn key(src: &SourceFile, sets: &[String]) -> Option<String> {
     Some(format!("{}.json", hasher.finalize().to_hex()))
 }
 
+/// What a snapshot holds: borrowed from the pipeline when written, owned when read.
 #[derive(Serialize, Deserialize)]
-struct Snapshot {
-    name: String,
-    description: Option<String>,
-    params: IndexMap<String, Value>,
-    steps: Vec<StepSnapshot>,
+struct Snapshot<'a> {
+    name: Cow<'a, str>,
+    description: Option<Cow<'a, str>>,
+    params: Cow<'a, IndexMap<String, Value>>,
+    steps: Vec<StepSnapshot<'a>>,
 }
 
 /// A step as loading left it. Lists rather than maps, and empty ones left out: reading a
 /// snapshot is most of a no-op rerun's load time.
 #[derive(Serialize, Deserialize)]
-struct StepSnapshot {
-    name: String,
-    uses: String,
-    params: Value,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    param_refs: BTreeMap<String, Value>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    param_env: BTreeMap<String, Value>,
+struct StepSnapshot<'a> {
+    name: Cow<'a, str>,
+    uses: Cow<'a, str>,
+    params: Cow<'a, Value>,
+    #[serde(default, skip_serializing_if = "is_empty")]
+    param_refs: Cow<'a, BTreeMap<String, Value>>,
+    #[serde(default, skip_serializing_if = "is_empty")]
+    param_env: Cow<'a, BTreeMap<String, Value>>,
     /// (input, producing step, its output).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    inputs: Vec<(String, String, String)>,
+    inputs: Vec<(Cow<'a, str>, Cow<'a, str>, Cow<'a, str>)>,
     /// (output, kind) as the file declares them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    declared_outputs: Vec<(String, String)>,
+    declared_outputs: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+}
+
+fn is_empty(map: &BTreeMap<String, Value>) -> bool {
+    map.is_empty()
 }
 
 /// The pipeline stored under `key` in `dir`, bound again; `None` when there is none or it
@@ -96,21 +102,32 @@ pub(super) fn read(dir: &Path, key: &str, src: &SourceFile) -> Option<ResolvedPi
     let mut steps = Vec::with_capacity(snapshot.steps.len());
     for s in snapshot.steps {
         let implementation = steps::lookup(&s.uses)?;
-        let declared_outputs: IndexMap<String, String> = s.declared_outputs.into_iter().collect();
-        let (bound, io) = implementation.bind(&s.params, &declared_outputs).ok()?;
+        let declared_outputs: IndexMap<String, String> = s
+            .declared_outputs
+            .into_iter()
+            .map(|(name, kind)| (name.into_owned(), kind.into_owned()))
+            .collect();
+        let params = s.params.into_owned();
+        let (bound, io) = implementation.bind(&params, &declared_outputs).ok()?;
         steps.push(ResolvedStep {
-            name: s.name,
-            uses: s.uses,
+            name: s.name.into_owned(),
+            uses: s.uses.into_owned(),
             implementation,
             version: implementation.version(),
-            params: s.params,
+            params,
             bound,
-            param_refs: s.param_refs,
-            param_env: s.param_env,
+            param_refs: s.param_refs.into_owned(),
+            param_env: s.param_env.into_owned(),
             inputs: s
                 .inputs
                 .into_iter()
-                .map(|(name, step, output)| (name, InputBinding { step, output }))
+                .map(|(name, step, output)| {
+                    let binding = InputBinding {
+                        step: step.into_owned(),
+                        output: output.into_owned(),
+                    };
+                    (name.into_owned(), binding)
+                })
                 .collect(),
             expects: io
                 .inputs
@@ -123,10 +140,10 @@ pub(super) fn read(dir: &Path, key: &str, src: &SourceFile) -> Option<ResolvedPi
     }
     let dag = step_graph(&steps).ok()?;
     Some(ResolvedPipeline {
-        name: snapshot.name,
-        description: snapshot.description,
+        name: snapshot.name.into_owned(),
+        description: snapshot.description.map(Cow::into_owned),
         file: src.path.clone(),
-        params: snapshot.params,
+        params: snapshot.params.into_owned(),
         docstore_uri: None,
         steps,
         dag,
@@ -144,50 +161,62 @@ pub(super) fn write(
     if pipeline.docstore_uri.is_some() {
         return;
     }
+    if secret(pipeline.params.iter()) {
+        return;
+    }
     let mut snapshot_steps = Vec::with_capacity(pipeline.steps.len());
     for step in &pipeline.steps {
         // A spec step's `uses` is a path, not a kind: it reads the spec file to load.
-        if steps::lookup(&step.uses).is_none() {
+        if steps::lookup(&step.uses).is_none()
+            || crate::redact::contains_secret(&step.params)
+            || secret(step.param_refs.iter())
+            || secret(step.param_env.iter())
+        {
             return;
         }
         snapshot_steps.push(StepSnapshot {
-            name: step.name.clone(),
-            uses: step.uses.clone(),
-            params: step.params.clone(),
-            param_refs: step.param_refs.clone(),
-            param_env: step.param_env.clone(),
+            name: Cow::Borrowed(&step.name),
+            uses: Cow::Borrowed(&step.uses),
+            params: Cow::Borrowed(&step.params),
+            param_refs: Cow::Borrowed(&step.param_refs),
+            param_env: Cow::Borrowed(&step.param_env),
             inputs: step
                 .inputs
                 .iter()
-                .map(|(name, b)| (name.clone(), b.step.clone(), b.output.clone()))
+                .map(|(name, b)| {
+                    (
+                        name.into(),
+                        b.step.as_str().into(),
+                        b.output.as_str().into(),
+                    )
+                })
                 .collect(),
             declared_outputs: declared_outputs
                 .get(&step.name)
                 .map(|outputs| {
                     outputs
                         .iter()
-                        .map(|(name, kind)| (name.clone(), kind.clone()))
+                        .map(|(name, kind)| (name.into(), kind.into()))
                         .collect()
                 })
                 .unwrap_or_default(),
         });
     }
     let snapshot = Snapshot {
-        name: pipeline.name.clone(),
-        description: pipeline.description.clone(),
-        params: pipeline.params.clone(),
+        name: Cow::Borrowed(&pipeline.name),
+        description: pipeline.description.as_deref().map(Cow::Borrowed),
+        params: Cow::Borrowed(&pipeline.params),
         steps: snapshot_steps,
     };
-    let Ok(value) = serde_json::to_value(&snapshot) else {
-        return;
-    };
-    if crate::redact::redact(&value) != value {
-        return;
-    }
-    let _ = store_atomically(dir, key, &value);
+    let _ = store_atomically(dir, key, &snapshot);
 }
 
-fn store_atomically(dir: &Path, key: &str, value: &Value) -> std::io::Result<()> {
+/// Whether an entry of these would be masked in records.
+fn secret<'v>(mut entries: impl Iterator<Item = (&'v String, &'v Value)>) -> bool {
+    entries.any(|(k, v)| crate::redact::entry_is_secret(k, v))
+}
+
+fn store_atomically(dir: &Path, key: &str, value: &Snapshot<'_>) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut file = tempfile::NamedTempFile::new_in(dir)?;
     serde_json::to_writer(std::io::BufWriter::new(file.as_file_mut()), value)?;
