@@ -1384,8 +1384,15 @@ fn training_with_the_models_chat_template_learns_its_replies_and_keeps_the_templ
 fn gguf_export_reads_back_in_llama_cpps_reader() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    reference(&[&"make", &root, &"gpt2", &"llama3", &"qwen2", &"qwen3"]);
-    for (arch, gguf_arch) in [("gpt2", "gpt2"), ("llama3", "llama"), ("qwen2", "qwen2")] {
+    reference(&[
+        &"make", &root, &"gpt2", &"llama3", &"qwen2", &"qwen3", &"phi3",
+    ]);
+    for (arch, gguf_arch) in [
+        ("gpt2", "gpt2"),
+        ("llama3", "llama"),
+        ("qwen2", "qwen2"),
+        ("qwen3", "qwen3"),
+    ] {
         for (ty, tolerance) in [("q8_0", 0.0045), ("bf16", 0.004), ("f16", 0.0005)] {
             let file = root.join(format!("{arch}.{ty}.gguf"));
             let (ok, events, stderr) = torch_helper(&[
@@ -1404,6 +1411,7 @@ fn gguf_export_reads_back_in_llama_cpps_reader() {
             assert_eq!(r["meta"]["tokenizer.ggml.tokens"], 259, "{what}");
             assert_eq!(r["meta"]["tokenizer.ggml.eos_token_id"], 256, "{what}");
             assert_eq!(r["missing"], json!([]), "{what}");
+            assert_eq!(r["unknown"], json!([]), "{what}");
             assert_eq!(r["shapes_ok"], true, "{what}");
             assert_eq!(r["q8_0_bit_exact"], true, "{what}");
             let err = r["max_rel_err"].as_f64().unwrap();
@@ -1420,14 +1428,29 @@ fn gguf_export_reads_back_in_llama_cpps_reader() {
                 .iter()
                 .any(|t| t == "rope_freqs.weight");
             assert_eq!(rope_freqs, arch == "llama3", "{what}");
+            if arch == "qwen3" {
+                // Its head size (24) is not hidden / heads; the q/k norms are compared above.
+                assert_eq!(r["meta"]["qwen3.attention.key_length"], 24, "{what}");
+                let norms = r["tensors"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|t| t.as_str().unwrap().ends_with("_norm.weight"))
+                    .filter(|t| {
+                        t.as_str().unwrap().contains("attn_q")
+                            || t.as_str().unwrap().contains("attn_k")
+                    })
+                    .count();
+                assert_eq!(norms, 4, "{what}");
+            }
         }
     }
     let (ok, events, _) = torch_helper(&[
         &"gguf",
         &"--model",
-        &root.join("qwen3"),
+        &root.join("phi3"),
         &"--output",
-        &root.join("qwen3.gguf"),
+        &root.join("phi3.gguf"),
     ]);
     assert!(!ok, "{events:?}");
     assert!(

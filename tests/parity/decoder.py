@@ -185,6 +185,9 @@ def check_gguf(path, model_dir):
                 f"blk.{l}.ffn_up.weight": hf[f"{p}.mlp.up_proj.weight"],
                 f"blk.{l}.ffn_down.weight": hf[f"{p}.mlp.down_proj.weight"],
             })
+            for proj in ("q", "k"):
+                if f"{p}.self_attn.{proj}_norm.weight" in hf:
+                    expected[f"blk.{l}.attn_{proj}_norm.weight"] = hf[f"{p}.self_attn.{proj}_norm.weight"]
             for proj in ("q", "k", "v"):
                 if f"{p}.self_attn.{proj}_proj.bias" in hf:
                     expected[f"blk.{l}.attn_{proj}.bias"] = hf[f"{p}.self_attn.{proj}_proj.bias"]
@@ -205,7 +208,15 @@ def check_gguf(path, model_dir):
             # The gguf package's quantizer is bit-exact with ggml's reference one.
             theirs = quantize(want.contiguous().numpy(), GGMLQuantizationType.Q8_0)
             q8_exact &= bytes(t.data.tobytes()) == bytes(theirs.tobytes())
-    print(json.dumps({"meta": meta, "types": types, "missing": sorted(expected), "shapes_ok": shapes_ok,
+    # Names llama.cpp's table lists for this architecture (gguf-py's MODEL_TENSORS).
+    from gguf.constants import MODEL_ARCH_NAMES, MODEL_TENSORS, TENSOR_NAMES
+    arch_id = {name: a for a, name in MODEL_ARCH_NAMES.items()}[arch]
+    known = set()
+    for t in MODEL_TENSORS[arch_id]:
+        known |= {TENSOR_NAMES[t].format(bid=b) + s for b in range(64) for s in (".weight", ".bias")}
+    unknown = sorted(t.name for t in reader.tensors if t.name not in known)
+    print(json.dumps({"meta": meta, "types": types, "missing": sorted(expected), "unknown": unknown,
+                      "shapes_ok": shapes_ok,
                       "max_rel_err": worst, "q8_0_bit_exact": q8_exact,
                       "tensors": [t.name for t in reader.tensors]}))
 

@@ -2,15 +2,17 @@
 //! weights in f16, bf16 or q8_0 with the tokenizer, chat template and EOS in the
 //! metadata, named and laid out as llama.cpp's own `convert_hf_to_gguf.py` writes them
 //! (q/k rows permuted for the `llama` architecture, GPT-2's Conv1D weights transposed,
-//! norms and biases in f32, Llama 3's rope factors as `rope_freqs.weight`).
+//! norms and biases in f32, Llama 3's rope factors as `rope_freqs.weight`, Qwen3's
+//! per-head q/k norms as `attn_q_norm`/`attn_k_norm` with its own head size).
 //!
 //! Written here rather than through a crate: the writers on crates.io come with a whole
 //! inference stack (candle) or cover reading only; the format is a header, key/values and
 //! aligned tensor data.
 //!
 //! Covered: GPT-2, Llama (incl. Llama 3.x rope scaling), Mistral without a sliding
-//! window, Qwen2; byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2, SmolLM). Other
-//! families and SentencePiece-style tokenizers are refused with a message.
+//! window, Qwen2, Qwen3; byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2/3, SmolLM).
+//! Other families (Gemma and Phi-3 ship SentencePiece tokenizers) are refused with a
+//! message.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -107,9 +109,10 @@ pub fn export(
         (Arch::Llama, "llama") => "llama",
         (Arch::Llama, "mistral") if cfg.sliding_window.is_none_or(|w| w >= cfg.max_positions) => "llama",
         (Arch::Llama, "qwen2") => "qwen2",
+        (Arch::Llama, "qwen3") => "qwen3",
         (_, other) => {
             return Err(format!(
-                "GGUF export supports gpt2, llama, mistral (without a sliding window) and qwen2 models; this one is {other:?}"
+                "GGUF export supports gpt2, llama, mistral (without a sliding window), qwen2 and qwen3 models; this one is {other:?}"
             ))
         }
     };
@@ -143,6 +146,11 @@ pub fn export(
             Meta::F32(cfg.eps as f32),
         );
         kv(&a("rope.freq_base"), Meta::F32(cfg.rope_theta as f32));
+        if arch == "qwen3" {
+            // Qwen3's head size is its own, not hidden / heads.
+            kv(&a("attention.key_length"), Meta::U32(cfg.head_dim as u32));
+            kv(&a("attention.value_length"), Meta::U32(cfg.head_dim as u32));
+        }
         kv(&a("rope.dimension_count"), Meta::U32(cfg.head_dim as u32));
         kv(&a("vocab_size"), Meta::U32(cfg.vocab as u32));
     }
@@ -333,6 +341,11 @@ fn tensors(model: &Model, arch: &str, ty: GgufType) -> Result<Vec<Out>, String> 
             add(format!("{b}.{to}.weight"), &w)?;
             if let Some(bias) = model.params.get(&format!("{h}.self_attn.{from}.bias")) {
                 add(format!("{b}.{to}.bias"), bias)?;
+            }
+        }
+        for (from, to) in [("q_norm", "attn_q_norm"), ("k_norm", "attn_k_norm")] {
+            if let Some(norm) = model.params.get(&format!("{h}.self_attn.{from}.weight")) {
+                add(format!("{b}.{to}.weight"), norm)?;
             }
         }
         add(
