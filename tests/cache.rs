@@ -519,3 +519,40 @@ steps:
         "the same pipeline without a secret is"
     );
 }
+
+/// On a pipeline big enough that outputs are checked ahead on another thread, a cached
+/// output that disappeared from the store is noticed: only its step runs again (and what
+/// reads it is cut off early, its input being made again the same).
+#[test]
+fn missing_outputs_are_noticed_when_checked_ahead() {
+    let mut yaml = String::from("name: wide\nsteps:\n");
+    for i in 0..80 {
+        yaml.push_str(&format!(
+            "  s{i}:\n    uses: command\n    outputs: {{out: file}}\n    with: {{run: \"echo {i} > ${{outputs.out}}\"}}\n"
+        ));
+    }
+    yaml.push_str("  last:\n    uses: command\n    inputs: {x: s79.out}\n    outputs: {out: file}\n    with: {run: \"cat ${inputs.x} > ${outputs.out}; echo last >> ${outputs.out}\"}\n");
+    let p = Project::new();
+    p.write("p.yaml", &yaml);
+    let cold = p.run("p.yaml", &[]);
+    assert_eq!(cold.code, 0, "{}", cold.stderr);
+    assert_eq!(p.run("p.yaml", &[]).with_status("cached").len(), 81);
+    for step in ["s3", "s40", "s79"] {
+        let digest = cold.output(step, "out");
+        let path = p
+            .store()
+            .join("objects")
+            .join(&digest[..2])
+            .join(&digest[2..]);
+        std::fs::remove_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+    let rerun = p.run("p.yaml", &[]);
+    assert_eq!(rerun.code, 0, "{}", rerun.stderr);
+    assert_eq!(
+        rerun.with_status("ran"),
+        ["s3", "s40", "s79"],
+        "{}",
+        rerun.stderr
+    );
+    assert_eq!(rerun.with_status("cached").len(), 78);
+}

@@ -120,7 +120,20 @@ fn execute(
     let store_exists = store_dir.join("cairn.db").exists();
     // Snapshots of resolved pipelines live in an existing store (a plan never creates one).
     let snapshots = store_exists.then(|| Store::pipeline_snapshots_dir(&store_dir));
-    let pipeline = pipeline::load_with_snapshots(&sel.pipeline, &sel.sets, snapshots.as_deref())?;
+    // An existing store opens on another thread while the pipeline loads (a new one is
+    // created only once the pipeline is known to be valid).
+    let (pipeline, opened) = std::thread::scope(|scope| {
+        let opening = store_exists.then(|| scope.spawn(|| Store::open(&store_dir, Access::Shared)));
+        let pipeline =
+            pipeline::load_with_snapshots(&sel.pipeline, &sel.sets, snapshots.as_deref());
+        let opened = opening.map(|thread| {
+            thread
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        });
+        (pipeline, opened)
+    });
+    let pipeline = pipeline?;
     let selection = engine::select(&pipeline, &opts)?;
     tracing::debug!(
         steps = pipeline.steps.len(),
@@ -137,7 +150,10 @@ fn execute(
         .as_ref()
         .map(|t| t.path().to_path_buf())
         .unwrap_or(store_dir);
-    let store = Arc::new(Store::open(&store_dir, Access::Shared)?);
+    let store = Arc::new(match opened {
+        Some(opened) => opened?,
+        None => Store::open(&store_dir, Access::Shared)?,
+    });
     tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "store open");
     let observer: Arc<dyn engine::Observer> = Arc::new(Terminal::new(quiet));
     let rt = runtime()?;

@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -29,8 +30,8 @@ use crate::steps::{
     FailureClass, InputArtifact, Progress, StepContext, StepError, StepOutputs, VerifyContext,
 };
 use crate::store::{
-    ArtifactRecord, CacheEntry, CacheKey, InputRef, ObjectDigest, OutputRef, StepRecord,
-    StepStatus, Store, StoreError,
+    ArtifactRecord, CacheEntry, CacheKey, InputRef, ObjectArea, ObjectDigest, OutputRef,
+    StepRecord, StepStatus, Store, StoreError,
 };
 use crate::util::blocking::blocking;
 use crate::util::clock::now_rfc3339;
@@ -136,6 +137,69 @@ struct Walk<'a> {
     /// Cache entries of the steps' last executions, read in one query: the entries a
     /// no-op rerun looks up.
     prefetched: HashMap<CacheKey, CacheEntry>,
+    /// Whether their outputs exist, checked ahead on another thread.
+    presence: Presence,
+}
+
+/// Whether the outputs of the prefetched cache entries exist, checked on a thread of
+/// its own in walk order while the walk computes keys: a no-op rerun asks about every
+/// output once, and the answers are mostly ready when it does. An answer not yet known
+/// is looked up on the spot.
+struct Presence {
+    known: Arc<HashMap<ObjectDigest, AtomicU8>>,
+}
+
+const UNKNOWN: u8 = 0;
+const PRESENT: u8 = 1;
+const ABSENT: u8 = 2;
+
+/// Fewer outputs than this are checked inline (a thread costs more than it saves).
+const PRESENCE_THREAD_MIN: usize = 64;
+
+impl Presence {
+    fn none() -> Self {
+        Self {
+            known: Arc::new(HashMap::new()),
+        }
+    }
+
+    /// Starts checking `digests` (in the order the walk will ask) in `objects`.
+    fn check_ahead(objects: &ObjectArea, digests: Vec<ObjectDigest>) -> Self {
+        if digests.len() < PRESENCE_THREAD_MIN {
+            return Self::none();
+        }
+        let known: Arc<HashMap<ObjectDigest, AtomicU8>> = Arc::new(
+            digests
+                .iter()
+                .map(|d| (*d, AtomicU8::new(UNKNOWN)))
+                .collect(),
+        );
+        let (objects, shared) = (objects.clone(), known.clone());
+        let spawned = std::thread::Builder::new()
+            .name("cairn-presence".into())
+            .spawn(move || {
+                for digest in digests {
+                    let state = if objects.contains(&digest) {
+                        PRESENT
+                    } else {
+                        ABSENT
+                    };
+                    shared[&digest].store(state, Ordering::Release);
+                }
+            });
+        match spawned {
+            Ok(_) => Self { known },
+            Err(_) => Self::none(),
+        }
+    }
+
+    fn contains(&self, objects: &ObjectArea, digest: &ObjectDigest) -> bool {
+        match self.known.get(digest).map(|s| s.load(Ordering::Acquire)) {
+            Some(PRESENT) => true,
+            Some(ABSENT) => false,
+            _ => objects.contains(digest),
+        }
+    }
 }
 
 /// Runs (`cancel` given) or plans (`None`) the selected steps.
@@ -181,6 +245,7 @@ pub(super) async fn walk(
         permits: Arc::new(Semaphore::new(opts.jobs.max(1))),
         free_work_dirs: Vec::new(),
         prefetched: HashMap::new(),
+        presence: Presence::none(),
     };
     let mut latest = blocking(|| store.db().latest_executions(&pipeline.name))?;
     walk.prefetched = latest
@@ -188,6 +253,18 @@ pub(super) async fn walk(
         .filter_map(|l| l.entry.take())
         .map(|e| (e.key, e))
         .collect();
+    let entry_of: HashMap<&str, &CacheEntry> = latest
+        .iter()
+        .filter_map(|l| Some((l.step.as_str(), walk.prefetched.get(&l.cache_key?)?)))
+        .collect();
+    let in_walk_order = pipeline
+        .dag
+        .order()
+        .iter()
+        .filter_map(|&i| entry_of.get(pipeline.steps[i].name.as_str()))
+        .flat_map(|e| e.outputs.values().map(|o| o.digest))
+        .collect();
+    walk.presence = Presence::check_ahead(store.objects(), in_walk_order);
     blocking(|| walk.resolve_unselected())?;
     if !planning {
         let recorder = blocking(|| Recorder::start(store, pipeline, &opts.args, &latest))?;
@@ -289,7 +366,7 @@ impl<'a> Walk<'a> {
         entry
             .outputs
             .values()
-            .all(|o| self.store.objects().contains(&o.digest))
+            .all(|o| self.presence.contains(self.store.objects(), &o.digest))
     }
 
     /// Digests of a step's inputs from finished producers, plus the files it names.
