@@ -7,7 +7,8 @@ use serde_json::json;
 
 use super::*;
 
-fn record_run(store: &Store, run: &str, outputs: &[ObjectDigest]) {
+/// A succeeded run of pipeline `p`.
+fn insert_run(store: &Store, run: &str) {
     store
         .db()
         .insert_run(&RunRecord {
@@ -21,6 +22,10 @@ fn record_run(store: &Store, run: &str, outputs: &[ObjectDigest]) {
             args: json!({}),
         })
         .unwrap();
+}
+
+fn record_run(store: &Store, run: &str, outputs: &[ObjectDigest]) {
+    insert_run(store, run);
     let outs: BTreeMap<String, OutputRef> = outputs
         .iter()
         .enumerate()
@@ -193,19 +198,7 @@ fn a_version_1_store_learns_each_steps_last_execution() {
 /// Records `run` with one step `s` that produced `out`, as the step's latest execution
 /// (full row) or, with `same_as`, as a cache hit pointing to that run's row.
 fn record_step(store: &Store, run: &str, out: ObjectDigest, same_as: Option<&str>) -> StepRecord {
-    store
-        .db()
-        .insert_run(&RunRecord {
-            id: run.into(),
-            pipeline: "p".into(),
-            pipeline_file: "p.yaml".into(),
-            status: RunStatus::Succeeded,
-            started_at: "2026-01-01T00:00:00Z".into(),
-            finished_at: None,
-            pid: 1,
-            args: json!({}),
-        })
-        .unwrap();
+    insert_run(store, run);
     let record = StepRecord {
         run_id: run.into(),
         step: "s".into(),
@@ -267,6 +260,12 @@ fn stored_params(store: &Store, run: &str) -> Option<String> {
     .unwrap()
 }
 
+/// `run`'s row of step `s` holds its own parameters and reads back as `expected`.
+fn assert_stored_whole(store: &Store, run: &str, expected: StepRecord) {
+    assert!(stored_params(store, run).unwrap().contains("echo hi"));
+    assert_eq!(store.db().run_steps(run).unwrap(), vec![expected]);
+}
+
 #[test]
 fn a_cache_hit_like_the_last_execution_is_stored_as_a_pointer_and_reads_back_whole() {
     let root = tempfile::tempdir().unwrap();
@@ -293,13 +292,7 @@ fn a_cache_hit_like_the_last_execution_is_stored_as_a_pointer_and_reads_back_who
     let report = store.gc(Some(1), false).unwrap();
     assert_eq!(report.dropped_runs, vec!["20260101-000000-000001"]);
     assert!(report.removed.is_empty(), "{report:?}");
-    assert!(stored_params(&store, "20260101-000000-000002")
-        .unwrap()
-        .contains("echo hi"));
-    assert_eq!(
-        store.db().run_steps("20260101-000000-000002").unwrap(),
-        vec![hit]
-    );
+    assert_stored_whole(&store, "20260101-000000-000002", hit);
 }
 
 #[test]
@@ -308,13 +301,7 @@ fn a_pointer_to_a_row_that_is_gone_is_written_in_full() {
     let store = Store::open(root.path(), Access::Shared).unwrap();
     let out = put(&store, b"output");
     let hit = record_step(&store, "20260101-000000-000002", out, Some("no-such-run"));
-    assert!(stored_params(&store, "20260101-000000-000002")
-        .unwrap()
-        .contains("echo hi"));
-    assert_eq!(
-        store.db().run_steps("20260101-000000-000002").unwrap(),
-        vec![hit]
-    );
+    assert_stored_whole(&store, "20260101-000000-000002", hit);
 }
 
 #[test]
