@@ -3,7 +3,8 @@
     bench_lora.py make DIR --hidden H --layers L --intermediate I --heads N --kv K --vocab V
         a random Llama-shaped model saved by transformers (f32) with cairn's byte tokenizer
     bench_lora.py train DIR DTYPE --batch B --seq S --steps N --warmup W --threads T [--device cuda]
-        transformers + PEFT: the model loaded with torch_dtype=DTYPE, LoRA r16 / alpha 32 /
+        transformers + PEFT: the model loaded with torch_dtype=DTYPE (f32, bf16, or nf4:
+        bitsandbytes 4-bit with double quantization and bf16 compute), LoRA r16 / alpha 32 /
         dropout 0.05 on q_proj and v_proj, AdamW on the adapters, N timed steps after W;
         prints tokens/s as JSON
 """
@@ -38,8 +39,16 @@ def train(a):
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
-    model = tf.AutoModelForCausalLM.from_pretrained(a.dir, dtype=dtype).to(a.device)
+    if a.dtype == "nf4":
+        # QLoRA as people run it: bitsandbytes NF4 with double quantization, bf16 compute.
+        quant = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16)
+        model = tf.AutoModelForCausalLM.from_pretrained(a.dir, dtype=torch.bfloat16,
+                                                        quantization_config=quant, device_map=a.device)
+    else:
+        dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+        model = tf.AutoModelForCausalLM.from_pretrained(a.dir, dtype=dtype).to(a.device)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
                                              target_modules=["q_proj", "v_proj"]))
     model.train()
