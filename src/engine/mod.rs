@@ -5,6 +5,8 @@
 //! - `schedule`: walks the graph on tokio, `--jobs` at a time, verifies external steps
 //!   concurrently, honours cancellation;
 //! - `record`: run and step records, artifacts and cache entries in the store;
+//! - `presence`: whether the prefetched cache entries' outputs exist, checked on a
+//!   thread of its own ahead of the walk;
 //! - [`observer`]: what the walk tells the outside (the CLI draws it; the engine prints
 //!   nothing).
 //!
@@ -16,6 +18,7 @@ pub mod decide;
 pub mod explain;
 pub mod key;
 pub mod observer;
+mod presence;
 mod record;
 pub mod report;
 mod schedule;
