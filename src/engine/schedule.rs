@@ -1012,10 +1012,10 @@ impl<'a> Walk<'a> {
         if !self.planning() {
             let mut exec = Execution::settled();
             exec.error = Some(message.clone());
-            let record = self.step_record(i, StepStatus::Failed, &message, exec);
+            let record = self.record_without_params(i, StepStatus::Failed, &message, exec);
+            let step = self.step(i);
             if let Some(recorder) = self.recorder.as_mut() {
-                let params = record.params.clone();
-                recorder.settled(record, self.seq[i], || params);
+                recorder.settled(record, self.seq[i], || crate::redact::redact(&step.params));
             }
         }
     }
