@@ -9,21 +9,9 @@ use crate::store::{CacheKey, ObjectDigest};
 
 const DOMAIN: &[u8] = b"cairn-cache-v1\0";
 
-/// JSON with object keys sorted at every level, so equal values hash equal.
-pub fn canonical(value: &Value) -> Value {
-    match value {
-        Value::Object(map) => {
-            let sorted: BTreeMap<&String, Value> =
-                map.iter().map(|(k, v)| (k, canonical(v))).collect();
-            Value::Object(sorted.into_iter().map(|(k, v)| (k.clone(), v)).collect())
-        }
-        Value::Array(items) => Value::Array(items.iter().map(canonical).collect()),
-        other => other.clone(),
-    }
-}
-
-/// Appends the JSON text of [`canonical`]`(value)` to `out` without building it: cache
-/// keys hash every step's parameters on every run.
+/// Appends `value` as canonical JSON text to `out`: compact, object keys sorted at every
+/// level, so equal values hash equal. Written straight out (no sorted copy of the value):
+/// cache keys hash every step's parameters on every run.
 pub fn write_canonical(value: &Value, out: &mut Vec<u8>) {
     match value {
         Value::Object(map) => {
@@ -100,12 +88,60 @@ mod tests {
 
     use serde_json::json;
 
+    /// The reference the writer must agree with: a copy with keys sorted at every level.
+    fn canonical(value: &Value) -> Value {
+        match value {
+            Value::Object(map) => {
+                let sorted: BTreeMap<&String, Value> =
+                    map.iter().map(|(k, v)| (k, canonical(v))).collect();
+                Value::Object(sorted.into_iter().map(|(k, v)| (k.clone(), v)).collect())
+            }
+            Value::Array(items) => Value::Array(items.iter().map(canonical).collect()),
+            other => other.clone(),
+        }
+    }
+
     #[test]
     fn canonical_sorts_keys_deeply() {
         let a = json!({"b": 1, "a": {"y": 2, "x": [ {"q": 1, "p": 2} ]}});
+        let mut written = Vec::new();
+        write_canonical(&a, &mut written);
         assert_eq!(
-            canonical(&a).to_string(),
+            String::from_utf8(written).unwrap(),
             r#"{"a":{"x":[{"p":2,"q":1}],"y":2},"b":1}"#
+        );
+    }
+
+    /// A changed key silently turns every user's cache into misses: this pins the bytes a
+    /// key hashes (change it only with a reason to invalidate caches).
+    #[test]
+    fn cache_keys_stay_the_same_across_releases() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.yaml");
+        std::fs::write(
+            &file,
+            r#"
+name: pin
+params: {greeting: hello}
+steps:
+  t:
+    uses: command
+    outputs: {out: file}
+    with: {run: "echo t > ${outputs.out}"}
+  s:
+    uses: command
+    inputs: {x: t.out}
+    outputs: {out: file, log: dir}
+    with: {run: "cat ${inputs.x} > ${outputs.out}; echo ${params.greeting}", env: {B: "2", A: "1"}}
+"#,
+        )
+        .unwrap();
+        let pipeline = crate::pipeline::load(&file, &[]).unwrap();
+        let step = pipeline.steps.iter().find(|s| s.name == "s").unwrap();
+        let inputs = [("x".to_string(), ObjectDigest::from(blake3::hash(b"input")))].into();
+        assert_eq!(
+            cache_key(step, &inputs).to_hex(),
+            "81bb90df5656acad05d8d222eb19e548bde208a57518c1a557e6caf062853feb"
         );
     }
 
