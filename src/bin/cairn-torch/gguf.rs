@@ -322,10 +322,6 @@ fn tensors(model: &Model, arch: &str, ty: GgufType) -> Result<Vec<Out>, String> 
     for l in 0..cfg.layers {
         let h = format!("model.layers.{l}");
         let b = format!("blk.{l}");
-        add(
-            format!("{b}.attn_norm.weight"),
-            p(&format!("{h}.input_layernorm.weight"))?,
-        )?;
         for (from, to, heads) in [
             ("q_proj", "attn_q", Some(cfg.heads)),
             ("k_proj", "attn_k", Some(cfg.kv_heads)),
@@ -343,31 +339,25 @@ fn tensors(model: &Model, arch: &str, ty: GgufType) -> Result<Vec<Out>, String> 
                 add(format!("{b}.{to}.bias"), bias)?;
             }
         }
+        for (from, to) in [
+            ("input_layernorm", "attn_norm"),
+            ("self_attn.o_proj", "attn_output"),
+            ("post_attention_layernorm", "ffn_norm"),
+            ("mlp.gate_proj", "ffn_gate"),
+            ("mlp.up_proj", "ffn_up"),
+            ("mlp.down_proj", "ffn_down"),
+        ] {
+            add(
+                format!("{b}.{to}.weight"),
+                p(&format!("{h}.{from}.weight"))?,
+            )?;
+        }
+        // Qwen3's per-head q/k norms.
         for (from, to) in [("q_norm", "attn_q_norm"), ("k_norm", "attn_k_norm")] {
             if let Some(norm) = model.params.get(&format!("{h}.self_attn.{from}.weight")) {
                 add(format!("{b}.{to}.weight"), norm)?;
             }
         }
-        add(
-            format!("{b}.attn_output.weight"),
-            p(&format!("{h}.self_attn.o_proj.weight"))?,
-        )?;
-        add(
-            format!("{b}.ffn_norm.weight"),
-            p(&format!("{h}.post_attention_layernorm.weight"))?,
-        )?;
-        add(
-            format!("{b}.ffn_gate.weight"),
-            p(&format!("{h}.mlp.gate_proj.weight"))?,
-        )?;
-        add(
-            format!("{b}.ffn_up.weight"),
-            p(&format!("{h}.mlp.up_proj.weight"))?,
-        )?;
-        add(
-            format!("{b}.ffn_down.weight"),
-            p(&format!("{h}.mlp.down_proj.weight"))?,
-        )?;
     }
     add("output_norm.weight".into(), p("model.norm.weight")?)?;
     if !cfg.tie_embeddings {
