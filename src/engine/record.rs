@@ -188,41 +188,26 @@ impl Recorder {
 /// updates): a cache hit with the latest's tag points to it; a successful execution with
 /// another tag becomes the latest.
 fn place(latest: &mut HashMap<String, Latest>, record: &StepRecord) -> Placement {
-    let keep = Placement {
+    let mut placement = Placement {
         same_as: None,
         latest: None,
     };
     if !matches!(record.status, StepStatus::Ran | StepStatus::Cached) {
-        return keep;
+        return placement;
     }
     let tag = record.tag();
-    match latest.get_mut(&record.step) {
-        Some(l) if l.tag == Some(tag) => Placement {
-            same_as: (record.status == StepStatus::Cached).then(|| l.run_id.clone()),
-            latest: None,
-        },
-        Some(l) => {
-            *l = Latest {
+    match latest.get(&record.step) {
+        Some(l) if l.tag == Some(tag) => {
+            placement.same_as = (record.status == StepStatus::Cached).then(|| l.run_id.clone());
+        }
+        _ => {
+            let at = Latest {
                 run_id: record.run_id.clone(),
                 tag: Some(tag),
             };
-            Placement {
-                same_as: None,
-                latest: Some(tag),
-            }
-        }
-        None => {
-            latest.insert(
-                record.step.clone(),
-                Latest {
-                    run_id: record.run_id.clone(),
-                    tag: Some(tag),
-                },
-            );
-            Placement {
-                same_as: None,
-                latest: Some(tag),
-            }
+            latest.insert(record.step.clone(), at);
+            placement.latest = Some(tag);
         }
     }
+    placement
 }

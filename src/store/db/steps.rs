@@ -30,7 +30,7 @@ pub struct StepWrite<'a> {
     pub latest_in: Option<(&'a str, RecordTag)>,
     /// A cache hit whose parameters, inputs and outputs are those of this step's row in
     /// that run (the step's latest in the pipeline, with the same tag): written as a
-    /// pointer among the run's hits (`run_hits`), or in full if that run is gone.
+    /// pointer among the run's hits (`run_hits`), or in full if that run is not there.
     pub same_as: Option<&'a str>,
 }
 
@@ -111,8 +111,10 @@ impl Database {
                  cache_key, duration_ms, started_at, params, param_refs, inputs, outputs, error, log)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             )?;
-            // Pointers only to runs still there: a concurrent `cairn gc` may have pruned
-            // one since this run read it (pruning removes whole runs).
+            // Pointers only to runs still there. A run holds the store's shared lock and
+            // `gc` prunes under the exclusive one, so the run a pointer names cannot go
+            // away meanwhile; checked anyway (once per run named), since a pointer to a
+            // missing row would leave the record unreadable.
             let mut pointed_to: HashMap<&str, bool> = HashMap::new();
             {
                 let mut run_stmt = tx.prepare_cached("SELECT 1 FROM runs WHERE id = ?1")?;
