@@ -146,10 +146,9 @@ fn main() -> anyhow::Result<()> {
                 cache: None,
                 index_io: true,
                 latest_in: None,
-                same_as: None,
             })
             .collect();
-        store.db().write_steps(&writes)?;
+        store.db().write_steps(&writes, &[])?;
         store
             .db()
             .finish_run(&id, cairn::store::RunStatus::Succeeded, &started)?;

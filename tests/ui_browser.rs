@@ -282,8 +282,7 @@ fn add_model_record(p: &Project) -> String {
         cache: None,
         index_io: true,
         latest_in: None,
-        same_as: None,
     };
-    store.db().write_steps(&[write]).unwrap();
+    store.db().write_steps(&[write], &[]).unwrap();
     digest.to_hex()
 }

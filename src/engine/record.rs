@@ -11,7 +11,8 @@
 //!
 //! A cache hit that repeats the step's last execution in the pipeline (same
 //! [`StepRecord::tag`]) is written as a pointer to that execution's row (`same_as`): a
-//! no-op rerun of a 1000-step pipeline writes ~100 kB instead of ~600 kB.
+//! no-op rerun of a 1000-step pipeline writes ~100 kB instead of ~600 kB, and the walk
+//! does not even build the record ([`Recorder::hit`] takes its tag).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -21,8 +22,8 @@ use serde_json::Value;
 
 use crate::pipeline::ResolvedPipeline;
 use crate::store::{
-    ArtifactRecord, CacheEntry, LatestExecution, ObjectDigest, RecordTag, RunRecord, RunStatus,
-    StepRecord, StepStatus, StepWrite, Store, StoreError,
+    ArtifactRecord, CacheEntry, HitWrite, LatestExecution, ObjectDigest, RecordTag, RunRecord,
+    RunStatus, StepRecord, StepStatus, StepWrite, Store, StoreError,
 };
 use crate::util::clock::{new_run_id, now_rfc3339};
 
@@ -32,7 +33,7 @@ const SETTLED_BATCH: usize = 1024;
 /// Where a step's last successful execution is recorded, and what it holds.
 #[derive(Clone, Debug, PartialEq)]
 struct Latest {
-    run_id: String,
+    run_id: Arc<str>,
     tag: Option<RecordTag>,
 }
 
@@ -40,9 +41,20 @@ struct Latest {
 #[derive(Debug, PartialEq)]
 struct Placement {
     /// Written as a pointer to this run's row of the step.
-    same_as: Option<String>,
+    same_as: Option<Arc<str>>,
     /// Becomes the step's latest execution, with this tag.
     latest: Option<RecordTag>,
+}
+
+/// A cache hit queued as a pointer.
+struct Hit {
+    step: String,
+    seq: usize,
+    reason: String,
+    /// Shared by the hits queued in one batch (decided within milliseconds): the store
+    /// keeps what a batch's pointers share once.
+    started_at: Arc<str>,
+    same_as: Arc<str>,
 }
 
 /// Writes one run's records.
@@ -54,6 +66,7 @@ pub(super) struct Recorder {
     /// is recorded as a pointer to it.
     latest: HashMap<String, Latest>,
     settled: Vec<(StepRecord, usize, Placement)>,
+    hits: Vec<Hit>,
     /// Executed steps waiting for their outputs to be sealed.
     executed: Vec<(StepRecord, usize, Option<CacheEntry>, Placement)>,
 }
@@ -77,14 +90,16 @@ impl Recorder {
             pid: std::process::id() as i64,
             args: crate::redact::redact(args),
         })?;
+        // Most steps' latest executions are in the same few runs.
+        let mut runs: HashMap<&str, Arc<str>> = HashMap::new();
         let latest = latest
             .iter()
             .map(|l| {
-                let at = Latest {
-                    run_id: l.run_id.clone(),
-                    tag: l.tag,
-                };
-                (l.step.clone(), at)
+                let run_id = runs
+                    .entry(l.run_id.as_str())
+                    .or_insert_with(|| Arc::from(l.run_id.as_str()))
+                    .clone();
+                (l.step.clone(), Latest { run_id, tag: l.tag })
             })
             .collect();
         Ok(Self {
@@ -93,6 +108,7 @@ impl Recorder {
             pipeline: pipeline.name.clone(),
             latest,
             settled: Vec::new(),
+            hits: Vec::new(),
             executed: Vec::new(),
         })
     }
@@ -102,20 +118,52 @@ impl Recorder {
         &self.run_id
     }
 
+    /// Queues a cache hit of `step` whose record would have `tag` as a pointer, when that
+    /// is the tag of the step's latest execution; `false` when it must be recorded whole
+    /// ([`Recorder::settled`]).
+    pub fn hit(&mut self, step: &str, seq: usize, tag: RecordTag, reason: &str) -> bool {
+        match self.latest.get(step) {
+            Some(l) if l.tag == Some(tag) => {
+                let started_at = match self.hits.last() {
+                    Some(hit) => hit.started_at.clone(),
+                    None => Arc::from(now_rfc3339()),
+                };
+                self.hits.push(Hit {
+                    step: step.to_string(),
+                    seq,
+                    reason: reason.to_string(),
+                    started_at,
+                    same_as: l.run_id.clone(),
+                });
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Queues the record of a step settled without executing; `params` gives its masked
     /// parameters, asked for only when the record is written whole (not as a pointer).
     pub fn settled(&mut self, mut record: StepRecord, seq: usize, params: impl FnOnce() -> Value) {
         let placement = place(&mut self.latest, &record);
-        if placement.same_as.is_none() {
-            record.params = params();
+        match placement.same_as {
+            Some(same_as) => self.hits.push(Hit {
+                step: record.step,
+                seq,
+                reason: record.reason,
+                started_at: Arc::from(record.started_at),
+                same_as,
+            }),
+            None => {
+                record.params = params();
+                self.settled.push((record, seq, placement));
+            }
         }
-        self.settled.push((record, seq, placement));
     }
 
     /// Whether enough settled records wait that writing them now bounds memory (a no-op
     /// rerun of a huge pipeline settles every step in one pass).
     pub fn batch_full(&self) -> bool {
-        self.settled.len() >= SETTLED_BATCH
+        self.settled.len() + self.hits.len() >= SETTLED_BATCH
     }
 
     /// Writes an executed step's artifact records now and queues its record and, when it
@@ -138,32 +186,63 @@ impl Recorder {
     /// Seals what executed steps committed, then writes every queued record and cache
     /// entry in one transaction.
     pub fn flush(&mut self) -> Result<(), StoreError> {
-        if self.settled.is_empty() && self.executed.is_empty() {
+        if self.settled.is_empty() && self.hits.is_empty() && self.executed.is_empty() {
             return Ok(());
         }
         if !self.executed.is_empty() {
             self.store.seal_pending()?;
         }
         let settled = std::mem::take(&mut self.settled);
+        let hits = std::mem::take(&mut self.hits);
         let executed = std::mem::take(&mut self.executed);
-        let records = settled
+        let mut batch: Vec<StepWrite<'_>> = settled
             .iter()
-            .map(|(record, seq, placement)| (record, *seq, None, false, placement))
-            .chain(executed.iter().map(|(record, seq, cache, placement)| {
-                (record, *seq, cache.as_ref(), true, placement)
-            }));
-        let batch: Vec<StepWrite<'_>> = records
-            .map(|(record, seq, cache, index_io, placement)| StepWrite {
+            .map(|(record, seq, placement)| StepWrite {
                 record,
-                seq,
+                seq: *seq,
                 artifacts: &[],
-                cache,
-                index_io,
+                cache: None,
+                index_io: false,
                 latest_in: placement.latest.map(|tag| (self.pipeline.as_str(), tag)),
-                same_as: placement.same_as.as_deref(),
             })
             .collect();
-        self.store.db().write_steps(&batch)
+        let mut pointers: Vec<HitWrite<'_>> = hits
+            .iter()
+            .map(|hit| HitWrite {
+                run_id: &self.run_id,
+                step: &hit.step,
+                seq: hit.seq,
+                reason: &hit.reason,
+                started_at: &hit.started_at,
+                same_as: &hit.same_as,
+                cache: None,
+            })
+            .collect();
+        for (record, seq, cache, placement) in &executed {
+            // A volatile step that ran and found what it found last time (`cached`).
+            match placement.same_as.as_deref() {
+                Some(same_as) if record.log.is_none() && record.error.is_none() => {
+                    pointers.push(HitWrite {
+                        run_id: &record.run_id,
+                        step: &record.step,
+                        seq: *seq,
+                        reason: &record.reason,
+                        started_at: &record.started_at,
+                        same_as,
+                        cache: cache.as_ref(),
+                    })
+                }
+                _ => batch.push(StepWrite {
+                    record,
+                    seq: *seq,
+                    artifacts: &[],
+                    cache: cache.as_ref(),
+                    index_io: true,
+                    latest_in: placement.latest.map(|tag| (self.pipeline.as_str(), tag)),
+                }),
+            }
+        }
+        self.store.db().write_steps(&batch, &pointers)
     }
 
     /// Stores a step's log, if it wrote one; returns its digest.
@@ -202,7 +281,7 @@ fn place(latest: &mut HashMap<String, Latest>, record: &StepRecord) -> Placement
         }
         _ => {
             let at = Latest {
-                run_id: record.run_id.clone(),
+                run_id: Arc::from(record.run_id.as_str()),
                 tag: Some(tag),
             };
             latest.insert(record.step.clone(), at);

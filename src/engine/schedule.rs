@@ -30,8 +30,8 @@ use crate::steps::{
     FailureClass, InputArtifact, Progress, StepContext, StepError, StepOutputs, VerifyContext,
 };
 use crate::store::{
-    ArtifactRecord, CacheEntry, CacheKey, InputRef, ObjectDigest, OutputRef, StepRecord,
-    StepStatus, Store, StoreError,
+    ArtifactRecord, CacheEntry, CacheKey, InputRef, ObjectDigest, OutputRef, RecordTag, StepRecord,
+    StepStatus, Store, StoreError, TagWriter,
 };
 use crate::util::blocking::blocking;
 use crate::util::clock::now_rfc3339;
@@ -983,15 +983,52 @@ impl<'a> Walk<'a> {
         self.observer.step_finished(&report, None);
         if status != StepStatus::WillRun && !self.planning() {
             // A cache hit that repeats the last execution is stored as a pointer: its
-            // parameters are masked and copied only when it is written whole.
-            let record =
-                self.record_without_params(i, status, &report.reason, Execution::settled());
+            // record is built (and its parameters masked) only when it is written whole.
+            let tag = (status == StepStatus::Cached).then(|| self.record_tag(i));
             let step = self.step(i);
-            if let Some(recorder) = self.recorder.as_mut() {
-                recorder.settled(record, self.seq[i], || crate::redact::redact(&step.params));
+            let seq = self.seq[i];
+            let pointed = match (self.recorder.as_mut(), tag) {
+                (Some(recorder), Some(tag)) => recorder.hit(&step.name, seq, tag, &report.reason),
+                _ => false,
+            };
+            if !pointed {
+                let record =
+                    self.record_without_params(i, status, &report.reason, Execution::settled());
+                if let Some(recorder) = self.recorder.as_mut() {
+                    recorder.settled(record, seq, || crate::redact::redact(&step.params));
+                }
             }
         }
         self.reports[i] = Some(report);
+    }
+
+    /// The [`StepRecord::tag`] of the record [`Self::record_without_params`] would build,
+    /// without building it.
+    fn record_tag(&self, i: usize) -> RecordTag {
+        let step = self.step(i);
+        let mut tag = TagWriter::new(self.keys[i].as_ref(), &step.uses, &step.version);
+        tag.count(step.param_refs.len());
+        for (name, value) in &step.param_refs {
+            tag.param_ref(name, &crate::redact::redact(value));
+        }
+        let inputs = &self.inputs_of[i];
+        tag.count(inputs.len());
+        for (name, digest) in inputs {
+            match step.inputs.get(name) {
+                Some(binding) => tag.input(name, binding, digest),
+                None => tag.input(name, self.content_origin(i, name), digest),
+            }
+        }
+        match &self.states[i] {
+            State::Done(outputs) => {
+                tag.count(outputs.len());
+                for (name, output) in outputs {
+                    tag.output(name, &output.kind, &output.digest);
+                }
+            }
+            _ => tag.count(0),
+        }
+        tag.finish()
     }
 
     /// A step that failed before it could run (its cache key could not be computed):

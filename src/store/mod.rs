@@ -28,7 +28,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use thiserror::Error;
 
-pub use db::{Database, LatestExecution, StatEntry, StepWrite};
+pub use db::{Database, HitWrite, LatestExecution, StatEntry, StepWrite};
 pub use digest::{CacheKey, ObjectDigest};
 pub use objects::{Committed, ObjectArea};
 pub use records::*;

@@ -197,37 +197,84 @@ impl StepRecord {
     /// for the parameters (it hashes them); the rest can differ between runs with the same
     /// key (a renamed upstream step, an output re-made by a forced run).
     pub fn tag(&self) -> RecordTag {
-        // One buffer hashed once: blake3 costs more per `update` call than per byte here.
-        fn field(out: &mut Vec<u8>, bytes: &[u8]) {
-            out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
-            out.extend_from_slice(bytes);
-        }
-        let mut bytes = Vec::with_capacity(256);
-        bytes.extend_from_slice(b"cairn-record-tag-v1\0");
-        match &self.cache_key {
-            Some(key) => field(&mut bytes, key.as_bytes()),
-            None => field(&mut bytes, b""),
-        }
-        field(&mut bytes, self.kind.as_bytes());
-        field(&mut bytes, self.version.as_bytes());
-        bytes.extend_from_slice(&(self.param_refs.len() as u64).to_le_bytes());
+        let mut tag = TagWriter::new(self.cache_key.as_ref(), &self.kind, &self.version);
+        tag.count(self.param_refs.len());
         for (name, value) in &self.param_refs {
-            field(&mut bytes, name.as_bytes());
-            field(&mut bytes, value.to_string().as_bytes());
+            tag.param_ref(name, value);
         }
-        bytes.extend_from_slice(&(self.inputs.len() as u64).to_le_bytes());
+        tag.count(self.inputs.len());
         for (name, input) in &self.inputs {
-            field(&mut bytes, name.as_bytes());
-            field(&mut bytes, input.from.as_bytes());
-            bytes.extend_from_slice(input.digest.as_bytes());
+            tag.input(name, &input.from, &input.digest);
         }
-        bytes.extend_from_slice(&(self.outputs.len() as u64).to_le_bytes());
+        tag.count(self.outputs.len());
         for (name, output) in &self.outputs {
-            field(&mut bytes, name.as_bytes());
-            field(&mut bytes, output.kind.as_bytes());
-            bytes.extend_from_slice(output.digest.as_bytes());
+            tag.output(name, &output.kind, &output.digest);
         }
-        blake3::hash(&bytes).into()
+        tag.finish()
+    }
+}
+
+/// Computes a [`StepRecord::tag`] from borrowed parts, so a cache hit can be matched to
+/// its step's last execution without building the record. Parts go in the record's
+/// order: each group's [`TagWriter::count`], then its entries sorted by name.
+pub struct TagWriter {
+    // One buffer hashed once: blake3 costs more per `update` call than per byte here.
+    bytes: Vec<u8>,
+}
+
+impl TagWriter {
+    /// Starts a tag with the record's cache key, kind and version.
+    pub fn new(cache_key: Option<&CacheKey>, kind: &str, version: &str) -> Self {
+        let mut tag = Self {
+            bytes: Vec::with_capacity(256),
+        };
+        tag.bytes.extend_from_slice(b"cairn-record-tag-v1\0");
+        tag.field(cache_key.map_or(&[][..], |key| key.as_bytes()));
+        tag.field(kind.as_bytes());
+        tag.field(version.as_bytes());
+        tag
+    }
+
+    fn field(&mut self, bytes: &[u8]) {
+        self.bytes
+            .extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        self.bytes.extend_from_slice(bytes);
+    }
+
+    /// How many entries the next group (param refs, inputs, outputs) has.
+    pub fn count(&mut self, n: usize) {
+        self.bytes.extend_from_slice(&(n as u64).to_le_bytes());
+    }
+
+    /// A referenced pipeline param, with its value as recorded (masked).
+    pub fn param_ref(&mut self, name: &str, value: &Value) {
+        self.field(name.as_bytes());
+        self.field(value.to_string().as_bytes());
+    }
+
+    /// An input, with where it came from (`step.output`, or files) as recorded.
+    pub fn input(&mut self, name: &str, from: impl std::fmt::Display, digest: &ObjectDigest) {
+        use std::io::Write;
+        self.field(name.as_bytes());
+        // The length goes first: written after `from` is, where it belongs.
+        let at = self.bytes.len();
+        self.bytes.extend_from_slice(&0u64.to_le_bytes());
+        write!(self.bytes, "{from}").expect("writing to a Vec cannot fail");
+        let len = (self.bytes.len() - at - 8) as u64;
+        self.bytes[at..at + 8].copy_from_slice(&len.to_le_bytes());
+        self.bytes.extend_from_slice(digest.as_bytes());
+    }
+
+    /// An output, with its kind.
+    pub fn output(&mut self, name: &str, kind: &str, digest: &ObjectDigest) {
+        self.field(name.as_bytes());
+        self.field(kind.as_bytes());
+        self.bytes.extend_from_slice(digest.as_bytes());
+    }
+
+    /// The tag.
+    pub fn finish(self) -> RecordTag {
+        blake3::hash(&self.bytes).into()
     }
 }
 

@@ -64,15 +64,17 @@ fn record_run(store: &Store, run: &str, outputs: &[ObjectDigest]) {
     };
     store
         .db()
-        .write_steps(&[StepWrite {
-            record: &record,
-            seq: 0,
-            artifacts: &[],
-            cache: Some(&entry),
-            index_io: true,
-            latest_in: None,
-            same_as: None,
-        }])
+        .write_steps(
+            &[StepWrite {
+                record: &record,
+                seq: 0,
+                artifacts: &[],
+                cache: Some(&entry),
+                index_io: true,
+                latest_in: None,
+            }],
+            &[],
+        )
         .unwrap();
 }
 
@@ -192,7 +194,7 @@ fn a_version_1_store_learns_each_steps_last_execution() {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    assert_eq!((version, index), (3, 0));
+    assert_eq!((version, index), (4, 0));
 }
 
 /// Records `run` with one step `s` that produced `out`, as the step's latest execution
@@ -234,18 +236,30 @@ fn record_step(store: &Store, run: &str, out: ObjectDigest, same_as: Option<&str
         error: None,
         log: None,
     };
-    store
-        .db()
-        .write_steps(&[StepWrite {
-            record: &record,
-            seq: 0,
-            artifacts: &[],
-            cache: None,
-            index_io: false,
-            latest_in: same_as.is_none().then(|| ("p", record.tag())),
-            same_as,
-        }])
-        .unwrap();
+    let write = StepWrite {
+        record: &record,
+        seq: 0,
+        artifacts: &[],
+        cache: None,
+        index_io: false,
+        latest_in: same_as.is_none().then(|| ("p", record.tag())),
+    };
+    let written = match same_as {
+        Some(same_as) => store.db().write_steps(
+            &[],
+            &[HitWrite {
+                run_id: &record.run_id,
+                step: &record.step,
+                seq: 0,
+                reason: &record.reason,
+                started_at: &record.started_at,
+                same_as,
+                cache: None,
+            }],
+        ),
+        None => store.db().write_steps(&[write], &[]),
+    };
+    written.unwrap();
     record
 }
 
@@ -296,12 +310,30 @@ fn a_cache_hit_like_the_last_execution_is_stored_as_a_pointer_and_reads_back_who
 }
 
 #[test]
-fn a_pointer_to_a_row_that_is_gone_is_written_in_full() {
+fn a_pointer_to_a_run_that_is_gone_is_refused_and_nothing_is_written() {
     let root = tempfile::tempdir().unwrap();
     let store = Store::open(root.path(), Access::Shared).unwrap();
-    let out = put(&store, b"output");
-    let hit = record_step(&store, "20260101-000000-000002", out, Some("no-such-run"));
-    assert_stored_whole(&store, "20260101-000000-000002", hit);
+    insert_run(&store, "20260101-000000-000002");
+    let hit = HitWrite {
+        run_id: "20260101-000000-000002",
+        step: "s",
+        seq: 0,
+        reason: "unchanged",
+        started_at: "2026-01-01T00:00:00Z",
+        same_as: "no-such-run",
+        cache: None,
+    };
+    let err = store.db().write_steps(&[], &[hit]).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("step s points to run no-such-run, which is not in the store"),
+        "{err}"
+    );
+    assert!(store
+        .db()
+        .run_steps("20260101-000000-000002")
+        .unwrap()
+        .is_empty());
 }
 
 #[test]
@@ -368,5 +400,125 @@ fn a_version_2_store_gains_pointer_rows() {
         .unwrap()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
+}
+
+#[test]
+fn a_version_3_stores_pointers_read_back_after_the_upgrade_and_new_ones_share_fields() {
+    let root = tempfile::tempdir().unwrap();
+    let store = Store::open(root.path(), Access::Shared).unwrap();
+    let out = put(&store, b"output");
+    let first = record_step(&store, "20260101-000000-000001", out, None);
+    insert_run(&store, "20260101-000000-000002");
+    drop(store);
+    // What version 3 had: run_hits without `shared`, each pointer whole.
+    let db = root.path().join("cairn.db");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch(
+        r#"DROP VIEW step_rows; ALTER TABLE run_hits DROP COLUMN shared;
+         CREATE VIEW step_rows AS
+             SELECT run_id, step, seq, kind, version, status, reason, cache_key, duration_ms,
+                 started_at, params, param_refs, inputs, outputs, error, log, NULL AS same_as
+             FROM run_steps
+             UNION ALL
+             SELECT h.run_id, j.value ->> 'step', j.value ->> 'seq', NULL, NULL, 'cached',
+                 j.value ->> 'reason', NULL, 0, j.value ->> 'started_at', NULL, NULL, NULL, NULL,
+                 NULL, NULL, j.value ->> 'same_as'
+             FROM run_hits h, json_each(h.steps) j;
+         INSERT INTO run_hits (run_id, steps) VALUES ('20260101-000000-000002',
+             '[{"step":"s","seq":0,"reason":"old reason","started_at":"2026-01-01T00:00:01Z","same_as":"20260101-000000-000001"}]');
+         PRAGMA user_version = 3;"#,
+    )
+    .unwrap();
+    drop(conn);
+
+    let store = Store::open(root.path(), Access::Shared).unwrap();
+    let old = store.db().run_steps("20260101-000000-000002").unwrap();
+    let mut expected = first.clone();
+    expected.run_id = "20260101-000000-000002".into();
+    expected.status = StepStatus::Cached;
+    expected.reason = "old reason".into();
+    expected.started_at = "2026-01-01T00:00:01Z".into();
+    expected.duration_ms = 0;
+    assert_eq!(old, vec![expected]);
+
+    // One row of three pointers: the second differs in reason, the third in time and run.
+    insert_run(&store, "20260101-000000-000003");
+    record_step(&store, "20260101-000000-000009", out, None);
+    let hit = |seq, reason, started_at, same_as| HitWrite {
+        run_id: "20260101-000000-000003",
+        step: ["s", "t", "u"][seq],
+        seq,
+        reason,
+        started_at,
+        same_as,
+        cache: None,
+    };
+    store
+        .db()
+        .write_steps(
+            &[],
+            &[
+                hit(0, "same", "2026-01-01T00:00:02Z", "20260101-000000-000001"),
+                hit(1, "other", "2026-01-01T00:00:02Z", "20260101-000000-000001"),
+                hit(2, "same", "2026-01-01T00:00:03Z", "20260101-000000-000009"),
+            ],
+        )
+        .unwrap();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let rows: Vec<(String, i64, String, String, String)> = conn
+        .prepare("SELECT step, seq, reason, started_at, same_as FROM step_rows WHERE run_id = ?1 ORDER BY seq")
+        .unwrap()
+        .query_map(["20260101-000000-000003"], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let row = |step: &str, seq, reason: &str, at: &str, same_as: &str| {
+        (
+            step.to_string(),
+            seq,
+            reason.to_string(),
+            at.to_string(),
+            same_as.to_string(),
+        )
+    };
+    assert_eq!(
+        rows,
+        vec![
+            row(
+                "s",
+                0,
+                "same",
+                "2026-01-01T00:00:02Z",
+                "20260101-000000-000001"
+            ),
+            row(
+                "t",
+                1,
+                "other",
+                "2026-01-01T00:00:02Z",
+                "20260101-000000-000001"
+            ),
+            row(
+                "u",
+                2,
+                "same",
+                "2026-01-01T00:00:03Z",
+                "20260101-000000-000009"
+            ),
+        ]
+    );
+    let steps: String = conn
+        .query_row(
+            "SELECT steps FROM run_hits WHERE run_id = '20260101-000000-000003'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        steps,
+        r#"[{"step":"s","seq":0},{"step":"t","seq":1,"reason":"other"},{"step":"u","seq":2,"started_at":"2026-01-01T00:00:03Z","same_as":"20260101-000000-000009"}]"#
+    );
 }

@@ -191,9 +191,11 @@ impl Database {
                      AND s.run_id NOT IN (SELECT id FROM temp.pruned);
                  UPDATE run_hits SET steps = (
                      SELECT json_group_array(json(j.value)) FROM json_each(run_hits.steps) j
-                     WHERE j.value ->> 'same_as' NOT IN (SELECT id FROM temp.pruned))
+                     WHERE COALESCE(j.value ->> 'same_as', run_hits.shared ->> 'same_as')
+                         NOT IN (SELECT id FROM temp.pruned))
                  WHERE EXISTS (SELECT 1 FROM json_each(run_hits.steps) j
-                     WHERE j.value ->> 'same_as' IN (SELECT id FROM temp.pruned));
+                     WHERE COALESCE(j.value ->> 'same_as', run_hits.shared ->> 'same_as')
+                         IN (SELECT id FROM temp.pruned));
                  DELETE FROM runs WHERE id IN (SELECT id FROM temp.pruned);
                  DROP TABLE temp.pruned;",
             )?;

@@ -1,7 +1,7 @@
 //! The `run_steps` table (one row per step of a run) and `step_io` (which digests each
 //! executed step consumed and produced, for lineage).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 
 use rusqlite::{params, OptionalExtension, Row};
 
@@ -28,20 +28,69 @@ pub struct StepWrite<'a> {
     /// rerun is explained against, and what later cache hits point to with `same_as`),
     /// with its [`StepRecord::tag`]. Not needed when the one recorded has the same tag.
     pub latest_in: Option<(&'a str, RecordTag)>,
-    /// A cache hit whose parameters, inputs and outputs are those of this step's row in
-    /// that run (the step's latest in the pipeline, with the same tag): written as a
-    /// pointer among the run's hits (`run_hits`), or in full if that run is not there.
-    pub same_as: Option<&'a str>,
 }
 
-/// A cache hit as a pointer, one element of a `run_hits` row.
+/// A cache hit whose parameters, inputs and outputs are those of the step's row in run
+/// `same_as` (the step's latest execution in the pipeline, with the same
+/// [`StepRecord::tag`]): written as a pointer, one element of the run's `run_hits` row,
+/// and read back as a whole record.
+pub struct HitWrite<'a> {
+    /// The run it belongs to.
+    pub run_id: &'a str,
+    /// Step name.
+    pub step: &'a str,
+    /// Sequence number of the step within the run.
+    pub seq: usize,
+    /// Why it was cached, in words.
+    pub reason: &'a str,
+    /// RFC 3339 time it was decided.
+    pub started_at: &'a str,
+    /// The run whose row of the step it repeats.
+    pub same_as: &'a str,
+    /// Cache entry to insert (a volatile step that ran again and found the same).
+    pub cache: Option<&'a CacheEntry>,
+}
+
+/// What the pointers of one `run_hits` row share (all its fields, taken from the first).
 #[derive(serde::Serialize)]
-struct Hit<'a> {
-    step: &'a str,
-    seq: usize,
+struct SharedHit<'a> {
     reason: &'a str,
     started_at: &'a str,
     same_as: &'a str,
+}
+
+/// One pointer of a `run_hits` row: what it does not share with the row.
+#[derive(serde::Serialize)]
+struct PointerElement<'a> {
+    step: &'a str,
+    seq: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    started_at: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    same_as: Option<&'a str>,
+}
+
+/// The `steps` and `shared` columns of a `run_hits` row holding `hits` (at least one).
+fn hits_row(hits: &[&HitWrite<'_>]) -> (String, String) {
+    let first = hits[0];
+    let shared = SharedHit {
+        reason: first.reason,
+        started_at: first.started_at,
+        same_as: first.same_as,
+    };
+    let elements: Vec<PointerElement<'_>> = hits
+        .iter()
+        .map(|h| PointerElement {
+            step: h.step,
+            seq: h.seq,
+            reason: (h.reason != shared.reason).then_some(h.reason),
+            started_at: (h.started_at != shared.started_at).then_some(h.started_at),
+            same_as: (h.same_as != shared.same_as).then_some(h.same_as),
+        })
+        .collect();
+    (json(&elements), json(&shared))
 }
 
 /// A step's last successful execution in a pipeline (`step_latest`).
@@ -99,7 +148,11 @@ impl TryFrom<&Row<'_>> for StepRecord {
 
 impl Database {
     /// Records step executions, their artifacts and cache entries in one transaction.
-    pub fn write_steps(&mut self, writes: &[StepWrite<'_>]) -> Result<(), StoreError> {
+    pub fn write_steps(
+        &mut self,
+        writes: &[StepWrite<'_>],
+        hits: &[HitWrite<'_>],
+    ) -> Result<(), StoreError> {
         let empty_in = BTreeMap::new();
         let empty_out = BTreeMap::new();
         let tx = self
@@ -111,69 +164,61 @@ impl Database {
                  cache_key, duration_ms, started_at, params, param_refs, inputs, outputs, error, log)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             )?;
-            // Pointers only to runs still there. A run holds the store's shared lock and
-            // `gc` prunes under the exclusive one, so the run a pointer names cannot go
-            // away meanwhile; checked anyway (once per run named), since a pointer to a
-            // missing row would leave the record unreadable.
-            let mut pointed_to: HashMap<&str, bool> = HashMap::new();
-            {
-                let mut run_stmt = tx.prepare_cached("SELECT 1 FROM runs WHERE id = ?1")?;
-                for same_as in writes.iter().filter_map(|w| w.same_as) {
-                    if !pointed_to.contains_key(same_as) {
-                        let exists = run_stmt.exists(params![same_as])?;
-                        pointed_to.insert(same_as, exists);
-                    }
+            let mut cache_stmt = tx.prepare_cached(
+                "INSERT OR REPLACE INTO cache (key, outputs, run_id, step, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            // Pointers only to runs still there: a pointer to a missing row would leave
+            // the record unreadable. Callers point to a step's latest execution, whose run
+            // cannot be pruned while theirs holds the store's shared lock (`gc` takes the
+            // exclusive one); checked anyway, once per run named.
+            let mut checked: HashSet<&str> = HashSet::new();
+            let mut run_stmt = tx.prepare_cached("SELECT 1 FROM runs WHERE id = ?1")?;
+            let mut by_run: BTreeMap<&str, Vec<&HitWrite<'_>>> = BTreeMap::new();
+            for hit in hits {
+                if checked.insert(hit.same_as) && !run_stmt.exists(params![hit.same_as])? {
+                    return Err(StoreError::Corrupt(format!(
+                        "the cache hit of step {} points to run {}, which is not in the store",
+                        hit.step, hit.same_as
+                    )));
+                }
+                by_run.entry(hit.run_id).or_default().push(hit);
+                if let Some(c) = hit.cache {
+                    cache_stmt.execute(params![
+                        c.key.to_hex(),
+                        json(&c.outputs),
+                        c.run_id,
+                        c.step,
+                        hit.started_at
+                    ])?;
                 }
             }
-            let mut hits: BTreeMap<&str, Vec<Hit<'_>>> = BTreeMap::new();
             let mut io_stmt = tx.prepare_cached(
                 "INSERT OR REPLACE INTO step_io (run_id, step, direction, name, digest) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
             let mut art_stmt = tx.prepare_cached(ARTIFACT_INSERT)?;
-            let mut cache_stmt = tx.prepare_cached(
-                "INSERT OR REPLACE INTO cache (key, outputs, run_id, step, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?;
             let mut latest_stmt = tx.prepare_cached(
                 "INSERT OR REPLACE INTO step_latest (pipeline, step, run_id, cache_key, tag) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
             for w in writes {
                 let r = w.record;
-                // A pointer says `cached`, no error, no log, no time: settled cache hits only.
-                let pointer =
-                    r.status == StepStatus::Cached && r.error.is_none() && r.log.is_none();
-                let compact = match w.same_as.filter(|run| pointer && pointed_to[run]) {
-                    Some(same_as) => {
-                        hits.entry(r.run_id.as_str()).or_default().push(Hit {
-                            step: &r.step,
-                            seq: w.seq,
-                            reason: &r.reason,
-                            started_at: &r.started_at,
-                            same_as,
-                        });
-                        true
-                    }
-                    None => false,
-                };
-                if !compact {
-                    step_stmt.execute(params![
-                        r.run_id,
-                        r.step,
-                        w.seq as i64,
-                        r.kind,
-                        r.version,
-                        r.status.as_str(),
-                        r.reason,
-                        r.cache_key.map(|k| k.to_hex()),
-                        r.duration_ms as i64,
-                        r.started_at,
-                        json(&r.params),
-                        json(&r.param_refs),
-                        json(&r.inputs),
-                        json(&r.outputs),
-                        r.error,
-                        r.log.map(|d| d.to_hex())
-                    ])?;
-                }
+                step_stmt.execute(params![
+                    r.run_id,
+                    r.step,
+                    w.seq as i64,
+                    r.kind,
+                    r.version,
+                    r.status.as_str(),
+                    r.reason,
+                    r.cache_key.map(|k| k.to_hex()),
+                    r.duration_ms as i64,
+                    r.started_at,
+                    json(&r.params),
+                    json(&r.param_refs),
+                    json(&r.inputs),
+                    json(&r.outputs),
+                    r.error,
+                    r.log.map(|d| d.to_hex())
+                ])?;
                 let io = if w.index_io {
                     (&r.inputs, &r.outputs)
                 } else {
@@ -219,10 +264,12 @@ impl Database {
                     ])?;
                 }
             }
-            let mut hits_stmt =
-                tx.prepare_cached("INSERT INTO run_hits (run_id, steps) VALUES (?1, ?2)")?;
-            for (run_id, hits) in &hits {
-                hits_stmt.execute(params![run_id, json(hits)])?;
+            let mut hits_stmt = tx.prepare_cached(
+                "INSERT INTO run_hits (run_id, steps, shared) VALUES (?1, ?2, ?3)",
+            )?;
+            for (run_id, hits) in &by_run {
+                let (steps, shared) = hits_row(hits);
+                hits_stmt.execute(params![run_id, steps, shared])?;
             }
         }
         tx.commit()?;
