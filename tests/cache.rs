@@ -138,6 +138,10 @@ fn source_edits_rerun_and_touch_does_not() {
 #[test]
 fn partial_runs_only_from_force() {
     let p = diamond();
+    // A selection naming no step, before any run: exit 2, and no store is left behind.
+    let typo = p.run("p.yaml", &["--only", "reprot"]);
+    assert_eq!(typo.code, 2, "{}", typo.stderr);
+    assert!(!p.store().exists());
     // --only on an empty store: upstream outputs are missing -> clear error, exit 2.
     let missing = p.run("p.yaml", &["--only", "report"]);
     assert_eq!(missing.code, 2);
@@ -434,6 +438,8 @@ fn resolved_pipeline_snapshots_are_reused_only_for_the_same_file_and_sets() {
     let p = diamond();
     let cold = p.run("p.yaml", &[]);
     assert_eq!(cold.code, 0, "{}", cold.stderr);
+    // The run that creates the store keeps one already: the first rerun reads it.
+    assert_eq!(snapshot_files(&p).len(), 1);
     let noop = p.run("p.yaml", &[]);
     assert_eq!(noop.with_status("cached").len(), 4, "{}", noop.stderr);
     let snapshots = snapshot_files(&p);

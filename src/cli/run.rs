@@ -118,8 +118,12 @@ fn execute(
     let started = std::time::Instant::now();
     let store_dir = cli.store_dir();
     let store_exists = store_dir.join("cairn.db").exists();
-    // Snapshots of resolved pipelines live in an existing store (a plan never creates one).
-    let snapshots = store_exists.then(|| Store::pipeline_snapshots_dir(&store_dir));
+    let store_dir_existed = store_exists || store_dir.exists();
+    // Snapshots of resolved pipelines live in the store: one that exists, or the one a run
+    // creates once its pipeline loaded (so the first rerun does not parse it again); a
+    // plan never creates a store.
+    let snapshots =
+        (store_exists || mode == Mode::Run).then(|| Store::pipeline_snapshots_dir(&store_dir));
     // An existing store opens on another thread while the pipeline loads (a new one is
     // created only once the pipeline is known to be valid).
     let (pipeline, opened) = std::thread::scope(|scope| {
@@ -134,7 +138,16 @@ fn execute(
         (pipeline, opened)
     });
     let pipeline = pipeline?;
-    let selection = engine::select(&pipeline, &opts)?;
+    let selection = match engine::select(&pipeline, &opts) {
+        Ok(selection) => selection,
+        Err(e) => {
+            // Bad input writes nothing: not even the snapshot a new store would keep.
+            if !store_dir_existed {
+                let _ = std::fs::remove_dir_all(&store_dir);
+            }
+            return Err(e.into());
+        }
+    };
     tracing::debug!(
         steps = pipeline.steps.len(),
         ms = started.elapsed().as_secs_f64() * 1e3,

@@ -9,7 +9,8 @@ use crate::store::{ObjectArea, ObjectDigest};
 /// Whether the outputs of the prefetched cache entries exist, checked on a thread of
 /// its own in walk order while the walk computes keys: a no-op rerun asks about every
 /// output once, and the answers are mostly ready when it does. An answer not yet known
-/// is looked up on the spot.
+/// is looked up on the spot and shared, so the thread, when it starts late (a thread can
+/// wait milliseconds for a CPU), skips what the walk already asked instead of asking again.
 pub(super) struct Presence {
     known: Arc<HashMap<ObjectDigest, AtomicU8>>,
 }
@@ -44,12 +45,10 @@ impl Presence {
             .name("cairn-presence".into())
             .spawn(move || {
                 for digest in digests {
-                    let state = if objects.contains(&digest) {
-                        PRESENT
-                    } else {
-                        ABSENT
-                    };
-                    shared[&digest].store(state, Ordering::Release);
+                    let state = &shared[&digest];
+                    if state.load(Ordering::Acquire) == UNKNOWN {
+                        state.store(answer(objects.contains(&digest)), Ordering::Release);
+                    }
                 }
             });
         match spawned {
@@ -59,10 +58,25 @@ impl Presence {
     }
 
     pub(super) fn contains(&self, objects: &ObjectArea, digest: &ObjectDigest) -> bool {
-        match self.known.get(digest).map(|s| s.load(Ordering::Acquire)) {
+        let state = self.known.get(digest);
+        match state.map(|s| s.load(Ordering::Acquire)) {
             Some(PRESENT) => true,
             Some(ABSENT) => false,
-            _ => objects.contains(digest),
+            _ => {
+                let present = objects.contains(digest);
+                if let Some(state) = state {
+                    state.store(answer(present), Ordering::Release);
+                }
+                present
+            }
         }
+    }
+}
+
+fn answer(present: bool) -> u8 {
+    if present {
+        PRESENT
+    } else {
+        ABSENT
     }
 }
