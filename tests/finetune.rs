@@ -162,11 +162,12 @@ fn decoder_logits_match_transformers() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let archs = [
-        "gpt2", "llama", "llama3", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2", "gemma3",
+        "gpt2", "llama", "llama3", "qwen2", "qwen3", "mistral", "phi3", "phi3long", "gemma",
+        "gemma2", "gemma3",
     ];
     make_models(root, &archs);
     // 100 positions: rotary angles and learned positions well past the first few (and,
-    // for llama3's rope scaling, past its original 32-position context).
+    // for llama3's and longrope's scaling, past their original 32-position context).
     let ids = root.join("ids.safetensors");
     write_ids(&ids, 100);
     for arch in archs {
@@ -188,8 +189,11 @@ fn decoder_logits_match_transformers() {
 fn greedy_generation_matches_transformers() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
+    // phi3long: the prompt fits its 32-position original context, the reply crosses it
+    // (the rotary factors switch from short to long mid-generation, as in transformers).
     let archs = [
-        "gpt2", "llama3", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2", "gemma3",
+        "gpt2", "llama3", "qwen2", "qwen3", "mistral", "phi3", "phi3long", "gemma", "gemma2",
+        "gemma3",
     ];
     make_models(root, &archs);
     let prompt = "Dear diary, today the twin wrote";

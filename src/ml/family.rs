@@ -22,7 +22,7 @@ pub const MODEL_TYPES: &[&str] = &[
 
 /// Rotary scaling types the decoder implements (`rope_parameters.rope_type` or
 /// `rope_scaling.rope_type`/`type`).
-pub const ROPE_TYPES: &[&str] = &["default", "llama3", "linear"];
+pub const ROPE_TYPES: &[&str] = &["default", "llama3", "linear", "longrope"];
 
 /// The rope type a config.json asks for.
 pub fn rope_type(config: &Value) -> &str {

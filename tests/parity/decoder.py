@@ -1,7 +1,7 @@
 """Reference side of cairn's decoder parity tests (transformers + PEFT on CPU, fp32).
 
     decoder.py make ROOT ARCH...                 random tiny models (gpt2, llama, llama3, qwen2, qwen3, mistral,
-                                                 phi3, gemma, gemma2, gemma3) +
+                                                 phi3, phi3long, gemma, gemma2, gemma3) +
                                                  a byte-level tokenizer, in ROOT/ARCH
     decoder.py check-logits MODEL IDS OURS [peft] [bf16]
                                                  transformers' (or PEFT's) logits for the
@@ -54,6 +54,7 @@ def make(out, arch):
                         "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
                         "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
                         "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM),
+                        "phi3long": (tf.Phi3Config, tf.Phi3ForCausalLM),
                         "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM),
                         "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM),
                         "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM)}[arch]
@@ -74,6 +75,16 @@ def make(out, arch):
         if arch == "phi3":
             # Phi-3: fused qkv and gate_up projections, a sliding window on every layer.
             extra = dict(sliding_window=16, pad_token_id=0, tie_word_embeddings=False)
+        if arch == "phi3long":
+            # Phi-3 128k / Phi-3.5 / Phi-4-mini: longrope (short factors up to a 32-position
+            # original context, long ones past it, cos/sin scaled) and half of each head
+            # rotating (partial_rotary_factor).
+            extra = dict(pad_token_id=0, tie_word_embeddings=False, original_max_position_embeddings=32,
+                         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                          "partial_rotary_factor": 0.5,
+                                          "short_factor": [1.0, 1.3, 1.9, 2.6],
+                                          "long_factor": [1.2, 2.5, 4.0, 7.5],
+                                          "original_max_position_embeddings": 32})
         if arch == "gemma":
             # Gemma: (1 + w) RMSNorm, sqrt(hidden) embedding scale, GeGLU, tied head.
             extra = dict(head_dim=16, tie_word_embeddings=True)

@@ -72,6 +72,11 @@ pub struct Config {
     pub rope_theta_local: Option<f64>,
     /// `rope_type: linear`: positions divided by this factor (Gemma 3's global layers).
     pub rope_linear: Option<f64>,
+    /// `rope_type: longrope` (Phi-3 128k, Phi-3.5, Phi-4-mini).
+    pub rope_long: Option<LongRope>,
+    /// How many leading dimensions of each head rotate (`partial_rotary_factor` x
+    /// head_dim, Phi-3 family); the rest pass through unrotated.
+    pub rotary_dim: i64,
     /// Gemma: RMSNorm scales by (1 + weight), in f32 before casting back.
     pub norm_offset: bool,
     /// Gemma: embeddings multiplied by sqrt(hidden) (in the weights' dtype).
@@ -164,6 +169,59 @@ impl Llama3Rope {
     }
 }
 
+/// The `longrope` parameters (transformers' `_compute_longrope_parameters`): each inverse
+/// frequency divided by its own factor, the short set while the sequence fits the original
+/// context and the long set beyond it (chosen per forward pass from its last position, as
+/// transformers' `longrope_frequency_update`), and cos/sin scaled by `attention_factor`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LongRope {
+    pub short_factor: Vec<f64>,
+    pub long_factor: Vec<f64>,
+    pub original_max_positions: i64,
+    pub attention_factor: f64,
+}
+
+impl LongRope {
+    fn from_hf(r: &Value, v: &Value, rotary_dim: i64) -> Result<Self, String> {
+        let factors = |k: &str| -> Result<Vec<f64>, String> {
+            let list = r[k].as_array().ok_or_else(|| {
+                format!("config.json: rope parameters of type longrope need `{k}` (a list)")
+            })?;
+            let list: Option<Vec<f64>> = list.iter().map(Value::as_f64).collect();
+            match list {
+                Some(list) if list.len() as i64 == rotary_dim / 2 && list.iter().all(|f| *f > 0.0) => {
+                    Ok(list)
+                }
+                _ => Err(format!(
+                    "config.json: longrope `{k}` needs {} positive numbers (half the rotary dimensions)",
+                    rotary_dim / 2
+                )),
+            }
+        };
+        let original_max_positions = r["original_max_position_embeddings"]
+            .as_i64()
+            .or_else(|| v["original_max_position_embeddings"].as_i64())
+            .filter(|n| *n > 1)
+            .ok_or("config.json: rope parameters of type longrope need `original_max_position_embeddings`")?;
+        // As transformers: without `factor`, the context growth max/original sets it.
+        let factor = r["factor"].as_f64().unwrap_or_else(|| {
+            int(v, &["max_position_embeddings"]).unwrap_or(original_max_positions) as f64
+                / original_max_positions as f64
+        });
+        let attention_factor = match r["attention_factor"].as_f64() {
+            Some(a) => a,
+            None if factor <= 1.0 => 1.0,
+            None => (1.0 + factor.ln() / (original_max_positions as f64).ln()).sqrt(),
+        };
+        Ok(Self {
+            short_factor: factors("short_factor")?,
+            long_factor: factors("long_factor")?,
+            original_max_positions,
+            attention_factor,
+        })
+    }
+}
+
 fn int(v: &Value, keys: &[&str]) -> Option<i64> {
     keys.iter().find_map(|k| v.get(*k).and_then(Value::as_i64))
 }
@@ -210,6 +268,8 @@ impl Config {
                     sliding_layers: Vec::new(),
                     rope_theta_local: None,
                     rope_linear: None,
+                    rope_long: None,
+                    rotary_dim: hidden / heads,
                     norm_offset: false,
                     embed_scale: None,
                     gelu_mlp: false,
@@ -264,15 +324,34 @@ impl Config {
                 let scaling = rope
                     .or_else(|| v.get("rope_scaling"))
                     .unwrap_or(&Value::Null);
-                let (rope_llama3, rope_linear) = match rope_type {
-                    "default" => (None, None),
-                    "llama3" => (Some(Llama3Rope::from_hf(scaling)?), None),
+                let head_dim =
+                    int(v, &["head_dim"]).unwrap_or(if gemma { 256 } else { hidden / heads });
+                let partial = rope
+                    .and_then(|r| r["partial_rotary_factor"].as_f64())
+                    .or_else(|| v["partial_rotary_factor"].as_f64())
+                    .unwrap_or(1.0);
+                let rotary_dim = (head_dim as f64 * partial) as i64;
+                // transformers rotates part of each head only in the Phi-3 family.
+                if partial != 1.0
+                    && (model_type != "phi3"
+                        || !(partial > 0.0 && partial < 1.0)
+                        || rotary_dim % 2 != 0)
+                {
+                    return Err(format!(
+                        "config.json: partial_rotary_factor {partial} is not supported for {model_type} (phi3: a factor in (0, 1] giving an even number of dimensions; others: 1.0)"
+                    ));
+                }
+                let (rope_llama3, rope_linear, rope_long) = match rope_type {
+                    "default" => (None, None, None),
+                    "llama3" => (Some(Llama3Rope::from_hf(scaling)?), None, None),
                     "linear" => (
                         None,
                         Some(scaling["factor"].as_f64().filter(|f| *f > 0.0).ok_or(
                             "config.json: rope parameters of type linear need a positive `factor`",
                         )?),
+                        None,
                     ),
+                    "longrope" => (None, None, Some(LongRope::from_hf(scaling, v, rotary_dim)?)),
                     other => {
                         return Err(format!(
                             "config.json: rope scaling {other:?} is not supported ({})",
@@ -290,15 +369,6 @@ impl Config {
                     && v["use_sliding_window"].as_bool() == Some(true)
                 {
                     return Err(format!("config.json: use_sliding_window is not supported for {model_type} (set it to false)"));
-                }
-                let partial = rope
-                    .and_then(|r| r["partial_rotary_factor"].as_f64())
-                    .or_else(|| v["partial_rotary_factor"].as_f64())
-                    .unwrap_or(1.0);
-                if partial != 1.0 {
-                    return Err(format!(
-                        "config.json: partial_rotary_factor {partial} is not supported (1.0)"
-                    ));
                 }
                 let windowed = matches!(model_type, "mistral" | "phi3" | "gemma2" | "gemma3_text");
                 let sliding_window = match v.get("sliding_window") {
@@ -350,8 +420,6 @@ impl Config {
                         .or_else(|| v["rope_local_base_freq"].as_f64())
                         .unwrap_or(10000.0)
                 });
-                let head_dim =
-                    int(v, &["head_dim"]).unwrap_or(if gemma { 256 } else { hidden / heads });
                 let softcap = |key: &str, default: Option<f64>| match v.get(key) {
                     Some(Value::Null) => None,
                     Some(x) => x.as_f64(),
@@ -379,6 +447,8 @@ impl Config {
                     sliding_layers,
                     rope_theta_local,
                     rope_linear,
+                    rope_long,
+                    rotary_dim,
                     norm_offset: gemma,
                     embed_scale: gemma.then(|| (hidden as f64).sqrt()),
                     gelu_mlp,
@@ -1565,7 +1635,7 @@ impl Model {
     /// With `scaled`, the config's rope scaling applies (Gemma 3's sliding layers use
     /// their own base frequency without it).
     fn rope(&self, past: i64, t: i64, theta: f64, scaled: bool) -> (Tensor, Tensor) {
-        let hd = self.cfg.head_dim;
+        let hd = self.cfg.rotary_dim;
         let mut inv = (Tensor::arange_start_step(0i64, hd, 2, (Kind::Int64, self.device))
             .to_kind(Kind::Float)
             / hd as f64
@@ -1579,11 +1649,27 @@ impl Model {
                 inv = &inv / factor;
             }
         }
+        let long = self.cfg.rope_long.as_ref().filter(|_| scaled);
+        if let Some(long) = long {
+            let factors = if past + t > long.original_max_positions {
+                &long.long_factor
+            } else {
+                &long.short_factor
+            };
+            let factors: Vec<f32> = factors.iter().map(|f| *f as f32).collect();
+            inv = &inv / Tensor::from_slice(&factors).to_device(self.device);
+        }
         let pos =
             Tensor::arange_start(past, past + t, (Kind::Int64, self.device)).to_kind(Kind::Float);
         let freqs = pos.unsqueeze(1) * inv.unsqueeze(0);
         let emb = Tensor::cat(&[&freqs, &freqs], -1);
-        (emb.cos(), emb.sin())
+        match long {
+            Some(long) => (
+                emb.cos() * long.attention_factor,
+                emb.sin() * long.attention_factor,
+            ),
+            None => (emb.cos(), emb.sin()),
+        }
     }
 }
 
@@ -1594,9 +1680,23 @@ fn rotate_half(x: &Tensor) -> Tensor {
     Tensor::cat(&[&x2.neg(), &x1], -1)
 }
 
+/// Rotates the leading dimensions of each head that `cos`/`sin` cover (all of them
+/// unless the rotary factor is partial); the rest pass through.
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let kind = x.kind();
-    (x * cos.to_kind(kind) + rotate_half(x) * sin.to_kind(kind)).to_kind(kind)
+    let (dim, rotary) = (x.size()[3], cos.size()[1]);
+    let rotate =
+        |x: &Tensor| (x * cos.to_kind(kind) + rotate_half(x) * sin.to_kind(kind)).to_kind(kind);
+    if rotary == dim {
+        return rotate(x);
+    }
+    Tensor::cat(
+        &[
+            rotate(&x.narrow(3, 0, rotary)),
+            x.narrow(3, rotary, dim - rotary),
+        ],
+        -1,
+    )
 }
 
 fn append_cache(slot: &mut Option<(Tensor, Tensor)>, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
@@ -1648,6 +1748,38 @@ mod tests {
         ))
         .unwrap_err();
         assert!(window.contains("use_sliding_window"), "{window}");
+        let partial_llama =
+            Config::from_hf(&llama_like(json!({"partial_rotary_factor": 0.5}))).unwrap_err();
+        assert!(
+            partial_llama.contains("partial_rotary_factor 0.5"),
+            "{partial_llama}"
+        );
+        // Head dim 8: a longrope config needs 4 factors of each kind.
+        let short_list = Config::from_hf(&llama_like(json!({
+            "original_max_position_embeddings": 16,
+            "rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.0], "long_factor": [1.0, 2.0, 3.0, 4.0]},
+        })))
+        .unwrap_err();
+        assert!(
+            short_list.contains("`short_factor` needs 4 positive numbers"),
+            "{short_list}"
+        );
+    }
+
+    #[test]
+    fn longrope_reads_phi3_style_configs_with_transformers_defaults() {
+        let cfg = Config::from_hf(&llama_like(json!({
+            "model_type": "phi3", "max_position_embeddings": 131072,
+            "original_max_position_embeddings": 4096, "partial_rotary_factor": 0.5,
+            "rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.5], "long_factor": [2.0, 3.0]},
+        })))
+        .unwrap();
+        assert_eq!(cfg.rotary_dim, 4);
+        let rope = cfg.rope_long.unwrap();
+        assert_eq!(rope.original_max_positions, 4096);
+        // transformers: sqrt(1 + ln(131072 / 4096) / ln(4096)) without `attention_factor`.
+        let expected = (1.0 + (32f64).ln() / (4096f64).ln()).sqrt();
+        assert!((rope.attention_factor - expected).abs() < 1e-12);
     }
 
     #[test]
