@@ -562,3 +562,83 @@ fn missing_outputs_are_noticed_when_checked_ahead() {
     );
     assert_eq!(rerun.with_status("cached").len(), 78);
 }
+
+/// The path of object `digest` in the project's store, made writable (as a disk error, a
+/// stray editor or another program could change it).
+fn writable_object(p: &Project, digest: &str, inner: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = p
+        .store()
+        .join("objects")
+        .join(&digest[..2])
+        .join(&digest[2..]);
+    let path = if inner.is_empty() {
+        path
+    } else {
+        path.join(inner)
+    };
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    path
+}
+
+/// A step never reads an object whose bytes do not match its digest: the step fails
+/// naming it, the object goes to quarantine, and the next run makes it again from the
+/// step that produced it. Covers a changed file inside a folder object, a changed file
+/// object and a truncated one.
+#[test]
+fn corrupted_objects_are_never_fed_to_a_step_and_the_next_run_heals_them() {
+    let p = diamond();
+    let cold = p.run("p.yaml", &[]);
+    assert_eq!(cold.code, 0, "{}", cold.stderr);
+    let good_report = cold.output("report", "out");
+
+    // A file inside `src`'s folder object: `upper` reruns (new case) and would read it.
+    let src = cold.output("src", "data");
+    std::fs::write(writable_object(&p, &src, "b.txt"), "sekond post\n").unwrap();
+    let caught = p.run("p.yaml", &["--set", "case=lower"]);
+    assert_eq!(caught.code, 1, "{}", caught.stderr);
+    assert_eq!(caught.step("upper")["status"], "failed");
+    let error = caught.step("upper")["error"].as_str().unwrap().to_string();
+    assert!(
+        error.contains(&format!("input `text`: object {src} is corrupted"))
+            && error.contains("quarantine"),
+        "{error}"
+    );
+    assert_eq!(caught.step("report")["status"], "skipped");
+    assert!(p.store().join("quarantine").read_dir().unwrap().count() == 1);
+    // The source step makes its output again; `upper` then reads the right bytes.
+    let healed = p.run("p.yaml", &["--set", "case=lower"]);
+    assert_eq!(healed.code, 0, "{}", healed.stderr);
+    let (_, lower, _) = p.exec(&["artifacts", "cat", &healed.output("upper", "out")]);
+    assert_eq!(lower, "hello world\nfrom my blog\nsecond post\n");
+
+    // A file object changed, then one cut short: `report` reruns (new line count) and
+    // would read `upper.out`; the next run remakes it with `upper`.
+    let upper = cold.output("upper", "out");
+    for (damage, round) in [
+        ("HELLO WORLD\nFROM MY BLoG\nSECOND POST\n", 3),
+        ("HELLO", 4),
+    ] {
+        std::fs::write(writable_object(&p, &upper, ""), damage).unwrap();
+        let lines = round.to_string();
+        let set = format!("lines={lines}");
+        let caught = p.run("p.yaml", &["--set", &set]);
+        assert_eq!(caught.code, 1, "{}", caught.stderr);
+        let error = caught.step("report")["error"].as_str().unwrap().to_string();
+        assert!(
+            error.contains(&format!("input `upper`: object {upper} is corrupted")),
+            "{error}"
+        );
+        let healed = p.run("p.yaml", &["--set", &set]);
+        assert_eq!(healed.code, 0, "{}", healed.stderr);
+        assert_eq!(
+            healed.with_status("ran"),
+            ["report", "upper"],
+            "{}",
+            healed.stderr
+        );
+        assert_eq!(healed.output("upper", "out"), upper);
+    }
+    let back = p.run("p.yaml", &[]);
+    assert_eq!(back.output("report", "out"), good_report);
+}

@@ -247,24 +247,45 @@ pub fn gc(cli: &Cli, args: &GcArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Options of `cairn fsck`.
+#[derive(Debug, clap::Args)]
+pub struct FsckArgs {
+    /// Move corrupted objects to `<store>/quarantine/`: the steps that produced them make
+    /// them again on the next run.
+    #[arg(long)]
+    pub repair: bool,
+}
+
 /// `cairn fsck`.
-pub fn fsck(cli: &Cli) -> anyhow::Result<ExitCode> {
+pub fn fsck(cli: &Cli, args: &FsckArgs) -> anyhow::Result<ExitCode> {
     let store = Store::open_existing(&cli.store_dir())?;
-    let report = store.fsck()?;
+    let report = store.fsck(args.repair)?;
     for p in &report.problems {
         println!("problem: {p}");
     }
+    for moved in &report.repaired {
+        println!(
+            "repaired: moved to {} (the next run makes it again)",
+            moved.display()
+        );
+    }
     println!(
-        "checked {} object(s): {} problem(s), {} unreferenced (gc frees them)",
+        "checked {} object(s): {} problem(s), {} repaired, {} unreferenced (gc frees them)",
         report.checked,
         report.problems.len(),
+        report.repaired.len(),
         report.unreferenced
     );
-    if report.problems.is_empty() {
-        Ok(ExitCode::SUCCESS)
-    } else {
-        Err(Failed(format!("{} problem(s) found", report.problems.len())).into())
+    let left = report.problems.len() - report.repaired.len();
+    if left == 0 {
+        return Ok(ExitCode::SUCCESS);
     }
+    let hint = if args.repair {
+        ""
+    } else {
+        " (`cairn fsck --repair` quarantines corrupted objects)"
+    };
+    Err(Failed(format!("{left} problem(s) found{hint}")).into())
 }
 
 /// `cairn hash`.

@@ -69,7 +69,7 @@ enum Command {
     /// Remove objects no kept run references.
     Gc(maintenance::GcArgs),
     /// Rehash every object and check that every record points at a present object.
-    Fsck,
+    Fsck(maintenance::FsckArgs),
     /// Print the digest cairn gives a file or folder (files: the same as b3sum).
     Hash(maintenance::HashArgs),
     /// Search a vector collection: embed the text with the collection's model, print the
@@ -143,7 +143,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Artifacts(cmd) => browse::artifacts(cli, cmd),
         Command::Steps(cmd) => maintenance::steps(cmd),
         Command::Gc(args) => maintenance::gc(cli, args),
-        Command::Fsck => maintenance::fsck(cli),
+        Command::Fsck(args) => maintenance::fsck(cli, args),
         Command::Hash(args) => maintenance::hash(args),
         Command::Query(args) => query::query(cli, args),
         Command::Ui(args) => ui::ui(cli, args),

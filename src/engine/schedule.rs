@@ -582,7 +582,10 @@ impl<'a> Walk<'a> {
             let result = if ctx.cancel.is_cancelled() {
                 Err(StepError::Cancelled)
             } else {
-                implementation.run(&params, &ctx).await
+                match verify_inputs(&ctx) {
+                    Ok(()) => implementation.run(&params, &ctx).await,
+                    Err(e) => Err(e),
+                }
             };
             TaskDone::Executed(Finished {
                 index: i,
@@ -1063,6 +1066,27 @@ impl<'a> Walk<'a> {
         }
         Ok(())
     }
+}
+
+/// Checks that every object a step is about to read holds the bytes it is named after
+/// (`store/verify.rs`); a corrupted one fails the step with what to do. Small files are
+/// checked right here (tens of microseconds); anything bigger where blocking is allowed.
+fn verify_inputs(ctx: &StepContext) -> Result<(), StepError> {
+    const INLINE_BYTES: u64 = 256 << 10;
+    for (name, input) in &ctx.inputs {
+        let small = std::fs::symlink_metadata(&input.path)
+            .is_ok_and(|m| m.is_file() && m.len() <= INLINE_BYTES);
+        let verified = if small {
+            ctx.store.verify_object(&input.digest)
+        } else {
+            blocking(|| ctx.store.verify_object(&input.digest))
+        };
+        verified.map_err(|e| match e {
+            StoreError::CorruptObject { .. } => StepError::Input(format!("input `{name}`: {e}")),
+            other => StepError::Store(other),
+        })?;
+    }
+    Ok(())
 }
 
 fn missing(upstream: &str) -> EngineError {

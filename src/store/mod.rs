@@ -20,6 +20,7 @@ pub mod hash;
 pub mod objects;
 pub mod records;
 pub mod stat_cache;
+mod verify;
 
 use std::collections::HashSet;
 use std::fs;
@@ -68,6 +69,16 @@ pub enum StoreError {
     /// A path given inside an artifact is not a regular file there.
     #[error("{0}")]
     NotInArtifact(String),
+    /// An object's bytes do not match its digest (see `verify.rs`).
+    #[error("{}", verify::describe(.digest, .actual, .quarantined))]
+    CorruptObject {
+        /// The digest it is stored under.
+        digest: ObjectDigest,
+        /// What its bytes hash to (`None`: unreadable).
+        actual: Option<ObjectDigest>,
+        /// Where it was moved (`None`: it could not be).
+        quarantined: Option<PathBuf>,
+    },
     /// Another process holds the store lock.
     #[error("the store at {0} is in use by another cairn process (gc needs it alone); try again when it finishes")]
     Busy(PathBuf),
@@ -272,8 +283,10 @@ impl Store {
         out
     }
 
-    /// Rehashes every object and checks that every record points at a present object.
-    pub fn fsck(&self) -> Result<FsckReport, StoreError> {
+    /// Rehashes every object and checks that every record points at a present object;
+    /// with `repair`, corrupted objects are quarantined (the steps that made them make
+    /// them again on the next run).
+    pub fn fsck(&self, repair: bool) -> Result<FsckReport, StoreError> {
         let mut report = FsckReport::default();
         let present: Vec<(ObjectDigest, PathBuf)> = self
             .objects
@@ -282,15 +295,18 @@ impl Store {
         let present_set: HashSet<ObjectDigest> = present.iter().map(|(d, _)| *d).collect();
         for (digest, path) in &present {
             report.checked += 1;
-            match hash::hash_path(path) {
-                Ok(actual) if actual == *digest => {}
-                Ok(actual) => report.problems.push(format!(
-                    "object {digest} has content hashing to {actual} (corrupted)"
-                )),
-                Err(e) => report
-                    .problems
-                    .push(format!("object {digest} cannot be read: {e}")),
+            let problem = match hash::hash_path(path) {
+                Ok(actual) if actual == *digest => continue,
+                Ok(actual) => {
+                    format!("object {digest} has content hashing to {actual} (corrupted)")
+                }
+                Err(e) => format!("object {digest} cannot be read: {e}"),
+            };
+            if repair {
+                let moved = self.quarantine(digest)?;
+                report.repaired.push(moved);
             }
+            report.problems.push(problem);
         }
         let recorded = self.db().all_recorded_objects()?;
         let mut missing: Vec<_> = recorded.difference(&present_set).collect();
@@ -329,6 +345,8 @@ pub struct FsckReport {
     pub unreferenced: usize,
     /// Mismatches and missing objects.
     pub problems: Vec<String>,
+    /// Where `--repair` moved corrupted objects.
+    pub repaired: Vec<PathBuf>,
 }
 
 #[cfg(test)]

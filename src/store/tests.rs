@@ -117,7 +117,7 @@ proptest! {
         for d in &report.removed {
             prop_assert!(!kept_runs.iter().any(|(_, outs)| outs.contains(d)));
         }
-        prop_assert!(store.fsck().unwrap().problems.is_empty());
+        prop_assert!(store.fsck(false).unwrap().problems.is_empty());
     }
 
     #[test]
@@ -152,12 +152,12 @@ fn fsck_finds_corruption() {
     let store = Store::open(root.path(), Access::Shared).unwrap();
     let d = put(&store, b"content");
     record_run(&store, "20260101-000000-000001", &[d]);
-    assert!(store.fsck().unwrap().problems.is_empty());
+    assert!(store.fsck(false).unwrap().problems.is_empty());
     let path = store.object_path(&d);
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
     std::fs::write(&path, b"tampered").unwrap();
-    let report = store.fsck().unwrap();
+    let report = store.fsck(false).unwrap();
     assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
     assert!(report.problems[0].contains("corrupted"));
 }
@@ -521,4 +521,96 @@ fn a_version_3_stores_pointers_read_back_after_the_upgrade_and_new_ones_share_fi
         steps,
         r#"[{"step":"s","seq":0},{"step":"t","seq":1,"reason":"other"},{"step":"u","seq":2,"started_at":"2026-01-01T00:00:03Z","same_as":"20260101-000000-000009"}]"#
     );
+}
+
+/// Writes `content` over the read-only file at `path` (as a disk or a person might).
+fn tamper(path: &std::path::Path, content: &[u8]) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(path, content).unwrap();
+}
+
+fn put_folder(store: &Store, files: &[(&str, &[u8])]) -> ObjectDigest {
+    let dir = store.objects().temp_dir("t").unwrap();
+    let folder = dir.join("folder");
+    for (name, content) in files {
+        std::fs::create_dir_all(folder.join(name).parent().unwrap()).unwrap();
+        std::fs::write(folder.join(name), content).unwrap();
+    }
+    let c = store.commit(&folder).unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+    c.digest
+}
+
+fn assert_quarantined(store: &Store, digest: ObjectDigest, err: StoreError) {
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!("object {digest} is corrupted")) && message.contains("moved to"),
+        "{message}"
+    );
+    let StoreError::CorruptObject {
+        quarantined: Some(moved),
+        ..
+    } = err
+    else {
+        panic!("not a corrupt-object error: {message}");
+    };
+    assert!(moved.starts_with(store.root().join("quarantine")) && moved.exists());
+    assert!(!store.objects().contains(&digest), "still in objects/");
+}
+
+#[test]
+fn objects_are_verified_before_use_and_corrupted_ones_quarantined() {
+    let root = tempfile::tempdir().unwrap();
+    let store = Store::open(root.path(), Access::Shared).unwrap();
+    let intact = put(&store, b"intact bytes\n");
+    store.verify_object(&intact).unwrap();
+
+    let changed = put(&store, b"one byte will change\n");
+    tamper(&store.object_path(&changed), b"one byte will chanGe\n");
+    assert_quarantined(&store, changed, store.verify_object(&changed).unwrap_err());
+
+    let truncated = put(&store, b"this file will lose its end\n");
+    tamper(&store.object_path(&truncated), b"this file will");
+    assert_quarantined(
+        &store,
+        truncated,
+        store.verify_object(&truncated).unwrap_err(),
+    );
+
+    let folder = put_folder(&store, &[("a.txt", b"first"), ("sub/b.txt", b"second")]);
+    store.verify_object(&folder).unwrap();
+    tamper(&store.object_path(&folder).join("sub/b.txt"), b"secund");
+    assert_quarantined(&store, folder, store.verify_object(&folder).unwrap_err());
+}
+
+#[test]
+fn big_objects_are_verified_through_the_stat_cache() {
+    let root = tempfile::tempdir().unwrap();
+    let store = Store::open(root.path(), Access::Shared).unwrap();
+    let folder = put_folder(&store, &[("a.bin", b"weights"), ("b.bin", b"more weights")]);
+    // A 0-byte limit sends every object through the stat cache: the first check hashes
+    // it all, a later one only what changed since.
+    store.verify_object_with(&folder, 0).unwrap();
+    store.verify_object_with(&folder, 0).unwrap();
+    tamper(&store.object_path(&folder).join("b.bin"), b"more weighs!");
+    assert_quarantined(
+        &store,
+        folder,
+        store.verify_object_with(&folder, 0).unwrap_err(),
+    );
+}
+
+#[test]
+fn fsck_repair_quarantines_corrupted_objects() {
+    let root = tempfile::tempdir().unwrap();
+    let store = Store::open(root.path(), Access::Shared).unwrap();
+    let good = put(&store, b"good");
+    let bad = put(&store, b"bad, soon");
+    tamper(&store.object_path(&bad), b"bad, now");
+    let report = store.fsck(true).unwrap();
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    assert_eq!(report.repaired.len(), 1);
+    assert!(store.objects().contains(&good));
+    assert!(!store.objects().contains(&bad));
 }
