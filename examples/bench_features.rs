@@ -4,6 +4,7 @@
 //!   bench_features chunk DOCS.jsonl MODEL_DIR        cairn chunking vs raw encode_batch
 //!   bench_features flops TEXTS.jsonl MODEL_DIR       tokens and BERT FLOPs of the texts
 //!   bench_features vectors N                         Qdrant Edge upsert + query latency
+//!   bench_features clean DOCS.jsonl                  `clean` throughput, without and with PII rules
 
 use std::path::Path;
 use std::time::Instant;
@@ -17,6 +18,7 @@ fn main() {
         Some("chunk") => chunk(Path::new(&args[2]), Path::new(&args[3])),
         Some("flops") => flops(Path::new(&args[2]), Path::new(&args[3])),
         Some("vectors") => vectors(args[2].parse().unwrap()),
+        Some("clean") => clean(Path::new(&args[2])),
         _ => {
             eprintln!("usage: see the header of examples/bench_features.rs");
             std::process::exit(2);
@@ -182,4 +184,40 @@ fn vectors(n: usize) {
             })
         );
     });
+}
+
+/// MB/s of document text through `clean_documents` (all cores), with the default rules
+/// and with every PII kind masked.
+fn clean(docs: &Path) {
+    use cairn::clean::pii::{PiiAction, PiiRules};
+    use cairn::clean::{clean_documents, CleanOptions};
+    let docs: Vec<Document> = read_jsonl(docs).unwrap();
+    let bytes: usize = docs.iter().map(|d| d.content.len()).sum();
+    let plain = CleanOptions::default();
+    let pii = CleanOptions {
+        pii: PiiRules::all(PiiAction::Mask),
+        ..CleanOptions::default()
+    };
+    let (t_plain, _) = best_of(3, || clean_documents(docs.clone(), &plain));
+    let (t_pii, (_, report)) = best_of(3, || clean_documents(docs.clone(), &pii));
+    // What was found, to judge false positives by eye.
+    let mut samples: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+    for kind in cairn::clean::pii::PiiKind::ALL {
+        let list = samples.entry(kind.as_str()).or_default();
+        for d in &docs {
+            for (s, e) in cairn::clean::pii::find(kind, &d.content) {
+                if list.len() < 6 {
+                    list.push(d.content[s..e].to_string());
+                }
+            }
+        }
+    }
+    println!(
+        "{}",
+        json!({"documents": docs.len(), "mb": bytes as f64 / 1e6,
+               "mb_per_s": bytes as f64 / 1e6 / t_plain,
+               "mb_per_s_pii": bytes as f64 / 1e6 / t_pii,
+               "pii_found": report.pii_found, "samples": samples,
+               "threads": rayon::current_num_threads()})
+    );
 }

@@ -364,3 +364,69 @@ mod vectors {
         );
     }
 }
+
+/// `clean` with PII rules: e-mail addresses and phone numbers masked, a document holding
+/// an API key dropped (reason `pii`), counts per kind in the metadata; a wrong action
+/// or kind is a load-time error that names what is allowed.
+#[test]
+fn clean_masks_personal_data_and_drops_documents_with_secrets() {
+    let p = Project::new();
+    p.write(
+        "chats/friend.md",
+        "Lunch on Friday? Write to maria.rossi@example.org or call +39 06 6982 1234 if the \
+         train is late, I will wait at the station with the tickets.\n",
+    )
+    .write(
+        "chats/deploy.md",
+        "Here is the deploy key for the blog, keep it safe: ghp_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789 \
+         and rotate it after the migration is done next week.\n",
+    )
+    .write("chats/plain.md", &TOMATO.replace("balcony", "terrace"));
+    let yaml = "name: pii\nsteps:\n  mine: {uses: source, with: {path: chats}}\n  \
+                docs: {uses: ingest, inputs: {files: mine.data}}\n  \
+                clean: {uses: clean, inputs: {documents: docs.documents}, \
+                with: {pii: {email: mask, phone: mask, api_key: drop}}}\n";
+    p.write("p.yaml", yaml);
+    let run = p.run("p.yaml", &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let cleaned = run.output("clean", "documents");
+    let body = cat(&p, &cleaned, None);
+    assert!(
+        body.contains("Write to [EMAIL] or call [PHONE] if the train"),
+        "{body}"
+    );
+    assert!(
+        !body.contains("maria.rossi") && !body.contains("6982"),
+        "{body}"
+    );
+    assert!(
+        !body.contains("ghp_") && !body.contains("deploy key"),
+        "{body}"
+    );
+    let meta = &artifact(&p, &cleaned)["metadata"];
+    assert_eq!(meta["dropped_by_reason"]["pii"], 1, "{meta}");
+    assert_eq!(
+        meta["clean"]["dropped_examples"]["pii"][0]["detail"],
+        "api_key"
+    );
+    assert_eq!(meta["clean"]["pii_found"]["email"], 1, "{meta}");
+    assert_eq!(meta["clean"]["pii_found"]["phone"], 1, "{meta}");
+    assert_eq!(meta["clean"]["pii_found"]["api_key"], 1, "{meta}");
+    assert_eq!(meta["clean"]["kept"], 2);
+
+    for (with, expected) in [
+        (
+            "{pii: masked}",
+            "pii action \"masked\" is not keep, mask or drop",
+        ),
+        ("{pii: {emails: mask}}", "unknown pii kind `emails`"),
+    ] {
+        p.write(
+            "bad.yaml",
+            &yaml.replace("{pii: {email: mask, phone: mask, api_key: drop}}", with),
+        );
+        let (code, _, err) = p.exec(&["validate", "bad.yaml"]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("bad.yaml:") && err.contains(expected), "{err}");
+    }
+}

@@ -1690,3 +1690,71 @@ fn qlora_trains_over_nf4_weights_and_loads_in_peft() {
     let peft = reference(&[&"check-logits", &dir, &ids, &ours, &"peft"]);
     assert!(peft["max_abs_diff"].as_f64().unwrap() < 1e-4, "{peft}");
 }
+
+/// The pids of `pid`'s children (Linux /proc).
+fn children_of(pid: u32) -> Vec<u32> {
+    let tasks = format!("/proc/{pid}/task");
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(tasks).into_iter().flatten().flatten() {
+        let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        out.extend(
+            list.split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
+    }
+    out
+}
+
+/// `cairn run` killed with SIGKILL mid-training takes its libtorch helper with it, and a
+/// helper outlives an idle tokio thread (the one that may have spawned it) as long as
+/// `cairn` lives: it watches the process, not the thread.
+#[test]
+fn a_killed_cairn_leaves_no_training_behind() {
+    let p = dataset_project();
+    p.write(
+        "p.yaml",
+        &single_train_pipeline("      learning_rate: 0.002\n      max_steps: 100000\n"),
+    );
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"));
+    cmd.current_dir(p.dir.path())
+        .env("CAIRN_STORE", p.store())
+        .args(["run", "p.yaml", "--quiet"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut cairn = cmd.spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let helper = loop {
+        let torch: Vec<u32> = children_of(cairn.id())
+            .into_iter()
+            .filter(|c| {
+                std::fs::read_to_string(format!("/proc/{c}/comm"))
+                    .is_ok_and(|n| n.trim() == "cairn-torch")
+            })
+            .collect();
+        if let Some(&pid) = torch.first() {
+            break pid;
+        }
+        assert!(std::time::Instant::now() < deadline, "no training started");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    // Past tokio's 10 s keep-alive of idle blocking threads: still training.
+    std::thread::sleep(std::time::Duration::from_secs(12));
+    assert!(
+        std::path::Path::new(&format!("/proc/{helper}")).exists(),
+        "the helper died while cairn was alive"
+    );
+    cairn.kill().unwrap();
+    cairn.wait().unwrap();
+    let gone = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::path::Path::new(&format!("/proc/{helper}/stat")).exists()
+        && !std::fs::read_to_string(format!("/proc/{helper}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+    {
+        assert!(
+            std::time::Instant::now() < gone,
+            "cairn-torch {helper} still runs 5 s after cairn was killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

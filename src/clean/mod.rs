@@ -2,6 +2,7 @@
 //! filters and exact + near-duplicate removal, with a count of every drop and its reason.
 
 pub mod minhash;
+pub mod pii;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::LazyLock;
@@ -47,6 +48,8 @@ pub struct CleanOptions {
     /// Jaccard similarity at or above which a document is a near duplicate of an earlier
     /// one; `None` turns near-duplicate detection off.
     pub near_dup_threshold: Option<f64>,
+    /// Personal data and secrets: kept, masked or a reason to drop, per kind.
+    pub pii: pii::PiiRules,
 }
 
 impl Default for CleanOptions {
@@ -60,6 +63,7 @@ impl Default for CleanOptions {
             exclude_keywords: Vec::new(),
             languages: Vec::new(),
             near_dup_threshold: Some(0.85),
+            pii: pii::PiiRules::default(),
         }
     }
 }
@@ -82,6 +86,8 @@ pub enum DropReason {
     ExactDuplicate,
     /// Near-duplicate of an earlier document.
     NearDuplicate,
+    /// Holds personal data or a secret whose rule is `drop`.
+    Pii,
 }
 
 impl DropReason {
@@ -95,6 +101,7 @@ impl DropReason {
             DropReason::Language => "language",
             DropReason::ExactDuplicate => "exact_duplicate",
             DropReason::NearDuplicate => "near_duplicate",
+            DropReason::Pii => "pii",
         }
     }
 }
@@ -127,6 +134,8 @@ pub struct CleanReport {
     pub chars_before: usize,
     /// See `chars_before`.
     pub chars_after: usize,
+    /// Personal data and secrets found per kind (in every document read), when looked for.
+    pub pii_found: BTreeMap<String, usize>,
 }
 
 /// Examples kept per drop reason.
@@ -312,11 +321,17 @@ pub fn clean_documents(docs: Vec<Document>, opts: &CleanOptions) -> (Vec<Documen
         input: docs.len(),
         ..CleanReport::default()
     };
-    let cleaned: Vec<(Document, String)> = docs
+    // Code stays byte-exact: repository files are not scrubbed (as URLs and e-mails).
+    let cleaned: Vec<(Document, String, pii::Scrubbed)> = docs
         .into_par_iter()
         .map(|d| {
             let text = clean_text(d.category, &d.content, opts);
-            (d, text)
+            let scrubbed = if d.category == Category::Repository {
+                pii::Scrubbed::default()
+            } else {
+                pii::scrub(&text, &opts.pii)
+            };
+            (d, text, scrubbed)
         })
         .collect();
     let keywords: Vec<String> = opts
@@ -328,7 +343,23 @@ pub fn clean_documents(docs: Vec<Document>, opts: &CleanOptions) -> (Vec<Documen
     let mut near = opts.near_dup_threshold.map(minhash::NearDuplicates::new);
     let mut near_ids: Vec<String> = Vec::new();
     let mut kept = Vec::new();
-    for (doc, text) in cleaned {
+    for (doc, text, scrubbed) in cleaned {
+        for (kind, n) in &scrubbed.found {
+            *report
+                .pii_found
+                .entry(kind.as_str().to_string())
+                .or_default() += n;
+        }
+        if !scrubbed.drop.is_empty() {
+            let kinds: Vec<&str> = scrubbed.drop.iter().map(|k| k.as_str()).collect();
+            report.drop(&doc, DropReason::Pii, kinds.join(", "));
+            continue;
+        }
+        let text = if opts.pii.active() && doc.category != Category::Repository {
+            scrubbed.text
+        } else {
+            text
+        };
         let chars = text.chars().count();
         if text.trim().is_empty() {
             report.drop(&doc, DropReason::Empty, String::new());

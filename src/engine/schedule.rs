@@ -582,7 +582,7 @@ impl<'a> Walk<'a> {
             let result = if ctx.cancel.is_cancelled() {
                 Err(StepError::Cancelled)
             } else {
-                match verify_inputs(&ctx) {
+                match verify_inputs(&ctx).await {
                     Ok(()) => implementation.run(&params, &ctx).await,
                     Err(e) => Err(e),
                 }
@@ -1070,23 +1070,45 @@ impl<'a> Walk<'a> {
 
 /// Checks that every object a step is about to read holds the bytes it is named after
 /// (`store/verify.rs`); a corrupted one fails the step with what to do. Small files are
-/// checked right here (tens of microseconds); anything bigger where blocking is allowed.
-fn verify_inputs(ctx: &StepContext) -> Result<(), StepError> {
+/// checked right here (tens of microseconds); anything bigger on the blocking pool. Not
+/// `block_in_place`: the task would go on, and spawn the step's processes, from a thread
+/// that tokio retires when idle, and a helper that dies with its parent thread
+/// (PR_SET_PDEATHSIG) would die with it.
+async fn verify_inputs(ctx: &StepContext) -> Result<(), StepError> {
     const INLINE_BYTES: u64 = 256 << 10;
+    let mut deferred = Vec::new();
     for (name, input) in &ctx.inputs {
         let small = std::fs::symlink_metadata(&input.path)
             .is_ok_and(|m| m.is_file() && m.len() <= INLINE_BYTES);
-        let verified = if small {
-            ctx.store.verify_object(&input.digest)
+        if small {
+            ctx.store
+                .verify_object(&input.digest)
+                .map_err(|e| corrupt_input(name, e))?;
         } else {
-            blocking(|| ctx.store.verify_object(&input.digest))
-        };
-        verified.map_err(|e| match e {
-            StoreError::CorruptObject { .. } => StepError::Input(format!("input `{name}`: {e}")),
-            other => StepError::Store(other),
-        })?;
+            deferred.push((name.clone(), input.digest));
+        }
     }
-    Ok(())
+    if deferred.is_empty() {
+        return Ok(());
+    }
+    let store = ctx.store.clone();
+    tokio::task::spawn_blocking(move || {
+        for (name, digest) in &deferred {
+            store
+                .verify_object(digest)
+                .map_err(|e| corrupt_input(name, e))?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| StepError::Failed(format!("verifying inputs panicked: {e}")))?
+}
+
+fn corrupt_input(name: &str, e: StoreError) -> StepError {
+    match e {
+        StoreError::CorruptObject { .. } => StepError::Input(format!("input `{name}`: {e}")),
+        other => StepError::Store(other),
+    }
 }
 
 fn missing(upstream: &str) -> EngineError {

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{InputDecl, Kind, ParamIssue, StepContext, StepError, StepOutputs};
+use crate::clean::pii::{PiiAction, PiiKind, PiiRules};
 use crate::clean::{self, CleanOptions, MaskMode};
 use crate::documents;
 
@@ -48,6 +49,57 @@ pub struct CleanParams {
     /// Turn near-duplicate removal off (exact duplicates are always removed).
     #[serde(default = "default_true")]
     pub near_dedup: bool,
+    /// Personal data and secrets: one action for every kind (`keep`, `mask` or `drop`),
+    /// or one per kind, e.g. `{email: mask, phone: mask, api_key: drop}` (kinds: email,
+    /// phone, ip_address, credit_card, iban, api_key; unlisted ones are kept). `mask`
+    /// writes `[EMAIL]`, `[PHONE]`, `[IP]`, `[CARD]`, `[IBAN]` or `[SECRET]`; `drop`
+    /// drops the document (reason `pii`). Counts per kind go in the metadata
+    /// (`clean.pii_found`). Repository files are left byte-exact.
+    #[serde(default)]
+    pub pii: PiiParam,
+}
+
+/// `pii`: one action, or one per kind.
+#[derive(Clone, Debug, JsonSchema)]
+#[serde(untagged)]
+pub enum PiiParam {
+    /// The same action for every kind.
+    All(PiiAction),
+    /// An action per kind.
+    PerKind(BTreeMap<PiiKind, PiiAction>),
+}
+
+impl<'de> Deserialize<'de> for PiiParam {
+    // By hand, for errors that say what is allowed (an untagged enum only says that
+    // nothing matched).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        const ACTIONS: &str = "keep, mask or drop";
+        const KINDS: &str = "email, phone, ip_address, credit_card, iban, api_key";
+        let action = |v: &serde_json::Value| -> Result<PiiAction, D::Error> {
+            serde_json::from_value(v.clone())
+                .map_err(|_| D::Error::custom(format!("pii action {v} is not {ACTIONS}")))
+        };
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::Object(map) => {
+                let mut kinds = BTreeMap::new();
+                for (name, value) in &map {
+                    let kind: PiiKind = serde_json::from_value(json!(name)).map_err(|_| {
+                        D::Error::custom(format!("unknown pii kind `{name}` (kinds: {KINDS})"))
+                    })?;
+                    kinds.insert(kind, action(value)?);
+                }
+                Ok(PiiParam::PerKind(kinds))
+            }
+            other => Ok(PiiParam::All(action(&other)?)),
+        }
+    }
+}
+
+impl Default for PiiParam {
+    fn default() -> Self {
+        PiiParam::All(PiiAction::Keep)
+    }
 }
 
 fn default_min_chars() -> usize {
@@ -109,6 +161,10 @@ impl CleanParams {
             exclude_keywords: self.exclude_keywords.clone(),
             languages,
             near_dup_threshold: self.near_dedup.then_some(self.near_dup_threshold),
+            pii: match &self.pii {
+                PiiParam::All(action) => PiiRules::all(*action),
+                PiiParam::PerKind(kinds) => PiiRules(kinds.clone()),
+            },
         })
     }
 }

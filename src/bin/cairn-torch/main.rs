@@ -230,12 +230,28 @@ fn read_job<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T,
     serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Exits (as if killed) once the parent process is gone: polled every 200 ms on a
+/// thread of its own; re-parenting (to init or a subreaper) is what a parent's death looks
+/// like from here.
+fn die_with_parent() {
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() };
+    let _ = std::thread::Builder::new()
+        .name("parent-watch".into())
+        .spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            // SAFETY: as above.
+            if unsafe { libc::getppid() } != parent {
+                std::process::exit(137);
+            }
+        });
+}
+
 fn main() -> ExitCode {
     // Die with the parent: a killed `cairn run` must not leave training running.
-    // SAFETY: prctl with constant arguments only changes this process's signal setting.
-    unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-    }
+    // PR_SET_PDEATHSIG would fire when the *thread* that spawned this process ends (a
+    // tokio blocking thread retires after 10 s idle), so the parent process is watched.
+    die_with_parent();
     let cli = Cli::parse();
     match cli.command {
         Command::Train { job } => guarded(|| {
