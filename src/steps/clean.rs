@@ -179,7 +179,8 @@ impl Kind for CleanStep {
     }
 
     fn version(&self) -> String {
-        "1".into()
+        // 2: ASCII word boundaries in the URL, e-mail and boilerplate patterns.
+        "2".into()
     }
 
     fn summary(&self) -> &'static str {
