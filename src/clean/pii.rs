@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
 use regex::Regex;
+
+use super::{word_regex, EMAIL};
 use serde::{Deserialize, Serialize};
 
 /// A kind of personal data or secret.
@@ -126,58 +128,47 @@ pub struct Scrubbed {
     pub drop: Vec<PiiKind>,
 }
 
-static EMAIL: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"(?i)(?-u:\b)[a-z0-9._%+-]+@[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z]{2,}(?-u:\b)")
-        .expect("valid")
-});
 // International (+CC ...), a parenthesised area code, national numbers with a leading 0,
 // or US-style 555-123-4567: numbers in prose without those marks (years, counts) are not
 // phone numbers. The digit count is checked after.
 static PHONE: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(concat!(
-        r"\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?)(?:[ .-]?\d{2,4}){2,5}(?-u:\b)",
-        r"|\(\d{2,4}\)[ .-]?\d{3,4}[ .-]?\d{3,4}(?-u:\b)",
-        r"|(?-u:\b)0[1-9]\d{0,3}[ .-][1-9]\d{1,3}(?:[ .-][1-9]\d{1,3}){1,3}(?-u:\b)",
-        r"|(?-u:\b)\d{3}[.-]\d{3}[.-]\d{4}(?-u:\b)",
+    word_regex(concat!(
+        r"\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?)(?:[ .-]?\d{2,4}){2,5}\b",
+        r"|\(\d{2,4}\)[ .-]?\d{3,4}[ .-]?\d{3,4}\b",
+        r"|\b0[1-9]\d{0,3}[ .-][1-9]\d{1,3}(?:[ .-][1-9]\d{1,3}){1,3}\b",
+        r"|\b\d{3}[.-]\d{3}[.-]\d{4}\b",
     ))
-    .expect("valid")
 });
 static IPV4: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(
-        r"(?-u:\b)(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?-u:\b)",
+    word_regex(
+        r"\b(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\b",
     )
-    .expect("valid")
 });
 static IPV6: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(
-        r"(?i)(?-u:\b)(?:[0-9a-f]{1,4}:){7}[0-9a-f]{1,4}(?-u:\b)|(?-u:\b)(?:[0-9a-f]{1,4}:){1,6}:(?:[0-9a-f]{1,4}:){0,5}[0-9a-f]{1,4}(?-u:\b)",
+    word_regex(
+        r"(?i)\b(?:[0-9a-f]{1,4}:){7}[0-9a-f]{1,4}\b|\b(?:[0-9a-f]{1,4}:){1,6}:(?:[0-9a-f]{1,4}:){0,5}[0-9a-f]{1,4}\b",
     )
-    .expect("valid")
 });
 // Unbroken, or in groups of four (Amex: 4-6-5); the issuer prefix and the Luhn check are
 // tested after.
 static CARD: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"(?-u:\b)(?:\d{13,19}|\d{4}(?:[ -]\d{4}){2,3}(?:[ -]\d{1,3})?|\d{4}[ -]\d{6}[ -]\d{5})(?-u:\b)")
-        .expect("valid")
+    word_regex(r"\b(?:\d{13,19}|\d{4}(?:[ -]\d{4}){2,3}(?:[ -]\d{1,3})?|\d{4}[ -]\d{6}[ -]\d{5})\b")
 });
-static IBAN: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"(?-u:\b)[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?(?-u:\b)")
-        .expect("valid")
-});
+static IBAN: LazyLock<Regex> =
+    LazyLock::new(|| word_regex(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"));
 static KEY_FORMATS: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(concat!(
+    word_regex(concat!(
         r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----",
-        r"|(?-u:\b)(?:AKIA|ASIA)[0-9A-Z]{16}(?-u:\b)", // AWS access key id
-        r"|(?-u:\b)gh[pousr]_[A-Za-z0-9]{36,}(?-u:\b)", // GitHub
-        r"|(?-u:\b)github_pat_[A-Za-z0-9_]{40,}(?-u:\b)",
-        r"|(?-u:\b)xox[abposr]-[A-Za-z0-9-]{10,}(?-u:\b)", // Slack
-        r"|(?-u:\b)sk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}(?-u:\b)", // OpenAI, Anthropic
-        r"|(?-u:\b)(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}(?-u:\b)", // Stripe
-        r"|(?-u:\b)AIza[0-9A-Za-z_-]{35}(?-u:\b)",         // Google
-        r"|(?-u:\b)hf_[A-Za-z0-9]{30,}(?-u:\b)",           // Hugging Face
-        r"|(?-u:\b)eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}", // JWT
+        r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",  // AWS access key id
+        r"|\bgh[pousr]_[A-Za-z0-9]{36,}\b", // GitHub
+        r"|\bgithub_pat_[A-Za-z0-9_]{40,}\b",
+        r"|\bxox[abposr]-[A-Za-z0-9-]{10,}\b",        // Slack
+        r"|\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}\b", // OpenAI, Anthropic
+        r"|\b(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}\b", // Stripe
+        r"|\bAIza[0-9A-Za-z_-]{35}\b",                // Google
+        r"|\bhf_[A-Za-z0-9]{30,}\b",                  // Hugging Face
+        r"|\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}", // JWT
     ))
-    .expect("valid")
 });
 // Candidates for the entropy test: long runs of token characters.
 static LONG_TOKEN: LazyLock<Regex> =

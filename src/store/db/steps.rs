@@ -51,6 +51,20 @@ pub struct HitWrite<'a> {
     pub cache: Option<&'a CacheEntry>,
 }
 
+fn insert_cache(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    entry: &CacheEntry,
+    created_at: &str,
+) -> rusqlite::Result<usize> {
+    stmt.execute(params![
+        entry.key.to_hex(),
+        json(&entry.outputs),
+        entry.run_id,
+        entry.step,
+        created_at
+    ])
+}
+
 /// What the pointers of one `run_hits` row share (all its fields, taken from the first).
 #[derive(serde::Serialize)]
 struct SharedHit<'a> {
@@ -183,13 +197,7 @@ impl Database {
                 }
                 by_run.entry(hit.run_id).or_default().push(hit);
                 if let Some(c) = hit.cache {
-                    cache_stmt.execute(params![
-                        c.key.to_hex(),
-                        json(&c.outputs),
-                        c.run_id,
-                        c.step,
-                        hit.started_at
-                    ])?;
+                    insert_cache(&mut cache_stmt, c, hit.started_at)?;
                 }
             }
             let mut io_stmt = tx.prepare_cached(
@@ -255,13 +263,7 @@ impl Database {
                     ])?;
                 }
                 if let Some(c) = w.cache {
-                    cache_stmt.execute(params![
-                        c.key.to_hex(),
-                        json(&c.outputs),
-                        c.run_id,
-                        c.step,
-                        r.started_at
-                    ])?;
+                    insert_cache(&mut cache_stmt, c, &r.started_at)?;
                 }
             }
             let mut hits_stmt = tx.prepare_cached(
