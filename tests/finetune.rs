@@ -191,9 +191,11 @@ fn greedy_generation_matches_transformers() {
     let root = tmp.path();
     // phi3long: the prompt fits its 32-position original context, the reply crosses it
     // (the rotary factors switch from short to long mid-generation, as in transformers).
+    // t5/flan_t5: the prompt is the source, the reply decoded with self- and
+    // cross-attention caches.
     let archs = [
         "gpt2", "llama3", "qwen2", "qwen3", "mistral", "phi3", "phi3long", "gemma", "gemma2",
-        "gemma3",
+        "gemma3", "t5", "flan_t5",
     ];
     make_models(root, &archs);
     let prompt = "Dear diary, today the twin wrote";
@@ -241,6 +243,172 @@ fn bf16_weights_match_transformers_bf16_run() {
     }
 }
 
+/// Encoder-decoder inputs as safetensors: `input_ids` [2, 40] whose second row is
+/// padding after 30 tokens (`attention_mask`), and `decoder_input_ids` [2, 24] starting
+/// with T5's start token.
+fn write_seq2seq_ids(path: &Path) {
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        3 + (x % 256) as i64
+    };
+    let source: Vec<i64> = (0..80).map(|_| next()).collect();
+    let mask: Vec<i64> = (0..80).map(|i| i64::from(i < 70)).collect();
+    let decoder: Vec<i64> = (0..48)
+        .map(|i| if i % 24 == 0 { 0 } else { next() })
+        .collect();
+    let bytes = |v: &[i64]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    let (s, m, d) = (bytes(&source), bytes(&mask), bytes(&decoder));
+    fn view(b: &[u8], shape: Vec<usize>) -> safetensors::tensor::TensorView<'_> {
+        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, shape, b).unwrap()
+    }
+    safetensors::tensor::serialize_to_file(
+        [
+            ("input_ids", view(&s, vec![2, 40])),
+            ("attention_mask", view(&m, vec![2, 40])),
+            ("decoder_input_ids", view(&d, vec![2, 24])),
+        ],
+        None,
+        path,
+    )
+    .unwrap();
+}
+
+/// T5 v1.0 (ReLU, tied and scaled head) and Flan-T5 (gated GELU, its own head, a deeper
+/// decoder) against transformers: padded sources, relative-position buckets past the
+/// exact range, f32 and bf16 weights.
+#[test]
+fn t5_logits_match_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    make_models(root, &["t5", "flan_t5"]);
+    let ids = root.join("ids.safetensors");
+    write_seq2seq_ids(&ids);
+    for arch in ["t5", "flan_t5"] {
+        let ours = root.join(format!("{arch}.logits.safetensors"));
+        cairn_logits(&root.join(arch), &ids, &ours);
+        let r = reference(&[&"check-logits", &root.join(arch), &ids, &ours]);
+        assert_eq!(r["shape"], json!([2, 24, 259]), "{arch}");
+        let diff = r["max_abs_diff"].as_f64().unwrap();
+        assert!(
+            diff < 1e-4,
+            "{arch}: cairn's logits differ from transformers' by {diff}"
+        );
+        let bf16 = root.join(format!("{arch}.bf16.safetensors"));
+        cairn_logits_in(&root.join(arch), &ids, &bf16, "bf16");
+        let r = reference(&[&"check-logits", &root.join(arch), &ids, &bf16, &"bf16"]);
+        assert_bf16_parity(arch, &r);
+    }
+}
+
+/// Seq2seq training: one full AdamW step equals torch's on the same batch (source =
+/// prompt, target = response); LoRA on attention and feed-forward trains, and its adapter
+/// loads in PEFT (task SEQ_2_SEQ_LM) with cairn's logits; QLoRA over NF4 trains too.
+#[test]
+fn t5_seq2seq_training_matches_torch_and_loads_in_peft() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    make_models(root, &["t5", "flan_t5"]);
+    write_dataset(&root.join("ds"));
+    let ids = root.join("ids.safetensors");
+    write_seq2seq_ids(&ids);
+    let settings = json!({"learning_rate": 1e-3, "weight_decay": 0.1, "scheduler": "constant",
+        "batch_size": 2, "grad_accum": 2, "max_steps": 1, "max_grad_norm": 0.5, "device": "cpu",
+        "max_seq_len": 200, "eval_every": 0, "checkpoint_every": 0});
+    for arch in ["t5", "flan_t5"] {
+        let batch = root.join(format!("{arch}.batch.safetensors"));
+        let out = format!("step-{arch}");
+        let job = train_job(root, &root.join(arch), &out, settings.clone(), Some(&batch));
+        let (ok, events, stderr) = torch_helper(&[&"train", &"--job", &job]);
+        assert!(ok, "{events:?} {stderr}");
+        let (diff, update) = step_vs_torch(
+            &root.join(arch),
+            &batch,
+            &root.join(&out).join("model.safetensors"),
+        );
+        assert!(
+            update > 5e-4,
+            "{arch}: the step barely moved the weights ({update})"
+        );
+        assert!(
+            diff < 1e-5,
+            "{arch}: cairn's seq2seq AdamW step differs from torch's by {diff} (step size {update})"
+        );
+    }
+
+    let targets = json!(["q", "k", "v", "o", "wi_0", "wi_1", "wo"]);
+    for (out, extra) in [
+        ("lora", json!({})),
+        ("qlora", json!({"quantize": "nf4", "dtype": "bf16"})),
+    ] {
+        let mut settings = json!({"method": "lora",
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "merge": true, "target_modules": targets},
+            "learning_rate": 1e-2, "max_steps": 6, "batch_size": 4, "device": "cpu", "max_seq_len": 200,
+            "eval_every": 0, "checkpoint_every": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            settings[k] = v.clone();
+        }
+        let job = train_job(root, &root.join("flan_t5"), out, settings, None);
+        let (ok, events, stderr) = torch_helper(&[&"train", &"--job", &job]);
+        assert!(ok, "{out}: {events:?} {stderr}");
+        let f = finished(&events);
+        let losses = losses(&f);
+        assert!(
+            losses.last().unwrap() < &(losses[0] - 0.5),
+            "{out}: the loss did not go down: {losses:?}"
+        );
+        if out == "qlora" {
+            assert!(f["quantized_bytes"].as_i64().unwrap() > 0, "{f}");
+            continue;
+        }
+        let dir = root.join(out);
+        let config: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(config["task_type"], "SEQ_2_SEQ_LM");
+        let ours = root.join("lora.logits.safetensors");
+        cairn_logits(&dir, &ids, &ours);
+        let peft = reference(&[&"check-logits", &dir, &ids, &ours, &"peft"]);
+        assert!(
+            peft["max_abs_diff"].as_f64().unwrap() < 1e-4,
+            "PEFT vs cairn: {peft}"
+        );
+        let merged = reference(&[&"check-logits", &dir.join("merged"), &ids, &ours]);
+        assert!(
+            merged["max_abs_diff"].as_f64().unwrap() < 1e-4,
+            "merged vs cairn: {merged}"
+        );
+        let base = reference(&[&"check-logits", &root.join("flan_t5"), &ids, &ours]);
+        assert!(
+            base["max_abs_diff"].as_f64().unwrap() > 1e-3,
+            "LoRA left the model unchanged: {base}"
+        );
+    }
+}
+
+/// cairn's weights after one AdamW step (`weights`) against torch's step from `model` on
+/// the dumped `batch` (learning rate 1e-3, weight decay 0.1, clipping at 0.5, the step
+/// tests' settings): (largest difference, largest update).
+fn step_vs_torch(model: &Path, batch: &Path, weights: &Path) -> (f64, f64) {
+    let r = reference(&[
+        &"check-step",
+        &model,
+        &batch,
+        &weights,
+        &json!({"learning_rate": 1e-3, "weight_decay": 0.1, "adam_beta1": 0.9, "adam_beta2": 0.999,
+                "adam_epsilon": 1e-8, "max_grad_norm": 0.5})
+        .to_string(),
+    ]);
+    assert_eq!(r["only_cairn"], json!([]), "{}: {r}", model.display());
+    (
+        r["max_abs_diff"].as_f64().unwrap(),
+        r["max_update"].as_f64().unwrap(),
+    )
+}
+
 fn train_job(root: &Path, base: &Path, out: &str, settings: Value, dump: Option<&Path>) -> PathBuf {
     let job = json!({
         "settings": settings, "base_dir": base, "dataset": root.join("ds"),
@@ -279,18 +447,10 @@ fn one_optimizer_step_matches_torch_adamw() {
             f["curve"][0]["grad_norm"].as_f64().unwrap() > 0.5,
             "clipping must engage: {f}"
         );
-        let r = reference(&[
-            &"check-step",
+        let (diff, update) = step_vs_torch(
             &root.join(arch),
             &batch,
             &root.join(format!("out-{arch}/model.safetensors")),
-            &json!({"learning_rate": 1e-3, "weight_decay": 0.1, "adam_beta1": 0.9, "adam_beta2": 0.999,
-                    "adam_epsilon": 1e-8, "max_grad_norm": 0.5}).to_string(),
-        ]);
-        assert_eq!(r["only_cairn"], json!([]), "{arch}: {r}");
-        let (diff, update) = (
-            r["max_abs_diff"].as_f64().unwrap(),
-            r["max_update"].as_f64().unwrap(),
         );
         assert!(
             update > 5e-4,
@@ -315,15 +475,11 @@ fn one_optimizer_step_matches_torch_adamw() {
         assert!(ok, "{events:?} {stderr}");
         // 2 blocks x 2 micro-batches were recomputed: the checkpointed path really ran.
         assert_eq!(finished(&events)["recomputed_blocks"], 4);
-        let r = reference(&[
-            &"check-step",
+        let (diff, _) = step_vs_torch(
             &root.join(arch),
             &batch,
             &root.join(format!("ckpt-{arch}/model.safetensors")),
-            &json!({"learning_rate": 1e-3, "weight_decay": 0.1, "adam_beta1": 0.9, "adam_beta2": 0.999,
-                    "adam_epsilon": 1e-8, "max_grad_norm": 0.5}).to_string(),
-        ]);
-        let diff = r["max_abs_diff"].as_f64().unwrap();
+        );
         assert!(
             diff < 1e-5,
             "{arch}: with gradient checkpointing the step differs by {diff}"
@@ -959,6 +1115,73 @@ steps:{DATASET_STEPS}
     assert_eq!(again.step("adapt")["status"], "will_run", "{}", again.json);
 }
 
+/// Flan-T5 as a user runs it: `finetune` with LoRA over a model folder (the prompt is the
+/// source, the reply the target), `evaluate` against the base, `cairn generate` on the
+/// artifact; options that only make sense for decoders are refused before training.
+#[test]
+fn flan_t5_trains_evaluates_and_generates_in_a_pipeline() {
+    let p = dataset_project();
+    reference(&[&"make", &p.path("models"), &"flan_t5"]);
+    p.write(
+        "p.yaml",
+        &format!(
+            r#"name: seq2seq
+steps:{DATASET_STEPS}
+  rewrite:
+    uses: finetune
+    inputs: {{dataset: dataset.dataset}}
+    with: {{model: models/flan_t5, method: lora, lora: {{r: 4, alpha: 8, target_modules: [q, v, wi_0, wi_1, wo]}}, template: "{{instruction}}\n\n{{input}}{{output}}", max_seq_len: 256, max_steps: 4, learning_rate: 0.01}}
+  eval:
+    uses: evaluate
+    inputs: {{model: rewrite.model, dataset: dataset.dataset}}
+    with: {{baseline_model: models/flan_t5, rouge_examples: 2, rouge_max_new_tokens: 8, prompts: ["hi"], generation: {{max_new_tokens: 8}}}}
+"#
+        ),
+    );
+    let out = p.run("p.yaml", &[]);
+    assert_eq!(out.code, 0, "{}\n{}", out.json, out.stderr);
+    let meta = artifact(&p, &out.output("rewrite", "model"))["metadata"].clone();
+    assert_eq!(meta["arch"], "t5", "{meta}");
+    assert_eq!(
+        meta["lora_targets"],
+        json!(["q", "v", "wi_0", "wi_1", "wo"])
+    );
+    let report = artifact(&p, &out.output("eval", "report"))["metadata"]["models"].clone();
+    for model in ["model", "baseline"] {
+        assert!(
+            report[model]["perplexity"]
+                .as_f64()
+                .is_some_and(f64::is_finite),
+            "{model}: {report}"
+        );
+    }
+    let model = out.output("rewrite", "model");
+    let (code, stdout, stderr) = p.exec(&[
+        "generate",
+        &model[..12],
+        "What is 2 plus 2?",
+        "--max-new-tokens",
+        "6",
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stderr.contains(" tokens in "), "{stderr}");
+
+    // GGUF (llama.cpp) and packing are decoder-only: refused before any step trains.
+    let gguf = p.path("p.yaml");
+    let text = std::fs::read_to_string(&gguf)
+        .unwrap()
+        .replace("learning_rate: 0.01}", "learning_rate: 0.02, gguf: q8_0}");
+    std::fs::write(&gguf, text).unwrap();
+    let out = p.run("p.yaml", &[]);
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stderr
+            .contains("llama.cpp export is for decoder models"),
+        "{}",
+        out.stderr
+    );
+}
+
 #[test]
 fn finetune_parameter_errors_are_reported_with_locations() {
     let p = Project::new();
@@ -1471,6 +1694,7 @@ fn model_recipes_validate_without_their_weights() {
         "llama3_blog_assistant",
         "gpt2_advice_column",
         "gemma_chat_twin",
+        "flan_t5_style_rewrite",
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_cairn"))
             .current_dir(repo())

@@ -31,6 +31,27 @@ impl Row {
     pub fn target_count(&self) -> usize {
         self.labels.iter().skip(1).filter(|&&l| l != IGNORE).count()
     }
+
+    /// This row as an encoder-decoder example: the source is everything before the
+    /// first trained token, closed by `eos` (as T5's tokenizer closes its input); the
+    /// decoder row is `start` followed by the rest, labelled so that the usual shift
+    /// trains the same tokens ([`Row::target_count`] is unchanged).
+    pub fn seq2seq(&self, start: u32, eos: u32) -> (Vec<u32>, Row) {
+        let k = self
+            .labels
+            .iter()
+            .position(|&l| l != IGNORE)
+            .unwrap_or(self.ids.len());
+        let mut source = self.ids[..k].to_vec();
+        if source.last() != Some(&eos) {
+            source.push(eos);
+        }
+        let mut ids = vec![start];
+        ids.extend_from_slice(&self.ids[k..]);
+        let mut labels = vec![IGNORE];
+        labels.extend_from_slice(&self.labels[k..]);
+        (source, Row { ids, labels })
+    }
 }
 
 /// What reading a split did.
@@ -207,6 +228,25 @@ pub fn byte_tokenizer() -> Result<Tokenizer, String> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn seq2seq_splits_at_the_first_trained_token_and_keeps_the_targets() {
+        let row = Row {
+            ids: vec![10, 11, 12, 20, 21, 1],
+            labels: vec![IGNORE, IGNORE, IGNORE, 20, 21, 1],
+        };
+        let (source, dec) = row.seq2seq(0, 1);
+        assert_eq!(source, vec![10, 11, 12, 1]);
+        assert_eq!(dec.ids, vec![0, 20, 21, 1]);
+        assert_eq!(dec.labels, vec![IGNORE, 20, 21, 1]);
+        assert_eq!(dec.target_count(), 3);
+        // A source already closed by EOS is not closed twice.
+        let closed = Row {
+            ids: vec![10, 1, 20],
+            labels: vec![IGNORE, IGNORE, 20],
+        };
+        assert_eq!(closed.seq2seq(0, 1).0, vec![10, 1]);
+    }
 
     #[test]
     fn byte_tokenizer_round_trips_and_keeps_specials_whole() {

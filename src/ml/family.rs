@@ -1,4 +1,4 @@
-//! Which decoder families the `cairn-torch` helper can load, checked from a model
+//! Which model families the `cairn-torch` helper can load, checked from a model
 //! folder's `config.json` when a pipeline loads, so an unsupported model is an input
 //! error (exit 2) instead of a failure after the run started. The helper's own loader
 //! (`Config::from_hf`) uses the same lists.
@@ -18,6 +18,7 @@ pub const MODEL_TYPES: &[&str] = &[
     "gemma",
     "gemma2",
     "gemma3_text",
+    "t5",
 ];
 
 /// Rotary scaling types the decoder implements (`rope_parameters.rope_type` or

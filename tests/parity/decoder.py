@@ -1,11 +1,13 @@
-"""Reference side of cairn's decoder parity tests (transformers + PEFT on CPU, fp32).
+"""Reference side of cairn's model parity tests (transformers + PEFT on CPU, fp32).
 
     decoder.py make ROOT ARCH...                 random tiny models (gpt2, llama, llama3, qwen2, qwen3, mistral,
-                                                 phi3, phi3long, gemma, gemma2, gemma3) +
+                                                 phi3, phi3long, gemma, gemma2, gemma3, and the
+                                                 encoder-decoders t5, flan_t5) +
                                                  a byte-level tokenizer, in ROOT/ARCH
     decoder.py check-logits MODEL IDS OURS [peft] [bf16]
                                                  transformers' (or PEFT's) logits for the
-                                                 `input_ids` in IDS vs `logits` in OURS; with
+                                                 `input_ids` in IDS (with `attention_mask` and
+                                                 `decoder_input_ids` for T5) vs `logits` in OURS; with
                                                  bf16, also transformers' own bf16 run (the
                                                  model loaded with torch_dtype=bfloat16)
     decoder.py check-step MODEL BATCH OURS JSON  one torch AdamW step on cairn's dumped
@@ -39,9 +41,60 @@ def byte_tokenizer(path):
     tok.save(path)
 
 
+def t5_tokenizer(path):
+    """T5's special tokens first (pad 0, EOS 1, unk 2), then the 256 bytes."""
+    from tokenizers import Tokenizer, decoders, models
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate(specials + alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    tok.save(path)
+
+
+def make_t5(out, arch):
+    """T5 v1.0 (ReLU, tied head, outputs scaled) or Flan-T5 (gated GELU, its own head
+    as in the released checkpoints, a deeper decoder). 8 buckets up to distance 20, so
+    40 positions reach the logarithmic and the clamped buckets."""
+    import os
+    import transformers as tf
+
+    flan = arch == "flan_t5"
+    cfg = tf.T5Config(vocab_size=259, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                      num_decoder_layers=3 if flan else 2, num_heads=4,
+                      relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                      dropout_rate=0.0, feed_forward_proj="gated-gelu" if flan else "relu",
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    model = tf.T5ForConditionalGeneration(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+        # Left as drawn, the pad row wins every greedy step of the tied model (a
+        # generation test would then compare 32 pads).
+        model.shared.weight[0].mul_(0.1)
+    model.save_pretrained(out, safe_serialization=True)
+    if flan:
+        # What google/flan-t5-* ship: tie_word_embeddings false and an lm_head of its own.
+        weights = load_file(f"{out}/model.safetensors")
+        weights["lm_head.weight"] = torch.randn(259, 64) * 0.05
+        save_file(weights, f"{out}/model.safetensors", metadata={"format": "pt"})
+        config = json.load(open(f"{out}/config.json"))
+        config["tie_word_embeddings"] = False
+        config.pop("scale_decoder_outputs", None)
+        json.dump(config, open(f"{out}/config.json", "w"), indent=2)
+    t5_tokenizer(os.path.join(out, "tokenizer.json"))
+
+
 def make(out, arch):
     import transformers as tf
 
+    if arch in ("t5", "flan_t5"):
+        return make_t5(out, arch)
     if arch == "gpt2":
         cfg = tf.GPT2Config(vocab_size=259, n_positions=128, n_embd=64, n_layer=2, n_head=4,
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
@@ -118,12 +171,17 @@ def make(out, arch):
     byte_tokenizer(f"{out}/tokenizer.json")
 
 
+def seq2seq(path):
+    return json.load(open(f"{path}/config.json")).get("is_encoder_decoder", False)
+
+
 def load(path, dtype=torch.float32):
     import transformers as tf
-    return tf.AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype).eval()
+    cls = tf.AutoModelForSeq2SeqLM if seq2seq(path) else tf.AutoModelForCausalLM
+    return cls.from_pretrained(path, torch_dtype=dtype).eval()
 
 
-def hf_logits(model_dir, ids, peft, dtype=torch.float32):
+def hf_logits(model_dir, inputs, peft, dtype=torch.float32):
     if peft:
         from peft import PeftModel
         cfg = json.load(open(f"{model_dir}/adapter_config.json"))
@@ -140,7 +198,7 @@ def hf_logits(model_dir, ids, peft, dtype=torch.float32):
     else:
         model = load(model_dir, dtype)
     with torch.no_grad():
-        return model(input_ids=ids).logits.float()
+        return model(**inputs).logits.float()
 
 
 def check_gguf(path, model_dir):
@@ -240,7 +298,7 @@ def main():
             make(f"{root}/{arch}", arch)
     elif cmd == "check-logits":
         model_dir, ids, ours, *flags = args
-        ids = load_file(ids)["input_ids"]
+        ids = load_file(ids)
         theirs = hf_logits(model_dir, ids, "peft" in flags)
         ours = load_file(ours)["logits"]
         out = {"max_abs_diff": (ours - theirs).abs().max().item(), "shape": list(theirs.shape)}
@@ -260,7 +318,13 @@ def main():
         n = len([k for k in b if k.startswith("input_ids.")])
         targets = sum(int((b[f"labels.{k}"][:, 1:] != -100).sum()) for k in range(n))
         for k in range(n):
-            logits = model(input_ids=b[f"input_ids.{k}"]).logits
+            if f"source_ids.{k}" in b:
+                # Encoder-decoder: cairn's decoder rows start with the start token, so
+                # its labels shift like a decoder's.
+                logits = model(input_ids=b[f"source_ids.{k}"], attention_mask=b[f"source_mask.{k}"],
+                               decoder_input_ids=b[f"input_ids.{k}"]).logits
+            else:
+                logits = model(input_ids=b[f"input_ids.{k}"]).logits
             v = logits.shape[-1]
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, v), b[f"labels.{k}"][:, 1:].reshape(-1),
@@ -286,12 +350,24 @@ def main():
         from tokenizers import Tokenizer
         model_dir, prompt, n = args
         tok = Tokenizer.from_file(f"{model_dir}/tokenizer.json")
-        ids = torch.tensor([tok.encode(prompt, add_special_tokens=False).ids])
-        out = load(model_dir).generate(ids, do_sample=False, max_new_tokens=int(n),
-                                       eos_token_id=256, pad_token_id=256)
-        new = out[0, ids.shape[1]:].tolist()
-        if 256 in new:
-            new = new[:new.index(256)]
+        eos = json.load(open(f"{model_dir}/config.json"))["eos_token_id"]
+        ids = tok.encode(prompt, add_special_tokens=False).ids
+        if seq2seq(model_dir):
+            # The prompt is the source, closed by EOS; the output starts with the
+            # decoder's start token.
+            # No cache: transformers 5.23 sizes T5's decoder cache by the encoder's depth
+            # (an IndexError when the decoder is deeper, as in the flan_t5 test model).
+            out = load(model_dir).generate(torch.tensor([ids + [eos]]), do_sample=False,
+                                           max_new_tokens=int(n), eos_token_id=eos,
+                                           use_cache=False)
+            new = out[0, 1:].tolist()
+        else:
+            ids = torch.tensor([ids])
+            out = load(model_dir).generate(ids, do_sample=False, max_new_tokens=int(n),
+                                           eos_token_id=eos, pad_token_id=eos)
+            new = out[0, ids.shape[1]:].tolist()
+        if eos in new:
+            new = new[:new.index(eos)]
         print(json.dumps({"text": tok.decode(new, skip_special_tokens=False).rstrip("\ufffd"),
                           "tokens": len(new)}))
     elif cmd == "check-gguf":

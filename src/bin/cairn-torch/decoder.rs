@@ -15,6 +15,9 @@ use cairn::ml::job::ScratchConfig;
 
 use crate::nf4::Nf4Weight;
 
+mod t5;
+pub use t5::T5Layout;
+
 /// Architecture family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
@@ -22,6 +25,8 @@ pub enum Arch {
     Gpt2,
     /// Llama, Qwen2/3, Mistral, SmolLM, Gemma 1-3.
     Llama,
+    /// T5 and Flan-T5 (encoder-decoder, see [`t5`]).
+    T5,
 }
 
 impl Arch {
@@ -30,6 +35,7 @@ impl Arch {
         match self {
             Arch::Gpt2 => "gpt2",
             Arch::Llama => "llama",
+            Arch::T5 => "t5",
         }
     }
 
@@ -38,6 +44,7 @@ impl Arch {
         match self {
             Arch::Gpt2 => vec!["c_attn".into()],
             Arch::Llama => vec!["q_proj".into(), "v_proj".into()],
+            Arch::T5 => vec!["q".into(), "v".into()],
         }
     }
 }
@@ -98,6 +105,8 @@ pub struct Config {
     pub attn_pdrop: f64,
     /// The config.json written with the model.
     pub raw: Value,
+    /// The encoder-decoder layout (T5 only).
+    pub t5: Option<T5Layout>,
 }
 
 /// The `llama3` rope parameters (transformers' `_compute_llama3_parameters`): long
@@ -282,6 +291,7 @@ impl Config {
                     resid_pdrop: v["resid_pdrop"].as_f64().unwrap_or(0.1),
                     attn_pdrop: v["attn_pdrop"].as_f64().unwrap_or(0.1),
                     raw: v.clone(),
+                    t5: None,
                 })
             }
             "llama" | "qwen2" | "qwen3" | "mistral" | "phi3" | "gemma" | "gemma2"
@@ -478,8 +488,10 @@ impl Config {
                     resid_pdrop: v["resid_pdrop"].as_f64().unwrap_or(0.0),
                     attn_pdrop: v["attention_dropout"].as_f64().unwrap_or(0.0),
                     raw: v.clone(),
+                    t5: None,
                 })
             }
+            "t5" => t5::config(v),
             other => Err(format!(
                 "config.json: model_type {other:?} is not supported; cairn trains {}",
                 cairn::ml::family::MODEL_TYPES.join(", ")
@@ -609,6 +621,7 @@ impl Config {
                     add("lm_head.weight".into(), vec![v, h]);
                 }
             }
+            Arch::T5 => t5::expected(self, self.t5.as_ref().expect("T5 layout"), &mut add),
         }
         out
     }
@@ -906,7 +919,11 @@ fn stored_kind(dtype: safetensors::Dtype) -> Option<Kind> {
 pub fn is_block_linear(name: &str, t: &Tensor) -> bool {
     t.dim() == 2
         && name.ends_with(".weight")
-        && (name.starts_with("model.layers.") || name.starts_with("transformer.h."))
+        && (name.starts_with("model.layers.")
+            || name.starts_with("transformer.h.")
+            || name.starts_with("encoder.block.")
+            || name.starts_with("decoder.block."))
+        && !name.ends_with("relative_attention_bias.weight")
 }
 
 impl Config {
@@ -1055,6 +1072,7 @@ impl Model {
         match self.cfg.arch {
             Arch::Gpt2 => "transformer.wte.weight",
             Arch::Llama => "model.embed_tokens.weight",
+            Arch::T5 => "shared.weight",
         }
     }
 
@@ -1221,6 +1239,8 @@ impl Model {
                     && !m.ends_with("wte")
                     && !m.ends_with("wpe")
                     && !m.ends_with("embed_tokens")
+                    && !m.ends_with("relative_attention_bias")
+                    && m != "shared"
             })
             .collect()
     }
@@ -1374,6 +1394,7 @@ impl Model {
                     .map(|theta| self.rope(past, t, theta, false));
                 (h, Positions::Rotary { cos, sin, local })
             }
+            Arch::T5 => unreachable!("T5 runs through encode/decode"),
         }
     }
 
@@ -1490,6 +1511,7 @@ impl Model {
                 }
             }
             (Arch::Llama, Positions::Learned) => unreachable!("llama blocks take rotary tables"),
+            (Arch::T5, _) => unreachable!("T5 runs through encode/decode"),
         }
     }
 
@@ -1504,6 +1526,7 @@ impl Model {
                 true,
             ),
             Arch::Llama => self.rms(h, "model.norm.weight"),
+            Arch::T5 => unreachable!("T5 runs through encode/decode"),
         }
     }
 

@@ -2,6 +2,9 @@
 //! forward pass. Sampling follows transformers' processors in the same order
 //! (repetition penalty, temperature, top-k, top-p); temperature 0 is greedy. Text is
 //! streamed as it is decoded, holding back what could still turn out to be a stop string.
+//! An encoder-decoder model (T5) reads the prompt as its source once and decodes from its
+//! start token; the repetition penalty then sees only the decoded tokens, as in
+//! transformers.
 
 use std::time::Instant;
 
@@ -59,6 +62,54 @@ fn next_token(logits: &Tensor, seen: &[i64], g: &GenerationSettings) -> i64 {
         .int64_value(&[0])
 }
 
+/// A model mid-generation: its caches, and the encoder output for T5.
+enum Session {
+    Decoder(Cache),
+    Seq2Seq { encoded: Tensor, cache: Cache },
+}
+
+impl Session {
+    /// Reads the prompt `ids` and returns the logits of the first new token.
+    fn start(model: &Model, ids: &[i64], eos: i64) -> (Self, Tensor) {
+        let input = |ids: &[i64]| {
+            Tensor::from_slice(ids)
+                .view([1, -1])
+                .to_device(model.device)
+        };
+        if model.is_seq2seq() {
+            let mut source = ids.to_vec();
+            if source.last() != Some(&eos) {
+                source.push(eos);
+            }
+            let encoded = model.encode(&input(&source), None);
+            let mut cache = Cache::new();
+            let logits = model.decode(
+                &input(&[model.decoder_start()]),
+                &encoded,
+                None,
+                Some(&mut cache),
+            );
+            (Self::Seq2Seq { encoded, cache }, logits.select(1, -1))
+        } else {
+            let mut cache = Cache::new();
+            let logits = model.forward(&input(ids), Some(&mut cache));
+            (Self::Decoder(cache), logits.select(1, -1))
+        }
+    }
+
+    /// Feeds one chosen token and returns the logits of the next.
+    fn step(&mut self, model: &Model, token: i64) -> Tensor {
+        let input = Tensor::from_slice(&[token])
+            .view([1, 1])
+            .to_device(model.device);
+        match self {
+            Self::Decoder(cache) => model.forward(&input, Some(cache)),
+            Self::Seq2Seq { encoded, cache } => model.decode(&input, encoded, None, Some(cache)),
+        }
+        .select(1, -1)
+    }
+}
+
 /// Generates a continuation of `prompt`; `on_text` receives the text as it settles.
 pub fn generate(
     model: &Model,
@@ -77,19 +128,24 @@ pub fn generate(
     let mut ids: Vec<i64> = enc.get_ids().iter().map(|&i| i64::from(i)).collect();
     let limit = model.cfg.max_positions as usize;
     let max_new = g.max_new_tokens.min(limit.saturating_sub(1));
-    if ids.len() + max_new > limit {
-        let keep = limit - max_new;
-        ids.drain(..ids.len() - keep);
+    // A decoder holds prompt and answer in one window; an encoder-decoder model reads
+    // the prompt (and its closing EOS) apart.
+    let room = if model.is_seq2seq() {
+        limit - 1
+    } else {
+        limit - max_new
+    };
+    if ids.len() > room {
+        ids.drain(..ids.len() - room);
     }
     if ids.is_empty() {
         ids.push(i64::from(eos_ids.first().copied().unwrap_or(0)));
     }
     let prompt_len = ids.len();
-    let mut cache: Cache = Vec::new();
-    let input = Tensor::from_slice(&ids)
-        .view([1, -1])
-        .to_device(model.device);
-    let mut logits = model.forward(&input, Some(&mut cache)).select(1, -1);
+    let eos = i64::from(eos_ids.first().copied().unwrap_or(0));
+    let (mut session, mut logits) = Session::start(model, &ids, eos);
+    // What the repetition penalty looks at: the prompt too, unless it was the source.
+    let seen_from = if model.is_seq2seq() { prompt_len } else { 0 };
     let t0 = Instant::now();
     let hold = stops
         .iter()
@@ -102,7 +158,7 @@ pub fn generate(
     let mut generated: Vec<u32> = Vec::new();
     let mut stopped_at = None;
     for _ in 0..max_new {
-        let next = next_token(&logits, &ids, g);
+        let next = next_token(&logits, &ids[seen_from..], g);
         if eos_ids.contains(&(next as u32)) {
             break;
         }
@@ -126,10 +182,7 @@ pub fn generate(
                 emitted = safe;
             }
         }
-        let input = Tensor::from_slice(&[next])
-            .view([1, 1])
-            .to_device(model.device);
-        logits = model.forward(&input, Some(&mut cache)).select(1, -1);
+        logits = session.step(model, next);
     }
     if let Some(pos) = stopped_at {
         text.truncate(pos);

@@ -121,7 +121,8 @@ enum Command {
         /// Model directory.
         #[arg(long)]
         model: PathBuf,
-        /// safetensors file with an int64 tensor `input_ids` [batch, seq].
+        /// safetensors file with an int64 tensor `input_ids` [batch, seq] (for T5 also
+        /// `decoder_input_ids` and optionally `attention_mask`).
         #[arg(long)]
         input: PathBuf,
         /// Output safetensors file.
@@ -350,14 +351,26 @@ fn main() -> ExitCode {
             };
             let (mut m, _, _) = modeldir::load_any(&model, device, storage)?;
             m.merge_lora();
-            let tensors = tch::Tensor::read_safetensors(&input).map_err(|e| e.to_string())?;
-            let ids = tensors
-                .into_iter()
-                .find(|(n, _)| n == "input_ids")
-                .ok_or("no input_ids tensor")?
-                .1
-                .to_device(device);
-            let logits = tch::no_grad(|| m.forward(&ids, None)).to_kind(tch::Kind::Float);
+            let tensors: std::collections::HashMap<String, tch::Tensor> =
+                tch::Tensor::read_safetensors(&input)
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .map(|(n, t)| (n, t.to_device(device)))
+                    .collect();
+            let ids = tensors.get("input_ids").ok_or("no input_ids tensor")?;
+            let logits = tch::no_grad(|| {
+                if m.is_seq2seq() {
+                    let dec = tensors
+                        .get("decoder_input_ids")
+                        .ok_or("an encoder-decoder model needs a decoder_input_ids tensor")?;
+                    let mask = tensors.get("attention_mask");
+                    let encoded = m.encode(ids, mask);
+                    Ok::<_, String>(m.decode(dec, &encoded, mask, None))
+                } else {
+                    Ok(m.forward(ids, None))
+                }
+            })?
+            .to_kind(tch::Kind::Float);
             modeldir::write_safetensors(&output, &[("logits".to_string(), &logits)])?;
             Ok(json!({"shape": logits.size()}))
         }),

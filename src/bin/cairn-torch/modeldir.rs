@@ -409,7 +409,7 @@ pub fn save_adapter(
     write_json(
         &dir.join("adapter_config.json"),
         &json!({
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_ref,
+            "peft_type": "LORA", "task_type": if model.is_seq2seq() { "SEQ_2_SEQ_LM" } else { "CAUSAL_LM" }, "base_model_name_or_path": base_ref,
             "r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
             "target_modules": lora.target_modules, "fan_in_fan_out": model.cfg.is_conv1d(), "bias": "none",
             "inference_mode": true, "init_lora_weights": true,

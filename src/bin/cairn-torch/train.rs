@@ -56,6 +56,66 @@ struct Slot {
     decay: bool,
 }
 
+/// A padded micro-batch.
+pub struct Batch {
+    /// Token ids [batch, t] (the decoder's inputs for an encoder-decoder model).
+    pub ids: Tensor,
+    /// Labels aligned with `ids`, shifted by the loss.
+    pub labels: Tensor,
+    /// Encoder-decoder models: source ids [batch, s] and their 0/1 padding mask.
+    pub source: Option<(Tensor, Tensor)>,
+}
+
+impl Batch {
+    /// Rows as `model` reads them: one sequence for a decoder; for an encoder-decoder
+    /// model, the prompt as the source and the response as the target (see
+    /// [`Row::seq2seq`]). Right-padded with `pad`.
+    pub fn new(model: &Model, rows: &[&Row], pad: i64, device: Device) -> Self {
+        if !model.is_seq2seq() {
+            let (ids, labels) = batch_tensors(rows, pad, device);
+            return Self {
+                ids,
+                labels,
+                source: None,
+            };
+        }
+        let (start, eos) = (model.decoder_start() as u32, pad as u32);
+        let (sources, targets): (Vec<Vec<u32>>, Vec<Row>) =
+            rows.iter().map(|r| r.seq2seq(start, eos)).unzip();
+        let s = sources.iter().map(Vec::len).max().unwrap_or(1);
+        let mut src = Vec::with_capacity(rows.len() * s);
+        let mut mask = Vec::with_capacity(rows.len() * s);
+        for source in &sources {
+            src.extend(source.iter().map(|&i| i64::from(i)));
+            src.extend(std::iter::repeat_n(pad, s - source.len()));
+            mask.extend(std::iter::repeat_n(1i64, source.len()));
+            mask.extend(std::iter::repeat_n(0i64, s - source.len()));
+        }
+        let shape = [rows.len() as i64, s as i64];
+        let refs: Vec<&Row> = targets.iter().collect();
+        let (ids, labels) = batch_tensors(&refs, pad, device);
+        Self {
+            ids,
+            labels,
+            source: Some((
+                Tensor::from_slice(&src).view(shape).to_device(device),
+                Tensor::from_slice(&mask).view(shape).to_device(device),
+            )),
+        }
+    }
+
+    /// The model's logits for this batch.
+    pub fn logits(&self, model: &Model) -> Tensor {
+        match &self.source {
+            Some((src, mask)) => {
+                let encoded = model.encode(src, Some(mask));
+                model.decode(&self.ids, &encoded, Some(mask), None)
+            }
+            None => model.forward(&self.ids, None),
+        }
+    }
+}
+
 /// Puts rows into an ids tensor and a labels tensor, right-padded.
 pub fn batch_tensors(rows: &[&Row], pad: i64, device: Device) -> (Tensor, Tensor) {
     let t = rows.iter().map(|r| r.ids.len()).max().unwrap_or(1);
@@ -75,8 +135,8 @@ pub fn batch_tensors(rows: &[&Row], pad: i64, device: Device) -> (Tensor, Tensor
 }
 
 /// Summed cross-entropy of next-token predictions over labelled positions.
-pub fn loss_sum(model: &Model, ids: &Tensor, labels: &Tensor, bf16: bool) -> Tensor {
-    loss_of_logits(&tch::autocast(bf16, || model.forward(ids, None)), labels)
+pub fn loss_sum(model: &Model, batch: &Batch, bf16: bool) -> Tensor {
+    loss_of_logits(&tch::autocast(bf16, || batch.logits(model)), &batch.labels)
 }
 
 fn loss_of_logits(logits: &Tensor, labels: &Tensor) -> Tensor {
@@ -95,18 +155,18 @@ fn loss_of_logits(logits: &Tensor, labels: &Tensor) -> Tensor {
 /// input and the backward pass recomputes one block at a time: the gradient reaching a
 /// block's output is pushed through it as d(sum(output * grad))/d(input, weights), which
 /// is exactly the chain rule. Dropout is reseeded per block so the recomputation draws
-/// the same masks.
+/// the same masks. Encoder-decoder models keep every activation.
 fn forward_backward(
     model: &Model,
-    ids: &Tensor,
-    labels: &Tensor,
+    batch: &Batch,
     scale: f64,
     bf16: bool,
     checkpointing: bool,
     seed: i64,
 ) -> (f64, u64) {
-    if !checkpointing {
-        let loss = loss_sum(model, ids, labels, bf16);
+    let (ids, labels) = (&batch.ids, &batch.labels);
+    if !checkpointing || model.is_seq2seq() {
+        let loss = loss_sum(model, batch, bf16);
         let value = loss.double_value(&[]);
         (loss * scale).backward();
         return (value, 0);
@@ -160,8 +220,8 @@ pub fn evaluate_loss(
     let mut count = 0usize;
     for chunk in rows.chunks(batch.max(1)) {
         let refs: Vec<&Row> = chunk.iter().collect();
-        let (ids, labels) = batch_tensors(&refs, pad, model.device);
-        total += loss_sum(model, &ids, &labels, bf16).double_value(&[]);
+        let batch = Batch::new(model, &refs, pad, model.device);
+        total += loss_sum(model, &batch, bf16).double_value(&[]);
         count += chunk.iter().map(Row::target_count).sum::<usize>();
     }
     (count > 0).then(|| (total / count as f64, count))
@@ -373,6 +433,18 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
         &eos,
         max_len,
     )?;
+    if s.gguf.is_some() && model.is_seq2seq() {
+        return Err(format!(
+            "gguf: llama.cpp export is for decoder models; this is a {} model (drop `gguf`)",
+            model.cfg.arch.name()
+        ));
+    }
+    if s.packing && model.is_seq2seq() {
+        return Err(format!(
+            "packing joins examples into one sequence; a {} model reads each source apart: set packing: false",
+            model.cfg.arch.name()
+        ));
+    }
     let (train_rows, test_rows) = if s.packing {
         (
             data::pack(&train_rows, max_len),
@@ -525,23 +597,26 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
             if let Some(path) = &job.dump_first_batch {
                 let mut dump: Vec<(String, Tensor)> = Vec::new();
                 for (k, rows) in batches.iter().enumerate() {
-                    let (ids, labels) = batch_tensors(rows, pad, Device::Cpu);
-                    dump.push((format!("input_ids.{k}"), ids));
-                    dump.push((format!("labels.{k}"), labels));
+                    let batch = Batch::new(&model, rows, pad, Device::Cpu);
+                    dump.push((format!("input_ids.{k}"), batch.ids));
+                    dump.push((format!("labels.{k}"), batch.labels));
+                    if let Some((src, mask)) = batch.source {
+                        dump.push((format!("source_ids.{k}"), src));
+                        dump.push((format!("source_mask.{k}"), mask));
+                    }
                 }
                 Tensor::write_safetensors(&dump, path).map_err(|e| e.to_string())?;
             }
         }
         let mut loss_total = 0.0;
         for (k, rows) in batches.iter().enumerate() {
-            let (ids, labels) = batch_tensors(rows, pad, device);
+            let batch = Batch::new(&model, rows, pad, device);
             let seed = (s.seed.wrapping_add(step) as i64)
                 .wrapping_mul(1000)
                 .wrapping_add(k as i64 * 100);
             let (loss, recomputed) = forward_backward(
                 &model,
-                &ids,
-                &labels,
+                &batch,
                 1.0 / targets.max(1) as f64,
                 bf16,
                 s.gradient_checkpointing || nf4,
