@@ -180,7 +180,8 @@ impl Kind for CleanStep {
 
     fn version(&self) -> String {
         // 2: ASCII word boundaries in the URL, e-mail and boilerplate patterns.
-        "2".into()
+        // 3: MinHash bands that find near-duplicates at the threshold (see band_layout).
+        "3".into()
     }
 
     fn summary(&self) -> &'static str {

@@ -316,7 +316,8 @@ impl Kind for InstructStep {
     }
 
     fn version(&self) -> String {
-        "1".into()
+        // 2: MinHash bands that find near-duplicates at the threshold (see band_layout).
+        "2".into()
     }
 
     fn summary(&self) -> &'static str {
