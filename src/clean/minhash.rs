@@ -16,20 +16,23 @@ const MERSENNE_61: u64 = (1 << 61) - 1;
 /// The shingle set of a text: hashes of every run of [`SHINGLE_WORDS`] lowercase words
 /// (the whole text as one shingle when it is shorter).
 pub fn shingles(text: &str) -> HashSet<u64> {
-    let words: Vec<String> = text.split_whitespace().map(str::to_lowercase).collect();
+    // A fast non-cryptographic hash (xxh3): shingle hashes only need to be well spread,
+    // and a keyed cryptographic one was a fifth of `clean`'s time.
+    let lower = text.to_lowercase();
+    let words: Vec<&str> = lower.split_whitespace().collect();
     let width = SHINGLE_WORDS.min(words.len()).max(1);
     let mut out = HashSet::new();
     if words.is_empty() {
         return out;
     }
+    let mut shingle = String::new();
     for window in words.windows(width) {
-        let mut h = blake3::Hasher::new();
+        shingle.clear();
         for w in window {
-            h.update(w.as_bytes());
-            h.update(b" ");
+            shingle.push_str(w);
+            shingle.push(' ');
         }
-        let bytes = h.finalize();
-        out.insert(u64::from_le_bytes(bytes.as_bytes()[..8].try_into().unwrap()) & MERSENNE_61);
+        out.insert(xxhash_rust::xxh3::xxh3_64(shingle.as_bytes()) & MERSENNE_61);
     }
     out
 }
