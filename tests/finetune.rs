@@ -79,6 +79,22 @@ fn write_ids(path: &Path, seq: usize) {
     safetensors::tensor::serialize_to_file([("input_ids", view)], None, path).unwrap();
 }
 
+/// A small preference dataset (prompt, chosen, rejected): four training pairs, two test
+/// pairs.
+fn write_preferences(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let recs: Vec<String> = (0..6)
+        .map(|i| {
+            json!({"prompt": format!("Q{i}: how do I fix a flat tyre? "),
+            "chosen": format!("Patch the tube, then pump it to {} psi.", 30 + i),
+            "rejected": format!("Buy a new bike {i}.")})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(dir.join("train.jsonl"), recs[..4].join("\n") + "\n").unwrap();
+    std::fs::write(dir.join("test.jsonl"), recs[4..].join("\n") + "\n").unwrap();
+}
+
 /// A small alpaca dataset artifact layout (train/test JSONL).
 fn write_dataset(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
@@ -407,6 +423,141 @@ fn step_vs_torch(model: &Path, batch: &Path, weights: &Path) -> (f64, f64) {
         r["max_abs_diff"].as_f64().unwrap(),
         r["max_update"].as_f64().unwrap(),
     )
+}
+
+/// Runs `cairn-torch train` on `job` and returns its finished event.
+fn train(job: &Path) -> Value {
+    let (ok, events, stderr) = torch_helper(&[&"train", &"--job", &job]);
+    assert!(ok, "{events:?} {stderr}");
+    finished(&events)
+}
+
+/// cairn's DPO step metrics against TRL's logged ones, step by step, within 1e-5
+/// (relative for the summed log-probabilities, which are in the hundreds).
+fn assert_dpo_metrics_match(what: &str, ours: &Value, trl: &Value) {
+    let trl = trl["steps"].as_array().unwrap();
+    let ours = ours["curve"].as_array().unwrap();
+    assert_eq!(ours.len(), trl.len(), "{what}");
+    for (o, t) in ours.iter().zip(trl) {
+        for key in [
+            "loss",
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/margins",
+            "rewards/accuracies",
+            "logps/chosen",
+            "logps/rejected",
+        ] {
+            let (a, b) = (
+                o["preference"][key].as_f64().unwrap(),
+                t[key].as_f64().unwrap(),
+            );
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                "{what}, step {}: {key} is {a} in cairn, {b} in TRL",
+                t["step"]
+            );
+        }
+        assert_eq!(o["loss"], o["preference"]["loss"], "{what}");
+    }
+    let last = &trl[trl.len() - 1];
+    assert!(
+        last["rewards/margins"].as_f64().unwrap() > 0.01,
+        "{what}: the last step compares trained weights: {last}"
+    );
+}
+
+/// The largest difference between the tensors of two safetensors files (every tensor of
+/// `ours` must be in `theirs`).
+fn max_tensor_diff(ours: &Path, theirs: &Path) -> f64 {
+    let r = Command::new(repo().join(".venv/bin/python"))
+        .args(["-c", "import sys, json\nfrom safetensors.torch import load_file\na, b = load_file(sys.argv[1]), load_file(sys.argv[2])\nmissing = sorted(set(a) - set(b))\nassert not missing, missing\nprint(max((a[k].float() - b[k].float()).abs().max().item() for k in a))"])
+        .arg(ours)
+        .arg(theirs)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    String::from_utf8_lossy(&r.stdout).trim().parse().unwrap()
+}
+
+/// DPO against TRL's DPOTrainer on the same pairs (one batch of four, two steps): the
+/// loss, rewards and log-probabilities of each step within 1e-5 and the weights after
+/// them within 1e-5, for full fine-tuning (sigmoid and IPO losses; the reference a frozen
+/// copy) and for LoRA continuing an SFT adapter (the reference: that adapter as it came
+/// in, TRL's `ref` adapter).
+#[test]
+fn dpo_matches_trl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    make_models(root, &["llama"]);
+    write_preferences(&root.join("ds"));
+    let base = root.join("llama");
+    let settings = |extra: Value| {
+        let mut s = json!({"objective": "dpo", "beta": 0.1, "learning_rate": 1e-3, "weight_decay": 0.0,
+            "scheduler": "constant", "batch_size": 4, "max_steps": 2, "max_grad_norm": 1.0, "device": "cpu",
+            "template": "{instruction}{output}", "max_seq_len": 512, "eval_every": 0, "checkpoint_every": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            s[k] = v.clone();
+        }
+        s
+    };
+    let trl = |model: &Path, extra: Value, out: &Path| {
+        let mut s = json!({"steps": 2, "learning_rate": 1e-3, "max_grad_norm": 1.0, "beta": 0.1});
+        for (k, v) in extra.as_object().unwrap() {
+            s[k] = v.clone();
+        }
+        reference(&[
+            &"dpo",
+            &model,
+            &root.join("ds/train.jsonl"),
+            &s.to_string(),
+            &out,
+        ])
+    };
+    for loss in ["sigmoid", "ipo"] {
+        let out = format!("dpo-{loss}");
+        let f = train(&train_job(
+            root,
+            &base,
+            &out,
+            settings(json!({"dpo_loss": loss})),
+            None,
+        ));
+        assert_eq!(f["objective"], "dpo");
+        let theirs = root.join(format!("{out}.trl.safetensors"));
+        let logged = trl(&base, json!({"loss_type": loss}), &theirs);
+        assert_dpo_metrics_match(loss, &f, &logged);
+        let diff = max_tensor_diff(&root.join(&out).join("model.safetensors"), &theirs);
+        assert!(diff < 1e-5, "{loss}: weights differ from TRL's by {diff}");
+        // The test pairs were evaluated at the end.
+        let eval = &f["curve"][1]["eval_preference"];
+        assert!(eval["rewards/margins"].as_f64().is_some(), "{f}");
+    }
+
+    // LoRA: an SFT adapter first, then DPO continuing it.
+    let sft = train(&train_job(
+        root,
+        &base,
+        "sft",
+        json!({"method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "learning_rate": 1e-2,
+            "max_steps": 3, "batch_size": 4, "device": "cpu", "template": "{instruction}{output}",
+            "eval_every": 0, "checkpoint_every": 0}),
+        None,
+    ));
+    assert_eq!(sft["objective"], "sft");
+    let adapter = root.join("sft");
+    let f = train(&train_job(
+        root,
+        &adapter,
+        "dpo-lora",
+        settings(json!({"method": "lora", "lora": {"dropout": 0.0}})),
+        None,
+    ));
+    let theirs = root.join("dpo-lora.trl.safetensors");
+    let logged = trl(&base, json!({"adapter": adapter}), &theirs);
+    assert_dpo_metrics_match("lora", &f, &logged);
+    let diff = max_tensor_diff(&root.join("dpo-lora/adapter_model.safetensors"), &theirs);
+    assert!(diff < 1e-5, "lora: adapters differ from TRL's by {diff}");
 }
 
 fn train_job(root: &Path, base: &Path, out: &str, settings: Value, dump: Option<&Path>) -> PathBuf {
@@ -1179,6 +1330,83 @@ steps:{DATASET_STEPS}
             .contains("llama.cpp export is for decoder models"),
         "{}",
         out.stderr
+    );
+}
+
+/// DPO as a user runs it: SFT with LoRA, then DPO continuing that adapter on a
+/// preference dataset; the curves carry rewards and the test split's, a rerun executes
+/// nothing and a new beta reruns DPO alone; DPO on a dataset without rejected replies,
+/// and DPO settings out of range, are clear errors.
+#[test]
+fn dpo_continues_an_sft_adapter_in_a_pipeline() {
+    let p = Project::new();
+    write_preferences(&p.path("pref"));
+    reference(&[&"make", &p.path("models"), &"llama"]);
+    let pipeline = |beta: f64, extra: &str| {
+        format!(
+            r#"name: prefs
+steps:
+  prefs: {{uses: source, with: {{path: pref}}}}
+  sft:
+    uses: finetune
+    inputs: {{dataset: prefs.data}}
+    with: {{model: models/llama, method: lora, lora: {{r: 4, alpha: 8}}, template: "{{instruction}}{{output}}", max_steps: 3, learning_rate: 0.01}}
+  dpo:
+    uses: finetune
+    inputs: {{dataset: prefs.data, model: sft.model}}
+    with: {{objective: dpo, beta: {beta}, method: lora, template: "{{instruction}}{{output}}", max_steps: 4, learning_rate: 0.01, eval_every: 2{extra}}}
+"#
+        )
+    };
+    p.write("p.yaml", &pipeline(0.5, ""));
+    let out = p.run("p.yaml", &[]);
+    assert_eq!(out.code, 0, "{}\n{}", out.json, out.stderr);
+    let meta = artifact(&p, &out.output("dpo", "model"))["metadata"].clone();
+    assert_eq!(meta["objective"], "dpo", "{meta}");
+    let curve = meta["curve"].as_array().unwrap();
+    assert_eq!(curve.len(), 4);
+    for point in curve {
+        assert!(
+            point["preference"]["rewards/accuracies"].as_f64().is_some(),
+            "{point}"
+        );
+    }
+    let evaluated: Vec<u64> = curve
+        .iter()
+        .filter(|p| p["eval_preference"].is_object())
+        .map(|p| p["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(evaluated, vec![2, 4]);
+    let margin = |p: &Value| p["preference"]["rewards/margins"].as_f64().unwrap();
+    assert!(
+        margin(&curve[3]) > margin(&curve[0]),
+        "DPO did not widen the margin: {curve:?}"
+    );
+
+    let again = p.run("p.yaml", &[]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert_eq!(again.step("dpo")["status"], "cached", "{}", again.json);
+    p.write("p.yaml", &pipeline(0.25, ""));
+    let plan = p.plan("p.yaml", &[]);
+    assert_eq!(plan.step("sft")["status"], "cached", "{}", plan.json);
+    assert_eq!(plan.step("dpo")["status"], "will_run", "{}", plan.json);
+
+    // An alpaca dataset has no rejected replies.
+    write_dataset(&p.path("pref"));
+    let out = p.run("p.yaml", &[]);
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stderr
+            .contains("objective: dpo needs a preference dataset"),
+        "{}",
+        out.stderr
+    );
+    p.write("p.yaml", &pipeline(0.5, ", label_smoothing: 0.7"));
+    let (code, _, err) = p.exec(&["run", "p.yaml"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("p.yaml:11:") && err.contains("label_smoothing 0.7 is outside 0..0.5"),
+        "{err}"
     );
 }
 

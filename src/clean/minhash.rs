@@ -242,7 +242,10 @@ mod tests {
                 found += 1;
             }
         }
-        assert!(found * 10 >= pairs * 6, "found {found} of {pairs} pairs at Jaccard 0.904");
+        assert!(
+            found * 10 >= pairs * 6,
+            "found {found} of {pairs} pairs at Jaccard 0.904"
+        );
     }
 
     #[test]

@@ -164,6 +164,126 @@ pub fn read_split(
     Ok((rows, stats))
 }
 
+/// A preference example: one prompt answered with the chosen and the rejected reply,
+/// each row labelled on its reply only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pair {
+    pub chosen: Row,
+    pub rejected: Row,
+}
+
+/// The prompt conversation and the two replies of a preference record: `prompt` as a
+/// string or a message list, `chosen`/`rejected` as strings or message lists ending with
+/// the assistant's reply (TRL's standard and conversational formats).
+fn preference_record(record: &Value) -> Option<(Conversation, String, String)> {
+    use super::template::Role;
+    let prompt = match record.get("prompt")? {
+        Value::String(text) => Conversation {
+            turns: vec![(Role::User, text.clone())],
+        },
+        list @ Value::Array(_) => {
+            Conversation::from_record(&serde_json::json!({ "messages": list }))?
+        }
+        _ => return None,
+    };
+    let reply = |key: &str| -> Option<String> {
+        match record.get(key)? {
+            Value::String(text) => Some(text.clone()),
+            list @ Value::Array(_) => {
+                let conv = Conversation::from_record(&serde_json::json!({ "messages": list }))?;
+                conv.split_last_reply().map(|(_, reply)| reply)
+            }
+            _ => None,
+        }
+    };
+    Some((prompt, reply("chosen")?, reply("rejected")?))
+}
+
+/// Encodes `prompt` + `reply` and keeps the labels of the reply alone (the last run of
+/// trained tokens: earlier assistant turns of a conversational prompt are context).
+fn encode_reply(
+    tokenizer: &Tokenizer,
+    prompt: &Conversation,
+    reply: &str,
+    template: &Template,
+    eos: &str,
+) -> Result<Row, String> {
+    let mut conv = prompt.clone();
+    conv.turns
+        .push((super::template::Role::Assistant, reply.to_string()));
+    let mut row = encode(tokenizer, &conv, template, eos)?;
+    if let Some(last) = row.labels.iter().rposition(|&l| l != IGNORE) {
+        let start = row.labels[..last]
+            .iter()
+            .rposition(|&l| l == IGNORE)
+            .map_or(0, |i| i + 1);
+        row.labels[..start].fill(IGNORE);
+    }
+    Ok(row)
+}
+
+/// Cuts `row` to `max_len` tokens the way TRL truncates preference data: the prompt
+/// loses its start first, then the reply its end. Returns whether it cut.
+fn truncate_pair_row(row: &mut Row, max_len: usize) -> bool {
+    if row.ids.len() <= max_len {
+        return false;
+    }
+    let prompt = row
+        .labels
+        .iter()
+        .position(|&l| l != IGNORE)
+        .unwrap_or(row.ids.len());
+    let from_prompt = (row.ids.len() - max_len).min(prompt);
+    row.ids.drain(..from_prompt);
+    row.labels.drain(..from_prompt);
+    row.ids.truncate(max_len);
+    row.labels.truncate(max_len);
+    true
+}
+
+/// Reads the preference records of `dir/<split>.jsonl` into pairs of at most `max_len`
+/// tokens per reply row. Records without a prompt, a chosen and a rejected reply are
+/// counted as unreadable.
+pub fn read_pairs(
+    path: &Path,
+    tokenizer: &Tokenizer,
+    template: &Template,
+    eos: &str,
+    max_len: usize,
+) -> Result<(Vec<Pair>, SplitStats), String> {
+    let records: Vec<Value> = if path.exists() {
+        crate::documents::read_jsonl(path)?
+    } else {
+        Vec::new()
+    };
+    let mut stats = SplitStats {
+        records: records.len(),
+        ..SplitStats::default()
+    };
+    let mut pairs = Vec::new();
+    for record in &records {
+        let Some((prompt, chosen, rejected)) = preference_record(record) else {
+            stats.unreadable += 1;
+            continue;
+        };
+        let mut chosen = encode_reply(tokenizer, &prompt, &chosen, template, eos)?;
+        let mut rejected = encode_reply(tokenizer, &prompt, &rejected, template, eos)?;
+        let cut =
+            truncate_pair_row(&mut chosen, max_len) | truncate_pair_row(&mut rejected, max_len);
+        stats.truncated += usize::from(cut);
+        if chosen.target_count() == 0 || rejected.target_count() == 0 {
+            stats.empty += 1;
+            continue;
+        }
+        for row in [&chosen, &rejected] {
+            stats.tokens += row.ids.len();
+            stats.target_tokens += row.target_count();
+        }
+        pairs.push(Pair { chosen, rejected });
+    }
+    Ok((pairs, stats))
+}
+
 /// Concatenates rows (in order) and cuts the stream into rows of exactly `max_len` (the
 /// last may be shorter), the way packing trainers fill every position.
 pub fn pack(rows: &[Row], max_len: usize) -> Vec<Row> {
@@ -228,6 +348,52 @@ pub fn byte_tokenizer() -> Result<Tokenizer, String> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn preference_pairs_label_only_the_final_reply_and_truncate_like_trl() {
+        let tok = byte_tokenizer().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("train.jsonl");
+        let lines = [
+            json!({"prompt": "Hi?", "chosen": "Yes.", "rejected": "No!!"}),
+            json!({"prompt": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"},
+                              {"role": "user", "content": "C"}],
+                   "chosen": [{"role": "assistant", "content": "good"}],
+                   "rejected": [{"role": "assistant", "content": "bad"}]}),
+            json!({"prompt": "only a prompt", "chosen": "and no rejected reply"}),
+        ];
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        std::fs::write(&path, text).unwrap();
+        let template = Template::parse("chatml").unwrap();
+        let (pairs, stats) = read_pairs(&path, &tok, &template, "<|endoftext|>", 512).unwrap();
+        assert_eq!((pairs.len(), stats.unreadable), (2, 1));
+        let reply = |row: &Row| -> String {
+            let ids: Vec<u32> = row
+                .ids
+                .iter()
+                .zip(&row.labels)
+                .filter(|(_, &l)| l != IGNORE)
+                .map(|(&i, _)| i)
+                .collect();
+            tok.decode(&ids, false).unwrap()
+        };
+        assert_eq!(reply(&pairs[0].chosen), "Yes.<|im_end|>");
+        assert_eq!(reply(&pairs[0].rejected), "No!!<|im_end|>");
+        // The earlier assistant turn "B" is context, not trained.
+        assert_eq!(reply(&pairs[1].chosen), "good<|im_end|>");
+        let prompt_len = |row: &Row| row.labels.iter().position(|&l| l != IGNORE).unwrap();
+        assert_eq!(prompt_len(&pairs[1].chosen), prompt_len(&pairs[1].rejected));
+
+        // Too long: the prompt loses its start, then the reply its end.
+        let mut row = pairs[0].chosen.clone();
+        let (len, prompt) = (row.ids.len(), prompt_len(&row));
+        assert!(truncate_pair_row(&mut row, len - 3));
+        assert_eq!(row.ids[..], pairs[0].chosen.ids[3..]);
+        let mut row = pairs[0].chosen.clone();
+        assert!(truncate_pair_row(&mut row, len - prompt - 2));
+        assert_eq!(prompt_len(&row), 0);
+        assert_eq!(row.ids[..], pairs[0].chosen.ids[prompt..len - 2]);
+    }
 
     #[test]
     fn seq2seq_splits_at_the_first_trained_token_and_keeps_the_targets() {

@@ -17,6 +17,28 @@ pub enum Method {
     Lora,
 }
 
+/// What training optimizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// Supervised fine-tuning: cross-entropy on the responses.
+    Sft,
+    /// Direct preference optimization on (prompt, chosen, rejected) pairs against a
+    /// frozen reference (TRL's `DPOTrainer`).
+    Dpo,
+}
+
+/// The DPO loss (TRL's `loss_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DpoLoss {
+    /// -log sigmoid(beta x margin); with `label_smoothing` e, the conservative form
+    /// -(1-e) log sigmoid(beta x margin) - e log sigmoid(-beta x margin).
+    Sigmoid,
+    /// IPO: (margin per completion token - 1/(2 beta))^2.
+    Ipo,
+}
+
 /// LoRA hyper-parameters (PEFT's names and defaults).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -135,6 +157,20 @@ pub struct TrainSettings {
     /// `full` or `lora`.
     #[serde(default = "default_method")]
     pub method: Method,
+    /// `sft` (default) or `dpo` (needs a preference dataset: prompt, chosen, rejected).
+    #[serde(default = "default_objective")]
+    pub objective: Objective,
+    /// DPO: how far the policy may move from the reference (TRL's default 0.1; the
+    /// LLM-twin reference design uses 0.5).
+    #[serde(default = "default_dpo_beta")]
+    pub beta: f64,
+    /// DPO: `sigmoid` (default) or `ipo`.
+    #[serde(default = "default_dpo_loss")]
+    pub dpo_loss: DpoLoss,
+    /// DPO (sigmoid): the assumed fraction of flipped preference labels (conservative
+    /// DPO), in 0..0.5.
+    #[serde(default)]
+    pub label_smoothing: f64,
     /// LoRA settings (with `method: lora`).
     #[serde(default)]
     pub lora: LoraSettings,
@@ -244,6 +280,15 @@ pub struct TrainSettings {
 
 fn default_method() -> Method {
     Method::Full
+}
+fn default_objective() -> Objective {
+    Objective::Sft
+}
+fn default_dpo_beta() -> f64 {
+    0.1
+}
+fn default_dpo_loss() -> DpoLoss {
+    DpoLoss::Sigmoid
 }
 fn default_template() -> String {
     "alpaca".into()

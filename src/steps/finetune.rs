@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use serde_json::{json, Value};
 
 use super::{InputDecl, Kind, ParamIssue, StepContext, StepError, StepOutputs};
-use crate::ml::job::{Method, TrainJob, TrainSettings};
+use crate::ml::job::{Method, Objective, TrainJob, TrainSettings};
 use crate::ml::template::Template;
 use crate::ml::worker::{self, WorkerError};
 use crate::{dataset, ml, models};
@@ -148,6 +148,28 @@ pub fn settings_issues(p: &TrainSettings) -> Vec<ParamIssue> {
         bad(
             "lora.dropout",
             format!("lora.dropout {} is outside 0..1", p.lora.dropout),
+        );
+    }
+    if p.objective == Objective::Dpo {
+        if !(p.beta > 0.0 && p.beta.is_finite()) {
+            bad("beta", format!("beta must be positive, got {}", p.beta));
+        }
+        if !(0.0..0.5).contains(&p.label_smoothing) {
+            bad(
+                "label_smoothing",
+                format!("label_smoothing {} is outside 0..0.5", p.label_smoothing),
+            );
+        }
+        if p.packing {
+            bad(
+                "packing",
+                "objective: dpo compares each chosen reply with its rejected one; packing joins examples (set packing: false)".into(),
+            );
+        }
+    } else if p.label_smoothing != 0.0 {
+        bad(
+            "label_smoothing",
+            "label_smoothing applies to objective: dpo".into(),
         );
     }
     if p.early_stopping_patience == Some(0) {

@@ -699,6 +699,12 @@ pub struct Model {
     pub quantized: BTreeMap<String, Nf4Weight>,
     /// The dtype quantized weights are dequantized to.
     pub compute_kind: Kind,
+    /// Adapters of the preference-tuning reference when they are not the trained ones
+    /// (DPO continuing an input adapter: the reference is that adapter as it came in);
+    /// `None`: the reference is the base without adapters.
+    pub reference_lora: Option<BTreeMap<String, LoraPair>>,
+    /// Set while [`Model::as_reference`] runs.
+    reference_pass: std::cell::Cell<bool>,
 }
 
 /// A model as plain weights (see [`Model::folded`]).
@@ -1037,7 +1043,63 @@ impl Model {
             new_rows: None,
             quantized: BTreeMap::new(),
             compute_kind: Kind::Float,
+            reference_lora: None,
+            reference_pass: std::cell::Cell::new(false),
         }
+    }
+
+    /// Runs `f` with this model as its own preference-tuning reference: the adapters
+    /// swapped for [`Model::reference_lora`] (or left out) and dropout off, without a
+    /// second copy of the base weights (PEFT's `disable_adapter`, as TRL uses it).
+    pub fn as_reference<T>(&self, f: impl FnOnce() -> T) -> T {
+        self.reference_pass.set(true);
+        let out = f();
+        self.reference_pass.set(false);
+        out
+    }
+
+    /// Whether dropout applies now (training, and not a reference pass).
+    fn training(&self) -> bool {
+        self.train && !self.reference_pass.get()
+    }
+
+    /// A copy whose weights do not move when this model's are trained (the reference of
+    /// full-model preference tuning).
+    pub fn frozen_copy(&self) -> Self {
+        let _guard = tch::no_grad_guard();
+        let mut m = Self::new(
+            self.cfg.clone(),
+            self.params
+                .iter()
+                .map(|(k, v)| (k.clone(), v.detach().copy()))
+                .collect(),
+            self.device,
+        );
+        m.quantized = self
+            .quantized
+            .iter()
+            .map(|(k, q)| (k.clone(), q.share()))
+            .collect();
+        m.compute_kind = self.compute_kind;
+        m.lora_scaling = self.lora_scaling;
+        m.lora = self
+            .lora
+            .iter()
+            .map(|(k, p)| {
+                (
+                    k.clone(),
+                    LoraPair {
+                        a: p.a.detach().copy(),
+                        b: p.b.detach().copy(),
+                    },
+                )
+            })
+            .collect();
+        m.new_rows = self.new_rows.as_ref().map(|r| NewRows {
+            embed: r.embed.detach().copy(),
+            head: r.head.as_ref().map(|h| h.detach().copy()),
+        });
+        m
     }
 
     /// The weight `name`, dequantized when it is held in NF4.
@@ -1304,8 +1366,13 @@ impl Model {
         } else {
             x.linear(w, b)
         };
-        if let Some(pair) = self.lora.get(module) {
-            let input = if self.train && self.lora_dropout > 0.0 {
+        let adapter = if self.reference_pass.get() {
+            self.reference_lora.as_ref().and_then(|l| l.get(module))
+        } else {
+            self.lora.get(module)
+        };
+        if let Some(pair) = adapter {
+            let input = if self.training() && self.lora_dropout > 0.0 {
                 x.dropout(self.lora_dropout, true)
             } else {
                 x.shallow_clone()
@@ -1330,7 +1397,7 @@ impl Model {
     }
 
     fn dropout(&self, x: Tensor, p: f64) -> Tensor {
-        if self.train && p > 0.0 {
+        if self.training() && p > 0.0 {
             x.dropout(p, true)
         } else {
             x
@@ -1413,7 +1480,11 @@ impl Model {
         };
         let causal = t > 1;
         let (nh, nkv, hd) = (self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim);
-        let attn_p = if self.train { self.cfg.attn_pdrop } else { 0.0 };
+        let attn_p = if self.training() {
+            self.cfg.attn_pdrop
+        } else {
+            0.0
+        };
         match (self.cfg.arch, pos) {
             (Arch::Gpt2, _) => {
                 let hs = self.cfg.hidden;

@@ -13,6 +13,7 @@ mod generate;
 mod gguf;
 mod modeldir;
 mod nf4;
+mod preference;
 mod train;
 
 use std::io::Write;

@@ -17,12 +17,12 @@ use tch::{Device, Kind, Tensor};
 use tokenizers::Tokenizer;
 
 use cairn::embed::DeviceChoice;
-use cairn::ml::data::{self, Row, IGNORE};
-use cairn::ml::job::{learning_rate_at, Method, ModelCard, TrainJob, TrainSettings};
+use cairn::ml::data::{self, Pair, Row, IGNORE};
+use cairn::ml::job::{learning_rate_at, Method, ModelCard, Objective, TrainJob, TrainSettings};
 use cairn::ml::template::Template;
 
 use crate::decoder::{Config, Model};
-use crate::modeldir;
+use crate::{modeldir, preference};
 
 /// One point of the training curve.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -34,6 +34,47 @@ pub struct Point {
     pub lr: f64,
     pub grad_norm: f64,
     pub tokens_per_second: f64,
+    /// DPO: rewards and log-probabilities over the step's pairs.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub preference: Option<preference::Metrics>,
+    /// DPO: the same over the test split, when it was evaluated.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub eval_preference: Option<preference::Metrics>,
+}
+
+/// The training examples of one split: token rows (SFT) or preference pairs (DPO).
+enum Examples {
+    Rows(Vec<Row>),
+    Pairs(Vec<Pair>),
+}
+
+impl Examples {
+    fn len(&self) -> usize {
+        match self {
+            Examples::Rows(r) => r.len(),
+            Examples::Pairs(p) => p.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// What example `i` adds to the loss's normaliser: its trained tokens, or one pair.
+    fn targets(&self, i: usize) -> usize {
+        match self {
+            Examples::Rows(r) => r[i].target_count(),
+            Examples::Pairs(_) => 1,
+        }
+    }
+
+    /// Tokens example `i` puts through the model.
+    fn tokens(&self, i: usize) -> usize {
+        match self {
+            Examples::Rows(r) => r[i].ids.len(),
+            Examples::Pairs(p) => p[i].chosen.ids.len() + p[i].rejected.ids.len(),
+        }
+    }
 }
 
 /// What a checkpoint records beside the tensors.
@@ -419,20 +460,24 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
     let (eos, eos_id) = card.eos(&tokenizer, s.eos_token.as_deref())?;
     let pad = i64::from(eos_id);
     let max_len = s.max_seq_len.min(model.cfg.max_positions as usize);
-    let (train_rows, train_stats) = data::read_split(
-        &job.dataset.join(cairn::dataset::TRAIN_FILE),
-        &tokenizer,
-        &template,
-        &eos,
-        max_len,
-    )?;
-    let (test_rows, test_stats) = data::read_split(
-        &job.dataset.join(cairn::dataset::TEST_FILE),
-        &tokenizer,
-        &template,
-        &eos,
-        max_len,
-    )?;
+    let read = |file: &str| -> Result<(Examples, data::SplitStats), String> {
+        let path = job.dataset.join(file);
+        Ok(match s.objective {
+            Objective::Sft => {
+                let (rows, stats) = data::read_split(&path, &tokenizer, &template, &eos, max_len)?;
+                let rows = if s.packing {
+                    data::pack(&rows, max_len)
+                } else {
+                    rows
+                };
+                (Examples::Rows(rows), stats)
+            }
+            Objective::Dpo => {
+                let (pairs, stats) = data::read_pairs(&path, &tokenizer, &template, &eos, max_len)?;
+                (Examples::Pairs(pairs), stats)
+            }
+        })
+    };
     if s.gguf.is_some() && model.is_seq2seq() {
         return Err(format!(
             "gguf: llama.cpp export is for decoder models; this is a {} model (drop `gguf`)",
@@ -445,16 +490,14 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
             model.cfg.arch.name()
         ));
     }
-    let (train_rows, test_rows) = if s.packing {
-        (
-            data::pack(&train_rows, max_len),
-            data::pack(&test_rows, max_len),
-        )
-    } else {
-        (train_rows, test_rows)
-    };
-    if train_rows.is_empty() {
-        return Err(format!("the dataset's train split has no usable example ({} records, {} unreadable, {} with no response token left after truncation to {max_len})", train_stats.records, train_stats.unreadable, train_stats.empty));
+    let (train, train_stats) = read(cairn::dataset::TRAIN_FILE)?;
+    let (test, test_stats) = read(cairn::dataset::TEST_FILE)?;
+    if train.is_empty() {
+        let unreadable = match s.objective {
+            Objective::Sft => "unreadable",
+            Objective::Dpo => "without a prompt, a chosen and a rejected reply (objective: dpo needs a preference dataset)",
+        };
+        return Err(format!("the dataset's train split has no usable example ({} records, {} {unreadable}, {} with no response token left after truncation to {max_len})", train_stats.records, train_stats.unreadable, train_stats.empty));
     }
 
     // Trainable tensors.
@@ -501,6 +544,19 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
             }
         }
     }
+    // DPO's reference, taken before anything trains (and before a checkpoint loads).
+    let reference = match (s.objective, s.method) {
+        (Objective::Sft, _) => None,
+        (Objective::Dpo, Method::Lora) => {
+            if continued.is_some() {
+                model.reference_lora = Some(model.frozen_copy().lora);
+            }
+            Some(preference::Reference::Adapters)
+        }
+        (Objective::Dpo, Method::Full) => {
+            Some(preference::Reference::Frozen(Box::new(model.frozen_copy())))
+        }
+    };
     let mut slots: Vec<Slot> = Vec::new();
     let mut add_slot = |name: String, t: &Tensor, decay: bool| {
         let param = t.set_requires_grad(true);
@@ -539,29 +595,26 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
     // exactly the batches the uninterrupted one would have.
     let bs = s.batch_size.max(1);
     let accum = s.grad_accum.max(1);
-    let micro_per_epoch = train_rows.len().div_ceil(bs);
+    let micro_per_epoch = train.len().div_ceil(bs);
     let steps_per_epoch = micro_per_epoch.div_ceil(accum) as u64;
     let total = s
         .max_steps
         .unwrap_or_else(|| ((s.epochs * steps_per_epoch as f64).ceil() as u64).max(1));
     let order_of = |epoch: u64| {
-        let mut order: Vec<usize> = (0..train_rows.len()).collect();
+        let mut order: Vec<usize> = (0..train.len()).collect();
         let mut rng = rand::rngs::StdRng::seed_from_u64(s.seed.wrapping_add(epoch));
         order.shuffle(&mut rng);
         order
     };
     let mut cached_order: (u64, Vec<usize>) = (0, order_of(0));
-    let mut micro_batch = |k: usize| -> Vec<&Row> {
+    let mut micro_batch = |k: usize| -> Vec<usize> {
         let epoch = (k / micro_per_epoch) as u64;
         if cached_order.0 != epoch {
             cached_order = (epoch, order_of(epoch));
         }
         let i = k % micro_per_epoch;
-        let end = ((i + 1) * bs).min(train_rows.len());
-        cached_order.1[i * bs..end]
-            .iter()
-            .map(|&j| &train_rows[j])
-            .collect()
+        let end = ((i + 1) * bs).min(train.len());
+        cached_order.1[i * bs..end].to_vec()
     };
 
     let mut state = State::default();
@@ -572,7 +625,7 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
     }
     emit(json!({"loaded": {
         "arch": model.cfg.arch.name(), "params": base_params, "trainable_params": trainable,
-        "method": s.method, "train_rows": train_rows.len(), "test_rows": test_rows.len(),
+        "method": s.method, "objective": s.objective, "train_rows": train.len(), "test_rows": test.len(),
         "total_steps": total, "resumed_from": resumed_from,
         "train_stats": train_stats, "test_stats": test_stats,
     }}));
@@ -588,16 +641,27 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
         let t0 = Instant::now();
         tch::manual_seed(s.seed.wrapping_add(step) as i64);
         let lr = learning_rate_at(s, step, total);
-        let batches: Vec<Vec<&Row>> = (0..accum)
+        let batches: Vec<Vec<usize>> = (0..accum)
             .map(|a| micro_batch(step as usize * accum + a))
             .collect();
-        let targets: usize = batches.iter().flatten().map(|r| r.target_count()).sum();
-        let tokens: usize = batches.iter().flatten().map(|r| r.ids.len()).sum();
+        // What the loss is normalised by: trained tokens (SFT) or pairs (DPO, whose
+        // loss is a mean over pairs).
+        let targets: usize = batches.iter().flatten().map(|&i| train.targets(i)).sum();
+        let tokens: usize = batches.iter().flatten().map(|&i| train.tokens(i)).sum();
         if step == 0 {
             if let Some(path) = &job.dump_first_batch {
                 let mut dump: Vec<(String, Tensor)> = Vec::new();
-                for (k, rows) in batches.iter().enumerate() {
-                    let batch = Batch::new(&model, rows, pad, Device::Cpu);
+                for (k, idx) in batches.iter().enumerate() {
+                    let batch = match &train {
+                        Examples::Rows(rows) => {
+                            let refs: Vec<&Row> = idx.iter().map(|&i| &rows[i]).collect();
+                            Batch::new(&model, &refs, pad, Device::Cpu)
+                        }
+                        Examples::Pairs(pairs) => {
+                            let refs: Vec<&Pair> = idx.iter().map(|&i| &pairs[i]).collect();
+                            preference::dump_batch(&model, &refs, pad)
+                        }
+                    };
                     dump.push((format!("input_ids.{k}"), batch.ids));
                     dump.push((format!("labels.{k}"), batch.labels));
                     if let Some((src, mask)) = batch.source {
@@ -609,21 +673,37 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
             }
         }
         let mut loss_total = 0.0;
-        for (k, rows) in batches.iter().enumerate() {
-            let batch = Batch::new(&model, rows, pad, device);
-            let seed = (s.seed.wrapping_add(step) as i64)
-                .wrapping_mul(1000)
-                .wrapping_add(k as i64 * 100);
-            let (loss, recomputed) = forward_backward(
-                &model,
-                &batch,
-                1.0 / targets.max(1) as f64,
-                bf16,
-                s.gradient_checkpointing || nf4,
-                seed,
-            );
-            loss_total += loss;
-            recomputed_blocks += recomputed;
+        let mut pair_sums = preference::Sums::default();
+        for (k, idx) in batches.iter().enumerate() {
+            let scale = 1.0 / targets.max(1) as f64;
+            match (&train, &reference) {
+                (Examples::Pairs(pairs), Some(reference)) => {
+                    let refs: Vec<&Pair> = idx.iter().map(|&i| &pairs[i]).collect();
+                    let sums = preference::forward_backward(
+                        &model, reference, &refs, pad, device, bf16, s, scale,
+                    );
+                    loss_total += sums.loss();
+                    pair_sums.add(&sums);
+                }
+                (Examples::Rows(rows), _) => {
+                    let refs: Vec<&Row> = idx.iter().map(|&i| &rows[i]).collect();
+                    let batch = Batch::new(&model, &refs, pad, device);
+                    let seed = (s.seed.wrapping_add(step) as i64)
+                        .wrapping_mul(1000)
+                        .wrapping_add(k as i64 * 100);
+                    let (loss, recomputed) = forward_backward(
+                        &model,
+                        &batch,
+                        scale,
+                        bf16,
+                        s.gradient_checkpointing || nf4,
+                        seed,
+                    );
+                    loss_total += loss;
+                    recomputed_blocks += recomputed;
+                }
+                (Examples::Pairs(_), None) => unreachable!("DPO always has a reference"),
+            }
         }
         let grad_norm = {
             let _guard = tch::no_grad_guard();
@@ -679,11 +759,23 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
             lr,
             grad_norm,
             tokens_per_second: tokens as f64 / seconds.max(1e-9),
+            preference: pair_sums.means(),
+            eval_preference: None,
         };
         let eval_now = s.eval_every > 0 && state.step % s.eval_every == 0 || state.step == total;
-        if eval_now && !test_rows.is_empty() {
+        if eval_now && !test.is_empty() {
             model.train = false;
-            let eval = evaluate_loss(&model, &test_rows, bs, pad, bf16).map(|x| x.0);
+            let eval = match (&test, &reference) {
+                (Examples::Rows(rows), _) => {
+                    evaluate_loss(&model, rows, bs, pad, bf16).map(|x| x.0)
+                }
+                (Examples::Pairs(pairs), Some(reference)) => {
+                    point.eval_preference =
+                        preference::evaluate(&model, reference, pairs, bs, pad, bf16, s);
+                    point.eval_preference.as_ref().map(|m| m.loss)
+                }
+                (Examples::Pairs(_), None) => unreachable!("DPO always has a reference"),
+            };
             model.train = true;
             point.eval_loss = eval;
             last_eval = eval;
@@ -790,7 +882,7 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
         "flops_per_token": flops, "device": crate::device::name(device), "device_reason": reason,
         "precision": if bf16 { "bf16" } else { "f32" }, "arch": model.cfg.arch.name(),
         "dtype": model.dtype_name(),
-        "train_rows": train_rows.len(), "test_rows": test_rows.len(),
+        "train_rows": train.len(), "test_rows": test.len(), "objective": s.objective,
         "max_seq_len": max_len, "eos_token": card.eos_token, "template": card.template,
         "lora_targets": lora_targets,
         "recomputed_blocks": recomputed_blocks,

@@ -197,12 +197,16 @@ function scatter(points) {
 }
 
 // Line charts for every metadata array of points with a numeric `step` (training curves:
-// loss, eval_loss, lr, grad_norm, tokens_per_second ...), one chart per series.
+// loss, eval_loss, lr, grad_norm, tokens_per_second ..., and one level of nested groups
+// such as DPO's `preference.rewards/margins`), one chart per series.
 const num = (y) => (y !== 0 && Math.abs(y) < 1e-2 ? y.toExponential(1) : y.toPrecision(3));
+const flatPoint = (p) => Object.fromEntries(Object.entries(p).flatMap(([k, x]) =>
+  x && typeof x === "object" && !Array.isArray(x) ? Object.entries(x).map(([j, y]) => [`${k}.${j}`, y]) : [[k, x]]));
 function curveCharts(meta) {
   const out = [];
-  for (const [name, v] of Object.entries(meta || {})) {
-    if (!Array.isArray(v) || v.length < 2 || !v.every((p) => p && typeof p.step === "number")) continue;
+  for (const [name, raw] of Object.entries(meta || {})) {
+    if (!Array.isArray(raw) || raw.length < 2 || !raw.every((p) => p && typeof p.step === "number")) continue;
+    const v = raw.map(flatPoint);
     const series = [...new Set(v.flatMap((p) => Object.keys(p).filter((k) => k !== "step" && typeof p[k] === "number")))];
     for (const key of series) {
       const pts = v.filter((p) => typeof p[key] === "number").map((p) => [p.step, p[key]]);

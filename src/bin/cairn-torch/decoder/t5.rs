@@ -272,7 +272,11 @@ impl Model {
                 }
             }
         };
-        let attn_p = if self.train { self.cfg.attn_pdrop } else { 0.0 };
+        let attn_p = if self.training() {
+            self.cfg.attn_pdrop
+        } else {
+            0.0
+        };
         let bias = bias.map(|m| m.to_kind(q.kind()));
         let y = Tensor::scaled_dot_product_attention(
             &q,
