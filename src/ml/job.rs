@@ -26,6 +26,9 @@ pub enum Objective {
     /// Direct preference optimization on (prompt, chosen, rejected) pairs against a
     /// frozen reference (TRL's `DPOTrainer`).
     Dpo,
+    /// Odds-ratio preference optimization: the chosen reply's cross-entropy plus `beta`
+    /// times an odds-ratio term, no reference model (TRL's `ORPOTrainer`).
+    Orpo,
 }
 
 /// The DPO loss (TRL's `loss_type`).
@@ -157,11 +160,13 @@ pub struct TrainSettings {
     /// `full` or `lora`.
     #[serde(default = "default_method")]
     pub method: Method,
-    /// `sft` (default) or `dpo` (needs a preference dataset: prompt, chosen, rejected).
+    /// `sft` (default), `dpo` or `orpo` (both need a preference dataset: prompt, chosen,
+    /// rejected).
     #[serde(default = "default_objective")]
     pub objective: Objective,
     /// DPO: how far the policy may move from the reference (TRL's default 0.1; the
-    /// LLM-twin reference design uses 0.5).
+    /// LLM-twin reference design uses 0.5). ORPO: the weight of the odds-ratio term
+    /// (the paper's lambda; TRL's default 0.1).
     #[serde(default = "default_dpo_beta")]
     pub beta: f64,
     /// DPO: `sigmoid` (default) or `ipo`.

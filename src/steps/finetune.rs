@@ -150,7 +150,7 @@ pub fn settings_issues(p: &TrainSettings) -> Vec<ParamIssue> {
             format!("lora.dropout {} is outside 0..1", p.lora.dropout),
         );
     }
-    if p.objective == Objective::Dpo {
+    if p.objective != Objective::Sft {
         if !(p.beta > 0.0 && p.beta.is_finite()) {
             bad("beta", format!("beta must be positive, got {}", p.beta));
         }
@@ -163,10 +163,11 @@ pub fn settings_issues(p: &TrainSettings) -> Vec<ParamIssue> {
         if p.packing {
             bad(
                 "packing",
-                "objective: dpo compares each chosen reply with its rejected one; packing joins examples (set packing: false)".into(),
+                "preference objectives compare each chosen reply with its rejected one; packing joins examples (set packing: false)".into(),
             );
         }
-    } else if p.label_smoothing != 0.0 {
+    }
+    if p.objective != Objective::Dpo && p.label_smoothing != 0.0 {
         bad(
             "label_smoothing",
             "label_smoothing applies to objective: dpo".into(),

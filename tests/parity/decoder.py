@@ -14,8 +14,8 @@
                                                  batch vs cairn's updated weights in OURS
     decoder.py greedy MODEL PROMPT N             transformers' greedy continuation (N new tokens,
                                                  stopping at EOS) of PROMPT, decoded
-    decoder.py dpo MODEL DATA SETTINGS OUT       TRL's DPOTrainer on DATA (one batch), metrics per step;
-                                                 the trained weights (or adapter) to OUT
+    decoder.py dpo|orpo MODEL DATA SETTINGS OUT  TRL's DPOTrainer (ORPOTrainer) on DATA (one batch),
+                                                 metrics per step; the trained weights (or adapter) to OUT
     decoder.py check-gguf GGUF MODEL             read GGUF with the `gguf` package (llama.cpp's
                                                  reader) and compare every tensor with MODEL's
     decoder.py render-chat MODEL CONVERSATIONS   transformers' apply_chat_template of each
@@ -292,15 +292,16 @@ def check_gguf(path, model_dir):
                       "tensors": [t.name for t in reader.tensors]}))
 
 
-def dpo(model_dir, data, settings, out):
-    """TRL's DPOTrainer on the preference records in DATA, all in one batch (so the
-    order TRL shuffles them in does not matter), for `steps` steps; prints the logged
-    metrics per step and writes the trained weights (the adapter's with `adapter`) to
-    OUT. With `adapter`, training continues that PEFT adapter and the reference is the
-    adapter as loaded (TRL's `ref` adapter), as cairn does."""
+def preference(objective, model_dir, data, settings, out):
+    """TRL's DPOTrainer (or ORPOTrainer) on the preference records in DATA, all in one
+    batch (so the order TRL shuffles them in does not matter), for `steps` steps; prints
+    the logged metrics per step and writes the trained weights (the adapter's with
+    `adapter`) to OUT. With `adapter`, training continues that PEFT adapter and the DPO
+    reference is the adapter as loaded (TRL's `ref` adapter), as cairn does."""
     from datasets import Dataset
     from transformers import PreTrainedTokenizerFast
     from trl import DPOConfig, DPOTrainer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     s = json.loads(settings)
     records = [json.loads(line) for line in open(data) if line.strip()]
@@ -312,13 +313,17 @@ def dpo(model_dir, data, settings, out):
         from peft import PeftModel
         # DPOTrainer loads the adapter's starting weights as its `ref` adapter itself.
         model = PeftModel.from_pretrained(model, s["adapter"], is_trainable=True)
-    args = DPOConfig(output_dir=f"{out}.trl", per_device_train_batch_size=len(records), max_steps=s["steps"],
-                     learning_rate=s["learning_rate"], lr_scheduler_type="constant", warmup_steps=0,
-                     weight_decay=0.0, max_grad_norm=s["max_grad_norm"], beta=s["beta"],
-                     loss_type=[s.get("loss_type", "sigmoid")], logging_steps=1, report_to=[], save_strategy="no",
-                     use_cpu=True, bf16=False, seed=0, dataloader_drop_last=False, disable_dropout=True, max_length=None,
-                     adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch")
-    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)
+    common = dict(output_dir=f"{out}.trl", per_device_train_batch_size=len(records), max_steps=s["steps"],
+                  learning_rate=s["learning_rate"], lr_scheduler_type="constant", warmup_steps=0,
+                  weight_decay=0.0, max_grad_norm=s["max_grad_norm"], beta=s["beta"], logging_steps=1,
+                  report_to=[], save_strategy="no", use_cpu=True, bf16=False, seed=0, dataloader_drop_last=False,
+                  disable_dropout=True, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch")
+    if objective == "orpo":
+        args = ORPOConfig(**common, max_length=4096)
+        trainer = ORPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)
+    else:
+        args = DPOConfig(**common, loss_type=[s.get("loss_type", "sigmoid")], max_length=None)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
     if s.get("adapter"):
@@ -410,8 +415,8 @@ def main():
             new = new[:new.index(eos)]
         print(json.dumps({"text": tok.decode(new, skip_special_tokens=False).rstrip("\ufffd"),
                           "tokens": len(new)}))
-    elif cmd == "dpo":
-        dpo(*args)
+    elif cmd in ("dpo", "orpo"):
+        preference(cmd, *args)
     elif cmd == "check-gguf":
         check_gguf(*args)
     elif cmd == "check-nf4":

@@ -1,10 +1,17 @@
-//! Preference tuning: DPO's losses over (chosen, rejected) pairs against a frozen
-//! reference, computed as TRL's `DPOTrainer` computes them. A pair's log-probabilities
-//! are the sums over its reply tokens (the EOS or end-of-turn token included); the two
-//! rows of every pair go through one forward pass (chosen rows first, as TRL
-//! concatenates them). The reference is the policy itself with its adapters swapped out
+//! Preference tuning over (chosen, rejected) pairs: DPO's losses against a frozen
+//! reference, computed as TRL's `DPOTrainer` computes them, and ORPO's odds-ratio loss as
+//! TRL's `ORPOTrainer` computes it. The two rows of every pair go through one forward
+//! pass (chosen rows first, as TRL concatenates them).
+//!
+//! DPO: a reply's log-probability is the sum over its tokens (the EOS or end-of-turn
+//! token included). The reference is the policy itself with its adapters swapped out
 //! (LoRA: PEFT's `disable_adapter`, so no second copy of the base weights) or a frozen
 //! copy (full fine-tuning), its log-probabilities computed without gradients.
+//!
+//! ORPO: no reference; the loss is the chosen rows' mean cross-entropy, over every real
+//! token as in the ORPO paper's code and TRL (the prompt included, unlike `sft`), minus
+//! `beta` x log sigmoid of the log odds ratio of the replies' per-token mean
+//! log-probabilities.
 
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -22,15 +29,19 @@ pub enum Reference {
     Adapters,
     /// A frozen copy of the starting weights.
     Frozen(Box<Model>),
+    /// No reference (ORPO).
+    None,
 }
 
 impl Reference {
     /// The reference's log-probabilities of each row's labelled tokens.
-    fn logps(&self, policy: &Model, batch: &Batch, bf16: bool) -> Tensor {
+    fn logps(&self, policy: &Model, batch: &Batch, bf16: bool) -> Option<Tensor> {
         let _guard = tch::no_grad_guard();
+        let of = |m: &Model| reply_logps(&logits(m, batch, bf16), &batch.labels).0;
         match self {
-            Reference::Adapters => policy.as_reference(|| sequence_logps(policy, batch, bf16).0),
-            Reference::Frozen(model) => sequence_logps(model, batch, bf16).0,
+            Reference::Adapters => Some(policy.as_reference(|| of(policy))),
+            Reference::Frozen(model) => Some(of(model)),
+            Reference::None => None,
         }
     }
 }
@@ -51,6 +62,15 @@ pub struct Metrics {
     pub logps_chosen: f64,
     #[serde(rename = "logps/rejected")]
     pub logps_rejected: f64,
+    /// ORPO: the chosen rows' cross-entropy.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub nll_loss: Option<f64>,
+    /// ORPO: log sigmoid of the log odds ratio.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub log_odds_ratio: Option<f64>,
+    /// ORPO: the log odds ratio.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub log_odds_chosen: Option<f64>,
 }
 
 /// Metric sums over the pairs seen so far.
@@ -71,6 +91,15 @@ impl Sums {
         a.rewards_accuracies += b.rewards_accuracies;
         a.logps_chosen += b.logps_chosen;
         a.logps_rejected += b.logps_rejected;
+        for (x, y) in [
+            (&mut a.nll_loss, b.nll_loss),
+            (&mut a.log_odds_ratio, b.log_odds_ratio),
+            (&mut a.log_odds_chosen, b.log_odds_chosen),
+        ] {
+            if let Some(y) = y {
+                *x = Some(x.unwrap_or(0.0) + y);
+            }
+        }
         self.pairs += other.pairs;
     }
 
@@ -91,25 +120,43 @@ impl Sums {
             rewards_accuracies: m.rewards_accuracies / n,
             logps_chosen: m.logps_chosen / n,
             logps_rejected: m.logps_rejected / n,
+            nll_loss: m.nll_loss.map(|x| x / n),
+            log_odds_ratio: m.log_odds_ratio.map(|x| x / n),
+            log_odds_chosen: m.log_odds_chosen.map(|x| x / n),
         })
     }
 }
 
-/// Per row: the summed log-probability of its labelled tokens and how many there are.
-fn sequence_logps(model: &Model, batch: &Batch, bf16: bool) -> (Tensor, Tensor) {
+/// The model's next-token log-probabilities [rows, t - 1, vocab] (f32) for a batch.
+fn logits(model: &Model, batch: &Batch, bf16: bool) -> Tensor {
     let logits = tch::autocast(bf16, || batch.logits(model));
     let t = logits.size()[1];
-    let logits = logits.narrow(1, 0, t - 1).to_kind(Kind::Float);
-    let targets = batch.labels.narrow(1, 1, t - 1);
-    let mask = targets.ne(IGNORE).to_kind(Kind::Float);
-    let logp = logits
+    logits
+        .narrow(1, 0, t - 1)
+        .to_kind(Kind::Float)
         .log_softmax(-1, Kind::Float)
+}
+
+/// Per row: the summed log-probability of the tokens `labels` marks (shifted as the
+/// loss shifts them) and how many there are.
+fn reply_logps(logp: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
+    let t = labels.size()[1];
+    let targets = labels.narrow(1, 1, t - 1);
+    let mask = targets.ne(IGNORE).to_kind(Kind::Float);
+    let picked = logp
         .gather(2, &targets.clamp_min(0).unsqueeze(-1), false)
         .squeeze_dim(-1);
     (
-        (logp * &mask).sum_dim_intlist(&[1i64][..], false, Kind::Float),
+        (picked * &mask).sum_dim_intlist(&[1i64][..], false, Kind::Float),
         mask.sum_dim_intlist(&[1i64][..], false, Kind::Float),
     )
+}
+
+/// log(1 - exp(x)) for x < 0, stable on both sides of -ln 2 (TRL's `log1mexp`).
+fn log1mexp(x: &Tensor) -> Tensor {
+    let near = (-x.expm1()).log();
+    let far = (-x.exp()).log1p();
+    far.where_self(&x.lt(-std::f64::consts::LN_2), &near)
 }
 
 /// The rows of `pairs` as one batch: every chosen row, then every rejected one.
@@ -120,6 +167,62 @@ fn pair_batch(model: &Model, pairs: &[&Pair], pad: i64, device: Device) -> Batch
         .chain(pairs.iter().map(|p| &p.rejected))
         .collect();
     Batch::new(model, &rows, pad, device)
+}
+
+/// The summed ORPO loss of the pairs of one batch, in units of pairs (the chosen rows'
+/// mean cross-entropy times the pairs, minus beta x the summed odds-ratio terms), and the
+/// metric sums. `nll` is the chosen rows' mean cross-entropy.
+fn orpo_loss(logps: &Tensor, counts: &Tensor, nll: &Tensor, s: &TrainSettings) -> (Tensor, Sums) {
+    let n = logps.size()[0] / 2;
+    let mean = |k: i64| logps.narrow(0, k * n, n) / counts.narrow(0, k * n, n).clamp_min(1.0);
+    let (chosen, rejected) = (mean(0), mean(1));
+    let log_odds = (&chosen - &rejected) - (log1mexp(&chosen) - log1mexp(&rejected));
+    let ratio = log_odds.log_sigmoid();
+    let loss = nll * n as f64 - ratio.sum(Kind::Float) * s.beta;
+    let sum = |t: &Tensor| t.detach().sum(Kind::Float).double_value(&[]);
+    let chosen_rewards = chosen.detach() * s.beta;
+    let rejected_rewards = rejected.detach() * s.beta;
+    let sums = Sums {
+        sums: Metrics {
+            loss: sum(&loss),
+            rewards_chosen: sum(&chosen_rewards),
+            rewards_rejected: sum(&rejected_rewards),
+            rewards_margins: sum(&(&chosen_rewards - &rejected_rewards)),
+            rewards_accuracies: sum(&chosen_rewards
+                .gt_tensor(&rejected_rewards)
+                .to_kind(Kind::Float)),
+            logps_chosen: sum(&chosen),
+            logps_rejected: sum(&rejected),
+            nll_loss: Some(nll.double_value(&[]) * n as f64),
+            log_odds_ratio: Some(sum(&ratio)),
+            log_odds_chosen: Some(sum(&log_odds)),
+        },
+        pairs: n as usize,
+    };
+    (loss, sums)
+}
+
+/// The chosen rows' mean cross-entropy over every real token (prompt included) after
+/// the first, as ORPO's NLL term; decoder-only rows. For an encoder-decoder model the
+/// source is not predicted, so the reply's tokens are used.
+fn chosen_nll(model: &Model, logp: &Tensor, batch: &Batch, pairs: &[&Pair]) -> Tensor {
+    let n = pairs.len() as i64;
+    let t = batch.labels.size()[1];
+    let chosen_logp = logp.narrow(0, 0, n);
+    let targets = if model.is_seq2seq() {
+        batch.labels.narrow(0, 0, n)
+    } else {
+        let mut labels = Vec::with_capacity((n * t) as usize);
+        for p in pairs {
+            labels.extend(p.chosen.ids.iter().map(|&i| i64::from(i)));
+            labels.extend(std::iter::repeat_n(IGNORE, t as usize - p.chosen.ids.len()));
+        }
+        Tensor::from_slice(&labels)
+            .view([n, t])
+            .to_device(logp.device())
+    };
+    let (sums, counts) = reply_logps(&chosen_logp, &targets);
+    -(sums.sum(Kind::Float) / counts.sum(Kind::Float).clamp_min(1.0))
 }
 
 /// The summed DPO loss of the pairs of one batch (a tensor with gradients) and the
@@ -162,6 +265,7 @@ fn dpo_loss(
                 .to_kind(Kind::Float)),
             logps_chosen: sum(&half(logps, 0)),
             logps_rejected: sum(&half(logps, 1)),
+            ..Metrics::default()
         },
         pairs: n as usize,
     };
@@ -182,14 +286,33 @@ pub fn forward_backward(
     scale: f64,
 ) -> Sums {
     let batch = pair_batch(model, pairs, pad, device);
-    let reference = reference.logps(model, &batch, bf16);
-    let (logps, counts) = sequence_logps(model, &batch, bf16);
-    let (loss, sums) = dpo_loss(&logps, &counts, &reference, s);
+    let (loss, sums) = pair_loss(model, reference, &batch, pairs, bf16, s);
     (loss * scale).backward();
     sums
 }
 
-/// The DPO metrics over `pairs` (no gradients).
+/// The summed loss of one batch of pairs (with gradients) and its metric sums.
+fn pair_loss(
+    model: &Model,
+    reference: &Reference,
+    batch: &Batch,
+    pairs: &[&Pair],
+    bf16: bool,
+    s: &TrainSettings,
+) -> (Tensor, Sums) {
+    let reference = reference.logps(model, batch, bf16);
+    let logp = logits(model, batch, bf16);
+    let (logps, counts) = reply_logps(&logp, &batch.labels);
+    match reference {
+        Some(reference) => dpo_loss(&logps, &counts, &reference, s),
+        None => {
+            let nll = chosen_nll(model, &logp, batch, pairs);
+            orpo_loss(&logps, &counts, &nll, s)
+        }
+    }
+}
+
+/// The metrics over `pairs` (no gradients).
 pub fn evaluate(
     model: &Model,
     reference: &Reference,
@@ -204,9 +327,7 @@ pub fn evaluate(
     for chunk in pairs.chunks(batch.max(1)) {
         let refs: Vec<&Pair> = chunk.iter().collect();
         let batch = pair_batch(model, &refs, pad, model.device);
-        let reference = reference.logps(model, &batch, bf16);
-        let (logps, counts) = sequence_logps(model, &batch, bf16);
-        total.add(&dpo_loss(&logps, &counts, &reference, s).1);
+        total.add(&pair_loss(model, reference, &batch, &refs, bf16, s).1);
     }
     total.means()
 }

@@ -472,7 +472,7 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
                 };
                 (Examples::Rows(rows), stats)
             }
-            Objective::Dpo => {
+            Objective::Dpo | Objective::Orpo => {
                 let (pairs, stats) = data::read_pairs(&path, &tokenizer, &template, &eos, max_len)?;
                 (Examples::Pairs(pairs), stats)
             }
@@ -495,7 +495,7 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
     if train.is_empty() {
         let unreadable = match s.objective {
             Objective::Sft => "unreadable",
-            Objective::Dpo => "without a prompt, a chosen and a rejected reply (objective: dpo needs a preference dataset)",
+            Objective::Dpo | Objective::Orpo => "without a prompt, a chosen and a rejected reply (objectives dpo and orpo need a preference dataset)",
         };
         return Err(format!("the dataset's train split has no usable example ({} records, {} {unreadable}, {} with no response token left after truncation to {max_len})", train_stats.records, train_stats.unreadable, train_stats.empty));
     }
@@ -556,6 +556,7 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
         (Objective::Dpo, Method::Full) => {
             Some(preference::Reference::Frozen(Box::new(model.frozen_copy())))
         }
+        (Objective::Orpo, _) => Some(preference::Reference::None),
     };
     let mut slots: Vec<Slot> = Vec::new();
     let mut add_slot = |name: String, t: &Tensor, decay: bool| {
@@ -644,7 +645,7 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
         let batches: Vec<Vec<usize>> = (0..accum)
             .map(|a| micro_batch(step as usize * accum + a))
             .collect();
-        // What the loss is normalised by: trained tokens (SFT) or pairs (DPO, whose
+        // What the loss is normalised by: trained tokens (SFT) or pairs (DPO, ORPO, whose
         // loss is a mean over pairs).
         let targets: usize = batches.iter().flatten().map(|&i| train.targets(i)).sum();
         let tokens: usize = batches.iter().flatten().map(|&i| train.tokens(i)).sum();
@@ -702,7 +703,7 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
                     loss_total += loss;
                     recomputed_blocks += recomputed;
                 }
-                (Examples::Pairs(_), None) => unreachable!("DPO always has a reference"),
+                (Examples::Pairs(_), None) => unreachable!("pairs come with a reference"),
             }
         }
         let grad_norm = {
@@ -774,7 +775,7 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
                         preference::evaluate(&model, reference, pairs, bs, pad, bf16, s);
                     point.eval_preference.as_ref().map(|m| m.loss)
                 }
-                (Examples::Pairs(_), None) => unreachable!("DPO always has a reference"),
+                (Examples::Pairs(_), None) => unreachable!("pairs come with a reference"),
             };
             model.train = true;
             point.eval_loss = eval;
