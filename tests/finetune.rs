@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::mock_llm::MockLlm;
-use common::{meta_of, repo, run_repo_pipeline, Project};
+use common::{load_with_hf_datasets, meta_of, repo, run_repo_pipeline, Project};
 use serde_json::{json, Value};
 
 /// Runs tests/parity/decoder.py in the project venv; returns its last stdout line as JSON.
@@ -814,7 +814,12 @@ fn artifact(p: &Project, digest: &str) -> Value {
 }
 
 fn object_dir(p: &Project, digest: &str) -> PathBuf {
-    let dirs: Vec<PathBuf> = walk(&p.store().join("objects"))
+    object_dir_in(&p.store(), digest)
+}
+
+/// The object folder of artifact `digest` in the store at `store`.
+fn object_dir_in(store: &Path, digest: &str) -> PathBuf {
+    let dirs: Vec<PathBuf> = walk(&store.join("objects"))
         .into_iter()
         .filter(|d| {
             d.file_name()
@@ -1587,6 +1592,184 @@ fn llm_twin_pipeline_runs_end_to_end_with_a_judge() {
     let m = &report["models"]["model"];
     assert!(m["judged"].as_u64().unwrap() > 0, "{report:#}");
     assert!((1.0..=3.0).contains(&m["judge_accuracy"].as_f64().unwrap()));
+}
+
+/// `cairn-torch sample`: a prompt's replies come from one batch over a copied KV cache,
+/// differ from each other, and come out the same on a rerun; the T5 path too.
+#[test]
+fn sampling_is_batched_per_prompt_and_reproducible() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    make_models(root, &["llama", "flan_t5"]);
+    write_dataset(&root.join("ds"));
+    for arch in ["llama", "flan_t5"] {
+        let job = |out: &str| {
+            let path = root.join(format!("{arch}-{out}.json"));
+            let job = json!({"model": root.join(arch), "dataset": root.join("ds"),
+                "split_file": "test.jsonl", "max_prompts": 2, "n": 4,
+                "generation": {"max_new_tokens": 12, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                    "repetition_penalty": 1.0, "seed": 7},
+                "device": "cpu", "threads": 0, "output": root.join(format!("{arch}-{out}.jsonl"))});
+            std::fs::write(&path, job.to_string()).unwrap();
+            let (ok, events, stderr) = torch_helper(&[&"sample", &"--job", &path]);
+            assert!(ok, "{arch}: {events:?} {stderr}");
+            std::fs::read_to_string(root.join(format!("{arch}-{out}.jsonl"))).unwrap()
+        };
+        let first = job("a");
+        assert_eq!(first, job("b"), "{arch}: a rerun drew other replies");
+        let lines: Vec<Value> = first
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{arch}");
+        for line in &lines {
+            let texts: std::collections::HashSet<&str> = line["samples"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["text"].as_str().unwrap())
+                .collect();
+            assert!(
+                texts.len() > 1,
+                "{arch}: the batch's rows are all the same: {line}"
+            );
+            assert!(line["reference"].is_string(), "{line}");
+        }
+    }
+}
+
+/// The RLAIF recipe end to end on the mock judge: SFT, 4 samples per held-out prompt,
+/// the judge's best-vs-worst pairs (reasons kept), DPO over the SFT model, evaluation
+/// beside it; a rerun executes nothing, a new rubric reruns exactly rank, dpo and
+/// evaluate (the samples come from the cache), and judge replies that are not scores are
+/// counted and dropped.
+#[test]
+fn rlaif_recipe_samples_judges_and_tunes() {
+    let server = MockLlm::start();
+    let llm = format!("llm_url={}", server.base_url);
+    let store = tempfile::tempdir().unwrap();
+    let run = |rubric: &str| {
+        let rubric = format!("rubric={rubric}");
+        run_repo_pipeline(
+            store.path(),
+            "pipelines/recipes/chat_twin_rlaif.yaml",
+            &[
+                "--set",
+                &llm,
+                "--set",
+                "train_steps=10",
+                "--set",
+                "dpo_steps=4",
+                "--set",
+                &rubric,
+            ],
+        )
+    };
+    let out = run("Warm and short.");
+    assert_eq!(out.code, 0, "{}\n{}", out.json, out.stderr);
+    let samples = meta_of(store.path(), &out.output("samples", "samples"));
+    let prompts = samples["prompts"].as_u64().unwrap();
+    assert!(prompts >= 2, "{samples}");
+    assert_eq!(samples["samples"].as_u64().unwrap(), 4 * prompts);
+    let ranked = meta_of(store.path(), &out.output("rank", "dataset"));
+    assert_eq!(ranked["judged"].as_u64().unwrap(), prompts, "{ranked}");
+    assert!(ranked["count"].as_u64().unwrap() > 0, "{ranked}");
+    assert_eq!(
+        ranked["llm"]["calls"].as_u64().unwrap(),
+        prompts,
+        "{ranked}"
+    );
+    let dir = object_dir_in(store.path(), &out.output("rank", "dataset"));
+    let record: Value = serde_json::from_str(
+        std::fs::read_to_string(dir.join("train.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        record["judge"].as_str().unwrap().starts_with("scores "),
+        "{record}"
+    );
+    assert_ne!(record["chosen"], record["rejected"]);
+    let loaded = load_with_hf_datasets(&dir);
+    assert!(
+        loaded["train"][1]
+            .as_array()
+            .unwrap()
+            .contains(&json!("judge")),
+        "{loaded}"
+    );
+    // The chat replies' prompts keep their system and user turns (as SFT saw them).
+    assert_eq!(record["prompt"][0]["role"], "system", "{record}");
+    assert_eq!(record["chosen"][0]["role"], "assistant", "{record}");
+    let dpo = meta_of(store.path(), &out.output("dpo", "model"));
+    assert_eq!(dpo["objective"], "dpo");
+    assert!(
+        dpo["curve"][0]["preference"]["rewards/margins"].is_number(),
+        "{dpo}"
+    );
+    let report = meta_of(store.path(), &out.output("evaluate", "report"));
+    for model in ["model", "baseline"] {
+        assert!(
+            report["models"][model]["perplexity"].is_number(),
+            "{report}"
+        );
+    }
+
+    let again = run("Warm and short.");
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    for step in ["sft", "samples", "rank", "dpo", "evaluate"] {
+        assert_eq!(
+            again.step(step)["status"],
+            "cached",
+            "{step}: {}",
+            again.json
+        );
+    }
+    let calls = server.calls();
+    let changed = run("Practical first, then warm.");
+    assert_eq!(changed.code, 0, "{}", changed.stderr);
+    for step in ["sft", "samples"] {
+        assert_eq!(
+            changed.step(step)["status"],
+            "cached",
+            "{step}: {}",
+            changed.json
+        );
+    }
+    for step in ["rank", "dpo", "evaluate"] {
+        assert_eq!(
+            changed.step(step)["status"],
+            "ran",
+            "{step}: {}",
+            changed.json
+        );
+    }
+    assert_eq!(
+        server.calls(),
+        calls + prompts as usize,
+        "one judge call per prompt"
+    );
+
+    // Replies that are not scores: counted, dropped, and DPO has nothing to train on.
+    let bad = run("MOCK_MALFORMED");
+    assert_ne!(bad.code, 0);
+    let ranked = meta_of(store.path(), &bad.output("rank", "dataset"));
+    assert_eq!(ranked["count"], 0, "{ranked}");
+    assert_eq!(
+        ranked["dropped"]["judge reply unparseable"].as_u64(),
+        Some(prompts),
+        "{ranked}"
+    );
+    assert!(
+        bad.stderr
+            .contains("objectives dpo and orpo need a preference dataset")
+            || bad.stderr.contains("no usable example"),
+        "{}",
+        bad.stderr
+    );
 }
 
 /// Chat templates written for these tests in the styles of the families people twin

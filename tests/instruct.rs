@@ -7,10 +7,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::mock_llm::MockLlm;
-use common::{meta_of, repo, run_repo_pipeline, Outcome, Project};
+use common::{load_with_hf_datasets, meta_of, repo, run_repo_pipeline, Outcome, Project};
 use serde_json::Value;
 
 fn artifact(p: &Project, digest: &str) -> Value {
@@ -45,39 +44,6 @@ steps:
              price_input_per_1m: 1.0, price_output_per_1m: 2.0{extra_llm}}}
 "#
     )
-}
-
-/// `datasets.load_dataset("json", ...)` on a dataset directory: {split: [rows, columns]}.
-fn load_with_hf_datasets(dir: &Path) -> Value {
-    let python = repo().join(".venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run `scripts/setup --test`",
-        python.display()
-    );
-    let script = r#"
-import json, sys, datasets
-datasets.disable_progress_bars()
-d = sys.argv[1]
-ds = datasets.load_dataset("json", data_files={"train": d + "/train.jsonl", "test": d + "/test.jsonl"}, cache_dir=sys.argv[2])
-print(json.dumps({k: [v.num_rows, sorted(v.column_names)] for k, v in ds.items()}))
-"#;
-    let cache = tempfile::tempdir().unwrap();
-    let out = Command::new(python)
-        .args(["-c", script])
-        .arg(dir)
-        .arg(cache.path())
-        .env("HF_DATASETS_OFFLINE", "1")
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "datasets failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap()
 }
 
 /// The dataset directory of an artifact and its dataset_info.json.

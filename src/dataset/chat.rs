@@ -208,6 +208,7 @@ pub fn build(
             input: lines.join("\n"),
             output: m.text.clone(),
             rejected: None,
+            judge: None,
         });
     }
     out

@@ -209,6 +209,7 @@ pub fn parse(
             input,
             output,
             rejected,
+            judge: None,
         };
     match s.builder {
         LlmBuilder::StylePairs => {

@@ -102,6 +102,9 @@ pub struct Example {
     pub output: String,
     /// The rejected response (preference data only).
     pub rejected: Option<String>,
+    /// Why a judge preferred `output` over `rejected` (the `rank` step), kept in the
+    /// record as `judge`.
+    pub judge: Option<String>,
 }
 
 impl Example {
@@ -125,6 +128,25 @@ impl Example {
         } else {
             format!("{}\n\n{}", self.instruction, self.input)
         }
+    }
+
+    /// A preference record in TRL's conversational form: the prompt as the messages the
+    /// `messages` format would write before the reply (a system instruction over a user
+    /// input, as `chat_replies` makes), the replies as one assistant message each. Used
+    /// when a preference dataset has inputs, so that preference tuning renders prompts
+    /// the way SFT on the same examples did.
+    pub fn render_conversational_preference(&self) -> Value {
+        let mut record = self.render(Format::Preference);
+        let prompt = if self.input.is_empty() {
+            json!([{"role": "user", "content": self.instruction}])
+        } else {
+            json!([{"role": "system", "content": self.instruction}, {"role": "user", "content": self.input}])
+        };
+        let reply = |text: &str| json!([{"role": "assistant", "content": text}]);
+        record["prompt"] = prompt;
+        record["chosen"] = reply(&self.output);
+        record["rejected"] = reply(self.rejected.as_deref().unwrap_or_default());
+        record
     }
 
     /// The record in `format`.
@@ -170,6 +192,9 @@ impl Example {
         };
         if let (Some(r), Value::Object(fields)) = (record.as_object_mut(), fields) {
             r.extend(fields);
+        }
+        if let Some(judge) = &self.judge {
+            record["judge"] = json!(judge);
         }
         record
     }
@@ -436,6 +461,17 @@ pub fn write(
     let mut written = Written::default();
     let ids: Vec<String> = examples.iter().map(Example::id).collect();
     let splits = assign_splits(&ids, test_size);
+    // Preference examples with an input keep their prompt's turns (see
+    // `render_conversational_preference`); one shape per dataset, as `datasets` needs.
+    let conversational =
+        format == Format::Preference && examples.iter().any(|e| !e.input.is_empty());
+    let render = |ex: &Example| {
+        if conversational {
+            ex.render_conversational_preference()
+        } else {
+            ex.render(format)
+        }
+    };
     for (ex, split) in examples.iter().zip(splits) {
         let name = match split {
             Split::Train => "train",
@@ -446,8 +482,8 @@ pub fn write(
             .entry(format!("{}/{}/{name}", ex.builder, ex.category))
             .or_default() += 1;
         match split {
-            Split::Train => train.push(ex.render(format)),
-            Split::Test => test.push(ex.render(format)),
+            Split::Train => train.push(render(ex)),
+            Split::Test => test.push(render(ex)),
         }
     }
     written.train = train.len();
@@ -456,9 +492,19 @@ pub fn write(
         .map_err(|e| format!("writing {TRAIN_FILE}: {e}"))?;
     crate::documents::write_jsonl(&dir.join(TEST_FILE), &test)
         .map_err(|e| format!("writing {TEST_FILE}: {e}"))?;
+    let mut features = format.features();
+    if conversational {
+        let messages = json!([{"role": "string", "content": "string"}]);
+        for key in ["prompt", "chosen", "rejected"] {
+            features[key] = messages.clone();
+        }
+    }
+    if examples.iter().any(|e| e.judge.is_some()) {
+        features["judge"] = json!("string");
+    }
     let mut description = json!({
         "format": format.as_str(),
-        "features": format.features(),
+        "features": features,
         "splits": {
             "train": {"num_examples": written.train, "file": TRAIN_FILE},
             "test": {"num_examples": written.test, "file": TEST_FILE},
@@ -511,6 +557,7 @@ mod tests {
             input: String::new(),
             output: output.into(),
             rejected: None,
+            judge: None,
         }
     }
 
@@ -589,6 +636,14 @@ mod tests {
             "Rewrite this in the author's style.\n\nplain notes"
         );
         assert_eq!(p["rejected"], "Bland prose.");
+        // Conversational: the prompt's turns as the messages format writes them, and
+        // Conversation (what training reads) sees the same system + user turns.
+        let c = e.render_conversational_preference();
+        assert_eq!(c["prompt"], json!(m["messages"].as_array().unwrap()[..2]));
+        assert_eq!(
+            c["rejected"],
+            json!([{"role": "assistant", "content": "Bland prose."}])
+        );
         for f in [
             Format::Alpaca,
             Format::Messages,

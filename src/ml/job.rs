@@ -472,6 +472,29 @@ pub struct EvalJob {
     pub output: PathBuf,
 }
 
+/// A `cairn-torch sample` job: N sampled replies per prompt of a dataset split.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SampleJob {
+    /// Model directory (full or LoRA adapter).
+    pub model: PathBuf,
+    /// Dataset artifact directory.
+    pub dataset: PathBuf,
+    /// `train.jsonl` or `test.jsonl`.
+    pub split_file: String,
+    /// Prompts read at most (0: all).
+    pub max_prompts: usize,
+    /// Replies per prompt.
+    pub n: usize,
+    /// Sampling; the replies of prompt i are drawn together with seed `seed + i`.
+    pub generation: GenerationSettings,
+    /// `auto`, `cpu`, `cuda`, `cuda:N`.
+    pub device: String,
+    /// CPU threads (0: default).
+    pub threads: usize,
+    /// The samples JSON Lines file to write.
+    pub output: PathBuf,
+}
+
 /// What `cairn-torch evaluate` writes.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct EvalResults {

@@ -16,3 +16,5 @@ pub mod worker;
 pub const MODEL_KIND: &str = "model";
 /// Artifact kind of evaluation reports.
 pub const REPORT_KIND: &str = "report";
+/// Artifact kind of `sample`'s output: sampled replies per prompt (JSON Lines).
+pub const SAMPLES_KIND: &str = "samples";

@@ -482,6 +482,7 @@ fn qa_examples(docs: &[Document], drops: &mut Drops) -> Vec<Example> {
                 input: String::new(),
                 output: x.answer,
                 rejected: None,
+                judge: None,
             });
         }
     }

@@ -13,6 +13,8 @@ pub mod evaluate;
 pub mod finetune;
 pub mod ingest;
 pub mod instruct;
+pub mod rank;
+pub mod sample;
 pub mod source;
 pub mod vector_load;
 
@@ -457,6 +459,8 @@ pub static REGISTRY: &[&dyn Step] = &[
     &Typed(dataset_merge::DatasetMergeStep),
     &Typed(finetune::FinetuneStep),
     &Typed(evaluate::EvaluateStep),
+    &Typed(sample::SampleStep),
+    &Typed(rank::RankStep),
 ];
 
 /// Looks up a built-in step kind.

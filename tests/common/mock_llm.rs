@@ -9,7 +9,9 @@
 //! - `MOCK_SLOW`: the reply comes after 500 ms;
 //! - `MOCK_401`: 401 every time.
 //!
-//! Judge prompts ("You are an expert judge") get accuracy 1 + (answer length mod 3), style 2.
+//! Judge prompts ("You are an expert judge") get accuracy 1 + (answer length mod 3), style 2;
+//! `rank`'s prompts ("You judge replies to the same prompt") score each reply
+//! 1 + (its length + the rubric's length) mod 10, or 5 for all when one says MOCK_TIE.
 //!
 //! It counts calls, requests in flight (and the most at once) and when each arrived.
 
@@ -184,6 +186,35 @@ fn answer(user: &str) -> String {
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or(1);
+    if user.contains("You judge replies to the same prompt") {
+        // `rank`: a score per reply from its length and the rubric's, so a new rubric
+        // reorders them; MOCK_TIE in a reply scores them all the same.
+        let rubric = user
+            .split_once("Rubric:\n")
+            .and_then(|(_, r)| r.split_once("\n\nPrompt:"))
+            .map_or("", |(r, _)| r);
+        let section = user
+            .split_once("Replies:\n")
+            .and_then(|(_, r)| r.split_once("\n\nScore every reply"))
+            .map_or("", |(r, _)| r);
+        let replies: Vec<&str> = section
+            .split("\n\n[")
+            .map(|r| r.split_once("] ").map_or(r, |(_, t)| t))
+            .collect();
+        let tie = section.contains("MOCK_TIE");
+        let scores: Vec<usize> = replies
+            .iter()
+            .map(|r| {
+                if tie {
+                    5
+                } else {
+                    1 + (r.len() + rubric.len()) % 10
+                }
+            })
+            .collect();
+        return json!({"scores": scores, "reason": format!("{} replies scored on length", replies.len())})
+            .to_string();
+    }
     if user.contains("You are an expert judge") {
         // A deterministic verdict that depends on the answer, so two models can differ.
         let answer = user.rsplit_once("Answer: ").map(|(_, a)| a).unwrap_or("");

@@ -218,3 +218,36 @@ pub fn meta_of(store: &Path, digest: &str) -> Value {
         .unwrap();
     serde_json::from_slice::<Value>(&out.stdout).unwrap()["metadata"].clone()
 }
+
+/// `datasets.load_dataset("json", ...)` on a dataset directory: {split: [rows, columns]}.
+pub fn load_with_hf_datasets(dir: &Path) -> Value {
+    let python = repo().join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run `scripts/setup --test`",
+        python.display()
+    );
+    let script = r#"
+import json, sys, datasets
+datasets.disable_progress_bars()
+d = sys.argv[1]
+ds = datasets.load_dataset("json", data_files={"train": d + "/train.jsonl", "test": d + "/test.jsonl"}, cache_dir=sys.argv[2])
+print(json.dumps({k: [v.num_rows, sorted(v.column_names)] for k, v in ds.items()}))
+"#;
+    let cache = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(python)
+        .args(["-c", script])
+        .arg(dir)
+        .arg(cache.path())
+        .env("HF_DATASETS_OFFLINE", "1")
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "datasets failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap()
+}

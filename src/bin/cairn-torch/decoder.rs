@@ -1521,7 +1521,6 @@ impl Model {
                 h + self.dropout(m, self.cfg.resid_pdrop)
             }
             (Arch::Llama, Positions::Rotary { cos, sin, local }) => {
-                let rep = nh / nkv;
                 let p = format!("model.layers.{l}");
                 let sliding = self.cfg.sliding_layers.get(l as usize) == Some(&true);
                 let (cos, sin) = match local {
@@ -1557,14 +1556,6 @@ impl Model {
                 if let Some(slot) = cache {
                     (k, v) = append_cache(slot, k, v);
                 }
-                let (k, v) = if rep > 1 {
-                    (
-                        k.repeat_interleave_self_int(rep, 1, None),
-                        v.repeat_interleave_self_int(rep, 1, None),
-                    )
-                } else {
-                    (k, v)
-                };
                 let y = self.attend(&q, &k, &v, sliding, causal, attn_p);
                 let y = y.transpose(1, 2).reshape([b, t, nh * hd]);
                 let y = self.linear(&format!("{p}.self_attn.o_proj"), &y);
@@ -1630,8 +1621,11 @@ impl Model {
         self.linear(&format!("{p}.mlp.down_proj"), &(g * u))
     }
 
-    /// Attention of `q` over `k`/`v` [batch, heads, seq, head_dim]: causal, limited to
-    /// the sliding window on sliding layers, scaled and soft-capped as the config says.
+    /// Attention of `q` [batch, heads, seq, head_dim] over `k`/`v` [batch, kv_heads, ...]:
+    /// causal, limited to the sliding window on sliding layers, scaled and soft-capped as
+    /// the config says. Grouped-query heads are shared inside the attention kernel
+    /// (`enable_gqa`) rather than copied: generation would copy the whole cache per
+    /// token.
     fn attend(
         &self,
         q: &Tensor,
@@ -1647,6 +1641,7 @@ impl Model {
         } else {
             None
         };
+        let gqa = q.size()[1] != k.size()[1];
         let Some(cap) = self.cfg.attn_softcap else {
             return match &window {
                 Some(mask) => Tensor::scaled_dot_product_attention(
@@ -1657,7 +1652,7 @@ impl Model {
                     attn_p,
                     false,
                     self.cfg.attn_scale,
-                    false,
+                    gqa,
                 ),
                 None => Tensor::scaled_dot_product_attention::<Tensor>(
                     q,
@@ -1667,9 +1662,18 @@ impl Model {
                     attn_p,
                     causal,
                     self.cfg.attn_scale,
-                    false,
+                    gqa,
                 ),
             };
+        };
+        let (k, v) = if gqa {
+            let rep = q.size()[1] / k.size()[1];
+            (
+                k.repeat_interleave_self_int(rep, 1, None),
+                v.repeat_interleave_self_int(rep, 1, None),
+            )
+        } else {
+            (k.shallow_clone(), v.shallow_clone())
         };
         // Soft-capping needs the scores themselves: transformers' eager attention.
         let scale = self
@@ -1689,7 +1693,7 @@ impl Model {
         } else {
             probs
         };
-        probs.matmul(v)
+        probs.matmul(&v)
     }
 
     /// [t, keys] (true = attend): the `t` queries are the last `t` of `keys` positions.

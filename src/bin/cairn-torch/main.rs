@@ -14,6 +14,7 @@ mod gguf;
 mod modeldir;
 mod nf4;
 mod preference;
+mod sample;
 mod train;
 
 use std::io::Write;
@@ -69,6 +70,13 @@ enum Command {
     },
     /// Evaluate a model: a `cairn::ml::job::EvalJob` as JSON (the evaluate step).
     Evaluate {
+        /// The job file.
+        #[arg(long)]
+        job: PathBuf,
+    },
+    /// Sample N replies per prompt of a dataset split: a `cairn::ml::job::SampleJob` as
+    /// JSON (the sample step).
+    Sample {
         /// The job file.
         #[arg(long)]
         job: PathBuf,
@@ -249,16 +257,33 @@ fn die_with_parent() {
         });
 }
 
+/// Keeps freed heap memory in the process instead of handing it back to the kernel:
+/// generation frees and re-allocates its growing KV cache every token, and with glibc's
+/// defaults each round trip unmapped the pages and faulted them in again.
+fn keep_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets allocator thresholds; called before any other thread runs.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 fn main() -> ExitCode {
     // Die with the parent: a killed `cairn run` must not leave training running.
     // PR_SET_PDEATHSIG would fire when the *thread* that spawned this process ends (a
     // tokio blocking thread retires after 10 s idle), so the parent process is watched.
     die_with_parent();
+    keep_freed_memory();
     let cli = Cli::parse();
     match cli.command {
         Command::Train { job } => guarded(|| {
             let job: cairn::ml::job::TrainJob = read_job(&job)?;
             train::run(&job, &mut emit)
+        }),
+        Command::Sample { job } => guarded(|| {
+            let job: cairn::ml::job::SampleJob = read_job(&job)?;
+            sample::run(&job, &mut emit)
         }),
         Command::Evaluate { job } => guarded(|| {
             let job: cairn::ml::job::EvalJob = read_job(&job)?;
