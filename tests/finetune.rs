@@ -562,6 +562,29 @@ fn preference_objectives_match_trl() {
         settings(json!({"method": "lora", "lora": {"dropout": 0.0}})),
         None,
     ));
+    // The encoder-decoder path: DPO and ORPO with LoRA on Flan-T5 widen the margin.
+    make_models(root, &["flan_t5"]);
+    for objective in ["dpo", "orpo"] {
+        let f = train(&train_job(
+            root,
+            &root.join("flan_t5"),
+            &format!("t5-{objective}"),
+            settings(json!({"objective": objective, "method": "lora", "max_steps": 6,
+                "learning_rate": 5e-3, "lora": {"target_modules": ["q", "v", "wi_0", "wi_1", "wo"]}})),
+            None,
+        ));
+        let margins: Vec<f64> = f["curve"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["preference"]["rewards/margins"].as_f64().unwrap())
+            .collect();
+        assert!(
+            margins.last() > margins.first(),
+            "t5 {objective}: the margin did not grow: {margins:?}"
+        );
+    }
+
     let theirs = root.join("dpo-lora.trl.safetensors");
     let logged = trl("dpo", &base, json!({"adapter": adapter}), &theirs);
     assert_preference_metrics_match("lora", &f, &logged);
