@@ -569,8 +569,10 @@ fn preference_objectives_match_trl() {
             root,
             &root.join("flan_t5"),
             &format!("t5-{objective}"),
-            settings(json!({"objective": objective, "method": "lora", "max_steps": 6,
-                "learning_rate": 5e-3, "lora": {"target_modules": ["q", "v", "wi_0", "wi_1", "wo"]}})),
+            settings(
+                json!({"objective": objective, "method": "lora", "max_steps": 6,
+                "learning_rate": 5e-3, "lora": {"target_modules": ["q", "v", "wi_0", "wi_1", "wo"]}}),
+            ),
             None,
         ));
         let margins: Vec<f64> = f["curve"]

@@ -198,18 +198,24 @@ async fn click_from_a_run_to_a_step_to_its_artifact_to_the_lineage() {
         .unwrap();
     wait_text(&c, "#curves", "curve: loss").await;
     let charts = c.find_all(Locator::Css("#curves svg.chart")).await.unwrap();
-    assert_eq!(charts.len(), 3, "loss, eval_loss, lr");
-    let points = c
-        .find(Locator::Css(
-            "#curves svg[data-series='curve.loss'] polyline",
-        ))
-        .await
-        .unwrap()
-        .attr("points")
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(points.split_whitespace().count(), 20);
+    assert_eq!(
+        charts.len(),
+        4,
+        "loss, eval_loss, lr, DPO's preference.rewards/margins"
+    );
+    for series in ["curve.loss", "curve.preference.rewards/margins"] {
+        let points = c
+            .find(Locator::Css(&format!(
+                "#curves svg[data-series='{series}'] polyline"
+            )))
+            .await
+            .unwrap()
+            .attr("points")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(points.split_whitespace().count(), 20, "{series}");
+    }
     screenshot(&c, "5-curves").await;
 
     c.close().await.unwrap();
@@ -236,7 +242,10 @@ fn add_model_record(p: &Project) -> String {
     };
     store.db().insert_run(&run).unwrap();
     let curve: Vec<_> = (1..=20)
-        .map(|s| json!({"step": s, "loss": 3.0 / s as f64, "lr": 1e-4 * (s as f64 / 20.0)}))
+        .map(|s| {
+            json!({"step": s, "loss": 3.0 / s as f64, "lr": 1e-4 * (s as f64 / 20.0),
+            "preference": {"rewards/margins": 0.05 * s as f64}})
+        })
         .chain((1..=4).map(|k| json!({"step": k * 5, "eval_loss": 3.2 / k as f64})))
         .collect();
     let artifact = ArtifactRecord {
