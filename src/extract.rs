@@ -133,6 +133,10 @@ const NEGATIVE: &[&str] = &[
     "nav",
     "navbar",
     "navigation",
+    // DocBook's Prev/Up/Home/Next blocks.
+    "docnav",
+    "navheader",
+    "navfooter",
     "sidebar",
     "sphinxsidebar",
     "related",
@@ -312,7 +316,40 @@ fn is_boilerplate(el: &ElementRef<'_>) -> bool {
             }
         })
     };
-    any(NEGATIVE) && !any(&["body", "article", "main", "content", "post", "entry"])
+    if !any(NEGATIVE) || any(&["body", "article", "main", "content", "post", "entry"]) {
+        return false;
+    }
+    // A box named `sidebar` between the paragraphs of the text is content (DocBook's
+    // notes, tips and background boxes), not a site's sidebar.
+    let only_sidebar = !tokens().any(|t| {
+        let t = t.to_ascii_lowercase();
+        NEGATIVE
+            .iter()
+            .filter(|w| **w != "sidebar")
+            .any(|w| token_matches(&t, w))
+    });
+    !(only_sidebar && in_running_text(el))
+}
+
+/// Whether the element sits between paragraphs of running text: its nearest sibling
+/// with text, before or after (empty anchors such as index terms are passed over), is a
+/// paragraph (`p`, or DocBook's `div.para`) of some length.
+fn in_running_text(el: &ElementRef<'_>) -> bool {
+    let paragraph = |e: ElementRef<'_>| {
+        let v = e.value();
+        (v.name() == "p" || v.classes().any(|c| c == "para"))
+            && e.text().map(str::len).sum::<usize>() >= 60
+    };
+    fn with_text<'a>(n: ego_tree::NodeRef<'a, scraper::Node>) -> Option<ElementRef<'a>> {
+        ElementRef::wrap(n).filter(|e| e.text().any(|t| !t.trim().is_empty()))
+    }
+    el.prev_siblings()
+        .find_map(with_text)
+        .is_some_and(paragraph)
+        || el
+            .next_siblings()
+            .find_map(with_text)
+            .is_some_and(paragraph)
 }
 
 fn normalize_space(s: &str) -> String {
@@ -693,6 +730,51 @@ mod tests {
             assert!(!e.text.contains(junk), "`{junk}` leaked into: {}", e.text);
         }
         assert!(e.links.contains(&"https://blog.example.org/x".to_string()));
+    }
+
+    /// A DocBook/Publican page (the shape of Debian's debian-handbook): the Prev/Up/
+    /// Home/Next blocks go, the `sidebar` boxes between paragraphs (tips, background)
+    /// stay, even after empty index-term anchors; a site sidebar beside the content goes.
+    #[test]
+    fn docbook_navigation_goes_and_its_sidebars_stay() {
+        let para = |t: &str| {
+            format!(
+                "<div class=\"para\">{t} {}</div>",
+                "More words of the manual. ".repeat(4)
+            )
+        };
+        let page = format!(
+            r#"<html><body>
+            <ul class="docnav top"><li class="previous"><a href="a.html"><strong>Prev</strong>6.3. The apt-cache Command</a></li><li class="next"><a href="c.html"><strong>Next</strong>6.5. Frontends</a></li></ul>
+            <div class="section"><div class="titlepage"><h2 class="title">6.4. The apt-file Command</h2></div>
+            {}
+            <a id="i1" class="indexterm"></a><a id="i2" class="indexterm"></a>
+            <div class="sidebar"><div class="titlepage"><p class="title"><strong>TIP Listing a package's contents</strong></p></div>
+            {}</div>
+            {}
+            </div>
+            <div class="sidebar"><ul><li><a href="/x">Other manuals</a></li><li><a href="/y">Site map</a></li></ul></div>
+            <ul class="docnav"><li class="previous"><a href="a.html"><strong>Prev</strong>6.3. The apt-cache Command</a></li><li class="up"><a href="b.html"><strong>Up</strong></a></li></ul>
+            </body></html>"#,
+            para("Running apt-file search finds the package that ships a file."),
+            para("dpkg -L lists the files of an installed package."),
+            para("To list local files that belong to no package, try cruft."),
+        );
+        let e = extract(
+            &page,
+            &url::Url::parse("http://localhost/sect.apt-file.html").unwrap(),
+            None,
+        );
+        for kept in [
+            "Running apt-file search finds the package",
+            "dpkg -L lists the files of an installed package.",
+            "To list local files that belong to no package",
+        ] {
+            assert!(e.text.contains(kept), "{kept:?} missing from:\n{}", e.text);
+        }
+        for gone in ["Prev", "Next", "Up", "Site map", "Other manuals"] {
+            assert!(!e.text.contains(gone), "{gone:?} kept in:\n{}", e.text);
+        }
     }
 
     #[test]

@@ -280,7 +280,8 @@ impl Kind for CrawlStep {
     }
 
     fn version(&self) -> String {
-        "1".into()
+        // 2: DocBook navigation dropped, sidebar boxes inside the text kept (extract).
+        "2".into()
     }
 
     fn summary(&self) -> &'static str {
