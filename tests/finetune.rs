@@ -2187,6 +2187,10 @@ fn gpu_check_script_runs_its_checks_on_the_cpu() {
     );
     assert!(report.contains("| cairn / theirs |"), "{report}");
     assert!(report.contains("FLOP/token"), "{report}");
+    assert!(
+        report.contains("## 5. DPO") && report.contains("| TRL DPOTrainer + PEFT |"),
+        "{report}"
+    );
 }
 
 /// `add_tokens`: speaker tokens become single tokens, the embeddings grow by their rows
