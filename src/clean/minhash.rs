@@ -75,12 +75,16 @@ fn mod_mersenne_61(v: u128) -> u64 {
     }
 }
 
-/// MinHash signature of a shingle set.
+/// MinHash signature of a shingle set. The set is copied into a slice first: each of
+/// the permutations walks every shingle, and a slice walks several times faster than a
+/// hash set's buckets.
 pub fn signature(set: &HashSet<u64>, perms: &[(u64, u64)]) -> Vec<u64> {
+    let shingles: Vec<u64> = set.iter().copied().collect();
     perms
         .iter()
         .map(|&(a, b)| {
-            set.iter()
+            shingles
+                .iter()
                 .map(|&x| mod_mersenne_61(a as u128 * x as u128 + b as u128))
                 .min()
                 .unwrap_or(u64::MAX)
