@@ -6,6 +6,32 @@
 //! (datasketch-minhash-lsh 0.0.1), and the whole algorithm is ~100 lines.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// A set of shingle hashes. They are xxh3 values already, so the set uses them as they
+/// are instead of hashing them again with SipHash.
+pub type ShingleSet = HashSet<u64, BuildHasherDefault<Prehashed>>;
+
+/// The identity hasher of [`ShingleSet`].
+#[derive(Default)]
+pub struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys are hashed here; fold anything else in for correctness.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
 
 /// Signature width (number of hash permutations).
 pub const PERMUTATIONS: usize = 128;
@@ -14,13 +40,13 @@ pub const SHINGLE_WORDS: usize = 5;
 
 /// The shingle set of a text: hashes of every run of [`SHINGLE_WORDS`] lowercase words
 /// (the whole text as one shingle when it is shorter).
-pub fn shingles(text: &str) -> HashSet<u64> {
+pub fn shingles(text: &str) -> ShingleSet {
     // A fast non-cryptographic hash (xxh3): shingle hashes only need to be well spread,
     // and a keyed cryptographic one was a fifth of `clean`'s time.
     let lower = text.to_lowercase();
     let words: Vec<&str> = lower.split_whitespace().collect();
     let width = SHINGLE_WORDS.min(words.len()).max(1);
-    let mut out = HashSet::new();
+    let mut out = ShingleSet::default();
     if words.is_empty() {
         return out;
     }
@@ -37,7 +63,7 @@ pub fn shingles(text: &str) -> HashSet<u64> {
 }
 
 /// Exact Jaccard similarity of two shingle sets.
-pub fn jaccard(a: &HashSet<u64>, b: &HashSet<u64>) -> f64 {
+pub fn jaccard(a: &ShingleSet, b: &ShingleSet) -> f64 {
     if a.is_empty() && b.is_empty() {
         return 1.0;
     }
@@ -58,17 +84,17 @@ fn permutations() -> Vec<(u64, u64)> {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     };
-    (0..PERMUTATIONS)
-        .map(|_| (next() | 1, next()))
-        .collect()
+    (0..PERMUTATIONS).map(|_| (next() | 1, next())).collect()
 }
 
 /// MinHash signature of a shingle set (32-bit values). The set is copied into a slice
 /// first: each of the hash functions walks every shingle, and a slice walks several
 /// times faster than a hash set's buckets. Multiply-shift needs one 64-bit multiply per
 /// shingle and function, where `(a*x + b) mod (2^61 - 1)` needed a 128-bit one and a
-/// reduction: this loop is most of `clean`'s time.
-pub fn signature(set: &HashSet<u64>, perms: &[(u64, u64)]) -> Vec<u64> {
+/// reduction: this loop is most of `clean`'s time. (Walking the functions inside the
+/// shingles instead, to let the compiler vectorize, measured 15% slower: without
+/// AVX-512 a 64-bit vector multiply is emulated.)
+pub fn signature(set: &ShingleSet, perms: &[(u64, u64)]) -> Vec<u64> {
     let shingles: Vec<u64> = set.iter().copied().collect();
     perms
         .iter()
@@ -131,7 +157,7 @@ pub struct NearDuplicates {
     rows: usize,
     perms: Vec<(u64, u64)>,
     buckets: Vec<HashMap<Vec<u64>, Vec<usize>>>,
-    kept: Vec<HashSet<u64>>,
+    kept: Vec<ShingleSet>,
 }
 
 impl NearDuplicates {
@@ -189,8 +215,8 @@ mod tests {
 
     #[test]
     fn jaccard_of_known_sets() {
-        let a: HashSet<u64> = [1, 2, 3, 4].into();
-        let b: HashSet<u64> = [3, 4, 5, 6].into();
+        let a: ShingleSet = [1, 2, 3, 4].into_iter().collect();
+        let b: ShingleSet = [3, 4, 5, 6].into_iter().collect();
         assert!((jaccard(&a, &b) - 2.0 / 6.0).abs() < 1e-12);
         assert_eq!(jaccard(&a, &a), 1.0);
     }
@@ -245,8 +271,8 @@ mod tests {
     #[test]
     fn signature_estimates_jaccard() {
         let perms = permutations();
-        let a: HashSet<u64> = (0..1000).collect();
-        let b: HashSet<u64> = (200..1200).collect();
+        let a: ShingleSet = (0..1000).collect();
+        let b: ShingleSet = (200..1200).collect();
         let (sa, sb) = (signature(&a, &perms), signature(&b, &perms));
         let est = sa.iter().zip(&sb).filter(|(x, y)| x == y).count() as f64 / PERMUTATIONS as f64;
         let exact = jaccard(&a, &b);

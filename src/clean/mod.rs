@@ -229,7 +229,15 @@ pub fn clean_text(category: Category, text: &str, opts: &CleanOptions) -> String
     if category == Category::Repository {
         return text.strip_prefix('\u{feff}').unwrap_or(text).to_string();
     }
-    let text: String = text.nfkc().collect();
+    // Most text is already NFKC (all of ASCII is): the quick check spares the
+    // decompose-and-recompose pass, a seventh of `clean`'s time.
+    let text: std::borrow::Cow<'_, str> = if unicode_normalization::is_nfkc_quick(text.chars())
+        == unicode_normalization::IsNormalized::Yes
+    {
+        std::borrow::Cow::Borrowed(text)
+    } else {
+        std::borrow::Cow::Owned(text.nfkc().collect())
+    };
     let text = text.replace("\r\n", "\n").replace('\r', "\n");
     let text: String = text
         .chars()
