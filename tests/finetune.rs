@@ -522,18 +522,31 @@ fn preference_objectives_match_trl() {
             &out,
         ])
     };
-    for (objective, loss) in [("dpo", "sigmoid"), ("dpo", "ipo"), ("orpo", "sigmoid")] {
-        let out = format!("{objective}-{loss}");
+    // (objective, loss, reference log-probabilities computed before training)
+    for (objective, loss, precompute) in [
+        ("dpo", "sigmoid", false),
+        ("dpo", "ipo", false),
+        ("dpo", "sigmoid", true),
+        ("orpo", "sigmoid", false),
+    ] {
+        let out = format!("{objective}-{loss}-{precompute}");
         let f = train(&train_job(
             root,
             &base,
             &out,
-            settings(json!({"objective": objective, "dpo_loss": loss})),
+            settings(
+                json!({"objective": objective, "dpo_loss": loss, "precompute_ref": precompute}),
+            ),
             None,
         ));
         assert_eq!(f["objective"], objective);
         let theirs = root.join(format!("{out}.trl.safetensors"));
-        let logged = trl(objective, &base, json!({"loss_type": loss}), &theirs);
+        let logged = trl(
+            objective,
+            &base,
+            json!({"loss_type": loss, "precompute": precompute}),
+            &theirs,
+        );
         let loss = out.as_str();
         assert_preference_metrics_match(loss, &f, &logged);
         let diff = max_tensor_diff(&root.join(&out).join("model.safetensors"), &theirs);

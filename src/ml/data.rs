@@ -166,10 +166,13 @@ pub fn read_split(
 
 /// A preference example: one prompt answered with the chosen and the rejected reply,
 /// each row labelled on its reply only.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Pair {
     pub chosen: Row,
     pub rejected: Row,
+    /// The reference model's log-probabilities of the two replies, once precomputed
+    /// (DPO's `precompute_ref`).
+    pub reference: Option<(f32, f32)>,
 }
 
 /// The prompt conversation and the two replies of a preference record: `prompt` as a
@@ -279,7 +282,11 @@ pub fn read_pairs(
             stats.tokens += row.ids.len();
             stats.target_tokens += row.target_count();
         }
-        pairs.push(Pair { chosen, rejected });
+        pairs.push(Pair {
+            chosen,
+            rejected,
+            reference: None,
+        });
     }
     Ok((pairs, stats))
 }

@@ -176,6 +176,11 @@ pub struct TrainSettings {
     /// DPO), in 0..0.5.
     #[serde(default)]
     pub label_smoothing: f64,
+    /// DPO: compute the reference's log-probabilities of every pair once, before
+    /// training, instead of a reference forward pass per step; with `method: full` no
+    /// frozen copy of the model is kept (TRL's `precompute_ref_log_probs`).
+    #[serde(default)]
+    pub precompute_ref: bool,
     /// LoRA settings (with `method: lora`).
     #[serde(default)]
     pub lora: LoraSettings,

@@ -167,6 +167,12 @@ pub fn settings_issues(p: &TrainSettings) -> Vec<ParamIssue> {
             );
         }
     }
+    if p.objective != Objective::Dpo && p.precompute_ref {
+        bad(
+            "precompute_ref",
+            "precompute_ref applies to objective: dpo (ORPO has no reference)".into(),
+        );
+    }
     if p.objective != Objective::Dpo && p.label_smoothing != 0.0 {
         bad(
             "label_smoothing",

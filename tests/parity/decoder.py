@@ -322,7 +322,8 @@ def preference(objective, model_dir, data, settings, out):
         args = ORPOConfig(**common, max_length=4096)
         trainer = ORPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)
     else:
-        args = DPOConfig(**common, loss_type=[s.get("loss_type", "sigmoid")], max_length=None)
+        args = DPOConfig(**common, loss_type=[s.get("loss_type", "sigmoid")], max_length=None,
+                         precompute_ref_log_probs=s.get("precompute", False))
         trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h and "step" in h]

@@ -29,19 +29,49 @@ pub enum Reference {
     Adapters,
     /// A frozen copy of the starting weights.
     Frozen(Box<Model>),
+    /// Log-probabilities computed before training, kept in each pair.
+    Precomputed,
     /// No reference (ORPO).
     None,
 }
 
 impl Reference {
     /// The reference's log-probabilities of each row's labelled tokens.
-    fn logps(&self, policy: &Model, batch: &Batch, bf16: bool) -> Option<Tensor> {
+    fn logps(&self, policy: &Model, batch: &Batch, pairs: &[&Pair], bf16: bool) -> Option<Tensor> {
         let _guard = tch::no_grad_guard();
         let of = |m: &Model| reply_logps(&logits(m, batch, bf16), &batch.labels).0;
         match self {
             Reference::Adapters => Some(policy.as_reference(|| of(policy))),
             Reference::Frozen(model) => Some(of(model)),
+            Reference::Precomputed => {
+                let stored = |pick: fn(&(f32, f32)) -> f32| {
+                    pairs
+                        .iter()
+                        .map(move |p| pick(&p.reference.expect("precomputed reference")))
+                };
+                let values: Vec<f32> = stored(|r| r.0).chain(stored(|r| r.1)).collect();
+                Some(Tensor::from_slice(&values).to_device(policy.device))
+            }
             Reference::None => None,
+        }
+    }
+}
+
+/// Stores in every pair the log-probabilities its replies have under `model` as its own
+/// reference ([`Model::as_reference`]: the starting weights, before any step).
+pub fn precompute(model: &Model, pairs: &mut [Pair], batch: usize, pad: i64, bf16: bool) {
+    let _guard = tch::no_grad_guard();
+    for chunk in pairs.chunks_mut(batch.max(1)) {
+        let values: Vec<f32> = {
+            let refs: Vec<&Pair> = chunk.iter().collect();
+            let batch = pair_batch(model, &refs, pad, model.device);
+            let logps =
+                model.as_reference(|| reply_logps(&logits(model, &batch, bf16), &batch.labels).0);
+            Vec::try_from(logps.to_kind(Kind::Float)).unwrap_or_default()
+        };
+        let n = chunk.len();
+        for (i, pair) in chunk.iter_mut().enumerate() {
+            pair.reference = Some((values[i], values[n + i]));
         }
     }
 }
@@ -300,7 +330,7 @@ fn pair_loss(
     bf16: bool,
     s: &TrainSettings,
 ) -> (Tensor, Sums) {
-    let reference = reference.logps(model, batch, bf16);
+    let reference = reference.logps(model, batch, pairs, bf16);
     let logp = logits(model, batch, bf16);
     let (logps, counts) = reply_logps(&logp, &batch.labels);
     match reference {

@@ -490,8 +490,8 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
             model.cfg.arch.name()
         ));
     }
-    let (train, train_stats) = read(cairn::dataset::TRAIN_FILE)?;
-    let (test, test_stats) = read(cairn::dataset::TEST_FILE)?;
+    let (mut train, train_stats) = read(cairn::dataset::TRAIN_FILE)?;
+    let (mut test, test_stats) = read(cairn::dataset::TEST_FILE)?;
     if train.is_empty() {
         let unreadable = match s.objective {
             Objective::Sft => "unreadable",
@@ -547,6 +547,18 @@ pub fn run(job: &TrainJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String>
     // DPO's reference, taken before anything trains (and before a checkpoint loads).
     let reference = match (s.objective, s.method) {
         (Objective::Sft, _) => None,
+        (Objective::Dpo, _) if s.precompute_ref => {
+            if continued.is_some() {
+                model.reference_lora = Some(model.frozen_copy().lora);
+            }
+            for examples in [&mut train, &mut test] {
+                if let Examples::Pairs(pairs) = examples {
+                    preference::precompute(&model, pairs, s.batch_size.max(1), pad, bf16);
+                }
+            }
+            model.reference_lora = None;
+            Some(preference::Reference::Precomputed)
+        }
         (Objective::Dpo, Method::Lora) => {
             if continued.is_some() {
                 model.reference_lora = Some(model.frozen_copy().lora);
