@@ -119,6 +119,20 @@ pub fn encode(
     Ok(row)
 }
 
+/// The records of a split file (none when the split is absent) and stats that count them.
+fn read_records(path: &Path) -> Result<(Vec<Value>, SplitStats), String> {
+    let records: Vec<Value> = if path.exists() {
+        crate::documents::read_jsonl(path)?
+    } else {
+        Vec::new()
+    };
+    let stats = SplitStats {
+        records: records.len(),
+        ..SplitStats::default()
+    };
+    Ok((records, stats))
+}
+
 /// Reads `dir/<split>.jsonl` of a dataset artifact into rows of at most `max_len` tokens
 /// (longer ones lose their first tokens, so the response is kept).
 pub fn read_split(
@@ -128,15 +142,7 @@ pub fn read_split(
     eos: &str,
     max_len: usize,
 ) -> Result<(Vec<Row>, SplitStats), String> {
-    let records: Vec<Value> = if path.exists() {
-        crate::documents::read_jsonl(path)?
-    } else {
-        Vec::new()
-    };
-    let mut stats = SplitStats {
-        records: records.len(),
-        ..SplitStats::default()
-    };
+    let (records, mut stats) = read_records(path)?;
     let mut rows = Vec::new();
     for record in &records {
         let Some(conv) =
@@ -254,15 +260,7 @@ pub fn read_pairs(
     eos: &str,
     max_len: usize,
 ) -> Result<(Vec<Pair>, SplitStats), String> {
-    let records: Vec<Value> = if path.exists() {
-        crate::documents::read_jsonl(path)?
-    } else {
-        Vec::new()
-    };
-    let mut stats = SplitStats {
-        records: records.len(),
-        ..SplitStats::default()
-    };
+    let (records, mut stats) = read_records(path)?;
     let mut pairs = Vec::new();
     for record in &records {
         let Some((prompt, chosen, rejected)) = preference_record(record) else {

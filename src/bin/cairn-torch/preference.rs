@@ -133,6 +133,35 @@ impl Sums {
         self.pairs += other.pairs;
     }
 
+    /// The sums of one batch: its summed `loss`, rewards `beta` x `chosen`/`rejected`
+    /// (per pair), and the policy's log-probabilities `logps` (chosen, rejected).
+    fn of(
+        loss: &Tensor,
+        chosen: &Tensor,
+        rejected: &Tensor,
+        logps: (&Tensor, &Tensor),
+        beta: f64,
+    ) -> Self {
+        let chosen_rewards = chosen.detach() * beta;
+        let rejected_rewards = rejected.detach() * beta;
+        let accurate = chosen_rewards
+            .gt_tensor(&rejected_rewards)
+            .to_kind(Kind::Float);
+        Sums {
+            sums: Metrics {
+                loss: tensor_sum(loss),
+                rewards_chosen: tensor_sum(&chosen_rewards),
+                rewards_rejected: tensor_sum(&rejected_rewards),
+                rewards_margins: tensor_sum(&(&chosen_rewards - &rejected_rewards)),
+                rewards_accuracies: tensor_sum(&accurate),
+                logps_chosen: tensor_sum(logps.0),
+                logps_rejected: tensor_sum(logps.1),
+                ..Metrics::default()
+            },
+            pairs: chosen.size()[0] as usize,
+        }
+    }
+
     /// The summed loss.
     pub fn loss(&self) -> f64 {
         self.sums.loss
@@ -165,6 +194,11 @@ fn logits(model: &Model, batch: &Batch, bf16: bool) -> Tensor {
         .narrow(1, 0, t - 1)
         .to_kind(Kind::Float)
         .log_softmax(-1, Kind::Float)
+}
+
+/// The sum of a tensor's elements, as a number.
+fn tensor_sum(t: &Tensor) -> f64 {
+    t.detach().sum(Kind::Float).double_value(&[])
 }
 
 /// Per row: the summed log-probability of the tokens `labels` marks (shifted as the
@@ -209,26 +243,10 @@ fn orpo_loss(logps: &Tensor, counts: &Tensor, nll: &Tensor, s: &TrainSettings) -
     let log_odds = (&chosen - &rejected) - (log1mexp(&chosen) - log1mexp(&rejected));
     let ratio = log_odds.log_sigmoid();
     let loss = nll * n as f64 - ratio.sum(Kind::Float) * s.beta;
-    let sum = |t: &Tensor| t.detach().sum(Kind::Float).double_value(&[]);
-    let chosen_rewards = chosen.detach() * s.beta;
-    let rejected_rewards = rejected.detach() * s.beta;
-    let sums = Sums {
-        sums: Metrics {
-            loss: sum(&loss),
-            rewards_chosen: sum(&chosen_rewards),
-            rewards_rejected: sum(&rejected_rewards),
-            rewards_margins: sum(&(&chosen_rewards - &rejected_rewards)),
-            rewards_accuracies: sum(&chosen_rewards
-                .gt_tensor(&rejected_rewards)
-                .to_kind(Kind::Float)),
-            logps_chosen: sum(&chosen),
-            logps_rejected: sum(&rejected),
-            nll_loss: Some(nll.double_value(&[]) * n as f64),
-            log_odds_ratio: Some(sum(&ratio)),
-            log_odds_chosen: Some(sum(&log_odds)),
-        },
-        pairs: n as usize,
-    };
+    let mut sums = Sums::of(&loss, &chosen, &rejected, (&chosen, &rejected), s.beta);
+    sums.sums.nll_loss = Some(nll.double_value(&[]) * n as f64);
+    sums.sums.log_odds_ratio = Some(tensor_sum(&ratio));
+    sums.sums.log_odds_chosen = Some(tensor_sum(&log_odds));
     (loss, sums)
 }
 
@@ -281,24 +299,13 @@ fn dpo_loss(
         }
     };
     let loss = per_pair.sum(Kind::Float);
-    let sum = |t: &Tensor| t.detach().sum(Kind::Float).double_value(&[]);
-    let chosen_rewards = chosen_ratio.detach() * s.beta;
-    let rejected_rewards = rejected_ratio.detach() * s.beta;
-    let sums = Sums {
-        sums: Metrics {
-            loss: sum(&loss),
-            rewards_chosen: sum(&chosen_rewards),
-            rewards_rejected: sum(&rejected_rewards),
-            rewards_margins: sum(&(&chosen_rewards - &rejected_rewards)),
-            rewards_accuracies: sum(&chosen_rewards
-                .gt_tensor(&rejected_rewards)
-                .to_kind(Kind::Float)),
-            logps_chosen: sum(&half(logps, 0)),
-            logps_rejected: sum(&half(logps, 1)),
-            ..Metrics::default()
-        },
-        pairs: n as usize,
-    };
+    let sums = Sums::of(
+        &loss,
+        &chosen_ratio,
+        &rejected_ratio,
+        (&half(logps, 0), &half(logps, 1)),
+        s.beta,
+    );
     (loss, sums)
 }
 
