@@ -57,15 +57,20 @@ pub struct Verdict {
     pub style_reason: String,
 }
 
-/// Parses a judge reply; `Err` says why it is unusable.
-pub fn parse_verdict(reply: &str) -> Result<Verdict, String> {
+/// The JSON object of an LLM judge's reply, fenced in a code block or not.
+pub fn judge_json(reply: &str) -> Result<Value, String> {
     let text = reply.trim();
     let text = text
         .strip_prefix("```json")
         .or_else(|| text.strip_prefix("```"))
         .map(|t| t.trim_end().trim_end_matches("```"))
         .unwrap_or(text);
-    let v: Value = serde_json::from_str(text.trim()).map_err(|e| format!("not JSON: {e}"))?;
+    serde_json::from_str(text.trim()).map_err(|e| format!("not JSON: {e}"))
+}
+
+/// Parses a judge reply; `Err` says why it is unusable.
+pub fn parse_verdict(reply: &str) -> Result<Verdict, String> {
+    let v = judge_json(reply)?;
     let score = |key: &str| -> Result<(u8, String), String> {
         let s = v[key]["score"]
             .as_f64()

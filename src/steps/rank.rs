@@ -76,13 +76,7 @@ pub struct Scores {
 
 /// Reads a judge reply: a JSON object (fenced or not) with one numeric score per reply.
 pub fn parse_scores(reply: &str, replies: usize) -> Result<Scores, String> {
-    let text = reply.trim();
-    let text = text
-        .strip_prefix("```json")
-        .or_else(|| text.strip_prefix("```"))
-        .map(|t| t.trim_end().trim_end_matches("```"))
-        .unwrap_or(text);
-    let v: Value = serde_json::from_str(text.trim()).map_err(|e| format!("not JSON: {e}"))?;
+    let v = ml::report::judge_json(reply)?;
     let scores: Vec<f64> = v["scores"]
         .as_array()
         .ok_or("no `scores` list")?
