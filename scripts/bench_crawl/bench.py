@@ -31,7 +31,8 @@ def run(cmd, cwd, env=None):
 def main():
     port, python = sys.argv[1], sys.argv[2]
     start = f"http://127.0.0.1:{port}/index.html"
-    cairn = os.path.join(ROOT, "target/release/cairn")
+    # The release binary (the script passes it: CARGO_TARGET_DIR may move it).
+    cairn = sys.argv[3] if len(sys.argv) > 3 else os.path.join(ROOT, "target/release/cairn")
     rows = []
     with tempfile.TemporaryDirectory() as work:
         with open(os.path.join(work, "c.yaml"), "w") as f:
