@@ -17,7 +17,7 @@ use crate::llm::{self, ChatMessage, LlmError, LlmSettings};
 use crate::ml::job::{EvalJob, EvalResults, GenerationSettings};
 use crate::ml::report::{self, mean, round4};
 use crate::ml::rouge::rouge_l;
-use crate::ml::worker::{self, WorkerError};
+use crate::ml::worker;
 use crate::{dataset, ml, models};
 
 /// The `evaluate` step kind.
@@ -177,10 +177,6 @@ impl Kind for EvaluateStep {
     }
 
     async fn run(&self, p: &EvaluateParams, ctx: &StepContext) -> Result<StepOutputs, StepError> {
-        let failed = |e: WorkerError| match e {
-            WorkerError::Cancelled => StepError::Cancelled,
-            WorkerError::Failed(m) => StepError::Failed(m),
-        };
         let mut targets: Vec<(String, PathBuf)> = vec![("model".into(), ctx.input_path("model")?)];
         if let Some(b) = ctx.inputs.get("baseline") {
             targets.push(("baseline".into(), b.path.clone()));
@@ -231,8 +227,7 @@ impl Kind for EvaluateStep {
                 },
                 &ctx.cancel,
             )
-            .await
-            .map_err(failed)?;
+            .await?;
             let text = std::fs::read_to_string(&out)
                 .map_err(|e| StepError::Failed(format!("{}: {e}", out.display())))?;
             let r: EvalResults = serde_json::from_str(&text)

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use super::{InputDecl, Kind, ParamIssue, StepContext, StepError, StepOutputs};
 use crate::ml::job::{Method, Objective, TrainJob, TrainSettings};
 use crate::ml::template::Template;
-use crate::ml::worker::{self, WorkerError};
+use crate::ml::worker;
 use crate::{dataset, ml, models};
 
 /// The `finetune` step kind.
@@ -362,11 +362,7 @@ impl Kind for FinetuneStep {
             },
             &ctx.cancel,
         )
-        .await
-        .map_err(|e| match e {
-            WorkerError::Cancelled => StepError::Cancelled,
-            WorkerError::Failed(m) => StepError::Failed(m),
-        })?;
+        .await?;
         let mut meta = finished;
         if let Some(m) = meta.as_object_mut() {
             let settings = serde_json::to_value(&p).unwrap_or_default();

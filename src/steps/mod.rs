@@ -380,6 +380,16 @@ pub enum StepError {
     Store(#[from] crate::store::StoreError),
 }
 
+impl From<crate::ml::worker::WorkerError> for StepError {
+    /// A `cairn-torch` job that failed is the step's own failure.
+    fn from(e: crate::ml::worker::WorkerError) -> Self {
+        match e {
+            crate::ml::worker::WorkerError::Cancelled => StepError::Cancelled,
+            crate::ml::worker::WorkerError::Failed(m) => StepError::Failed(m),
+        }
+    }
+}
+
 /// Whose a failure is to fix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -12,7 +12,7 @@ use serde_json::json;
 
 use super::{InputDecl, Kind, ParamIssue, StepContext, StepError, StepOutputs};
 use crate::ml::job::{GenerationSettings, SampleJob};
-use crate::ml::worker::{self, WorkerError};
+use crate::ml::worker;
 use crate::{dataset, ml};
 
 /// The `sample` step kind.
@@ -157,11 +157,7 @@ impl Kind for SampleStep {
             },
             &ctx.cancel,
         )
-        .await
-        .map_err(|e| match e {
-            WorkerError::Cancelled => StepError::Cancelled,
-            WorkerError::Failed(m) => StepError::Failed(m),
-        })?;
+        .await?;
         let note = format!(
             "{} replies to {} prompts, {:.0} tokens/s ({})",
             done["samples"],

@@ -1067,11 +1067,17 @@ impl Model {
     /// full-model preference tuning).
     pub fn frozen_copy(&self) -> Self {
         let _guard = tch::no_grad_guard();
+        self.copy_with(|t| t.detach().copy())
+    }
+
+    /// This model with every plain tensor (weights, adapters, added rows) passed through
+    /// `copy`; NF4 weights are never written, so they are shared.
+    fn copy_with(&self, copy: impl Fn(&Tensor) -> Tensor) -> Self {
         let mut m = Self::new(
             self.cfg.clone(),
             self.params
                 .iter()
-                .map(|(k, v)| (k.clone(), v.detach().copy()))
+                .map(|(k, v)| (k.clone(), copy(v)))
                 .collect(),
             self.device,
         );
@@ -1089,15 +1095,15 @@ impl Model {
                 (
                     k.clone(),
                     LoraPair {
-                        a: p.a.detach().copy(),
-                        b: p.b.detach().copy(),
+                        a: copy(&p.a),
+                        b: copy(&p.b),
                     },
                 )
             })
             .collect();
         m.new_rows = self.new_rows.as_ref().map(|r| NewRows {
-            embed: r.embed.detach().copy(),
-            head: r.head.as_ref().map(|h| h.detach().copy()),
+            embed: copy(&r.embed),
+            head: r.head.as_ref().map(&copy),
         });
         m
     }
@@ -1221,38 +1227,7 @@ impl Model {
     /// This model with its adapters folded into the weights; `self` is left as it was
     /// (merging replaces weight tensors, it never writes into them, so sharing is safe).
     pub fn merged(&self) -> Self {
-        let mut m = Self::new(
-            self.cfg.clone(),
-            self.params
-                .iter()
-                .map(|(k, v)| (k.clone(), v.shallow_clone()))
-                .collect(),
-            self.device,
-        );
-        m.lora = self
-            .lora
-            .iter()
-            .map(|(k, p)| {
-                (
-                    k.clone(),
-                    LoraPair {
-                        a: p.a.shallow_clone(),
-                        b: p.b.shallow_clone(),
-                    },
-                )
-            })
-            .collect();
-        m.lora_scaling = self.lora_scaling;
-        m.new_rows = self.new_rows.as_ref().map(|r| NewRows {
-            embed: r.embed.shallow_clone(),
-            head: r.head.as_ref().map(Tensor::shallow_clone),
-        });
-        m.quantized = self
-            .quantized
-            .iter()
-            .map(|(k, q)| (k.clone(), q.share()))
-            .collect();
-        m.compute_kind = self.compute_kind;
+        let mut m = self.copy_with(Tensor::shallow_clone);
         m.merge_lora();
         m.fold_new_rows();
         m.dequantize_all();

@@ -7,6 +7,12 @@ use cairn::ml::data;
 use cairn::ml::job::{Answer, EvalJob, EvalResults, GenerationSettings};
 use cairn::ml::template::{Conversation, Role};
 
+use std::path::Path;
+
+use cairn::ml::template::Template;
+use tokenizers::Tokenizer;
+
+use crate::decoder::Model;
 use crate::generate::generate;
 use crate::{modeldir, train};
 
@@ -17,18 +23,51 @@ pub fn stop_ids(tokenizer: &tokenizers::Tokenizer, eos: &str, stops: &[String]) 
     ids
 }
 
+/// A model loaded to generate as it was trained: adapters merged, with its template and
+/// EOS (what `evaluate` and `sample` both start from).
+pub struct Trained {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub template: Template,
+    pub eos: String,
+    pub device: tch::Device,
+    pub bf16: bool,
+}
+
+/// Loads the model in `dir` on `device` (reporting the choice through `emit`).
+pub fn load_trained(
+    dir: &Path,
+    device: &str,
+    threads: usize,
+    emit: &mut dyn FnMut(Value),
+) -> Result<Trained, String> {
+    let (device, reason, bf16) = train::device_for(device, "auto", threads)?;
+    emit(json!({"device": {"device": crate::device::name(device), "reason": reason}}));
+    let (mut model, tokenizer, card) =
+        modeldir::load_any(dir, device, modeldir::Storage::plain(tch::Kind::Float))?;
+    model.merge_lora();
+    let template = card.template(dir, &tokenizer)?;
+    let (eos, _) = card.eos(&tokenizer, None)?;
+    Ok(Trained {
+        model,
+        tokenizer,
+        template,
+        eos,
+        device,
+        bf16,
+    })
+}
+
 /// Runs an evaluation job.
 pub fn run(job: &EvalJob, emit: &mut dyn FnMut(Value)) -> Result<EvalResults, String> {
-    let (device, reason, bf16) = train::device_for(&job.device, "auto", job.threads)?;
-    emit(json!({"device": {"device": crate::device::name(device), "reason": reason}}));
-    let (mut model, tokenizer, card) = modeldir::load_any(
-        &job.model,
+    let Trained {
+        model,
+        tokenizer,
+        template,
+        eos,
         device,
-        modeldir::Storage::plain(tch::Kind::Float),
-    )?;
-    model.merge_lora();
-    let template = card.template(&job.model, &tokenizer)?;
-    let (eos, _) = card.eos(&tokenizer, None)?;
+        bf16,
+    } = load_trained(&job.model, &job.device, job.threads, emit)?;
     let pad = tokenizer.token_to_id(&eos).map(i64::from).unwrap_or(0);
     let stops = template.stop_strings();
     let eos_ids = stop_ids(&tokenizer, &eos, &stops);

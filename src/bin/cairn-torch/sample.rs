@@ -10,22 +10,19 @@ use serde_json::{json, Value};
 use cairn::ml::job::{GenerationSettings, SampleJob};
 use cairn::ml::template::{Conversation, Role};
 
-use crate::evaluate::stop_ids;
+use crate::evaluate::{load_trained, stop_ids, Trained};
 use crate::generate::generate_many;
-use crate::{modeldir, train};
 
 /// Runs a sampling job; returns how many prompts and replies it wrote.
 pub fn run(job: &SampleJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String> {
-    let (device, reason, _) = train::device_for(&job.device, "auto", job.threads)?;
-    emit(json!({"device": {"device": crate::device::name(device), "reason": reason}}));
-    let (mut model, tokenizer, card) = modeldir::load_any(
-        &job.model,
+    let Trained {
+        model,
+        tokenizer,
+        template,
+        eos,
         device,
-        modeldir::Storage::plain(tch::Kind::Float),
-    )?;
-    model.merge_lora();
-    let template = card.template(&job.model, &tokenizer)?;
-    let (eos, _) = card.eos(&tokenizer, None)?;
+        ..
+    } = load_trained(&job.model, &job.device, job.threads, emit)?;
     let mut stops = template.stop_strings();
     stops.extend(job.generation.stop.iter().cloned());
     let eos_ids = stop_ids(&tokenizer, &eos, &stops);
