@@ -31,6 +31,7 @@ const LAYERS: &[&[&str]] = &[
         "vectorstore",
         "embed",
         "ml",
+        "experiments",
     ],
     // Adapters from domain code to the `Step` contract.
     &["steps"],

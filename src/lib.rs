@@ -14,6 +14,7 @@ pub mod docstore;
 pub mod documents;
 pub mod embed;
 pub mod engine;
+pub mod experiments;
 pub mod extract;
 pub mod graph;
 pub mod helper;

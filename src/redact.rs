@@ -67,6 +67,58 @@ pub fn redact_str(text: &str) -> String {
     }
 }
 
+/// API keys and tokens in their vendors' formats (AWS, GitHub, Slack, OpenAI, Anthropic,
+/// Stripe, Google, Hugging Face, JWTs, PEM private keys). `clean`'s PII scrubbing uses the
+/// same list; ASCII word boundaries as in its other patterns (the Unicode ones cost
+/// throughput).
+pub static KEY_FORMATS: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+    regex::Regex::new(concat!(
+        r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----",
+        r"|(?-u:\b)(?:AKIA|ASIA)[0-9A-Z]{16}(?-u:\b)", // AWS access key id
+        r"|(?-u:\b)gh[pousr]_[A-Za-z0-9]{36,}(?-u:\b)", // GitHub
+        r"|(?-u:\b)github_pat_[A-Za-z0-9_]{40,}(?-u:\b)",
+        r"|(?-u:\b)xox[abposr]-[A-Za-z0-9-]{10,}(?-u:\b)", // Slack
+        r"|(?-u:\b)sk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}(?-u:\b)", // OpenAI, Anthropic
+        r"|(?-u:\b)(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}(?-u:\b)", // Stripe
+        r"|(?-u:\b)AIza[0-9A-Za-z_-]{35}(?-u:\b)",         // Google
+        r"|(?-u:\b)hf_[A-Za-z0-9]{30,}(?-u:\b)",           // Hugging Face
+        r"|(?-u:\b)eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}", // JWT
+    ))
+    .expect("valid regex")
+});
+
+static ASSIGNMENT: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+    regex::Regex::new(r#"(?-u:\b)([A-Za-z_][A-Za-z0-9_-]*)\s*[=:]\s*"?"#).expect("valid regex")
+});
+
+/// Free text (an error message, a log line) with secrets masked: URL passwords,
+/// `NAME=value` / `NAME: value` where NAME looks secret (`token`, `api_key`, ...), and keys
+/// in known vendor formats wherever they appear.
+pub fn redact_text(text: &str) -> String {
+    let text = redact_str(text);
+    let mut out = String::with_capacity(text.len());
+    let mut copied = 0;
+    for c in ASSIGNMENT.captures_iter(&text) {
+        let (Some(all), Some(name)) = (c.get(0), c.get(1)) else {
+            continue;
+        };
+        if all.start() < copied || !secret_key(name.as_str()) {
+            continue;
+        }
+        let value_end = text[all.end()..]
+            .find(|ch: char| ch.is_whitespace() || "\"',;&".contains(ch))
+            .map_or(text.len(), |i| all.end() + i);
+        if value_end == all.end() {
+            continue;
+        }
+        out.push_str(&text[copied..all.end()]);
+        out.push_str(MASK);
+        copied = value_end;
+    }
+    out.push_str(&text[copied..]);
+    KEY_FORMATS.replace_all(&out, MASK).into_owned()
+}
+
 /// `value` with every secret masked, recursively.
 pub fn redact(value: &Value) -> Value {
     match value {
@@ -107,6 +159,15 @@ pub fn entry_is_secret(key: &str, value: &Value) -> bool {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn free_text_loses_keys_and_secret_assignments() {
+        let text = "exit 3; stderr: token=abc123 max_tokens=100 OPENAI_API_KEY: \"sk-abcdefghijklmnopqrstuvwxyz\" used ghp_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789 at mongodb://u:pw@h/db";
+        assert_eq!(
+            redact_text(text),
+            "exit 3; stderr: token=*** max_tokens=100 OPENAI_API_KEY: \"***\" used *** at mongodb://u:***@h/db"
+        );
+    }
 
     #[test]
     fn contains_secret_agrees_with_redact() {

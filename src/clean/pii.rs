@@ -156,20 +156,8 @@ static CARD: LazyLock<Regex> = LazyLock::new(|| {
 });
 static IBAN: LazyLock<Regex> =
     LazyLock::new(|| word_regex(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"));
-static KEY_FORMATS: LazyLock<Regex> = LazyLock::new(|| {
-    word_regex(concat!(
-        r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----",
-        r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",  // AWS access key id
-        r"|\bgh[pousr]_[A-Za-z0-9]{36,}\b", // GitHub
-        r"|\bgithub_pat_[A-Za-z0-9_]{40,}\b",
-        r"|\bxox[abposr]-[A-Za-z0-9-]{10,}\b",        // Slack
-        r"|\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}\b", // OpenAI, Anthropic
-        r"|\b(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}\b", // Stripe
-        r"|\bAIza[0-9A-Za-z_-]{35}\b",                // Google
-        r"|\bhf_[A-Za-z0-9]{30,}\b",                  // Hugging Face
-        r"|\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}", // JWT
-    ))
-});
+// The vendor key formats are shared with the redaction of displayed text.
+use crate::redact::KEY_FORMATS;
 // Candidates for the entropy test: long runs of token characters.
 static LONG_TOKEN: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"[A-Za-z0-9+/_=-]{32,}").expect("valid"));

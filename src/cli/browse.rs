@@ -39,6 +39,12 @@ pub enum RunsCommand {
         /// Step name.
         step: String,
     },
+    /// Compare runs, or the variants of a sweep, side by side: the params that differ,
+    /// final and best metrics, duration and status.
+    Compare(super::experiments::CompareRunsArgs),
+    /// Export runs as OpenLineage events (JSON lines), optionally POSTed to a lineage
+    /// server.
+    Export(super::experiments::ExportArgs),
 }
 
 /// `cairn artifacts`.
@@ -82,6 +88,8 @@ pub enum ArtifactsCommand {
         /// Path inside a directory artifact (omit to list its files).
         path: Option<String>,
     },
+    /// Compare the metrics of several artifacts (models, evaluation reports) side by side.
+    Compare(super::experiments::CompareArtifactsArgs),
     /// Compare two artifacts: record fields, metadata, and content.
     Diff {
         /// First artifact.
@@ -189,6 +197,8 @@ pub fn runs(cli: &Cli, cmd: &RunsCommand) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        RunsCommand::Compare(args) => return super::experiments::compare_runs(&store, args),
+        RunsCommand::Export(args) => return super::experiments::export(&store, args),
         RunsCommand::Log { run, step } => {
             let record = store
                 .db()
@@ -312,6 +322,9 @@ pub fn artifacts(cli: &Cli, cmd: &ArtifactsCommand) -> anyhow::Result<ExitCode> 
                     copy_to_stdout(&target)?;
                 }
             }
+        }
+        ArtifactsCommand::Compare(args) => {
+            return super::experiments::compare_artifacts(args, |id| find(&store, id))
         }
         ArtifactsCommand::Diff { a, b } => {
             let a = find(&store, a)?;

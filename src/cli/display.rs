@@ -15,6 +15,7 @@ use crate::store::StepStatus;
 pub struct Terminal {
     multi: Option<MultiProgress>,
     quiet: bool,
+    name_width: usize,
 }
 
 impl Terminal {
@@ -24,7 +25,14 @@ impl Terminal {
         Self {
             multi: draw.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr())),
             quiet,
+            name_width: 20,
         }
+    }
+
+    /// Aligns step names to the longest (matrix variants are long), capped at 60.
+    pub fn with_name_width(mut self, longest: usize) -> Self {
+        self.name_width = longest.clamp(20, 60);
+        self
     }
 
     /// Prints a line above the bars.
@@ -72,7 +80,7 @@ impl Observer for Terminal {
         if self.quiet {
             return;
         }
-        self.println(&step_line(report));
+        self.println(&step_line(report, self.name_width));
     }
 
     fn finished(&self, report: &RunReport, elapsed: Duration) {
@@ -104,9 +112,9 @@ impl Observer for Terminal {
 }
 
 /// `  cached   chunk   12ms  unchanged since run ...  [chunks=abc123def456]`
-fn step_line(report: &StepReport) -> String {
+fn step_line(report: &StepReport, name_width: usize) -> String {
     let mut line = format!(
-        "  {:<8} {:<20} {:>8}  {}",
+        "  {:<8} {:<name_width$} {:>8}  {}",
         report.status.as_str(),
         report.name,
         format_duration(report.duration_ms),

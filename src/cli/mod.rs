@@ -3,6 +3,7 @@
 
 mod browse;
 mod display;
+mod experiments;
 mod generate;
 mod maintenance;
 mod query;

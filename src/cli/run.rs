@@ -168,7 +168,9 @@ fn execute(
         None => Store::open(&store_dir, Access::Shared)?,
     });
     tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "store open");
-    let observer: Arc<dyn engine::Observer> = Arc::new(Terminal::new(quiet));
+    let name_width = pipeline.steps.iter().map(|s| s.name.len()).max();
+    let observer: Arc<dyn engine::Observer> =
+        Arc::new(Terminal::new(quiet).with_name_width(name_width.unwrap_or(0)));
     let rt = runtime()?;
     let report = match mode {
         Mode::Plan => rt

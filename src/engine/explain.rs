@@ -35,7 +35,11 @@ pub fn why_rerun(
     previous: Option<&StepRecord>,
 ) -> String {
     let Some(prev) = previous else {
-        return "no earlier result".to_string();
+        return match &step.variant {
+            Some(v) if v.matrix => format!("matrix item {} is new", v.label),
+            Some(v) => format!("foreach item {} is new", v.label),
+            None => "no earlier result".to_string(),
+        };
     };
     let mut reasons = Vec::new();
     if prev.kind != step.uses {

@@ -450,6 +450,10 @@ impl<'a> Walk<'a> {
 
     /// Decides one step; `true` when it settled, `false` when a task now works on it.
     fn decide(&mut self, i: usize) -> Result<bool, EngineError> {
+        if let Some(reason) = &self.step(i).skip {
+            self.settle(i, State::Skipped, StepStatus::Skipped, reason.clone());
+            return Ok(true);
+        }
         let inputs = match self.input_digests(i) {
             Ok(inputs) => inputs,
             Err(Gate::Blocked(reason)) => {
@@ -1192,6 +1196,8 @@ mod tests {
             inputs: IndexMap::new(),
             expects: Default::default(),
             outputs: IndexMap::from([("out".to_string(), "file".to_string())]),
+            variant: None,
+            skip: None,
         };
         ResolvedPipeline {
             name: "verify".into(),

@@ -32,7 +32,19 @@ fn step_index(pipeline: &ResolvedPipeline, name: &str, flag: &str) -> Result<usi
         })
 }
 
-/// Resolves `--only`, `--from` and `--force` against the pipeline.
+/// Every variant of a foreach or matrix step written as `name` in the file.
+fn variants_of(pipeline: &ResolvedPipeline, name: &str) -> Vec<usize> {
+    pipeline
+        .steps
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.variant.as_ref().is_some_and(|v| v.base == name))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Resolves `--only`, `--from` and `--force` against the pipeline (a foreach or matrix
+/// step's name stands for all of its variants).
 pub fn select(pipeline: &ResolvedPipeline, opts: &RunOptions) -> Result<Selection, EngineError> {
     if !opts.only.is_empty() && opts.from.is_some() {
         return Err(EngineError::Selection(
@@ -42,18 +54,32 @@ pub fn select(pipeline: &ResolvedPipeline, opts: &RunOptions) -> Result<Selectio
     let mut selected = BTreeSet::new();
     if !opts.only.is_empty() {
         for name in &opts.only {
-            selected.insert(step_index(pipeline, name, "--only")?);
+            let variants = variants_of(pipeline, name);
+            if variants.is_empty() {
+                selected.insert(step_index(pipeline, name, "--only")?);
+            } else {
+                selected.extend(variants);
+            }
         }
     } else if let Some(from) = &opts.from {
-        selected = pipeline
-            .dag
-            .descendants(step_index(pipeline, from, "--from")?);
+        let mut starts = variants_of(pipeline, from);
+        if starts.is_empty() {
+            starts.push(step_index(pipeline, from, "--from")?);
+        }
+        for start in starts {
+            selected.extend(pipeline.dag.descendants(start));
+        }
     } else {
         selected.extend(0..pipeline.steps.len());
     }
     let mut forced = BTreeSet::new();
     for name in &opts.force {
-        forced.insert(step_index(pipeline, name, "--force")?);
+        let variants = variants_of(pipeline, name);
+        if variants.is_empty() {
+            forced.insert(step_index(pipeline, name, "--force")?);
+        } else {
+            forced.extend(variants);
+        }
     }
     if opts.force_all {
         forced.extend(selected.iter().copied());

@@ -4,7 +4,10 @@
 //! kinds and spec files bound, inputs linked to outputs, graph acyclic). Every problem
 //! found along the way is collected with its file:line:column and reported at once.
 
+mod condition;
 pub mod diagnostic;
+mod expand;
+mod include;
 mod link;
 pub mod location;
 mod params;
@@ -74,6 +77,21 @@ pub struct ResolvedStep {
     pub expects: BTreeMap<String, String>,
     /// Outputs by name, with kinds.
     pub outputs: IndexMap<String, String>,
+    /// The foreach or matrix item this step is one variant of.
+    pub variant: Option<Variant>,
+    /// Why the step does not run: its `when:` condition is false.
+    pub skip: Option<String>,
+}
+
+/// One variant of a `foreach` or `matrix` step.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Variant {
+    /// The step as written in the file (`train`).
+    pub base: String,
+    /// The item, as it appears between the brackets (`rank=8,lr=1e-4`).
+    pub label: String,
+    /// A matrix combination (else a foreach item).
+    pub matrix: bool,
 }
 
 impl std::fmt::Debug for ResolvedStep {

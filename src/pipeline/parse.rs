@@ -60,6 +60,8 @@ pub(super) fn quick_parse(src: &SourceFile) -> Option<RawPipeline> {
         name: String,
         #[serde(default)]
         description: Option<String>,
+        #[serde(default)]
+        include: Option<serde_yaml::Value>,
         #[serde(default, deserialize_with = "unique_keys")]
         params: Option<IndexMap<String, serde_yaml::Value>>,
         #[serde(default)]
@@ -70,9 +72,14 @@ pub(super) fn quick_parse(src: &SourceFile) -> Option<RawPipeline> {
 
     let strict: Strict = serde_yaml::from_str(&src.text).ok()?;
     let steps = strict.steps.filter(|s| !s.is_empty())?;
+    // Includes are read by the careful path, which locates problems in them.
+    if strict.include.is_some() {
+        return None;
+    }
     Some(RawPipeline {
         name: strict.name,
         description: strict.description,
+        include: Vec::new(),
         params: strict.params,
         docstore: strict.docstore,
         steps,

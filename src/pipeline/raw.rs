@@ -5,9 +5,25 @@ use indexmap::IndexMap;
 use serde::Deserialize;
 
 /// Top-level keys of a pipeline file.
-pub const PIPELINE_KEYS: &[&str] = &["name", "description", "params", "docstore", "steps"];
+pub const PIPELINE_KEYS: &[&str] = &[
+    "name",
+    "description",
+    "include",
+    "params",
+    "docstore",
+    "steps",
+];
 /// Keys of a step entry.
-pub const STEP_KEYS: &[&str] = &["uses", "description", "inputs", "with", "outputs"];
+pub const STEP_KEYS: &[&str] = &[
+    "uses",
+    "description",
+    "foreach",
+    "matrix",
+    "when",
+    "inputs",
+    "with",
+    "outputs",
+];
 /// Top-level keys of a step-spec file.
 pub const SPEC_KEYS: &[&str] = &[
     "name",
@@ -32,6 +48,10 @@ pub struct RawPipeline<S = RawStep> {
     /// Free text.
     #[serde(default)]
     pub description: Option<String>,
+    /// Pipeline files whose params and steps this one takes in (paths relative to this
+    /// file); its own params override theirs.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub include: Vec<String>,
     /// Pipeline parameters, referenced as `${params.NAME}`.
     #[serde(default)]
     pub params: Option<IndexMap<String, serde_yaml::Value>>,
@@ -49,6 +69,7 @@ impl<S> RawPipeline<S> {
         RawPipeline {
             name: self.name,
             description: self.description,
+            include: self.include,
             params: self.params,
             docstore: self.docstore,
             steps,
@@ -67,7 +88,7 @@ pub struct RawDocstore {
 
 /// A step entry. Unknown keys are refused here: the careful path reports them from the
 /// location index and removes them before deserializing.
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawStep {
     /// Step kind, or a spec file path (`./steps/x.yaml`).
@@ -75,6 +96,16 @@ pub struct RawStep {
     /// Free text.
     #[serde(default)]
     pub description: Option<String>,
+    /// One step per item of a list (or a `${params.NAME}` holding one): `step[item]`.
+    #[serde(default)]
+    pub foreach: Option<serde_yaml::Value>,
+    /// One step per combination of these lists: `step[rank=8,lr=1e-4]`.
+    #[serde(default, deserialize_with = "unique_keys")]
+    pub matrix: Option<IndexMap<String, serde_yaml::Value>>,
+    /// A condition (`true`, `${params.use_dpo}`, `${params.objective} == dpo`): when it
+    /// is false the step is shown as skipped and not run.
+    #[serde(default)]
+    pub when: Option<serde_yaml::Value>,
     /// Input name -> `step.output`.
     #[serde(default, deserialize_with = "unique_keys")]
     pub inputs: Option<IndexMap<String, String>>,
@@ -85,6 +116,21 @@ pub struct RawStep {
     /// DVC users write `outs:`.
     #[serde(default, deserialize_with = "outputs_map_or_list")]
     pub outputs: Option<IndexMap<String, String>>,
+}
+
+/// `include: a.yaml` or `include: [a.yaml, b.yaml]`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(deserializer)? {
+        None => Vec::new(),
+        Some(OneOrMany::One(file)) => vec![file],
+        Some(OneOrMany::Many(files)) => files,
+    })
 }
 
 /// The kind of an output declared by name alone (`outputs: [out]`).

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use indexmap::IndexMap;
 use serde_json::Value;
 
+use super::expand::Expanded;
+use super::include::Origin;
 use super::link::step_graph;
 use super::raw::{self, RawPipeline};
 use super::source::SourceFile;
@@ -20,6 +22,14 @@ pub(super) struct Resolver<'a> {
     pub(super) src: &'a SourceFile,
     pub(super) diags: Vec<Diagnostic>,
     pub(super) specs: HashMap<PathBuf, Option<std::sync::Arc<spec::Spec>>>,
+    /// Files taken in by `include:`.
+    pub(super) included: Vec<SourceFile>,
+    /// Which file each step came from (absent: the root file).
+    pub(super) step_origin: HashMap<String, Origin>,
+    /// Which file each param came from (absent: the root file).
+    pub(super) param_origin: HashMap<String, Origin>,
+    /// Variant name (`train[rank=8]`) -> the step written in the file (`train`).
+    pub(super) variant_base: HashMap<String, String>,
 }
 
 impl<'a> Resolver<'a> {
@@ -28,12 +38,56 @@ impl<'a> Resolver<'a> {
             src,
             diags: Vec::new(),
             specs: HashMap::new(),
+            included: Vec::new(),
+            step_origin: HashMap::new(),
+            param_origin: HashMap::new(),
+            variant_base: HashMap::new(),
         }
     }
 
+    /// An error at a key path as the resolved pipeline names it (`steps.train[rank=8].with.x`),
+    /// located in the file and at the key where it was written (`steps.train.with.x`).
     pub(super) fn error(&mut self, path: &str, message: impl Into<String>, help: Option<String>) {
-        let d = self.src.diag(path, message).with_optional_help(help);
+        let (origin, path) = self.written_at(path);
+        self.error_in(origin, &path, message, help);
+    }
+
+    /// An error at a key path of one file.
+    pub(super) fn error_in(
+        &mut self,
+        origin: Origin,
+        path: &str,
+        message: impl Into<String>,
+        help: Option<String>,
+    ) {
+        let d = self
+            .source(origin)
+            .diag(path, message)
+            .with_optional_help(help);
         self.diags.push(d);
+    }
+
+    pub(super) fn source(&self, origin: Origin) -> &SourceFile {
+        match origin {
+            Origin::Root => self.src,
+            Origin::Included(i) => &self.included[i],
+        }
+    }
+
+    /// The file and key path where what `path` names was written.
+    fn written_at(&self, path: &str) -> (Origin, String) {
+        if let Some(rest) = path.strip_prefix("params.") {
+            let name = rest.split('.').next().unwrap_or(rest);
+            let origin = self.param_origin.get(name).copied().unwrap_or(Origin::Root);
+            return (origin, path.to_string());
+        }
+        let Some(rest) = path.strip_prefix("steps.") else {
+            return (Origin::Root, path.to_string());
+        };
+        let (name, tail) = rest.split_at(name_end(rest));
+        let base = self.variant_base.get(name).map_or(name, String::as_str);
+        let origin = self.step_origin.get(base).copied().unwrap_or(Origin::Root);
+        (origin, format!("steps.{base}{}", without_brackets(tail)))
     }
 
     pub(super) fn resolve(
@@ -44,11 +98,10 @@ impl<'a> Resolver<'a> {
         if raw.name.trim().is_empty() {
             self.error("name", "pipeline `name` is empty", None);
         }
+        self.include(&mut raw);
         let params = self.pipeline_params(&raw, sets);
         let raw_steps = std::mem::take(&mut raw.steps);
-        self.check_input_targets(&raw_steps);
-        let mut steps = Vec::new();
-        for (name, step) in &raw_steps {
+        for name in raw_steps.keys() {
             if !valid_step_name(name) {
                 self.error(
                     &format!("steps.{name}"),
@@ -56,7 +109,14 @@ impl<'a> Resolver<'a> {
                     Some("step names start with a letter or `_` and use letters, digits, `_` and `-` (at most 64)".into()),
                 );
             }
-            if let Some(resolved) = self.resolve_step(name, step, &params) {
+        }
+        let expanded = self.expand(raw_steps, &params);
+        self.check_input_targets(&expanded);
+        let mut steps = Vec::with_capacity(expanded.len());
+        for (name, expanded) in expanded {
+            if let Some(mut resolved) = self.resolve_step(&name, &expanded.step, &params) {
+                resolved.variant = expanded.variant;
+                resolved.skip = expanded.skip;
                 steps.push(resolved);
             }
         }
@@ -110,8 +170,8 @@ impl<'a> Resolver<'a> {
         self.substitute_params(&mut with, &format!("{base}.with"), params, &mut param_refs);
         let mut inputs = IndexMap::new();
         for (input, reference) in raw.inputs.iter().flatten() {
-            match reference.split_once('.') {
-                Some((step, output)) if !step.is_empty() && !output.is_empty() => {
+            match split_reference(reference) {
+                Some((step, output)) => {
                     inputs.insert(
                         input.clone(),
                         InputBinding {
@@ -247,6 +307,8 @@ impl<'a> Resolver<'a> {
             inputs,
             expects,
             outputs: io.outputs,
+            variant: None,
+            skip: None,
         })
     }
 
@@ -255,7 +317,8 @@ impl<'a> Resolver<'a> {
         base: &str,
         uses: &str,
     ) -> Option<std::sync::Arc<spec::Spec>> {
-        let Some(path) = spec::find(&self.src.path, uses) else {
+        let (origin, _) = self.written_at(base);
+        let Some(path) = spec::find(&self.source(origin).path, uses) else {
             self.error(
                 &format!("{base}.uses"),
                 format!("step spec `{uses}` not found"),
@@ -285,7 +348,8 @@ impl<'a> Resolver<'a> {
     ) {
         let Some(decls) = &io.inputs else { return };
         for name in inputs.keys() {
-            if !decls.iter().any(|d| &d.name == name) {
+            let declared_as = name.split_once('[').map_or(name.as_str(), |(n, _)| n);
+            if !decls.iter().any(|d| d.name == declared_as) {
                 let help =
                     did_you_mean(name, decls.iter().map(|d| d.name.as_str())).or_else(|| {
                         Some(if decls.is_empty() {
@@ -309,7 +373,11 @@ impl<'a> Resolver<'a> {
             }
         }
         for decl in decls.iter().filter(|d| d.required) {
-            if !inputs.contains_key(&decl.name) {
+            let bound = inputs.contains_key(&decl.name)
+                || inputs
+                    .keys()
+                    .any(|k| k.split_once('[').is_some_and(|(n, _)| n == decl.name));
+            if !bound {
                 self.error(
                     base,
                     format!("missing required input `{}` ({})", decl.name, decl.kind),
@@ -335,7 +403,14 @@ impl<'a> Resolver<'a> {
         collect_refs(with, &format!("{base}.with"), &mut found);
         for (path, r) in found {
             let (known, what): (Vec<&str>, &str) = match r.namespace.as_str() {
-                "inputs" => (inputs.keys().map(|s| s.as_str()).collect(), "input"),
+                // A collection (`models: train[*].model`) is bound as `models[...]`.
+                "inputs" => (
+                    inputs
+                        .keys()
+                        .map(|s| s.split_once('[').map_or(s.as_str(), |(name, _)| name))
+                        .collect(),
+                    "input",
+                ),
                 "outputs" => match io {
                     Some(io) => (io.outputs.keys().map(|s| s.as_str()).collect(), "output"),
                     None => continue,
@@ -358,14 +433,30 @@ impl<'a> Resolver<'a> {
     }
 
     /// Every `inputs:` reference names a step of this pipeline.
-    pub(super) fn check_input_targets(&mut self, raw_steps: &IndexMap<String, raw::RawStep>) {
-        for (name, step) in raw_steps {
-            for (input, reference) in step.inputs.iter().flatten() {
-                let Some((target, _)) = reference.split_once('.') else {
+    pub(super) fn check_input_targets(&mut self, steps: &IndexMap<String, Expanded>) {
+        for (name, step) in steps {
+            for (input, reference) in step.step.inputs.iter().flatten() {
+                let Some((target, _)) = split_reference(reference) else {
                     continue;
                 };
-                if !target.is_empty() && !raw_steps.contains_key(target) {
-                    let help = did_you_mean(target, raw_steps.keys().map(|k| k.as_str()));
+                if !steps.contains_key(target) {
+                    let base = target.split('[').next().unwrap_or(target);
+                    let variants: Vec<&str> = steps
+                        .keys()
+                        .filter(|k| k.starts_with(base) && k[base.len()..].starts_with('['))
+                        .map(|k| k.as_str())
+                        .collect();
+                    let help = if variants.is_empty() {
+                        did_you_mean(target, steps.keys().map(|k| k.as_str()))
+                    } else {
+                        let shown = variants.len().min(6);
+                        Some(format!(
+                            "`{base}` has {} variants: {}{}; `{base}[*].OUTPUT` reads all of them",
+                            variants.len(),
+                            variants[..shown].join(", "),
+                            if variants.len() > shown { ", ..." } else { "" }
+                        ))
+                    };
                     self.error(
                         &format!("steps.{name}.inputs.{input}"),
                         format!("input `{input}` refers to unknown step `{target}`"),
@@ -375,6 +466,42 @@ impl<'a> Resolver<'a> {
             }
         }
     }
+}
+
+/// `STEP.OUTPUT` split at its last dot (a variant's name may hold dots: `train[lr=0.5]`).
+pub(super) fn split_reference(reference: &str) -> Option<(&str, &str)> {
+    reference
+        .rsplit_once('.')
+        .filter(|(step, output)| !step.is_empty() && !output.is_empty())
+}
+
+/// Where the step name at the start of `rest` ends: the first dot outside brackets.
+fn name_end(rest: &str) -> usize {
+    let mut depth = 0usize;
+    for (i, c) in rest.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth = depth.saturating_sub(1),
+            '.' if depth == 0 => return i,
+            _ => {}
+        }
+    }
+    rest.len()
+}
+
+/// A key path with `[...]` variant labels removed (`inputs.models[rank=8]` -> `inputs.models`).
+fn without_brackets(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    let mut depth = 0usize;
+    for c in path.chars() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth = depth.saturating_sub(1),
+            _ if depth == 0 => out.push(c),
+            _ => {}
+        }
+    }
+    out
 }
 
 pub(super) fn valid_step_name(name: &str) -> bool {

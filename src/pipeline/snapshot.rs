@@ -26,13 +26,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::link::step_graph;
-use super::{InputBinding, ResolvedPipeline, ResolvedStep, SourceFile};
+use super::{InputBinding, ResolvedPipeline, ResolvedStep, SourceFile, Variant};
 use crate::steps;
 
 /// Snapshots kept per store.
 pub const MAX_SNAPSHOTS: usize = 32;
 
-const DOMAIN: &[u8] = b"cairn-pipeline-snapshot-v2\0";
+const DOMAIN: &[u8] = b"cairn-pipeline-snapshot-v3\0";
 
 /// A snapshot's key, as the file name it is stored under.
 pub(super) fn key(src: &SourceFile, sets: &[String]) -> Option<String> {
@@ -88,6 +88,10 @@ struct StepSnapshot<'a> {
     /// (output, kind) as the file declares them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     declared_outputs: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    variant: Option<Cow<'a, Variant>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    skip: Option<Cow<'a, str>>,
 }
 
 fn is_empty(map: &BTreeMap<String, Value>) -> bool {
@@ -136,6 +140,8 @@ pub(super) fn read(dir: &Path, key: &str, src: &SourceFile) -> Option<ResolvedPi
                 .map(|d| (d.name.clone(), d.kind.clone()))
                 .collect(),
             outputs: io.outputs,
+            variant: s.variant.map(Cow::into_owned),
+            skip: s.skip.map(Cow::into_owned),
         });
     }
     let dag = step_graph(&steps).ok()?;
@@ -192,7 +198,7 @@ pub(super) fn write(
                 })
                 .collect(),
             declared_outputs: declared_outputs
-                .get(&step.name)
+                .get(step.variant.as_ref().map_or(&step.name, |v| &v.base))
                 .map(|outputs| {
                     outputs
                         .iter()
@@ -200,6 +206,8 @@ pub(super) fn write(
                         .collect()
                 })
                 .unwrap_or_default(),
+            variant: step.variant.as_ref().map(Cow::Borrowed),
+            skip: step.skip.as_deref().map(Cow::Borrowed),
         });
     }
     let snapshot = Snapshot {

@@ -191,8 +191,16 @@ fn environment(ctx: &StepContext, params: &CommandParams) -> Vec<(String, String
             ctx.work_dir.display().to_string(),
         ),
     ];
+    let mut collections: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for (name, input) in &ctx.inputs {
-        env.push((env_name("INPUT", name), input.path.display().to_string()));
+        let path = input.path.display().to_string();
+        match collection_of(name) {
+            Some(collection) => collections.entry(collection).or_default().push(path),
+            None => env.push((env_name("INPUT", name), path)),
+        }
+    }
+    for (name, paths) in collections {
+        env.push((env_name("INPUT", name), paths.join("\n")));
     }
     for name in ctx.outputs.keys() {
         env.push((
@@ -205,6 +213,15 @@ fn environment(ctx: &StepContext, params: &CommandParams) -> Vec<(String, String
     }
     env.extend(params.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     env
+}
+
+/// The collection an input belongs to: `models[rank=8]` (one variant of
+/// `models: train[*].model`) belongs to `models`.
+fn collection_of(input: &str) -> Option<&str> {
+    input
+        .strip_suffix(']')
+        .and_then(|rest| rest.split_once('['))
+        .map(|(name, _)| name)
 }
 
 /// Single-quotes a path for `sh -c`.
@@ -221,6 +238,18 @@ fn shell_quote(s: &str) -> String {
 
 fn substitute_paths(ctx: &StepContext, text: &str, quote: bool) -> Result<String, StepError> {
     let mut lookup = |r: &Reference| -> Result<Option<String>, TemplateError> {
+        if r.namespace == "inputs" && !ctx.inputs.contains_key(&r.name) {
+            let members: Vec<String> = ctx
+                .inputs
+                .iter()
+                .filter(|(name, _)| collection_of(name) == Some(r.name.as_str()))
+                .map(|(_, i)| i.path.display().to_string())
+                .map(|p| if quote { shell_quote(&p) } else { p })
+                .collect();
+            if !members.is_empty() {
+                return Ok(Some(members.join(" ")));
+            }
+        }
         let path = match r.namespace.as_str() {
             "inputs" => ctx
                 .inputs

@@ -64,6 +64,70 @@ pub(super) fn routes() -> Router<Arc<UiState>> {
         .route("/api/artifacts/{id}/files/{*path}", get(file))
         .route("/api/artifacts/{id}/preview", get(preview))
         .route("/api/diff/{a}/{b}", get(diff))
+        .route("/api/compare", get(compare))
+}
+
+#[derive(Deserialize)]
+struct CompareQuery {
+    /// Comma-separated run ids or prefixes.
+    runs: Option<String>,
+    pipeline: Option<String>,
+    last: Option<usize>,
+    /// Comma-separated metric names.
+    metrics: Option<String>,
+}
+
+/// Runs or sweep variants side by side (see `experiments::compare`), with their curves.
+async fn compare(State(ui): Shared, Query(q): Query<CompareQuery>) -> ApiResult {
+    let db = ui.store.db();
+    let split = |s: &Option<String>| -> Vec<String> {
+        s.iter()
+            .flat_map(|s| s.split(','))
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
+    };
+    let mut runs = Vec::new();
+    for id in split(&q.runs) {
+        runs.push(
+            db.get_run(&id)?
+                .ok_or_else(|| ApiError::not_found(format!("no run `{id}`")))?,
+        );
+    }
+    if let Some(pipeline) = non_empty(&q.pipeline) {
+        runs.extend(db.list_runs_page(
+            Some(pipeline),
+            None,
+            q.last.unwrap_or(1).clamp(1, 1000),
+            0,
+        )?);
+    }
+    if runs.is_empty() {
+        return Err(ApiError::bad_request(
+            "name runs (`runs=a,b`) or a pipeline (`pipeline=NAME&last=N`)",
+        ));
+    }
+    let table = crate::experiments::compare::runs(&ui.store, &runs, &split(&q.metrics))?;
+    let rows: Vec<Value> = table
+        .rows
+        .iter()
+        .map(|r| {
+            let mut row = serde_json::to_value(r).unwrap_or_default();
+            row["curves"] = json!(r
+                .curves
+                .iter()
+                .filter(|(series, _)| crate::experiments::compare::CURVE_SERIES
+                    .contains(&series.as_str()))
+                .collect::<BTreeMap<_, _>>());
+            row
+        })
+        .collect();
+    Ok(Json(redact(&json!({
+        "params": table.params, "metrics": table.metrics, "rows": rows,
+        "series": crate::experiments::compare::CURVE_SERIES,
+    })))
+    .into_response())
 }
 
 #[derive(Deserialize)]
@@ -121,7 +185,7 @@ fn step_json(s: &StepRecord) -> Value {
         "reason": s.reason, "cache_key": s.cache_key, "duration_ms": s.duration_ms,
         "started_at": s.started_at, "params": redact(&s.params),
         "param_refs": redact(&serde_json::to_value(&s.param_refs).unwrap_or_default()),
-        "inputs": s.inputs, "outputs": s.outputs, "error": s.error.as_deref().map(crate::redact::redact_str),
+        "inputs": s.inputs, "outputs": s.outputs, "error": s.error.as_deref().map(crate::redact::redact_text),
         "has_log": s.log.is_some(),
     })
 }
@@ -202,7 +266,7 @@ async fn step_log(State(ui): Shared, UrlPath((id, step)): UrlPath<(String, Strin
     let bytes =
         std::fs::read(&path).map_err(|e| ApiError::not_found(format!("log object: {e}")))?;
     // Commands echo connection strings; URL passwords are masked here too.
-    let text = crate::redact::redact_str(&String::from_utf8_lossy(&bytes));
+    let text = crate::redact::redact_text(&String::from_utf8_lossy(&bytes));
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }
 

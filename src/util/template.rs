@@ -1,12 +1,12 @@
-//! `${params.NAME}`, `${inputs.NAME}` and `${outputs.NAME}` references inside strings.
-//! `$${` writes a literal `${`.
+//! `${params.NAME}`, `${inputs.NAME}` and `${outputs.NAME}` references inside strings,
+//! and `${item}` / `${item.KEY}` in foreach and matrix steps. `$${` writes a literal `${`.
 
 /// A reference found in a template.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reference {
-    /// `params`, `inputs` or `outputs`.
+    /// `params`, `inputs`, `outputs` or `item`.
     pub namespace: String,
-    /// The name after the dot.
+    /// The name after the dot (empty for a bare `${item}`).
     pub name: String,
 }
 
@@ -86,14 +86,20 @@ pub fn sole_reference(text: &str) -> Option<Reference> {
 }
 
 fn parse_reference(inner: &str) -> Result<Reference, TemplateError> {
+    if inner == ITEM {
+        return Ok(Reference {
+            namespace: ITEM.to_string(),
+            name: String::new(),
+        });
+    }
     let (namespace, name) = inner.split_once('.').ok_or_else(|| {
         TemplateError(format!(
-            "`${{{inner}}}` is not a reference: write `${{params.NAME}}`, `${{inputs.NAME}}` or `${{outputs.NAME}}`"
+            "`${{{inner}}}` is not a reference: write `${{params.NAME}}`, `${{inputs.NAME}}`, `${{outputs.NAME}}` or `${{item.KEY}}`"
         ))
     })?;
-    if !matches!(namespace, "params" | "inputs" | "outputs") {
+    if !matches!(namespace, "params" | "inputs" | "outputs" | ITEM) {
         return Err(TemplateError(format!(
-            "unknown reference `${{{inner}}}`: the namespace must be params, inputs or outputs"
+            "unknown reference `${{{inner}}}`: the namespace must be params, inputs, outputs or item"
         )));
     }
     if name.is_empty()
@@ -110,6 +116,9 @@ fn parse_reference(inner: &str) -> Result<Reference, TemplateError> {
         name: name.to_string(),
     })
 }
+
+/// The namespace of foreach and matrix items.
+pub const ITEM: &str = "item";
 
 /// Text of a value when interpolated into a string.
 pub fn value_text(v: &serde_json::Value) -> String {
@@ -156,5 +165,7 @@ mod tests {
             "size".to_string()
         );
         assert!(sole_reference("x${params.size}").is_none());
+        assert_eq!(sole_reference("${item}").unwrap().namespace, "item");
+        assert_eq!(sole_reference("${item.rank}").unwrap().name, "rank");
     }
 }

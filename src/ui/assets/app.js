@@ -115,12 +115,69 @@ async function runsPage() {
     el("select", { name: "pipeline" }, el("option", { value: "" }, "all pipelines"), data.pipelines.map((p) => el("option", p === q.get("pipeline") ? { value: p, selected: "" } : { value: p }, p))),
     el("select", { name: "status" }, ["", "succeeded", "failed", "running", "interrupted"].map((s) => el("option", s === (q.get("status") || "") ? { value: s, selected: "" } : { value: s }, s || "any status"))),
     el("button", { type: "submit" }, "Filter"));
+  const picked = new Set();
+  const pick = (id) => el("input", { type: "checkbox", class: "pick", "data-run": id, onclick: (ev) => { ev.stopPropagation(); ev.target.checked ? picked.add(id) : picked.delete(id); } });
+  const compareButton = el("button", { id: "compare-selected", onclick: () => { if (picked.size) location.hash = `#/compare?runs=${[...picked].join(",")}`; } }, "Compare selected");
   $main.replaceChildren(el("h1", {}, "Runs"), form,
-    table(["run", "pipeline", "started", "duration", "status", "ran", "cached", "failed"],
-      data.runs.map((r) => [el("a", { href: `#/runs/${r.id}`, class: "mono" }, r.id), r.pipeline, r.started_at.replace("T", " ").slice(0, 19), fmtMs(r.duration_ms), status(r.status),
+    el("p", {}, compareButton, q.get("pipeline") ? el("a", { href: `#/compare?pipeline=${encodeURIComponent(q.get("pipeline"))}&last=10`, style: "margin-left:1em" }, `compare the last 10 runs of ${q.get("pipeline")}`) : null),
+    table(["", "run", "pipeline", "started", "duration", "status", "ran", "cached", "failed"],
+      data.runs.map((r) => [pick(r.id), el("a", { href: `#/runs/${r.id}`, class: "mono" }, r.id), r.pipeline, r.started_at.replace("T", " ").slice(0, 19), fmtMs(r.duration_ms), status(r.status),
         r.counts.ran || 0, r.counts.cached || 0, r.counts.failed || 0]),
       (i) => (location.hash = `#/runs/${data.runs[i].id}`)),
     pager(offset, limit, data.runs.length === limit, go));
+}
+
+// Runs or sweep variants side by side: the table `cairn runs compare` prints, every
+// training curve overlaid (one line per row), and a param plotted against a metric.
+const palette = ["#2f7ed8", "#d9453d", "#3aa757", "#e8a33d", "#8e44ad", "#16a085", "#c0392b", "#7f8c8d", "#2c3e50", "#f39c12"];
+async function comparePage() {
+  const q = params(); const qs = new URLSearchParams();
+  for (const k of ["runs", "pipeline", "last", "metrics"]) if (q.get(k)) qs.set(k, q.get(k));
+  const data = await api(`/api/compare?${qs}`);
+  const label = (r) => r.variant ? `${r.variant}` : r.run;
+  const rowColor = (i) => palette[i % palette.length];
+  const fmt = (v) => v === undefined || v === null ? "" : typeof v === "number" ? num(v) : String(v);
+  const tbl = table(["", "run", "variant", ...data.params, ...data.metrics, "duration", "status"],
+    data.rows.map((r, i) => [el("span", { class: "swatch", style: `background:${rowColor(i)}` }, " "), el("a", { href: `#/runs/${r.run}`, class: "mono" }, r.run), r.variant || "",
+      ...data.params.map((p) => fmt(r.params[p])), ...data.metrics.map((m) => fmt(r.metrics[m])), fmtMs(r.duration_ms), status(r.status)]));
+  tbl.id = "compare-table";
+  const charts = [];
+  for (const series of data.series) {
+    const lines = data.rows.map((r, i) => [i, (r.curves || {})[series]]).filter(([, pts]) => pts && pts.length);
+    if (!lines.length) continue;
+    const all = lines.flatMap(([, pts]) => pts);
+    const W = 460, H = 220, xs = all.map((p) => p[0]), ys = all.map((p) => p[1]);
+    const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+    const sx = (x) => 48 + (x - x0) / ((x1 - x0) || 1) * (W - 58), sy = (y) => H - 20 - (y - y0) / ((y1 - y0) || 1) * (H - 35);
+    charts.push(el("svg:svg", { width: W, height: H, class: "chart overlay", "data-series": series, style: "background:#fff;border:1px solid #e3e3e3;margin:0 10px 10px 0" },
+      el("svg:text", { x: W / 2, y: 13, "font-weight": 600, "text-anchor": "middle" }, series),
+      el("svg:text", { x: 2, y: sy(y1) + 4, fill: "#777" }, num(y1)), el("svg:text", { x: 2, y: sy(y0) + 4, fill: "#777" }, num(y0)),
+      el("svg:text", { x: W - 10, y: H - 4, fill: "#777", "text-anchor": "end" }, `step ${x1}`),
+      lines.map(([i, pts]) => el("svg:polyline", { fill: "none", stroke: rowColor(i), "stroke-width": 1.5, "data-row": label(data.rows[i]), points: pts.map((p) => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" ") }))));
+  }
+  // A param against a metric: how a knob moves the result.
+  const numericParams = data.params.filter((p) => data.rows.some((r) => typeof r.params[p] === "number"));
+  const plot = el("div", { id: "param-plot" });
+  const draw = (p, m) => {
+    const pts = data.rows.map((r, i) => [r.params[p], r.metrics[m], i]).filter(([x, y]) => typeof x === "number" && typeof y === "number");
+    if (!pts.length) { plot.replaceChildren(el("p", { class: "muted" }, "no rows have both")); return; }
+    const W = 460, H = 260, xs = pts.map((p) => p[0]), ys = pts.map((p) => p[1]);
+    const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+    const sx = (x) => 48 + (x - x0) / ((x1 - x0) || 1) * (W - 68), sy = (y) => H - 24 - (y - y0) / ((y1 - y0) || 1) * (H - 40);
+    plot.replaceChildren(el("svg:svg", { width: W, height: H, class: "scatter", style: "background:#fff;border:1px solid #e3e3e3" },
+      el("svg:text", { x: W / 2, y: H - 6, "text-anchor": "middle", fill: "#555" }, `${p} (${num(x0)} – ${num(x1)})`),
+      el("svg:text", { x: 2, y: 12, fill: "#555" }, `${m} (${num(y0)} – ${num(y1)})`),
+      pts.map(([x, y, i]) => el("svg:circle", { cx: sx(x).toFixed(1), cy: sy(y).toFixed(1), r: 4, fill: rowColor(i) }))));
+  };
+  const selects = numericParams.length && data.metrics.length ? el("form", { class: "filters", onchange: (ev) => { const f = new FormData(ev.currentTarget); draw(f.get("x"), f.get("y")); } },
+    el("select", { name: "x" }, numericParams.map((p) => el("option", { value: p }, p))),
+    el("select", { name: "y" }, data.metrics.map((m) => el("option", { value: m }, m)))) : null;
+  $main.replaceChildren(el("h1", {}, `Compare ${data.rows.length} rows`),
+    data.params.length ? null : el("p", { class: "muted" }, "no param differs between these rows"),
+    tbl,
+    charts.length ? el("h2", {}, "Curves") : null, el("div", { id: "overlays" }, charts),
+    selects ? el("h2", {}, "Param against metric") : null, selects, plot);
+  if (selects) draw(numericParams[0], data.metrics[0]);
 }
 
 async function runPage(id, stepName) {
@@ -128,7 +185,8 @@ async function runPage(id, stepName) {
   const steps = data.steps; const names = new Set(steps.map((s) => s.name));
   const edges = [];
   for (const s of steps) for (const [input, ref] of Object.entries(s.inputs || {})) {
-    const [from, output] = ref.from.split(".");
+    // A variant's name may hold dots (`train[lr=0.5]`): the output follows the last one.
+    const dot = ref.from.lastIndexOf("."), from = ref.from.slice(0, dot), output = ref.from.slice(dot + 1);
     if (names.has(from)) edges.push({ from, to: s.name, label: output || input });
   }
   const detail = el("div", { class: "panel", id: "step-detail" }, el("p", { class: "muted" }, "Click a step for its parameters, cache key, reason and log."));
@@ -289,6 +347,7 @@ async function route() {
     else if (parts[0] === "artifacts" && parts[1]) await artifactPage(parts[1]);
     else if (parts[0] === "artifacts") await artifactsPage();
     else if (parts[0] === "diff" && parts[2]) await diffPage(parts[1], parts[2]);
+    else if (parts[0] === "compare") await comparePage();
     else await runsPage();
   } catch (e) {
     $main.replaceChildren(el("h1", {}, "Error"), el("p", { class: "error" }, e.message));
