@@ -2444,3 +2444,139 @@ fn a_killed_cairn_leaves_no_training_behind() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// A 3x2 LoRA sweep on a tiny Llama: six real trainings that share the dataset step,
+/// `cairn runs compare` with each variant's params and the metrics its model recorded,
+/// a new rank that trains only its two variants, and a `when:` that keeps DPO off until
+/// it is flipped.
+#[test]
+fn a_lora_sweep_trains_each_variant_once_and_compares_them() {
+    let p = Project::new();
+    write_preferences(&p.path("pref"));
+    reference(&[&"make", &p.path("models"), &"llama"]);
+    p.write(
+        "sweep.yaml",
+        r#"name: lora_sweep
+params:
+  ranks: [2, 4, 8]
+  use_dpo: false
+steps:
+  prefs: {uses: source, with: {path: pref}}
+  sft:
+    uses: finetune
+    matrix: {rank: "${params.ranks}", lr: [0.01, 0.003]}
+    inputs: {dataset: prefs.data}
+    with: {model: models/llama, method: lora, lora: {r: "${item.rank}", alpha: 16}, template: "{instruction}{output}", max_steps: 3, learning_rate: "${item.lr}", eval_every: 3}
+  dpo:
+    uses: finetune
+    when: ${params.use_dpo}
+    inputs: {dataset: prefs.data, model: "sft[rank=4,lr=0.01].model"}
+    with: {objective: dpo, method: lora, template: "{instruction}{output}", max_steps: 2, learning_rate: 0.01}
+"#,
+    );
+    let cold = p.run("sweep.yaml", &[]);
+    assert_eq!(cold.code, 0, "{}\n{}", cold.json, cold.stderr);
+    let trained = |o: &common::Outcome, status: &str| -> Vec<String> {
+        o.with_status(status)
+            .into_iter()
+            .filter(|n| n.starts_with("sft["))
+            .collect()
+    };
+    assert_eq!(trained(&cold, "ran").len(), 6, "{}", cold.json);
+    assert_eq!(cold.step("prefs")["status"], "ran");
+    assert_eq!(cold.step("dpo")["status"], "skipped");
+    assert!(
+        cold.reason("dpo").starts_with("condition false"),
+        "{}",
+        cold.reason("dpo")
+    );
+
+    let compare = |args: &[&str]| -> Value {
+        let mut all = vec!["runs", "compare", "--pipeline", "lora_sweep", "--json"];
+        all.extend_from_slice(args);
+        let (code, out, err) = p.exec(&all);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let check_rows = |table: &Value, expected: usize| {
+        let rows = table["rows"].as_array().unwrap();
+        assert_eq!(rows.len(), expected, "{table}");
+        assert_eq!(table["params"], json!(["lr", "rank"]));
+        for metric in ["train_loss", "eval_loss", "tokens_per_second"] {
+            assert!(
+                table["metrics"]
+                    .as_array()
+                    .unwrap()
+                    .contains(&json!(metric)),
+                "{metric} column: {}",
+                table["metrics"]
+            );
+        }
+        for row in rows {
+            let step = row["steps"][0].as_str().unwrap();
+            let meta = artifact(&p, &row_model(&p, row["run"].as_str().unwrap(), step))["metadata"]
+                .clone();
+            assert_eq!(meta["lora"]["r"], row["params"]["rank"], "{row}");
+            assert_eq!(
+                meta["learning_rate"].as_f64(),
+                row["params"]["lr"].as_f64(),
+                "{row}"
+            );
+            assert_eq!(
+                meta["train_loss"].as_f64(),
+                row["metrics"]["train_loss"].as_f64(),
+                "{row}"
+            );
+            assert_eq!(
+                meta["eval_loss"].as_f64(),
+                row["metrics"]["eval_loss"].as_f64(),
+                "{row}"
+            );
+            assert!(row["duration_ms"].as_u64().unwrap() > 0, "{row}");
+        }
+    };
+    check_rows(&compare(&[]), 6);
+
+    let more = p.run("sweep.yaml", &["--set", "ranks=[2,4,8,16]"]);
+    assert_eq!(more.code, 0, "{}", more.stderr);
+    assert_eq!(
+        trained(&more, "ran"),
+        vec!["sft[rank=16,lr=0.01]", "sft[rank=16,lr=3e-3]"]
+    );
+    assert_eq!(trained(&more, "cached").len(), 6);
+    let table = compare(&["--sort", "eval_loss"]);
+    check_rows(&table, 8);
+    let losses: Vec<f64> = table["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["metrics"]["eval_loss"].as_f64().unwrap())
+        .collect();
+    assert!(
+        losses.windows(2).all(|w| w[0] <= w[1]),
+        "sorted: {losses:?}"
+    );
+
+    let dpo = p.run(
+        "sweep.yaml",
+        &["--set", "ranks=[2,4,8,16]", "--set", "use_dpo=true"],
+    );
+    assert_eq!(dpo.code, 0, "{}", dpo.stderr);
+    assert_eq!(dpo.step("dpo")["status"], "ran");
+    assert!(trained(&dpo, "ran").is_empty(), "{}", dpo.json);
+}
+
+/// The model digest a run recorded for a step.
+fn row_model(p: &Project, run: &str, step: &str) -> String {
+    let (code, out, err) = p.exec(&["runs", "show", run, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    shown["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == step)
+        .and_then(|s| s["outputs"]["model"]["digest"].as_str())
+        .unwrap_or_else(|| panic!("no model for {step} in {shown}"))
+        .to_string()
+}

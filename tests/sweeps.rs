@@ -66,7 +66,7 @@ fn a_matrix_shares_upstream_steps_and_reruns_only_new_items() {
         "matrix item rank=16,lr=3e-4 is new"
     );
     let model = artifact_text(&p, &cold.output("train[rank=32,lr=1e-4]", "model"));
-    assert!(model.starts_with("rank=32 lr=0.0001\n1\n"), "{model}");
+    assert!(model.starts_with("rank=32 lr=1e-4\n1\n"), "{model}");
     let gathered = artifact_text(&p, &cold.output("gather", "all"));
     assert_eq!(gathered.matches("rank=").count(), 6, "{gathered}");
     assert!(
@@ -102,6 +102,20 @@ fn a_matrix_shares_upstream_steps_and_reruns_only_new_items() {
     assert_eq!(variants(&fewer, "cached").len(), 4);
     assert!(fewer.json.to_string().contains("train[rank=8,lr=3e-4]"));
     assert!(!fewer.json.to_string().contains("train[rank=16"));
+
+    // The same command again loads the pipeline from its snapshot: variants, items and
+    // the skipped step's reason survive it.
+    let again = p.run("sweep.yaml", &["--set", "ranks=[8,32]"]);
+    assert_eq!(fewer.step("gather")["status"], "ran", "its inputs changed");
+    let mut expected = fewer.statuses();
+    expected.insert("gather".into(), "cached".into());
+    assert_eq!(again.statuses(), expected, "{}", again.json);
+    assert_eq!(again.reason("dpo"), fewer.reason("dpo"));
+    assert_eq!(again.output("gather", "all"), fewer.output("gather", "all"));
+    let snapshots = std::fs::read_dir(p.store().join("pipelines"))
+        .unwrap()
+        .count();
+    assert!(snapshots > 0, "a snapshot was written");
 
     // A step name stands for all its variants in --only and --force.
     let forced = p.run("sweep.yaml", &["--only", "train", "--force", "train"]);

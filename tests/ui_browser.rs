@@ -218,7 +218,117 @@ async fn click_from_a_run_to_a_step_to_its_artifact_to_the_lineage() {
     }
     screenshot(&c, "5-curves").await;
 
+    // A sweep's variants side by side: picked on the runs list, compared in a table with
+    // their curves overlaid and a param plotted against a metric.
+    let sweep_run = add_sweep_records(&p);
+    c.goto(&format!("{base}/#/runs")).await.unwrap();
+    wait_text(&c, "main table", &sweep_run).await;
+    c.find(Locator::Css(&format!("input.pick[data-run='{sweep_run}']")))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.find(Locator::Id("compare-selected"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let table = wait_text(&c, "#compare-table", "rank=8").await;
+    assert!(
+        table.contains("rank=4") && table.contains("train_loss"),
+        "{table}"
+    );
+    let lines = c
+        .find_all(Locator::Css("#overlays svg[data-series='loss'] polyline"))
+        .await
+        .unwrap();
+    assert_eq!(lines.len(), 2, "one loss curve per variant");
+    let dots = c
+        .find_all(Locator::Css("#param-plot circle"))
+        .await
+        .unwrap();
+    assert_eq!(dots.len(), 2, "rank against train_loss");
+    screenshot(&c, "6-compare").await;
+
     c.close().await.unwrap();
+}
+
+/// A sweep run with two variants (`finetune[rank=4]`, `finetune[rank=8]`), each with a
+/// model whose metadata holds a final loss and a 10-step curve.
+fn add_sweep_records(p: &Project) -> String {
+    use cairn::store::{
+        Access, ArtifactRecord, OutputRef, RunRecord, StepRecord, StepStatus, StepWrite, Store,
+    };
+    use serde_json::json;
+    let store = Store::open(&p.store(), Access::Shared).unwrap();
+    let now = "2026-11-22T11:00:00Z".to_string();
+    let run = RunRecord {
+        id: "20261122-110000-5eeeee".into(),
+        pipeline: "sweep".into(),
+        pipeline_file: "sweep.yaml".into(),
+        status: cairn::store::RunStatus::Succeeded,
+        started_at: now.clone(),
+        finished_at: Some("2026-11-22T11:00:09Z".into()),
+        pid: 1,
+        args: json!({}),
+    };
+    store.db().insert_run(&run).unwrap();
+    for (seq, rank) in [4u32, 8].into_iter().enumerate() {
+        let digest =
+            cairn::store::ObjectDigest::from(blake3::hash(format!("model {rank}").as_bytes()));
+        let curve: Vec<_> = (1..=10)
+            .map(|s| json!({"step": s, "loss": f64::from(rank) / s as f64}))
+            .collect();
+        let name = format!("finetune[rank={rank}]");
+        let artifact = ArtifactRecord {
+            digest,
+            kind: "model".into(),
+            is_dir: true,
+            size: 0,
+            created_at: now.clone(),
+            producer_run: run.id.clone(),
+            producer_step: name.clone(),
+            output: "model".into(),
+            pipeline: "sweep".into(),
+            metadata: json!({"curve": curve, "train_loss": f64::from(rank) / 10.0, "lora": {"r": rank}}),
+        };
+        let step = StepRecord {
+            run_id: run.id.clone(),
+            step: name,
+            kind: "finetune".into(),
+            version: "1".into(),
+            status: StepStatus::Ran,
+            reason: format!("matrix item rank={rank} is new"),
+            cache_key: None,
+            duration_ms: 1000 * u64::from(rank),
+            started_at: now.clone(),
+            params: json!({}),
+            param_refs: Default::default(),
+            inputs: Default::default(),
+            outputs: [(
+                "model".to_string(),
+                OutputRef {
+                    digest,
+                    kind: "model".into(),
+                },
+            )]
+            .into(),
+            error: None,
+            log: None,
+        };
+        let write = StepWrite {
+            record: &step,
+            seq,
+            artifacts: std::slice::from_ref(&artifact),
+            cache: None,
+            index_io: true,
+            latest_in: None,
+        };
+        store.db().write_steps(&[write], &[]).unwrap();
+    }
+    run.id
 }
 
 /// A run with one `model` artifact whose metadata holds a 20-step training curve.

@@ -119,6 +119,14 @@ pub fn runs(store: &Store, runs: &[RunRecord], wanted: &[String]) -> Result<Tabl
             rows.push(row);
             continue;
         }
+        // Variants in item order (numbers numerically), not in the order they finished.
+        variants.sort_by(|(a, _), (b, _)| {
+            let (a, b) = (item_params(a), item_params(b));
+            a.keys()
+                .map(|k| compare_values(&a[k], b.get(k).unwrap_or(&Value::Null)))
+                .find(|o| o.is_ne())
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
         for (label, members) in variants {
             let mut params = pipeline_params.clone();
             params.extend(item_params(label));
@@ -296,8 +304,12 @@ fn fill(
                 }
                 duration = duration.max(cache.durations[&key]);
             }
+            // Steps come in run order, upstream first: a training step's `loss` or
+            // `tokens_per_second` is not overwritten by an evaluation's.
             let (metrics, curves) = metrics_of(&artifact.metadata);
-            row.metrics.extend(metrics);
+            for (name, value) in metrics {
+                row.metrics.entry(name).or_insert(value);
+            }
             for (series, points) in curves {
                 row.curves.entry(series).or_insert(points);
             }

@@ -552,8 +552,10 @@ fn substitute_yaml(
                 if r.namespace != ITEM {
                     return Ok(None);
                 }
+                // Numbers as variant names write them, so `train[lr=${item.lr}]`
+                // names the variant `train[lr=1e-4]`.
                 item_value(item, &r.name)
-                    .map(|v| Some(template::value_text(&v)))
+                    .map(|v| Some(shortest_number(&v).unwrap_or_else(|| template::value_text(&v))))
                     .map_err(template::TemplateError)
             });
             match result {
@@ -578,23 +580,30 @@ fn substitute_yaml(
     }
 }
 
-/// The text a scalar item contributes to a step name: numbers in their shortest form
-/// (`1e-4`, `0.5`, `16`).
+/// A number in its shortest form (`1e-4`, `0.5`, `16`); `None` for other values.
+fn shortest_number(value: &Value) -> Option<String> {
+    let Value::Number(n) = value else {
+        return None;
+    };
+    Some(match n.as_f64() {
+        Some(f) if !(n.is_i64() || n.is_u64()) => {
+            let plain = format!("{f}");
+            let scientific = format!("{f:e}");
+            if scientific.len() < plain.len() {
+                scientific
+            } else {
+                plain
+            }
+        }
+        _ => n.to_string(),
+    })
+}
+
+/// The text a scalar item contributes to a step name: numbers in their shortest form.
 fn scalar_label(value: &Value) -> Result<String, String> {
     let text = match value {
         Value::Bool(b) => b.to_string(),
-        Value::Number(n) => match n.as_f64() {
-            Some(f) if !(n.is_i64() || n.is_u64()) => {
-                let plain = format!("{f}");
-                let scientific = format!("{f:e}");
-                if scientific.len() < plain.len() {
-                    scientific
-                } else {
-                    plain
-                }
-            }
-            _ => n.to_string(),
-        },
+        Value::Number(_) => shortest_number(value).unwrap_or_default(),
         Value::String(s) => s.clone(),
         Value::Null => return Err("null cannot name a variant".into()),
         Value::Array(_) | Value::Object(_) => {

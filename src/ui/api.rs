@@ -103,6 +103,8 @@ async fn compare(State(ui): Shared, Query(q): Query<CompareQuery>) -> ApiResult 
             0,
         )?);
     }
+    // `compare::runs` takes the database lock itself.
+    drop(db);
     if runs.is_empty() {
         return Err(ApiError::bad_request(
             "name runs (`runs=a,b`) or a pipeline (`pipeline=NAME&last=N`)",

@@ -115,9 +115,11 @@ async function runsPage() {
     el("select", { name: "pipeline" }, el("option", { value: "" }, "all pipelines"), data.pipelines.map((p) => el("option", p === q.get("pipeline") ? { value: p, selected: "" } : { value: p }, p))),
     el("select", { name: "status" }, ["", "succeeded", "failed", "running", "interrupted"].map((s) => el("option", s === (q.get("status") || "") ? { value: s, selected: "" } : { value: s }, s || "any status"))),
     el("button", { type: "submit" }, "Filter"));
-  const picked = new Set();
-  const pick = (id) => el("input", { type: "checkbox", class: "pick", "data-run": id, onclick: (ev) => { ev.stopPropagation(); ev.target.checked ? picked.add(id) : picked.delete(id); } });
-  const compareButton = el("button", { id: "compare-selected", onclick: () => { if (picked.size) location.hash = `#/compare?runs=${[...picked].join(",")}`; } }, "Compare selected");
+  const pick = (id) => el("input", { type: "checkbox", class: "pick", "data-run": id, onclick: (ev) => ev.stopPropagation() });
+  const compareButton = el("button", { id: "compare-selected", onclick: () => {
+    const picked = [...document.querySelectorAll("input.pick:checked")].map((b) => b.dataset.run);
+    if (picked.length) location.hash = `#/compare?runs=${picked.join(",")}`;
+  } }, "Compare selected");
   $main.replaceChildren(el("h1", {}, "Runs"), form,
     el("p", {}, compareButton, q.get("pipeline") ? el("a", { href: `#/compare?pipeline=${encodeURIComponent(q.get("pipeline"))}&last=10`, style: "margin-left:1em" }, `compare the last 10 runs of ${q.get("pipeline")}`) : null),
     table(["", "run", "pipeline", "started", "duration", "status", "ran", "cached", "failed"],
@@ -136,7 +138,7 @@ async function comparePage() {
   const data = await api(`/api/compare?${qs}`);
   const label = (r) => r.variant ? `${r.variant}` : r.run;
   const rowColor = (i) => palette[i % palette.length];
-  const fmt = (v) => v === undefined || v === null ? "" : typeof v === "number" ? num(v) : String(v);
+  const fmt = (v) => v === undefined || v === null ? "" : typeof v === "number" && !Number.isInteger(v) ? num(v) : String(v);
   const tbl = table(["", "run", "variant", ...data.params, ...data.metrics, "duration", "status"],
     data.rows.map((r, i) => [el("span", { class: "swatch", style: `background:${rowColor(i)}` }, " "), el("a", { href: `#/runs/${r.run}`, class: "mono" }, r.run), r.variant || "",
       ...data.params.map((p) => fmt(r.params[p])), ...data.metrics.map((m) => fmt(r.metrics[m])), fmtMs(r.duration_ms), status(r.status)]));
@@ -172,11 +174,12 @@ async function comparePage() {
   const selects = numericParams.length && data.metrics.length ? el("form", { class: "filters", onchange: (ev) => { const f = new FormData(ev.currentTarget); draw(f.get("x"), f.get("y")); } },
     el("select", { name: "x" }, numericParams.map((p) => el("option", { value: p }, p))),
     el("select", { name: "y" }, data.metrics.map((m) => el("option", { value: m }, m)))) : null;
-  $main.replaceChildren(el("h1", {}, `Compare ${data.rows.length} rows`),
+  $main.replaceChildren(...[el("h1", {}, `Compare ${data.rows.length} rows`),
     data.params.length ? null : el("p", { class: "muted" }, "no param differs between these rows"),
+    el("p", { class: "muted" }, "Colors match the curves below; a cached variant shows the time it took when it ran."),
     tbl,
     charts.length ? el("h2", {}, "Curves") : null, el("div", { id: "overlays" }, charts),
-    selects ? el("h2", {}, "Param against metric") : null, selects, plot);
+    selects ? el("h2", {}, "Param against metric") : null, selects, plot].filter(Boolean));
   if (selects) draw(numericParams[0], data.metrics[0]);
 }
 
