@@ -255,102 +255,9 @@ async fn click_from_a_run_to_a_step_to_its_artifact_to_the_lineage() {
     c.close().await.unwrap();
 }
 
-/// A sweep run with two variants (`finetune[rank=4]`, `finetune[rank=8]`), each with a
-/// model whose metadata holds a final loss and a 10-step curve.
-fn add_sweep_records(p: &Project) -> String {
-    use cairn::store::{
-        Access, ArtifactRecord, OutputRef, RunRecord, StepRecord, StepStatus, StepWrite, Store,
-    };
-    use serde_json::json;
-    let store = Store::open(&p.store(), Access::Shared).unwrap();
-    let now = "2026-11-22T11:00:00Z".to_string();
-    let run = RunRecord {
-        id: "20261122-110000-5eeeee".into(),
-        pipeline: "sweep".into(),
-        pipeline_file: "sweep.yaml".into(),
-        status: cairn::store::RunStatus::Succeeded,
-        started_at: now.clone(),
-        finished_at: Some("2026-11-22T11:00:09Z".into()),
-        pid: 1,
-        args: json!({}),
-    };
-    store.db().insert_run(&run).unwrap();
-    for (seq, rank) in [4u32, 8].into_iter().enumerate() {
-        let digest =
-            cairn::store::ObjectDigest::from(blake3::hash(format!("model {rank}").as_bytes()));
-        let curve: Vec<_> = (1..=10)
-            .map(|s| json!({"step": s, "loss": f64::from(rank) / s as f64}))
-            .collect();
-        let name = format!("finetune[rank={rank}]");
-        let artifact = ArtifactRecord {
-            digest,
-            kind: "model".into(),
-            is_dir: true,
-            size: 0,
-            created_at: now.clone(),
-            producer_run: run.id.clone(),
-            producer_step: name.clone(),
-            output: "model".into(),
-            pipeline: "sweep".into(),
-            metadata: json!({"curve": curve, "train_loss": f64::from(rank) / 10.0, "lora": {"r": rank}}),
-        };
-        let step = StepRecord {
-            run_id: run.id.clone(),
-            step: name,
-            kind: "finetune".into(),
-            version: "1".into(),
-            status: StepStatus::Ran,
-            reason: format!("matrix item rank={rank} is new"),
-            cache_key: None,
-            duration_ms: 1000 * u64::from(rank),
-            started_at: now.clone(),
-            params: json!({}),
-            param_refs: Default::default(),
-            inputs: Default::default(),
-            outputs: [(
-                "model".to_string(),
-                OutputRef {
-                    digest,
-                    kind: "model".into(),
-                },
-            )]
-            .into(),
-            error: None,
-            log: None,
-        };
-        let write = StepWrite {
-            record: &step,
-            seq,
-            artifacts: std::slice::from_ref(&artifact),
-            cache: None,
-            index_io: true,
-            latest_in: None,
-        };
-        store.db().write_steps(&[write], &[]).unwrap();
-    }
-    run.id
-}
-
 /// A run with one `model` artifact whose metadata holds a 20-step training curve.
 fn add_model_record(p: &Project) -> String {
-    use cairn::store::{
-        Access, ArtifactRecord, OutputRef, RunRecord, StepRecord, StepStatus, StepWrite, Store,
-    };
     use serde_json::json;
-    let store = Store::open(&p.store(), Access::Shared).unwrap();
-    let digest = cairn::store::ObjectDigest::from(blake3::hash(b"synthetic model"));
-    let now = "2026-11-22T10:00:00Z".to_string();
-    let run = RunRecord {
-        id: "20261122-100000-c0ffee".into(),
-        pipeline: "training".into(),
-        pipeline_file: "training.yaml".into(),
-        status: cairn::store::RunStatus::Succeeded,
-        started_at: now.clone(),
-        finished_at: Some(now.clone()),
-        pid: 1,
-        args: json!({}),
-    };
-    store.db().insert_run(&run).unwrap();
     let curve: Vec<_> = (1..=20)
         .map(|s| {
             json!({"step": s, "loss": 3.0 / s as f64, "lr": 1e-4 * (s as f64 / 20.0),
@@ -358,29 +265,92 @@ fn add_model_record(p: &Project) -> String {
         })
         .chain((1..=4).map(|k| json!({"step": k * 5, "eval_loss": 3.2 / k as f64})))
         .collect();
+    let run = record_run(p, "20261122-100000-c0ffee", "training");
+    record_model_step(
+        p,
+        &run,
+        "finetune",
+        0,
+        json!({"curve": curve, "method": "lora"}),
+    )
+}
+
+/// A sweep run with two variants (`finetune[rank=4]`, `finetune[rank=8]`), each with a
+/// model whose metadata holds a final loss and a 10-step curve.
+fn add_sweep_records(p: &Project) -> String {
+    use serde_json::json;
+    let run = record_run(p, "20261122-110000-5eeeee", "sweep");
+    for (seq, rank) in [4u32, 8].into_iter().enumerate() {
+        let curve: Vec<_> = (1..=10)
+            .map(|s| json!({"step": s, "loss": f64::from(rank) / s as f64}))
+            .collect();
+        record_model_step(
+            p,
+            &run,
+            &format!("finetune[rank={rank}]"),
+            seq,
+            json!({"curve": curve, "train_loss": f64::from(rank) / 10.0, "lora": {"r": rank}}),
+        );
+    }
+    run.id
+}
+
+/// A succeeded run record written through the store API.
+fn record_run(p: &Project, id: &str, pipeline: &str) -> cairn::store::RunRecord {
+    use cairn::store::{Access, RunRecord, Store};
+    let store = Store::open(&p.store(), Access::Shared).unwrap();
+    let run = RunRecord {
+        id: id.into(),
+        pipeline: pipeline.into(),
+        pipeline_file: format!("{pipeline}.yaml"),
+        status: cairn::store::RunStatus::Succeeded,
+        started_at: "2026-11-22T10:00:00Z".into(),
+        finished_at: Some("2026-11-22T10:00:09Z".into()),
+        pid: 1,
+        args: serde_json::json!({}),
+    };
+    store.db().insert_run(&run).unwrap();
+    run
+}
+
+/// A `finetune` step of `run` that ran and produced a `model` artifact with `metadata`
+/// (in the shape finetune records); returns the artifact's digest.
+fn record_model_step(
+    p: &Project,
+    run: &cairn::store::RunRecord,
+    step: &str,
+    seq: usize,
+    metadata: serde_json::Value,
+) -> String {
+    use cairn::store::{
+        Access, ArtifactRecord, OutputRef, StepRecord, StepStatus, StepWrite, Store,
+    };
+    let store = Store::open(&p.store(), Access::Shared).unwrap();
+    let digest =
+        cairn::store::ObjectDigest::from(blake3::hash(format!("{} {step}", run.id).as_bytes()));
     let artifact = ArtifactRecord {
         digest,
         kind: "model".into(),
         is_dir: true,
         size: 0,
-        created_at: now.clone(),
+        created_at: run.started_at.clone(),
         producer_run: run.id.clone(),
-        producer_step: "finetune".into(),
+        producer_step: step.into(),
         output: "model".into(),
-        pipeline: "training".into(),
-        metadata: json!({"curve": curve, "method": "lora"}),
+        pipeline: run.pipeline.clone(),
+        metadata,
     };
-    let step = StepRecord {
+    let record = StepRecord {
         run_id: run.id.clone(),
-        step: "finetune".into(),
+        step: step.into(),
         kind: "finetune".into(),
         version: "1".into(),
         status: StepStatus::Ran,
         reason: "no earlier result".into(),
         cache_key: None,
-        duration_ms: 1,
-        started_at: now,
-        params: json!({}),
+        duration_ms: 1000 * (seq as u64 + 1),
+        started_at: run.started_at.clone(),
+        params: serde_json::json!({}),
         param_refs: Default::default(),
         inputs: Default::default(),
         outputs: [(
@@ -395,8 +365,8 @@ fn add_model_record(p: &Project) -> String {
         log: None,
     };
     let write = StepWrite {
-        record: &step,
-        seq: 0,
+        record: &record,
+        seq,
         artifacts: std::slice::from_ref(&artifact),
         cache: None,
         index_io: true,
