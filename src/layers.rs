@@ -18,8 +18,8 @@ const LAYERS: &[&[&str]] = &[
         "models",
         "llm",
     ],
-    // Objects and records.
-    &["store"],
+    // Objects and records, here and on a remote.
+    &["store", "remote"],
     // Domain code: knows nothing of steps, pipelines or the engine.
     &[
         "crawl",

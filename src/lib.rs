@@ -26,6 +26,7 @@ pub mod ml;
 pub mod models;
 pub mod pipeline;
 pub mod redact;
+pub mod remote;
 pub mod steps;
 pub mod store;
 pub mod ui;

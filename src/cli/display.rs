@@ -108,6 +108,22 @@ impl Observer for Terminal {
             report.status,
             format_duration(elapsed.as_millis() as u64)
         ));
+        if let Some(remote) = &report.remote {
+            let line = match &remote.skipped {
+                Some(reason) => format!("remote {}: skipped ({reason})", remote.url),
+                None => format!(
+                    "remote {}: {} cached (remote), fetched {} objects ({}); pushed {} objects ({}), {} new cache entries",
+                    remote.url,
+                    remote.hits,
+                    remote.fetched.objects,
+                    super::human_bytes(remote.fetched.bytes),
+                    remote.pushed.objects,
+                    super::human_bytes(remote.pushed.bytes),
+                    remote.entries_pushed
+                ),
+            };
+            self.println(&line);
+        }
     }
 }
 

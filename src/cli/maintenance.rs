@@ -36,6 +36,13 @@ pub struct GcArgs {
     /// the same settings then starts from step 0).
     #[arg(long)]
     pub checkpoints: bool,
+    /// Collect the remote instead (`--remote-url` or $CAIRN_REMOTE): delete objects no
+    /// remote cache entry needs.
+    #[arg(long)]
+    pub remote: bool,
+    /// The remote for `--remote`.
+    #[arg(long, value_name = "URL", requires = "remote")]
+    pub remote_url: Option<String>,
 }
 
 /// `cairn hash`.
@@ -186,6 +193,9 @@ fn print_params(schema: &Value) {
 
 /// `cairn gc`.
 pub fn gc(cli: &Cli, args: &GcArgs) -> anyhow::Result<ExitCode> {
+    if args.remote {
+        return super::remote::gc_remote(args.remote_url.as_deref(), args.dry_run);
+    }
     let store = Store::open(&cli.store_dir(), Access::Exclusive)?;
     let report = store.gc(args.keep_runs, args.dry_run)?;
     let verb = if args.dry_run {
@@ -254,10 +264,20 @@ pub struct FsckArgs {
     /// them again on the next run.
     #[arg(long)]
     pub repair: bool,
+    /// Check the remote instead (`--remote-url` or $CAIRN_REMOTE): every cache entry's
+    /// objects present and whole.
+    #[arg(long, conflicts_with = "repair")]
+    pub remote: bool,
+    /// The remote for `--remote`.
+    #[arg(long, value_name = "URL", requires = "remote")]
+    pub remote_url: Option<String>,
 }
 
 /// `cairn fsck`.
 pub fn fsck(cli: &Cli, args: &FsckArgs) -> anyhow::Result<ExitCode> {
+    if args.remote {
+        return super::remote::fsck_remote(args.remote_url.as_deref());
+    }
     let store = Store::open_existing(&cli.store_dir())?;
     let report = store.fsck(args.repair)?;
     for p in &report.problems {

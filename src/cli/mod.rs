@@ -7,6 +7,7 @@ mod experiments;
 mod generate;
 mod maintenance;
 mod query;
+mod remote;
 mod run;
 mod ui;
 
@@ -58,6 +59,13 @@ enum Command {
     Plan(run::PlanArgs),
     /// Check a pipeline file and report every problem with its location.
     Validate(run::ValidateArgs),
+    /// Fetch from the remote cache what a pipeline's current plan needs; executes nothing.
+    Pull(run::PullArgs),
+    /// Upload runs' outputs and cache entries to the remote cache.
+    Push(remote::PushArgs),
+    /// The remote cache: what is only here, only there, on both.
+    #[command(subcommand)]
+    Remote(remote::RemoteCommand),
     /// List and inspect runs.
     #[command(subcommand)]
     Runs(browse::RunsCommand),
@@ -138,6 +146,9 @@ fn init_tracing(verbose: u8) {
 fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Run(args) => run::run(cli, args),
+        Command::Pull(args) => run::pull(cli, args),
+        Command::Push(args) => remote::push(cli, args),
+        Command::Remote(cmd) => remote::remote(cli, cmd),
         Command::Plan(args) => run::plan(cli, args),
         Command::Validate(args) => run::validate(args),
         Command::Runs(cmd) => browse::runs(cli, cmd),

@@ -53,6 +53,79 @@ pub struct RunArgs {
     /// No live progress display on stderr.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+/// The shared cache on object storage.
+#[derive(Debug, Args, Clone, Default)]
+pub struct RemoteArgs {
+    /// Share the cache through this remote (s3://BUCKET/PREFIX, file:///PATH); else
+    /// $CAIRN_REMOTE, else the pipeline's `remote:`. S3 credentials, region and endpoint
+    /// come from the usual AWS_* variables or the pipeline's `remote_options`.
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<String>,
+    /// Do not upload what this run executes to the remote.
+    #[arg(long)]
+    pub no_push: bool,
+}
+
+/// `cairn pull`.
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    #[command(flatten)]
+    pub selection: Selection,
+    /// The remote (else $CAIRN_REMOTE, else the pipeline's `remote:`).
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<String>,
+    /// No live progress display on stderr.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+/// How `execute` uses a remote.
+#[derive(Clone, Debug)]
+struct RemoteRequest {
+    url: Option<String>,
+    push: bool,
+    pull_only: bool,
+}
+
+/// The remote a run uses: `--remote`, else $CAIRN_REMOTE, else the pipeline's; opened
+/// here so a bad URL is a usage error (exit 2) before anything runs.
+fn remote_settings(
+    request: &RemoteRequest,
+    pipeline: &crate::pipeline::ResolvedPipeline,
+) -> anyhow::Result<Option<engine::RemoteSettings>> {
+    let from_env = std::env::var("CAIRN_REMOTE").ok().filter(|u| !u.is_empty());
+    let url = request
+        .url
+        .clone()
+        .or(from_env)
+        .or_else(|| pipeline.remote.as_ref().map(|(url, _)| url.clone()));
+    let Some(url) = url else {
+        if request.pull_only {
+            return Err(super::UsageError(
+                "pull needs a remote: --remote URL, $CAIRN_REMOTE, or `remote:` in the pipeline"
+                    .into(),
+            )
+            .into());
+        }
+        return Ok(None);
+    };
+    let options = pipeline
+        .remote
+        .as_ref()
+        .map(|(_, options)| options.clone())
+        .unwrap_or_default();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let remote = crate::remote::Remote::open(&url, &options)
+        .map_err(|e| super::UsageError(e.to_string()))?;
+    Ok(Some(engine::RemoteSettings {
+        remote,
+        push: request.push,
+        pull_only: request.pull_only,
+    }))
 }
 
 /// `cairn plan`.
@@ -92,6 +165,7 @@ fn options(sel: &Selection, jobs: Option<usize>) -> anyhow::Result<RunOptions> {
             "force": sel.force, "force_all": sel.force_all, "jobs": jobs,
         }),
         cwd: std::env::current_dir()?,
+        remote: None,
     })
 }
 
@@ -111,9 +185,10 @@ enum Mode {
 fn execute(
     cli: &Cli,
     sel: &Selection,
-    opts: RunOptions,
+    mut opts: RunOptions,
     mode: Mode,
     quiet: bool,
+    remote: Option<RemoteRequest>,
 ) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
     let store_dir = cli.store_dir();
@@ -138,6 +213,9 @@ fn execute(
         (pipeline, opened)
     });
     let pipeline = pipeline?;
+    if let Some(request) = remote.as_ref().filter(|_| mode == Mode::Run) {
+        opts.remote = remote_settings(request, &pipeline)?;
+    }
     let selection = match engine::select(&pipeline, &opts) {
         Ok(selection) => selection,
         Err(e) => {
@@ -233,13 +311,37 @@ fn execute(
 pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
     let opts = options(&args.selection, args.jobs)?;
     let mode = if args.dry_run { Mode::Plan } else { Mode::Run };
-    execute(cli, &args.selection, opts, mode, args.quiet)
+    let remote = RemoteRequest {
+        url: args.remote.remote.clone(),
+        push: !args.remote.no_push,
+        pull_only: false,
+    };
+    execute(cli, &args.selection, opts, mode, args.quiet, Some(remote))
+}
+
+/// `cairn pull`: what the pipeline's current plan needs, from the remote; executes
+/// nothing (steps the remote lacks are skipped, with what depends on them).
+pub fn pull(cli: &Cli, args: &PullArgs) -> anyhow::Result<ExitCode> {
+    let opts = options(&args.selection, None)?;
+    let remote = RemoteRequest {
+        url: args.remote.clone(),
+        push: false,
+        pull_only: true,
+    };
+    execute(
+        cli,
+        &args.selection,
+        opts,
+        Mode::Run,
+        args.quiet,
+        Some(remote),
+    )
 }
 
 /// `cairn plan`.
 pub fn plan(cli: &Cli, args: &PlanArgs) -> anyhow::Result<ExitCode> {
     let opts = options(&args.selection, None)?;
-    execute(cli, &args.selection, opts, Mode::Plan, false)
+    execute(cli, &args.selection, opts, Mode::Plan, false, None)
 }
 
 /// `cairn validate`.

@@ -20,9 +20,14 @@ pub mod key;
 pub mod observer;
 mod presence;
 mod record;
+mod remote_cache;
 pub mod report;
 mod schedule;
 pub mod select;
+
+pub use remote_cache::{
+    entry_of as remote_entry, push as push_to_remote, RemoteSettings, RemoteSummary,
+};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -68,6 +73,8 @@ pub struct RunOptions {
     pub args: Value,
     /// Directory relative paths resolve against.
     pub cwd: PathBuf,
+    /// A shared cache on a remote: looked up on local misses, pushed to after the run.
+    pub remote: Option<RemoteSettings>,
 }
 
 /// Runs the selected steps of a pipeline, recording everything in the store.

@@ -42,6 +42,9 @@ pub struct RunReport {
     pub status: RunStatus,
     /// Steps in execution order.
     pub steps: Vec<StepReport>,
+    /// What the run did with its remote, when it had one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote: Option<super::RemoteSummary>,
 }
 
 impl RunReport {
@@ -70,6 +73,7 @@ impl Plan {
             pipeline: self.pipeline.clone(),
             status: RunStatus::Planned,
             steps: self.steps.clone(),
+            remote: None,
         }
     }
 }

@@ -23,9 +23,11 @@ use super::decide::{self, Decision, Facts};
 use super::observer::Observer;
 use super::presence::Presence;
 use super::record::Recorder;
+use super::remote_cache::{self, Hit, RemoteCache};
 use super::report::{RunReport, RunStatus, StepReport};
 use super::{explain, key, EngineError, RunOptions, Selection};
 use crate::pipeline::{ResolvedPipeline, ResolvedStep};
+use crate::remote::RemoteError;
 use crate::steps::{
     FailureClass, InputArtifact, Progress, StepContext, StepError, StepOutputs, VerifyContext,
 };
@@ -70,6 +72,15 @@ enum TaskDone {
     },
     /// A step executed.
     Executed(Finished),
+    /// A step's cache key was looked up on the remote (and its outputs fetched on a hit).
+    Fetched {
+        index: usize,
+        previous: Option<Outputs>,
+        result: Result<Option<Hit>, RemoteError>,
+        started_at: String,
+        duration_ms: u64,
+        progress: Progress,
+    },
 }
 
 struct Finished {
@@ -139,6 +150,8 @@ struct Walk<'a> {
     prefetched: HashMap<CacheKey, CacheEntry>,
     /// Whether their outputs exist, checked ahead on another thread.
     presence: Presence,
+    /// The shared cache on a remote, when the run has one.
+    remote: Option<Arc<RemoteCache>>,
 }
 
 /// Runs (`cancel` given) or plans (`None`) the selected steps.
@@ -185,6 +198,11 @@ pub(super) async fn walk(
         free_work_dirs: Vec::new(),
         prefetched: HashMap::new(),
         presence: Presence::none(),
+        remote: opts
+            .remote
+            .clone()
+            .filter(|_| !planning)
+            .map(|settings| Arc::new(RemoteCache::new(settings))),
     };
     let mut latest = blocking(|| store.db().latest_executions(&pipeline.name))?;
     walk.prefetched = latest
@@ -216,6 +234,11 @@ pub(super) async fn walk(
         let _ = crate::store::objects::remove_any(&dir);
     }
     walked?;
+    if let Some(remote) = walk.remote.clone() {
+        let progress = observer.step_started("remote push");
+        remote.push_queued(&walk.store, progress.clone()).await;
+        progress.bar().finish_and_clear();
+    }
     let status = if planning {
         RunStatus::Planned
     } else if walk.cancel.is_cancelled() {
@@ -232,6 +255,7 @@ pub(super) async fn walk(
         run_id: walk.recorder.as_ref().map(|r| r.run_id().to_string()),
         pipeline: pipeline.name.clone(),
         status,
+        remote: walk.remote.as_ref().map(|r| r.summary()),
         steps: pipeline
             .dag
             .order()
@@ -515,7 +539,11 @@ impl<'a> Walk<'a> {
                 }
                 self.reasons[i] = reason;
                 self.states[i] = State::Running;
-                self.spawn_run(i, previous)?;
+                if self.remote_applies(i) {
+                    self.spawn_fetch(i, previous);
+                } else {
+                    self.spawn_run(i, previous)?;
+                }
                 Ok(false)
             }
         }
@@ -569,6 +597,143 @@ impl<'a> Walk<'a> {
             }
         });
         self.task_step.insert(handle.id(), i);
+    }
+
+    /// Whether a step that must run asks the remote first: not when forced (the user
+    /// wants it executed), not for volatile steps (they look at the world each time).
+    fn remote_applies(&self, i: usize) -> bool {
+        self.remote.as_ref().is_some_and(|r| r.active())
+            && !self.sel.forced.contains(&i)
+            && !self.step(i).implementation.volatile()
+            && self.keys[i].is_some()
+    }
+
+    fn spawn_fetch(&mut self, i: usize, previous: Option<Outputs>) {
+        let Some((remote, key)) = self.remote.clone().zip(self.keys[i]) else {
+            return;
+        };
+        let store = self.store.clone();
+        let observer = self.observer.clone();
+        let name = self.step(i).name.clone();
+        let handle = self.tasks.spawn(async move {
+            let progress = observer.step_started(&name);
+            let started_at = now_rfc3339();
+            let t0 = Instant::now();
+            let result = remote.fetch(&store, &key, progress.clone()).await;
+            TaskDone::Fetched {
+                index: i,
+                previous,
+                result,
+                started_at,
+                duration_ms: t0.elapsed().as_millis() as u64,
+                progress,
+            }
+        });
+        self.task_step.insert(handle.id(), i);
+    }
+
+    /// A remote lookup came back: a hit settles the step, a miss (or a remote that
+    /// failed, which is then off for the run) executes it, or skips it under `pull`.
+    /// `true` when the step settled.
+    fn fetched(
+        &mut self,
+        i: usize,
+        previous: Option<Outputs>,
+        result: Result<Option<Hit>, RemoteError>,
+        started_at: String,
+        duration_ms: u64,
+        progress: Progress,
+    ) -> Result<bool, EngineError> {
+        let Some(remote) = self.remote.clone() else {
+            return Ok(false);
+        };
+        let miss = match result {
+            Ok(Some(hit)) => {
+                self.settle_remote_hit(i, hit, started_at, duration_ms, &progress)?;
+                return Ok(true);
+            }
+            Ok(None) => "not in the remote cache".to_string(),
+            Err(e) => {
+                if e.remote_failed() {
+                    remote.disable(&e);
+                    self.reasons[i] = format!("{} (remote skipped: {e})", self.reasons[i]);
+                } else {
+                    self.reasons[i] = format!("{} (remote hit refused: {e})", self.reasons[i]);
+                }
+                format!("the remote failed: {e}")
+            }
+        };
+        progress.bar().finish_and_clear();
+        if remote.settings.pull_only {
+            self.settle(i, State::Skipped, StepStatus::Skipped, miss);
+            return Ok(true);
+        }
+        self.spawn_run(i, previous)?;
+        Ok(false)
+    }
+
+    /// Records a step whose outputs came from the remote: its artifacts and a local cache
+    /// entry, so the next run hits locally.
+    fn settle_remote_hit(
+        &mut self,
+        i: usize,
+        hit: Hit,
+        started_at: String,
+        duration_ms: u64,
+        progress: &Progress,
+    ) -> Result<(), EngineError> {
+        let step = self.step(i);
+        let key = self.keys[i]
+            .ok_or_else(|| StoreError::Corrupt(format!("step {} has no cache key", step.name)))?;
+        let run_id = self.run_id();
+        let created_at = now_rfc3339();
+        let outputs = hit.entry.outputs.clone();
+        let artifacts: Vec<ArtifactRecord> = hit
+            .entry
+            .artifacts
+            .iter()
+            .filter(|a| outputs.values().any(|o| o.digest == a.digest))
+            .map(|a| ArtifactRecord {
+                created_at: created_at.clone(),
+                producer_run: run_id.clone(),
+                producer_step: step.name.clone(),
+                pipeline: self.pipeline.name.clone(),
+                ..a.clone()
+            })
+            .collect();
+        let reason = format!(
+            "cached (remote): made by run {} of {}; fetched {} objects ({} bytes), {} already here",
+            hit.entry.run_id,
+            hit.entry.pipeline,
+            hit.stats.objects,
+            hit.stats.bytes,
+            hit.stats.skipped
+        );
+        self.states[i] = State::Done(outputs.clone());
+        let entry = CacheEntry {
+            key,
+            outputs,
+            run_id,
+            step: step.name.clone(),
+        };
+        let record = self.step_record(
+            i,
+            StepStatus::Cached,
+            &reason,
+            Execution {
+                duration_ms,
+                started_at,
+                error: None,
+                log: None,
+            },
+        );
+        if let Some(recorder) = self.recorder.as_mut() {
+            recorder.executed(record, self.seq[i], &artifacts, Some(entry))?;
+        }
+        let report = self.report(i, StepStatus::Cached, reason, duration_ms, None);
+        self.observer.step_finished(&report, Some(progress));
+        self.reports[i] = Some(report);
+        Ok(())
     }
 
     fn spawn_run(&mut self, i: usize, previous: Option<Outputs>) -> Result<(), EngineError> {
@@ -629,6 +794,23 @@ impl<'a> Walk<'a> {
                 let i = finished.index;
                 self.finish(finished)?;
                 i
+            }
+            Ok((
+                id,
+                TaskDone::Fetched {
+                    index,
+                    previous,
+                    result,
+                    started_at,
+                    duration_ms,
+                    progress,
+                },
+            )) => {
+                self.task_step.remove(&id);
+                if !self.fetched(index, previous, result, started_at, duration_ms, progress)? {
+                    return Ok(());
+                }
+                index
             }
             Err(join_error) => {
                 let Some(i) = self.task_step.remove(&join_error.id()) else {
@@ -796,6 +978,18 @@ impl<'a> Walk<'a> {
                 metadata: p.metadata.clone(),
             })
             .collect();
+        if let Some(remote) = &self.remote {
+            if status == StepStatus::Ran {
+                remote.queue(remote_cache::entry_of(
+                    key,
+                    &refs,
+                    &run_id,
+                    &step.name,
+                    &self.pipeline.name,
+                    artifacts.clone(),
+                ));
+            }
+        }
         let entry = CacheEntry {
             key,
             outputs: refs,
@@ -1205,6 +1399,7 @@ mod tests {
             file: "verify.yaml".into(),
             params: IndexMap::new(),
             docstore_uri: None,
+            remote: None,
             steps: vec![step("a"), step("b")],
             dag: Dag::build(2, []).unwrap(),
         }

@@ -45,6 +45,9 @@ pub struct ResolvedPipeline {
     pub params: IndexMap<String, Value>,
     /// Document store URI from `docstore: {uri}` (may hold a password: never recorded).
     pub docstore_uri: Option<String>,
+    /// The shared cache on object storage (`remote:`), and its options (may hold keys:
+    /// never recorded).
+    pub remote: Option<(String, BTreeMap<String, String>)>,
     /// Steps in file order.
     pub steps: Vec<ResolvedStep>,
     /// The step graph over positions in `steps`, built once at load time.

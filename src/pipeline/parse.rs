@@ -66,6 +66,10 @@ pub(super) fn quick_parse(src: &SourceFile) -> Option<RawPipeline> {
         params: Option<IndexMap<String, serde_yaml::Value>>,
         #[serde(default)]
         docstore: Option<RawDocstore>,
+        #[serde(default)]
+        remote: Option<String>,
+        #[serde(default)]
+        remote_options: Option<std::collections::BTreeMap<String, String>>,
         #[serde(deserialize_with = "unique_keys")]
         steps: Option<IndexMap<String, RawStep>>,
     }
@@ -82,6 +86,8 @@ pub(super) fn quick_parse(src: &SourceFile) -> Option<RawPipeline> {
         include: Vec::new(),
         params: strict.params,
         docstore: strict.docstore,
+        remote: strict.remote,
+        remote_options: strict.remote_options,
         steps,
     })
 }

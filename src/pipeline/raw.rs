@@ -11,6 +11,8 @@ pub const PIPELINE_KEYS: &[&str] = &[
     "include",
     "params",
     "docstore",
+    "remote",
+    "remote_options",
     "steps",
 ];
 /// Keys of a step entry.
@@ -58,6 +60,12 @@ pub struct RawPipeline<S = RawStep> {
     /// Where document-store steps write (default: the embedded store).
     #[serde(default)]
     pub docstore: Option<RawDocstore>,
+    /// A shared cache on object storage (`s3://bucket/prefix`).
+    #[serde(default)]
+    pub remote: Option<String>,
+    /// Options of the remote (object_store keys such as `aws_endpoint`, `aws_region`).
+    #[serde(default)]
+    pub remote_options: Option<std::collections::BTreeMap<String, String>>,
     /// Steps by name. The careful path deserializes each on its own so that type errors
     /// in several steps are all reported.
     pub steps: IndexMap<String, S>,
@@ -72,6 +80,8 @@ impl<S> RawPipeline<S> {
             include: self.include,
             params: self.params,
             docstore: self.docstore,
+            remote: self.remote,
+            remote_options: self.remote_options,
             steps,
         }
     }

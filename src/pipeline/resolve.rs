@@ -137,6 +137,9 @@ impl<'a> Resolver<'a> {
             file: self.src.path.clone(),
             params,
             docstore_uri: raw.docstore.and_then(|d| d.uri),
+            remote: raw
+                .remote
+                .map(|url| (url, raw.remote_options.unwrap_or_default())),
             steps,
             dag,
         })

@@ -151,6 +151,7 @@ pub(super) fn read(dir: &Path, key: &str, src: &SourceFile) -> Option<ResolvedPi
         file: src.path.clone(),
         params: snapshot.params.into_owned(),
         docstore_uri: None,
+        remote: None,
         steps,
         dag,
     })
@@ -164,7 +165,7 @@ pub(super) fn write(
     pipeline: &ResolvedPipeline,
     declared_outputs: &BTreeMap<String, IndexMap<String, String>>,
 ) {
-    if pipeline.docstore_uri.is_some() {
+    if pipeline.docstore_uri.is_some() || pipeline.remote.is_some() {
         return;
     }
     if secret(pipeline.params.iter()) {

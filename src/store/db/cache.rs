@@ -26,4 +26,13 @@ impl Database {
         })
         .transpose()
     }
+
+    /// Every cache key in the index.
+    pub fn cache_keys(&self) -> Result<std::collections::HashSet<CacheKey>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT key FROM cache")?;
+        let keys = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(keys.iter().filter_map(|k| k.parse().ok()).collect())
+    }
 }
