@@ -102,7 +102,7 @@ steps:
     uses: command
     inputs: {rows: data.rows}
     outputs: {dir: dir}
-    with: {run: "mkdir -p ${outputs.dir}/sub/empty && cp ${inputs.rows} ${outputs.dir}/rows.txt && printf '#!/bin/sh\necho hi\n' > ${outputs.dir}/sub/run.sh && chmod +x ${outputs.dir}/sub/run.sh && ln -s rows.txt ${outputs.dir}/link && head -c 17000000 /dev/zero | tr '\\0' 'z' > ${outputs.dir}/big.bin"}
+    with: {run: "mkdir -p ${outputs.dir}/sub/empty && cp ${inputs.rows} ${outputs.dir}/rows.txt && printf '#!/bin/sh\necho hi\n' > ${outputs.dir}/sub/run.sh && chmod +x ${outputs.dir}/sub/run.sh && ln -s rows.txt ${outputs.dir}/link && head -c 17000000 /dev/zero | tr '\\0' 'z' > ${outputs.dir}/big.bin && mkdir ${outputs.dir}/many && for i in $(seq 300); do echo $i > ${outputs.dir}/many/$i; done"}
   count:
     uses: command
     inputs: {tree: tree.dir}

@@ -600,11 +600,15 @@ impl<'a> Walk<'a> {
     }
 
     /// Whether a step that must run asks the remote first: not when forced (the user
-    /// wants it executed), not for volatile steps (they look at the world each time).
+    /// wants it executed), not for volatile steps (they look at the world each time), not
+    /// for external ones (they load a document or vector store that belongs to this
+    /// machine: another machine's receipt says nothing about it).
     fn remote_applies(&self, i: usize) -> bool {
+        let step = self.step(i);
         self.remote.as_ref().is_some_and(|r| r.active())
             && !self.sel.forced.contains(&i)
-            && !self.step(i).implementation.volatile()
+            && !step.implementation.volatile()
+            && !step.implementation.external()
             && self.keys[i].is_some()
     }
 

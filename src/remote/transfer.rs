@@ -15,6 +15,9 @@ use super::{Remote, RemoteEntry, RemoteError, MULTIPART_THRESHOLD};
 use crate::store::{hash, CacheKey, ObjectDigest, Store};
 use crate::util::progress::Progress;
 
+/// From this many files on, an upload lists the remote once instead of asking per file.
+const LIST_INSTEAD_OF_HEAD: usize = 256;
+
 /// Counters of one transfer, shown on a progress bar.
 #[derive(Default, Debug)]
 pub struct TransferProgress {
@@ -139,8 +142,26 @@ impl Remote {
         }
         let mut seen = HashSet::new();
         files.retain(|(d, _, _)| seen.insert(*d));
+        // Many files: one listing (1000 keys per request) says what is there, instead of
+        // a HEAD request per file, which would double the requests of a fresh push.
+        let listed = if files.len() >= LIST_INSTEAD_OF_HEAD {
+            Some(self.list_area(Area::Files).await?)
+        } else {
+            None
+        };
+        if let Some(present) = &listed {
+            files.retain(|(digest, _, size)| {
+                let there = present.get(digest) == Some(size);
+                if there {
+                    progress.skipped();
+                }
+                !there
+            });
+        }
+        let check = listed.is_none();
         stream::iter(files.into_iter().map(|(digest, path, size)| async move {
-            self.upload_file(&digest, &path, size, progress).await
+            self.upload_file(&digest, &path, size, check, progress)
+                .await
         }))
         .buffer_unordered(self.concurrency)
         .try_collect::<Vec<()>>()
@@ -165,16 +186,19 @@ impl Remote {
         digest: &ObjectDigest,
         path: &Path,
         size: u64,
+        check: bool,
         progress: &TransferProgress,
     ) -> Result<(), RemoteError> {
         let location = self.object_key(digest);
-        match self.store.head(&location).await {
-            Ok(meta) if meta.size == size => {
-                progress.skipped();
-                return Ok(());
+        if check {
+            match self.store.head(&location).await {
+                Ok(meta) if meta.size == size => {
+                    progress.skipped();
+                    return Ok(());
+                }
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.unavailable(e)),
             }
-            Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => return Err(self.unavailable(e)),
         }
         if size >= MULTIPART_THRESHOLD {
             let upload = self
