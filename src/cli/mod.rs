@@ -51,6 +51,16 @@ pub struct Cli {
     command: Command,
 }
 
+/// `cairn internal ...`: the other side of executors.
+#[derive(Debug, Subcommand)]
+enum InternalCommand {
+    /// Execute one step as a Slurm job described by the engine.
+    RunStep {
+        /// The job description the engine wrote.
+        description: std::path::PathBuf,
+    },
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a pipeline: execute what changed, reuse everything else from the store.
@@ -61,6 +71,9 @@ enum Command {
     Validate(run::ValidateArgs),
     /// Fetch from the remote cache what a pipeline's current plan needs; executes nothing.
     Pull(run::PullArgs),
+    /// What executors run on other machines (not for direct use).
+    #[command(subcommand, hide = true)]
+    Internal(InternalCommand),
     /// Upload runs' outputs and cache entries to the remote cache.
     Push(remote::PushArgs),
     /// The remote cache: what is only here, only there, on both.
@@ -147,6 +160,18 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Run(args) => run::run(cli, args),
         Command::Pull(args) => run::pull(cli, args),
+        Command::Internal(InternalCommand::RunStep { description }) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            Ok(
+                if rt.block_on(crate::engine::slurm::run_here(description))? {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                },
+            )
+        }
         Command::Push(args) => remote::push(cli, args),
         Command::Remote(cmd) => remote::remote(cli, cmd),
         Command::Plan(args) => run::plan(cli, args),

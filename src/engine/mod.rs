@@ -24,6 +24,7 @@ mod remote_cache;
 pub mod report;
 mod schedule;
 pub mod select;
+pub mod slurm;
 
 pub use remote_cache::{
     entry_of as remote_entry, push as push_to_remote, RemoteSettings, RemoteSummary,

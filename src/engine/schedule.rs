@@ -746,6 +746,18 @@ impl<'a> Walk<'a> {
         let observer = self.observer.clone();
         let implementation = self.step(i).implementation;
         let params = self.step(i).bound.clone();
+        // A Slurm step needs what the node loads the pipeline with.
+        let slurm = self.step(i).slurm.clone().map(|resources| {
+            let sets: Vec<String> = self.opts.args["set"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+            (self.pipeline.file.clone(), sets, resources)
+        });
         let handle = self.tasks.spawn(async move {
             let _permit = permits.acquire_owned().await;
             let mut ctx = ctx;
@@ -755,9 +767,12 @@ impl<'a> Walk<'a> {
             let result = if ctx.cancel.is_cancelled() {
                 Err(StepError::Cancelled)
             } else {
-                match verify_inputs(&ctx).await {
-                    Ok(()) => implementation.run(&params, &ctx).await,
-                    Err(e) => Err(e),
+                match (verify_inputs(&ctx).await, &slurm) {
+                    (Err(e), _) => Err(e),
+                    (Ok(()), None) => implementation.run(&params, &ctx).await,
+                    (Ok(()), Some((file, sets, resources))) => {
+                        super::slurm::run(&ctx, file, sets, resources).await
+                    }
                 }
             };
             TaskDone::Executed(Finished {
@@ -1276,6 +1291,11 @@ impl<'a> Walk<'a> {
 /// `block_in_place`: the task would go on, and spawn the step's processes, from a thread
 /// that tokio retires when idle, and a helper that dies with its parent thread
 /// (PR_SET_PDEATHSIG) would die with it.
+/// [`verify_inputs`] for a step executing elsewhere (a Slurm node).
+pub(super) async fn verify_inputs_of(ctx: &StepContext) -> Result<(), StepError> {
+    verify_inputs(ctx).await
+}
+
 async fn verify_inputs(ctx: &StepContext) -> Result<(), StepError> {
     const INLINE_BYTES: u64 = 256 << 10;
     let mut deferred = Vec::new();
@@ -1396,6 +1416,7 @@ mod tests {
             outputs: IndexMap::from([("out".to_string(), "file".to_string())]),
             variant: None,
             skip: None,
+            slurm: None,
         };
         ResolvedPipeline {
             name: "verify".into(),

@@ -84,6 +84,8 @@ pub struct ResolvedStep {
     pub variant: Option<Variant>,
     /// Why the step does not run: its `when:` condition is false.
     pub skip: Option<String>,
+    /// Run as a Slurm job with these resources (`None`: on this machine).
+    pub slurm: Option<raw::RawResources>,
 }
 
 /// One variant of a `foreach` or `matrix` step.

@@ -70,6 +70,8 @@ pub(super) fn quick_parse(src: &SourceFile) -> Option<RawPipeline> {
         remote: Option<String>,
         #[serde(default)]
         remote_options: Option<std::collections::BTreeMap<String, String>>,
+        #[serde(default)]
+        executor: Option<super::raw::RawExecutor>,
         #[serde(deserialize_with = "unique_keys")]
         steps: Option<IndexMap<String, RawStep>>,
     }
@@ -88,6 +90,7 @@ pub(super) fn quick_parse(src: &SourceFile) -> Option<RawPipeline> {
         docstore: strict.docstore,
         remote: strict.remote,
         remote_options: strict.remote_options,
+        executor: strict.executor,
         steps,
     })
 }

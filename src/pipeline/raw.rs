@@ -13,6 +13,7 @@ pub const PIPELINE_KEYS: &[&str] = &[
     "docstore",
     "remote",
     "remote_options",
+    "executor",
     "steps",
 ];
 /// Keys of a step entry.
@@ -22,6 +23,8 @@ pub const STEP_KEYS: &[&str] = &[
     "foreach",
     "matrix",
     "when",
+    "executor",
+    "resources",
     "inputs",
     "with",
     "outputs",
@@ -66,6 +69,9 @@ pub struct RawPipeline<S = RawStep> {
     /// Options of the remote (object_store keys such as `aws_endpoint`, `aws_region`).
     #[serde(default)]
     pub remote_options: Option<std::collections::BTreeMap<String, String>>,
+    /// Where steps execute by default: `{kind: local}` (default) or `{kind: slurm, ...}`.
+    #[serde(default)]
+    pub executor: Option<RawExecutor>,
     /// Steps by name. The careful path deserializes each on its own so that type errors
     /// in several steps are all reported.
     pub steps: IndexMap<String, S>,
@@ -82,6 +88,7 @@ impl<S> RawPipeline<S> {
             docstore: self.docstore,
             remote: self.remote,
             remote_options: self.remote_options,
+            executor: self.executor,
             steps,
         }
     }
@@ -116,6 +123,12 @@ pub struct RawStep {
     /// is false the step is shown as skipped and not run.
     #[serde(default)]
     pub when: Option<serde_yaml::Value>,
+    /// Where this step executes: `local` or `slurm` (default: the pipeline's executor).
+    #[serde(default)]
+    pub executor: Option<String>,
+    /// What a Slurm job of this step asks for (over the pipeline executor's defaults).
+    #[serde(default)]
+    pub resources: Option<RawResources>,
     /// Input name -> `step.output`.
     #[serde(default, deserialize_with = "unique_keys")]
     pub inputs: Option<IndexMap<String, String>>,
@@ -141,6 +154,73 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<
         Some(OneOrMany::One(file)) => vec![file],
         Some(OneOrMany::Many(files)) => files,
     })
+}
+
+/// The pipeline's executor.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawExecutor {
+    /// `local` or `slurm`.
+    pub kind: String,
+    /// Defaults for every Slurm job of the pipeline.
+    #[serde(flatten)]
+    pub defaults: RawResources,
+}
+
+/// What a Slurm job asks for; all optional.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawResources {
+    /// GPUs (`--gres=gpu:N`).
+    #[serde(default)]
+    pub gpus: Option<u32>,
+    /// CPUs (`--cpus-per-task`).
+    #[serde(default)]
+    pub cpus: Option<u32>,
+    /// Memory (`--mem`, e.g. `64G`).
+    #[serde(default)]
+    pub mem: Option<String>,
+    /// Time limit (`--time`, e.g. `04:00:00`).
+    #[serde(default)]
+    pub time: Option<String>,
+    /// Partition.
+    #[serde(default)]
+    pub partition: Option<String>,
+    /// Account.
+    #[serde(default)]
+    pub account: Option<String>,
+    /// Quality of service.
+    #[serde(default)]
+    pub qos: Option<String>,
+    /// Node features (`--constraint`).
+    #[serde(default)]
+    pub constraint: Option<String>,
+    /// Resubmissions after a node failure or preemption (default 1).
+    #[serde(default)]
+    pub retries: Option<u32>,
+}
+
+impl RawResources {
+    /// These values over `defaults`.
+    pub fn over(&self, defaults: &RawResources) -> RawResources {
+        RawResources {
+            gpus: self.gpus.or(defaults.gpus),
+            cpus: self.cpus.or(defaults.cpus),
+            mem: self.mem.clone().or_else(|| defaults.mem.clone()),
+            time: self.time.clone().or_else(|| defaults.time.clone()),
+            partition: self
+                .partition
+                .clone()
+                .or_else(|| defaults.partition.clone()),
+            account: self.account.clone().or_else(|| defaults.account.clone()),
+            qos: self.qos.clone().or_else(|| defaults.qos.clone()),
+            constraint: self
+                .constraint
+                .clone()
+                .or_else(|| defaults.constraint.clone()),
+            retries: self.retries.or(defaults.retries),
+        }
+    }
 }
 
 /// The kind of an output declared by name alone (`outputs: [out]`).

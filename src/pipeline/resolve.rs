@@ -110,11 +110,34 @@ impl<'a> Resolver<'a> {
                 );
             }
         }
+        let executor = self.pipeline_executor(raw.executor.take());
         let expanded = self.expand(raw_steps, &params);
         self.check_input_targets(&expanded);
         let mut steps = Vec::with_capacity(expanded.len());
         for (name, expanded) in expanded {
+            let slurm = self.step_executor(&name, &expanded.step, executor.as_ref());
             if let Some(mut resolved) = self.resolve_step(&name, &expanded.step, &params) {
+                if slurm.is_some() {
+                    let implementation = resolved.implementation;
+                    let why = if implementation.volatile() {
+                        Some("it reads this machine's files or network each run")
+                    } else if implementation.external() {
+                        Some("it loads a store that belongs to this machine")
+                    } else {
+                        None
+                    };
+                    if let Some(why) = why {
+                        self.error(
+                            &format!("steps.{name}"),
+                            format!(
+                                "step `{name}` ({}) cannot run on Slurm: {why}",
+                                resolved.uses
+                            ),
+                            Some("give it `executor: local`".into()),
+                        );
+                    }
+                }
+                resolved.slurm = slurm;
                 resolved.variant = expanded.variant;
                 resolved.skip = expanded.skip;
                 steps.push(resolved);
@@ -312,6 +335,58 @@ impl<'a> Resolver<'a> {
             outputs: io.outputs,
             variant: None,
             skip: None,
+            slurm: None,
+        })
+    }
+
+    /// The pipeline's `executor:`: `None` for local, the Slurm defaults for slurm.
+    fn pipeline_executor(
+        &mut self,
+        executor: Option<raw::RawExecutor>,
+    ) -> Option<raw::RawResources> {
+        let executor = executor?;
+        match executor.kind.as_str() {
+            "local" => None,
+            "slurm" => Some(executor.defaults),
+            other => {
+                self.error(
+                    "executor.kind",
+                    format!("unknown executor `{other}`"),
+                    did_you_mean(other, ["local", "slurm"])
+                        .or_else(|| Some("executors: local, slurm".into())),
+                );
+                None
+            }
+        }
+    }
+
+    /// Where one step runs: its own `executor:` over the pipeline's; the Slurm resources
+    /// are its `resources:` over the pipeline executor's defaults.
+    fn step_executor(
+        &mut self,
+        name: &str,
+        step: &raw::RawStep,
+        pipeline: Option<&raw::RawResources>,
+    ) -> Option<raw::RawResources> {
+        let defaults = pipeline.cloned().unwrap_or_default();
+        let slurm = match step.executor.as_deref() {
+            None => pipeline.is_some(),
+            Some("slurm") => true,
+            Some("local") => false,
+            Some(other) => {
+                self.error(
+                    &format!("steps.{name}.executor"),
+                    format!("unknown executor `{other}`"),
+                    did_you_mean(other, ["local", "slurm"])
+                        .or_else(|| Some("executors: local, slurm".into())),
+                );
+                false
+            }
+        };
+        slurm.then(|| {
+            step.resources
+                .as_ref()
+                .map_or(defaults.clone(), |r| r.over(&defaults))
         })
     }
 

@@ -142,6 +142,7 @@ pub(super) fn read(dir: &Path, key: &str, src: &SourceFile) -> Option<ResolvedPi
             outputs: io.outputs,
             variant: s.variant.map(Cow::into_owned),
             skip: s.skip.map(Cow::into_owned),
+            slurm: None,
         });
     }
     let dag = step_graph(&steps).ok()?;
@@ -165,7 +166,11 @@ pub(super) fn write(
     pipeline: &ResolvedPipeline,
     declared_outputs: &BTreeMap<String, IndexMap<String, String>>,
 ) {
-    if pipeline.docstore_uri.is_some() || pipeline.remote.is_some() {
+    // Slurm resources are not kept in snapshots: such pipelines load the slow way.
+    if pipeline.docstore_uri.is_some()
+        || pipeline.remote.is_some()
+        || pipeline.steps.iter().any(|s| s.slurm.is_some())
+    {
         return;
     }
     if secret(pipeline.params.iter()) {

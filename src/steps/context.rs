@@ -25,7 +25,7 @@ pub struct InputArtifact {
 }
 
 /// An output the step produced and committed.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Produced {
     /// Content digest.
     pub digest: ObjectDigest,
