@@ -3,7 +3,7 @@
 //! `sbatch --parsable` as a batch script that runs the same `cairn` binary on the node
 //! (`cairn internal run-step DESCRIPTION`, which executes exactly that step against the
 //! shared store and writes its result next to the description), and watched with
-//! `squeue` (polling with backoff) until it leaves the queue; its end state is read from
+//! `squeue` (polling every 0.1 s, then 0.2 s for the first 30 s, then up to 2 s) until it leaves the queue; its end state is read from
 //! `scontrol show job` (or `sacct` where accounting keeps it). The job's stdout and stderr
 //! are the step's log. Outcomes map to step failures with reasons (FAILED with its exit
 //! code, TIMEOUT, OUT_OF_MEMORY, CANCELLED); NODE_FAIL and PREEMPTED are resubmitted up to
@@ -198,10 +198,14 @@ async fn watch(
     ctx: &StepContext,
 ) -> Result<JobEnd, StepError> {
     let mut delay = Duration::from_millis(100);
+    let mut waited = Duration::ZERO;
     let mut last = String::new();
     loop {
         let state = squeue_state(id).await;
         match state {
+            // COMPLETING: the job's processes have ended (its result is written); the
+            // node is still cleaning up, which the step need not wait for.
+            Some(state) if state == "COMPLETING" || FINAL_STATES.contains(&state.as_str()) => break,
             Some(state) => {
                 if state != last {
                     ctx.progress
@@ -225,7 +229,15 @@ async fn watch(
             }
             _ = tokio::time::sleep(delay) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(2));
+        // Short jobs are noticed within a fifth of a second; long ones cost the controller a
+        // query every two seconds at most.
+        let cap = if waited < Duration::from_secs(30) {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(2)
+        };
+        waited += delay;
+        delay = (delay * 2).min(cap);
     }
     Ok(job_end(id).await)
 }
@@ -241,8 +253,33 @@ async fn squeue_state(id: &str) -> Option<String> {
     (out.status.success() && !state.is_empty()).then_some(state)
 }
 
-/// How a finished job ended: `scontrol show job` (kept for MinJobAge), else `sacct`.
+/// States a job does not leave.
+const FINAL_STATES: &[&str] = &[
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+];
+
+/// How a finished job ended: `scontrol show job` (kept for MinJobAge), else `sacct`;
+/// a job still completing is asked again until its final state is known.
 async fn job_end(id: &str) -> JobEnd {
+    for _ in 0..300 {
+        let end = job_end_once(id).await;
+        if end.state != "COMPLETING" {
+            return end;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    job_end_once(id).await
+}
+
+async fn job_end_once(id: &str) -> JobEnd {
     if let Ok(out) = tokio::process::Command::new("scontrol")
         .args(["show", "job", id, "-o"])
         .output()
