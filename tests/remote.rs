@@ -9,7 +9,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{repo, Project};
+use common::{free_port, repo, Project};
 use serde_json::Value;
 
 struct Moto {
@@ -22,14 +22,6 @@ impl Drop for Moto {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Starts moto's S3 server and creates bucket `cairn`; `None` (with a note) when it is
