@@ -77,16 +77,9 @@ impl Remote {
     /// The cache entry of `key`, if the remote has one.
     pub async fn entry(&self, key: &CacheKey) -> Result<Option<RemoteEntry>, RemoteError> {
         let location = self.entry_key(key);
-        let bytes = match self.store.get(&location).await {
-            Ok(got) => got.bytes().await.map_err(|e| self.unavailable(e))?,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(self.unavailable(e)),
+        let Some(entry) = self.get_json::<RemoteEntry>(&location).await? else {
+            return Ok(None);
         };
-        let entry: RemoteEntry =
-            serde_json::from_slice(&bytes).map_err(|e| RemoteError::BadEntry {
-                object: location.to_string(),
-                message: e.to_string(),
-            })?;
         if entry.key != *key {
             return Err(RemoteError::BadEntry {
                 object: location.to_string(),
@@ -355,18 +348,13 @@ impl Remote {
         progress: &TransferProgress,
     ) -> Result<(), RemoteError> {
         let location = self.tree_key(digest);
-        let bytes = self
-            .store
-            .get(&location)
-            .await
-            .map_err(|e| self.unavailable(e))?
-            .bytes()
-            .await
-            .map_err(|e| self.unavailable(e))?;
-        let tree: Tree = serde_json::from_slice(&bytes).map_err(|e| RemoteError::BadEntry {
-            object: location.to_string(),
-            message: e.to_string(),
-        })?;
+        let tree: Tree = self
+            .get_json(&location)
+            .await?
+            .ok_or_else(|| RemoteError::BadEntry {
+                object: location.to_string(),
+                message: "the folder's manifest is missing".into(),
+            })?;
         std::fs::create_dir_all(dest)
             .map_err(|e| RemoteError::io("creating a download folder", e))?;
         let files: Vec<(std::path::PathBuf, ObjectDigest)> = tree
@@ -431,8 +419,15 @@ impl Remote {
 
     /// The manifest of folder object `digest`, if the remote has it.
     pub async fn tree(&self, digest: &ObjectDigest) -> Result<Option<Tree>, RemoteError> {
-        let location = self.tree_key(digest);
-        let bytes = match self.store.get(&location).await {
+        self.get_json(&self.tree_key(digest)).await
+    }
+
+    /// A JSON document of the remote (`None` when it is not there).
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        location: &object_store::path::Path,
+    ) -> Result<Option<T>, RemoteError> {
+        let bytes = match self.store.get(location).await {
             Ok(got) => got.bytes().await.map_err(|e| self.unavailable(e))?,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(self.unavailable(e)),
@@ -469,20 +464,10 @@ impl Remote {
             .map_err(|e| self.unavailable(e))?;
         let mut entries = Vec::with_capacity(locations.len());
         for location in locations {
-            let bytes = self
-                .store
-                .get(&location)
-                .await
-                .map_err(|e| self.unavailable(e))?
-                .bytes()
-                .await
-                .map_err(|e| self.unavailable(e))?;
-            entries.push(
-                serde_json::from_slice(&bytes).map_err(|e| RemoteError::BadEntry {
-                    object: location.to_string(),
-                    message: e.to_string(),
-                })?,
-            );
+            // Deleted since the listing: nothing to report.
+            if let Some(entry) = self.get_json(&location).await? {
+                entries.push(entry);
+            }
         }
         Ok(entries)
     }
