@@ -161,9 +161,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => run::run(cli, args),
         Command::Pull(args) => run::pull(cli, args),
         Command::Internal(InternalCommand::RunStep { description }) => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let rt = run::runtime()?;
             Ok(
                 if rt.block_on(crate::engine::slurm::run_here(description))? {
                     ExitCode::SUCCESS

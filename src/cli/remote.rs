@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
+use super::run::runtime;
 use super::{human_bytes, print_json, Cli, UsageError};
 use crate::engine;
 use crate::remote::{Area, Remote, RemoteEntry, TreeKind};
@@ -54,12 +55,6 @@ pub fn open(url: Option<&str>) -> anyhow::Result<Remote> {
         .ok_or_else(|| UsageError("name the remote: --remote URL or $CAIRN_REMOTE".into()))?;
     let _ = rustls::crypto::ring::default_provider().install_default();
     Ok(Remote::open(&url, &BTreeMap::new()).map_err(|e| UsageError(e.to_string()))?)
-}
-
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
 }
 
 fn bar(quiet: bool) -> Progress {

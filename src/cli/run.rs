@@ -169,7 +169,8 @@ fn options(sel: &Selection, jobs: Option<usize>) -> anyhow::Result<RunOptions> {
     })
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+/// The multi-threaded runtime commands run async work on.
+pub(super) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)

@@ -186,7 +186,6 @@ async fn submit(
             "sbatch printed no job id: {text}"
         )));
     }
-    append_log(ctx, "");
     Ok(id)
 }
 

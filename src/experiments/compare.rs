@@ -213,9 +213,7 @@ fn compare_values(a: &Value, b: &Value) -> std::cmp::Ordering {
 
 /// The item between the brackets of a variant's step name.
 pub fn variant_label(step: &str) -> Option<&str> {
-    step.strip_suffix(']')
-        .and_then(|rest| rest.split_once('['))
-        .map(|(_, label)| label)
+    crate::util::variant::split(step).map(|(_, label)| label)
 }
 
 /// `rank=8,lr=1e-4` -> {rank: 8, lr: 0.0001}; a foreach item `blog` -> {item: "blog"}.

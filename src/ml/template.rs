@@ -29,6 +29,16 @@ pub struct Conversation {
 }
 
 impl Conversation {
+    /// The last user turn's text (empty when there is none): what a reply answers.
+    pub fn last_user(&self) -> String {
+        self.turns
+            .iter()
+            .rev()
+            .find(|(r, _)| *r == Role::User)
+            .map(|t| t.1.clone())
+            .unwrap_or_default()
+    }
+
     /// Reads a record of any dataset format (alpaca, chatml/messages, sharegpt, preference:
     /// the chosen answer). `None` when the record has none of the known shapes.
     pub fn from_record(record: &Value) -> Option<Self> {

@@ -17,6 +17,7 @@ use super::yaml_to_json;
 use super::Variant;
 use crate::util::suggest::did_you_mean;
 use crate::util::template::{self, Escapes, Reference, ITEM};
+use crate::util::variant;
 
 /// Variants one step may expand to: a typo in a matrix should fail fast, not plan a
 /// million steps.
@@ -79,7 +80,7 @@ impl Resolver<'_> {
             match items_of.get(&name) {
                 Some((items, matrix)) => {
                     for item in items {
-                        let variant_name = format!("{name}[{}]", item.label);
+                        let variant_name = variant::join(&name, &item.label);
                         self.variant_base.insert(variant_name.clone(), name.clone());
                         let mut variant = step.clone();
                         variant.foreach = None;
@@ -438,8 +439,8 @@ impl Resolver<'_> {
                 Some((items, _)) => {
                     for item in items {
                         expanded.insert(
-                            format!("{input}[{}]", item.label),
-                            format!("{producer}[{}].{output}", item.label),
+                            variant::join(&input, &item.label),
+                            format!("{}.{output}", variant::join(producer, &item.label)),
                         );
                     }
                 }

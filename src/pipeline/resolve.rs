@@ -17,6 +17,7 @@ use super::{spec, Diagnostic, Diagnostics, InputBinding, ResolvedPipeline, Resol
 use crate::steps::{self, StepIo};
 use crate::util::suggest::did_you_mean;
 use crate::util::template::{self, Reference};
+use crate::util::variant;
 
 pub(super) struct Resolver<'a> {
     pub(super) src: &'a SourceFile,
@@ -426,7 +427,7 @@ impl<'a> Resolver<'a> {
     ) {
         let Some(decls) = &io.inputs else { return };
         for name in inputs.keys() {
-            let declared_as = name.split_once('[').map_or(name.as_str(), |(n, _)| n);
+            let declared_as = variant::base(name);
             if !decls.iter().any(|d| d.name == declared_as) {
                 let help =
                     did_you_mean(name, decls.iter().map(|d| d.name.as_str())).or_else(|| {
@@ -454,7 +455,7 @@ impl<'a> Resolver<'a> {
             let bound = inputs.contains_key(&decl.name)
                 || inputs
                     .keys()
-                    .any(|k| k.split_once('[').is_some_and(|(n, _)| n == decl.name));
+                    .any(|k| variant::split(k).is_some_and(|(n, _)| n == decl.name));
             if !bound {
                 self.error(
                     base,
@@ -482,13 +483,7 @@ impl<'a> Resolver<'a> {
         for (path, r) in found {
             let (known, what): (Vec<&str>, &str) = match r.namespace.as_str() {
                 // A collection (`models: train[*].model`) is bound as `models[...]`.
-                "inputs" => (
-                    inputs
-                        .keys()
-                        .map(|s| s.split_once('[').map_or(s.as_str(), |(name, _)| name))
-                        .collect(),
-                    "input",
-                ),
+                "inputs" => (inputs.keys().map(|s| variant::base(s)).collect(), "input"),
                 "outputs" => match io {
                     Some(io) => (io.outputs.keys().map(|s| s.as_str()).collect(), "output"),
                     None => continue,
@@ -518,7 +513,7 @@ impl<'a> Resolver<'a> {
                     continue;
                 };
                 if !steps.contains_key(target) {
-                    let base = target.split('[').next().unwrap_or(target);
+                    let base = variant::base(target);
                     let variants: Vec<&str> = steps
                         .keys()
                         .filter(|k| k.starts_with(base) && k[base.len()..].starts_with('['))

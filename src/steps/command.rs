@@ -218,10 +218,7 @@ fn environment(ctx: &StepContext, params: &CommandParams) -> Vec<(String, String
 /// The collection an input belongs to: `models[rank=8]` (one variant of
 /// `models: train[*].model`) belongs to `models`.
 fn collection_of(input: &str) -> Option<&str> {
-    input
-        .strip_suffix(']')
-        .and_then(|rest| rest.split_once('['))
-        .map(|(name, _)| name)
+    crate::util::variant::split(input).map(|(name, _)| name)
 }
 
 /// Single-quotes a path for `sh -c`.

@@ -7,3 +7,4 @@ pub mod clock;
 pub mod progress;
 pub mod suggest;
 pub mod template;
+pub mod variant;

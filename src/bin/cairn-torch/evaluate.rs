@@ -113,13 +113,7 @@ pub fn run(job: &EvalJob, emit: &mut dyn FnMut(Value)) -> Result<EvalResults, St
             &eos_ids,
             &mut |_| {},
         )?;
-        let question = conv
-            .turns
-            .iter()
-            .rev()
-            .find(|(r, _)| *r == Role::User)
-            .map(|t| t.1.clone())
-            .unwrap_or_default();
+        let question = conv.last_user();
         results.answers.push(Answer {
             prompt: question,
             reference: Some(reference.clone()),

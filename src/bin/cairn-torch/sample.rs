@@ -95,13 +95,7 @@ pub fn run(job: &SampleJob, emit: &mut dyn FnMut(Value)) -> Result<Value, String
                 json!({"role": role, "content": content})
             })
             .collect();
-        let question = conv
-            .turns
-            .iter()
-            .rev()
-            .find(|(r, _)| *r == Role::User)
-            .map(|t| t.1.clone())
-            .unwrap_or_default();
+        let question = conv.last_user();
         let line = json!({"id": id, "prompt": question, "messages": messages,
             "reference": reference, "samples": samples});
         writeln!(out, "{line}").map_err(|e| format!("{}: {e}", job.output.display()))?;
