@@ -27,6 +27,7 @@ pub mod models;
 pub mod pipeline;
 pub mod redact;
 pub mod remote;
+pub mod serve;
 pub mod steps;
 pub mod store;
 pub mod ui;

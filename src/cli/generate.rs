@@ -52,7 +52,8 @@ pub struct GenerateArgs {
     pub threads: usize,
 }
 
-fn model_dir(cli: &Cli, model: &str) -> anyhow::Result<PathBuf> {
+/// The directory of `model`: a model directory, or a `model` artifact by digest or prefix.
+pub(super) fn model_dir(cli: &Cli, model: &str) -> anyhow::Result<PathBuf> {
     let path = Path::new(model);
     if path.is_dir() {
         return Ok(path.to_path_buf());

@@ -9,6 +9,7 @@ mod maintenance;
 mod query;
 mod remote;
 mod run;
+mod serve;
 mod ui;
 
 use std::path::PathBuf;
@@ -99,6 +100,8 @@ enum Command {
     Query(query::QueryArgs),
     /// Generate text from a trained `model` artifact or a model directory, streaming it.
     Generate(generate::GenerateArgs),
+    /// Serve models over an OpenAI-compatible HTTP API (chat, completions, embeddings).
+    Serve(serve::ServeArgs),
     /// Serve runs, artifacts and lineage to a browser (read-only, 127.0.0.1 by default);
     /// the same data as JSON under /api.
     Ui(ui::UiArgs),
@@ -182,6 +185,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Hash(args) => maintenance::hash(args),
         Command::Query(args) => query::query(cli, args),
         Command::Ui(args) => ui::ui(cli, args),
+        Command::Serve(args) => serve::serve(cli, args),
         Command::Generate(args) => generate::generate(cli, args),
     }
 }

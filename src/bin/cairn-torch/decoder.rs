@@ -666,16 +666,22 @@ pub struct LoraPair {
 }
 
 /// What the blocks need to know about positions.
-pub enum Positions {
-    /// GPT-2: already added to the embeddings.
-    Learned,
-    /// Llama: rotary tables [seq, head_dim]; `local` for sliding layers that rotate
-    /// with their own base frequency (Gemma 3).
-    Rotary {
-        cos: Tensor,
-        sin: Tensor,
-        local: Option<(Tensor, Tensor)>,
-    },
+pub struct Positions {
+    /// Llama: rotary tables [seq, head_dim] (or [batch, 1, seq, head_dim] when each row
+    /// has its own positions); `None` for GPT-2, whose learned positions are already in
+    /// the embeddings.
+    rotary: Option<Rotary>,
+    /// Batched decoding of rows of different lengths: [batch, 1, 1, keys], true where
+    /// the row has a key (rows are left-padded in the cache).
+    key_mask: Option<Tensor>,
+}
+
+/// Rotary tables; `local` for sliding layers that rotate with their own base frequency
+/// (Gemma 3).
+struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+    local: Option<(Tensor, Tensor)>,
 }
 
 /// Per-layer key/value cache for generation.
@@ -1063,6 +1069,12 @@ impl Model {
         self.train && !self.reference_pass.get()
     }
 
+    /// A second model over the same weight storage (adapters attached to it stay its
+    /// own): several adapters served over one base hold the base once.
+    pub fn share(&self) -> Self {
+        self.copy_with(Tensor::shallow_clone)
+    }
+
     /// A copy whose weights do not move when this model's are trained (the reference of
     /// full-model preference tuning).
     pub fn frozen_copy(&self) -> Self {
@@ -1386,22 +1398,46 @@ impl Model {
         self.head(&self.hidden(ids, cache))
     }
 
-    fn hidden(&self, ids: &Tensor, mut cache: Option<&mut Cache>) -> Tensor {
+    fn hidden(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Tensor {
         let past = cache
             .as_ref()
             .and_then(|c| c.first().and_then(|l| l.as_ref().map(|(k, _)| k.size()[2])))
             .unwrap_or(0);
-        if let Some(c) = cache.as_deref_mut() {
-            c.resize_with(self.cfg.layers as usize, || None);
-        }
         assert!(
             past == 0 || ids.size()[1] == 1,
             "multi-token forward on a non-empty cache"
         );
-        let (mut h, pos) = self.embed(ids, past);
+        let (h, pos) = self.embed(ids, past);
+        self.blocks(h, &pos, cache)
+    }
+
+    /// One decoding step for a batch of rows that each have their own length (continuous
+    /// batching): `ids` [batch, 1] the rows' last tokens, `positions` [batch] where each
+    /// sits, `key_mask` [batch, keys] (the cached columns and this one; true where the
+    /// row has a token: shorter rows are left-padded). Returns logits [batch, vocab].
+    /// Rotary and learned positions are per row, so a row decodes as it would alone.
+    pub fn decode_rows(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        key_mask: &Tensor,
+        cache: &mut Cache,
+    ) -> Tensor {
+        let rows = ids.size()[0];
+        let keys = key_mask.size()[1];
+        let span = i64::try_from(positions.max()).unwrap_or(0) + 1;
+        let (h, mut pos) = self.embed_at(ids, &positions.view([rows, 1]), span);
+        pos.key_mask = Some(key_mask.view([rows, 1, 1, keys]));
+        self.head(&self.blocks(h, &pos, Some(cache))).select(1, -1)
+    }
+
+    fn blocks(&self, mut h: Tensor, pos: &Positions, mut cache: Option<&mut Cache>) -> Tensor {
+        if let Some(c) = cache.as_deref_mut() {
+            c.resize_with(self.cfg.layers as usize, || None);
+        }
         for l in 0..self.cfg.layers {
             let slot = cache.as_deref_mut().map(|c| &mut c[l as usize]);
-            h = self.block(l, &h, &pos, slot);
+            h = self.block(l, &h, pos, slot);
         }
         self.final_norm(&h)
     }
@@ -1410,12 +1446,23 @@ impl Model {
     /// positions, and the positional tables the blocks need (rotary cos/sin for Llama).
     pub fn embed(&self, ids: &Tensor, past: i64) -> (Tensor, Positions) {
         let t = ids.size()[1];
+        let pos = Tensor::arange_start(past, past + t, (Kind::Int64, self.device));
+        self.embed_at(ids, &pos, past + t)
+    }
+
+    /// As [`Model::embed`] with explicit positions: [seq] shared by all rows, or
+    /// [batch, seq] per row; `span` is one past the largest (long-rope picks its factors
+    /// by it).
+    fn embed_at(&self, ids: &Tensor, pos: &Tensor, span: i64) -> (Tensor, Positions) {
         match self.cfg.arch {
             Arch::Gpt2 => {
-                let pos = Tensor::arange_start(past, past + t, (Kind::Int64, self.device));
                 let h = Tensor::embedding(&self.embed_table(), ids, -1, false, false)
-                    + Tensor::embedding(self.p("transformer.wpe.weight"), &pos, -1, false, false);
-                (self.dropout(h, self.cfg.embd_pdrop), Positions::Learned)
+                    + Tensor::embedding(self.p("transformer.wpe.weight"), pos, -1, false, false);
+                let pos = Positions {
+                    rotary: None,
+                    key_mask: None,
+                };
+                (self.dropout(h, self.cfg.embd_pdrop), pos)
             }
             Arch::Llama => {
                 let h = Tensor::embedding(&self.embed_table(), ids, -1, false, false);
@@ -1429,12 +1476,17 @@ impl Model {
                     }
                     None => h,
                 };
-                let (cos, sin) = self.rope(past, t, self.cfg.rope_theta, true);
+                let (cos, sin) = self.rope(pos, span, self.cfg.rope_theta, true);
                 let local = self
                     .cfg
                     .rope_theta_local
-                    .map(|theta| self.rope(past, t, theta, false));
-                (h, Positions::Rotary { cos, sin, local })
+                    .map(|theta| self.rope(pos, span, theta, false));
+                let rotary = Some(Rotary { cos, sin, local });
+                let pos = Positions {
+                    rotary,
+                    key_mask: None,
+                };
+                (h, pos)
             }
             Arch::T5 => unreachable!("T5 runs through encode/decode"),
         }
@@ -1478,8 +1530,15 @@ impl Model {
                 if let Some(slot) = cache {
                     (k, v) = append_cache(slot, k, v);
                 }
-                let y = Tensor::scaled_dot_product_attention::<Tensor>(
-                    &q, &k, &v, None, attn_p, causal, None, false,
+                let y = Tensor::scaled_dot_product_attention(
+                    &q,
+                    &k,
+                    &v,
+                    pos.key_mask.as_ref(),
+                    attn_p,
+                    causal,
+                    None,
+                    false,
                 );
                 let y = y.transpose(1, 2).reshape([b, t, hs]);
                 let y = self.linear(&format!("{p}.attn.c_proj"), &y);
@@ -1495,7 +1554,14 @@ impl Model {
                 let m = self.linear(&format!("{p}.mlp.c_proj"), &m);
                 h + self.dropout(m, self.cfg.resid_pdrop)
             }
-            (Arch::Llama, Positions::Rotary { cos, sin, local }) => {
+            (
+                Arch::Llama,
+                Positions {
+                    rotary: Some(rotary),
+                    key_mask,
+                },
+            ) => {
+                let (cos, sin, local) = (&rotary.cos, &rotary.sin, &rotary.local);
                 let p = format!("model.layers.{l}");
                 let sliding = self.cfg.sliding_layers.get(l as usize) == Some(&true);
                 let (cos, sin) = match local {
@@ -1531,7 +1597,7 @@ impl Model {
                 if let Some(slot) = cache {
                     (k, v) = append_cache(slot, k, v);
                 }
-                let y = self.attend(&q, &k, &v, sliding, causal, attn_p);
+                let y = self.attend(&q, &k, &v, sliding, causal, attn_p, key_mask.as_ref());
                 let y = y.transpose(1, 2).reshape([b, t, nh * hd]);
                 let y = self.linear(&format!("{p}.self_attn.o_proj"), &y);
                 if self.cfg.sandwich_norms {
@@ -1547,7 +1613,7 @@ impl Model {
                     &h + self.dropout(self.mlp(&p, &m), self.cfg.resid_pdrop)
                 }
             }
-            (Arch::Llama, Positions::Learned) => unreachable!("llama blocks take rotary tables"),
+            (Arch::Llama, _) => unreachable!("llama blocks take rotary tables"),
             (Arch::T5, _) => unreachable!("T5 runs through encode/decode"),
         }
     }
@@ -1600,7 +1666,8 @@ impl Model {
     /// causal, limited to the sliding window on sliding layers, scaled and soft-capped as
     /// the config says. Grouped-query heads are shared inside the attention kernel
     /// (`enable_gqa`) rather than copied: generation would copy the whole cache per
-    /// token.
+    /// token. `key_mask` [batch, 1, 1, keys] leaves out the padding of batched rows.
+    #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
         q: &Tensor,
@@ -1609,12 +1676,18 @@ impl Model {
         sliding: bool,
         causal: bool,
         attn_p: f64,
+        key_mask: Option<&Tensor>,
     ) -> Tensor {
         let (t, keys) = (q.size()[2], k.size()[2]);
         let window = if sliding {
             self.sliding_window_mask(t, keys)
         } else {
             None
+        };
+        let window = match (window, key_mask) {
+            (Some(w), Some(m)) => Some(m.logical_and(&w)),
+            (None, Some(m)) => Some(m.shallow_clone()),
+            (w, None) => w,
         };
         let gqa = q.size()[1] != k.size()[1];
         let Some(cap) = self.cfg.attn_softcap else {
@@ -1703,11 +1776,12 @@ impl Model {
         Some(k.le_tensor(&q).logical_and(&k.gt_tensor(&(&q - window))))
     }
 
-    /// cos/sin tables [t, head_dim] for positions past..past+t (HF's layout: the two
-    /// halves of the head repeat the frequencies).
+    /// cos/sin tables [t, head_dim] for positions `pos` [t] ([batch, 1, t, head_dim] for
+    /// per-row positions [batch, t]; HF's layout: the two halves of the head repeat the
+    /// frequencies).
     /// With `scaled`, the config's rope scaling applies (Gemma 3's sliding layers use
     /// their own base frequency without it).
-    fn rope(&self, past: i64, t: i64, theta: f64, scaled: bool) -> (Tensor, Tensor) {
+    fn rope(&self, pos: &Tensor, span: i64, theta: f64, scaled: bool) -> (Tensor, Tensor) {
         let hd = self.cfg.rotary_dim;
         let mut inv = (Tensor::arange_start_step(0i64, hd, 2, (Kind::Int64, self.device))
             .to_kind(Kind::Float)
@@ -1724,7 +1798,7 @@ impl Model {
         }
         let long = self.cfg.rope_long.as_ref().filter(|_| scaled);
         if let Some(long) = long {
-            let factors = if past + t > long.original_max_positions {
+            let factors = if span > long.original_max_positions {
                 &long.long_factor
             } else {
                 &long.short_factor
@@ -1732,10 +1806,14 @@ impl Model {
             let factors: Vec<f32> = factors.iter().map(|f| *f as f32).collect();
             inv = &inv / Tensor::from_slice(&factors).to_device(self.device);
         }
-        let pos =
-            Tensor::arange_start(past, past + t, (Kind::Int64, self.device)).to_kind(Kind::Float);
-        let freqs = pos.unsqueeze(1) * inv.unsqueeze(0);
+        let freqs = pos.to_kind(Kind::Float).unsqueeze(-1) * &inv;
         let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        // Per-row positions [batch, seq, dim] broadcast over the heads.
+        let emb = if emb.dim() == 3 {
+            emb.unsqueeze(1)
+        } else {
+            emb
+        };
         match long {
             Some(long) => (
                 emb.cos() * long.attention_factor,
@@ -1757,7 +1835,7 @@ fn rotate_half(x: &Tensor) -> Tensor {
 /// unless the rotary factor is partial); the rest pass through.
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let kind = x.kind();
-    let (dim, rotary) = (x.size()[3], cos.size()[1]);
+    let (dim, rotary) = (x.size()[3], cos.size()[cos.dim() - 1]);
     let rotate =
         |x: &Tensor| (x * cos.to_kind(kind) + rotate_half(x) * sin.to_kind(kind)).to_kind(kind);
     if rotary == dim {

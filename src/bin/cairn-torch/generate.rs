@@ -31,7 +31,7 @@ fn next_token(logits: &Tensor, seen: &[i64], g: &GenerationSettings) -> i64 {
 
 /// The next token of each row of `logits` [rows, vocab], `seen[r]` the tokens row r's
 /// repetition penalty looks at.
-fn next_tokens(logits: &Tensor, seen: &[&[i64]], g: &GenerationSettings) -> Vec<i64> {
+pub fn next_tokens(logits: &Tensor, seen: &[&[i64]], g: &GenerationSettings) -> Vec<i64> {
     let mut scores = logits.to_kind(Kind::Float);
     if g.repetition_penalty != 1.0 {
         for (r, row_seen) in seen.iter().enumerate() {
@@ -78,15 +78,101 @@ fn next_tokens(logits: &Tensor, seen: &[&[i64]], g: &GenerationSettings) -> Vec<
     .unwrap_or_default()
 }
 
+/// The text of one reply as its tokens arrive: decoded, cut at the first stop string,
+/// and released only once it can no longer turn out to be part of a stop string or of a
+/// multi-byte character.
+pub struct TextStream {
+    stops: Vec<String>,
+    hold: usize,
+    generated: Vec<u32>,
+    text: String,
+    emitted: usize,
+    stopped: bool,
+}
+
+impl TextStream {
+    /// A stream that ends at any of `stops`.
+    pub fn new(stops: &[String]) -> Self {
+        let hold = stops
+            .iter()
+            .map(|s| s.len())
+            .max()
+            .unwrap_or(1)
+            .saturating_sub(1);
+        Self {
+            stops: stops.to_vec(),
+            hold,
+            generated: Vec::new(),
+            text: String::new(),
+            emitted: 0,
+            stopped: false,
+        }
+    }
+
+    /// Adds a generated token; returns the text that settled (possibly empty). After a
+    /// stop string, [`TextStream::stopped`] is true and the text ends before it.
+    pub fn push(&mut self, tokenizer: &Tokenizer, token: u32) -> Result<String, String> {
+        self.generated.push(token);
+        self.text = tokenizer
+            .decode(&self.generated, false)
+            .map_err(|e| e.to_string())?;
+        if let Some(pos) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.text.find(s.as_str()))
+            .min()
+        {
+            self.text.truncate(pos);
+            self.stopped = true;
+            return Ok(String::new());
+        }
+        if self.text.ends_with('\u{FFFD}') {
+            return Ok(String::new());
+        }
+        let mut safe = self.text.len().saturating_sub(self.hold);
+        while !self.text.is_char_boundary(safe) {
+            safe -= 1;
+        }
+        if safe <= self.emitted {
+            return Ok(String::new());
+        }
+        let piece = self.text[self.emitted..safe].to_string();
+        self.emitted = safe;
+        Ok(piece)
+    }
+
+    /// Whether a stop string ended the reply.
+    pub fn stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// Tokens generated so far.
+    pub fn tokens(&self) -> usize {
+        self.generated.len()
+    }
+
+    /// Ends the reply: the text not yet released, and the whole text.
+    pub fn finish(mut self) -> (String, String) {
+        let end = self.text.trim_end_matches('\u{FFFD}').len();
+        self.text.truncate(end);
+        let rest = if self.text.len() > self.emitted && self.text.is_char_boundary(self.emitted) {
+            self.text[self.emitted..].to_string()
+        } else {
+            String::new()
+        };
+        (rest, self.text)
+    }
+}
+
 /// A model mid-generation: its caches, and the encoder output for T5.
-enum Session {
+pub enum Session {
     Decoder(Cache),
     Seq2Seq { encoded: Tensor, cache: Cache },
 }
 
 impl Session {
     /// Reads the prompt `ids` and returns the logits of the first new token.
-    fn start(model: &Model, ids: &[i64], eos: i64) -> (Self, Tensor) {
+    pub fn start(model: &Model, ids: &[i64], eos: i64) -> (Self, Tensor) {
         let input = |ids: &[i64]| {
             Tensor::from_slice(ids)
                 .view([1, -1])
@@ -114,7 +200,7 @@ impl Session {
     }
 
     /// Feeds one chosen token and returns the logits of the next.
-    fn step(&mut self, model: &Model, token: i64) -> Tensor {
+    pub fn step(&mut self, model: &Model, token: i64) -> Tensor {
         self.step_rows(model, &[token])
     }
 
@@ -153,7 +239,7 @@ impl Session {
 /// The prompt's token ids, cut from the left to leave room for `max_new` tokens (a
 /// decoder holds prompt and answer in one window; an encoder-decoder model reads the
 /// prompt and its closing EOS apart), and the number of new tokens allowed.
-fn prompt_ids(
+pub fn prompt_ids(
     model: &Model,
     tokenizer: &Tokenizer,
     prompt: &str,
@@ -269,49 +355,25 @@ pub fn generate(
     // What the repetition penalty looks at: the prompt too, unless it was the source.
     let seen_from = if model.is_seq2seq() { prompt_len } else { 0 };
     let t0 = Instant::now();
-    let hold = stops
-        .iter()
-        .map(|s| s.len())
-        .max()
-        .unwrap_or(1)
-        .saturating_sub(1);
-    let mut emitted = 0usize;
-    let mut text = String::new();
-    let mut generated: Vec<u32> = Vec::new();
-    let mut stopped_at = None;
+    let mut stream = TextStream::new(stops);
     for _ in 0..max_new {
         let next = next_token(&logits, &ids[seen_from..], g);
         if eos_ids.contains(&(next as u32)) {
             break;
         }
         ids.push(next);
-        generated.push(next as u32);
-        text = tokenizer
-            .decode(&generated, false)
-            .map_err(|e| e.to_string())?;
-        if let Some(pos) = stops.iter().filter_map(|s| text.find(s.as_str())).min() {
-            stopped_at = Some(pos);
+        let piece = stream.push(tokenizer, next as u32)?;
+        if stream.stopped() {
             break;
         }
-        // Emit what can no longer become part of a stop string or a multi-byte character.
-        if !text.ends_with('\u{FFFD}') {
-            let mut safe = text.len().saturating_sub(hold);
-            while !text.is_char_boundary(safe) {
-                safe -= 1;
-            }
-            if safe > emitted {
-                on_text(&text[emitted..safe]);
-                emitted = safe;
-            }
+        if !piece.is_empty() {
+            on_text(&piece);
         }
         logits = session.step(model, next);
     }
-    if let Some(pos) = stopped_at {
-        text.truncate(pos);
-    }
-    let text = text.trim_end_matches('\u{FFFD}').to_string();
-    if text.len() > emitted && text.is_char_boundary(emitted) {
-        on_text(&text[emitted..]);
+    let (rest, text) = stream.finish();
+    if !rest.is_empty() {
+        on_text(&rest);
     }
     Ok(Generated {
         text,

@@ -15,6 +15,7 @@ mod modeldir;
 mod nf4;
 mod preference;
 mod sample;
+mod serve;
 mod train;
 
 use std::io::Write;
@@ -104,6 +105,13 @@ enum Command {
         /// CPU threads (0: default).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+    },
+    /// The model worker of `cairn serve`: loads the models a `cairn::serve::protocol::
+    /// WorkerConfig` JSON file names, then answers requests on stdin until it closes.
+    Serve {
+        /// The worker configuration file.
+        #[arg(long)]
+        config: PathBuf,
     },
     /// Write a model directory (adapters merged) as a GGUF file for llama.cpp/Ollama.
     Gguf {
@@ -280,6 +288,11 @@ fn main() -> ExitCode {
         Command::Train { job } => guarded(|| {
             let job: cairn::ml::job::TrainJob = read_job(&job)?;
             train::run(&job, &mut emit)
+        }),
+        Command::Serve { config } => guarded(|| {
+            let config: cairn::serve::protocol::WorkerConfig = read_job(&config)?;
+            serve::run(&config)?;
+            Ok(json!({}))
         }),
         Command::Sample { job } => guarded(|| {
             let job: cairn::ml::job::SampleJob = read_job(&job)?;

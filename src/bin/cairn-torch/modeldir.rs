@@ -150,6 +150,21 @@ pub fn load_any(
     }
     let base = adapter_base(dir)?;
     let (mut model, base_tokenizer) = load_full(&base, device, storage)?;
+    let (tokenizer, card) = attach_adapter(&mut model, dir, &base, base_tokenizer, kind)?;
+    Ok((model, tokenizer, card))
+}
+
+/// Puts the PEFT adapter in `dir` on `model`, its base loaded from `base` (adapters kept
+/// separate, in f32; tables the adapter saves whole replace the base's, in `kind`).
+/// Returns the tokenizer (the adapter's own when it has one) and the adapter's card.
+pub fn attach_adapter(
+    model: &mut Model,
+    dir: &Path,
+    base: &Path,
+    base_tokenizer: Tokenizer,
+    kind: Kind,
+) -> Result<(Tokenizer, ModelCard), String> {
+    let device = model.device;
     let tokenizer = if dir.join("tokenizer.json").exists() {
         cairn::models::load_tokenizer(dir).map_err(|e| e.to_string())?
     } else {
@@ -206,8 +221,8 @@ pub fn load_any(
         model.lora.insert(m, LoraPair { a, b });
     }
     let mut card = read_card(dir, &tokenizer, model.cfg.arch.name());
-    card.base_model = Some(base);
-    Ok((model, tokenizer, card))
+    card.base_model = Some(base.to_path_buf());
+    Ok((tokenizer, card))
 }
 
 /// Writes tensors as safetensors with the `format: pt` metadata `transformers` expects:

@@ -1,0 +1,93 @@
+//! `cairn serve`: an OpenAI-compatible HTTP server over trained models. The models run
+//! in the `cairn-torch serve` worker process (`worker`, `protocol`); `openai` is the
+//! HTTP API.
+
+mod openai;
+pub mod protocol;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use protocol::WorkerConfig;
+use worker::Worker;
+
+/// Shared by every request.
+pub struct ServeState {
+    /// The model worker.
+    pub worker: Worker,
+    /// When the server started (the `created` of `/v1/models`).
+    pub created: u64,
+    /// The name `/v1/embeddings` answers to, when an embedder is loaded.
+    pub embedder_name: Option<String>,
+    responses: AtomicU64,
+}
+
+impl ServeState {
+    fn next_response_id(&self) -> u64 {
+        self.responses.fetch_add(1, Ordering::SeqCst) + 1
+    }
+}
+
+/// How to serve.
+pub struct ServeOptions {
+    /// What the worker loads.
+    pub worker: WorkerConfig,
+    /// Requests queued or running at most; more are answered 429.
+    pub max_queue: usize,
+    /// Where to listen.
+    pub addr: SocketAddr,
+}
+
+/// Starts the worker and serves until Ctrl-C.
+pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
+    let scratch = tempfile::tempdir()?;
+    let config_path = scratch.path().join("worker.json");
+    eprintln!(
+        "cairn serve: loading {} ...",
+        options
+            .worker
+            .models
+            .iter()
+            .map(|m| format!("{} ({})", m.name, m.dir.display()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let embedder_name = options
+        .worker
+        .embedder
+        .as_ref()
+        .map(|d| crate::models::display_name(d));
+    let worker = Worker::start(&options.worker, &config_path, options.max_queue).await?;
+    let state = Arc::new(ServeState {
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default(),
+        embedder_name,
+        responses: AtomicU64::new(0),
+        worker,
+    });
+    let listener = tokio::net::TcpListener::bind(options.addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", options.addr))?;
+    let local = listener.local_addr()?;
+    let names: Vec<&str> = state
+        .worker
+        .models
+        .iter()
+        .map(|m| m.name.as_str())
+        .collect();
+    eprintln!(
+        "cairn serve: http://{local}/v1 on {} (models: {}; Ctrl-C stops)",
+        state.worker.device,
+        names.join(", ")
+    );
+    axum::serve(listener, openai::routes(state))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}

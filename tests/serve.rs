@@ -1,0 +1,388 @@
+//! `cairn serve` through the real binaries, talked to by the official `openai` Python
+//! client (tests/parity/openai_client.py, in the project venv): chat and completions,
+//! streamed and whole, equal to `cairn generate`; a LoRA adapter and its base served side
+//! by side; embeddings equal to sentence-transformers'; 32 concurrent streams equal to
+//! the same prompts answered alone; OpenAI-format errors; a full queue answering 429.
+
+mod common;
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use common::repo;
+use serde_json::Value;
+
+/// Runs tests/parity/openai_client.py in the project venv; its last stdout line as JSON.
+fn client(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Value {
+    let python = repo().join(".venv/bin/python");
+    let out = Command::new(&python)
+        .arg(repo().join("tests/parity/openai_client.py"))
+        .args(args.iter().map(|a| a.as_ref()))
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; run `scripts/setup --test` first",
+                python.display()
+            )
+        });
+    assert!(
+        out.status.success(),
+        "openai_client.py failed: {}\n(`scripts/setup --test` installs openai, transformers and peft into .venv)",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .last()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .unwrap_or(Value::Null)
+}
+
+/// A running `cairn serve`; killed on drop.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `cairn serve --port 0 ARGS...` and waits for its address.
+// The child is killed and waited for in `Server::drop`.
+#[allow(clippy::zombie_processes)]
+fn start(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Server {
+    let mut child = Command::new(assert_cmd::cargo::cargo_bin("cairn"))
+        .args(["serve", "--port", "0", "--device", "cpu"])
+        .args(args.iter().map(|a| a.as_ref()))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut banner = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            let status = child.wait();
+            panic!("cairn serve exited ({status:?}): {banner}");
+        }
+        banner.push_str(&line);
+        if let Some(rest) = line.split("http://").nth(1) {
+            let addr = rest.split('/').next().unwrap().to_string();
+            // Keep draining the server's log so it never blocks on a full pipe.
+            std::thread::spawn(move || for _ in reader.lines() {});
+            return Server {
+                child,
+                url: format!("http://{addr}"),
+            };
+        }
+    }
+}
+
+fn models(root: &Path) -> (PathBuf, PathBuf) {
+    client(&[&"make", &root]);
+    (root.join("base"), root.join("twin"))
+}
+
+/// `cairn generate` with the settings the client sends (greedy, 24 tokens).
+fn generate(model: &Path, prompt: &str, raw: bool) -> String {
+    let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("cairn"));
+    cmd.arg("generate").arg(model).arg(prompt).args([
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "24",
+        "--device",
+        "cpu",
+    ]);
+    if raw {
+        cmd.arg("--raw");
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.strip_suffix('\n').unwrap_or(&text).to_string()
+}
+
+#[test]
+fn the_openai_client_talks_to_cairn_serve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, twin) = models(tmp.path());
+    let embedder = repo().join(".models/all-MiniLM-L6-v2");
+    let server = start(&[
+        &"--model",
+        &format!("twin={}", twin.display()),
+        &"--model",
+        &format!("base={}", base.display()),
+        &"--embedder",
+        &embedder,
+    ]);
+    let out = client(&[
+        &"check",
+        &server.url,
+        &"twin",
+        &"base",
+        &"all-MiniLM-L6-v2",
+        &embedder,
+    ]);
+    let show = serde_json::to_string_pretty(&out).unwrap();
+    assert_eq!(
+        out["models"],
+        serde_json::json!(["all-MiniLM-L6-v2", "base", "twin"]),
+        "{show}"
+    );
+
+    // Greedy answers are `cairn generate`'s: the adapter through its chat template, the
+    // base on a raw prompt; streamed or whole, the same text.
+    let chat = generate(&twin, "Tell me about the twin.", false);
+    assert!(!chat.is_empty(), "cairn generate produced nothing");
+    assert_eq!(out["chat"]["text"], chat, "{show}");
+    assert_eq!(out["chat_stream"]["text"], chat, "{show}");
+    assert_eq!(out["chat"]["object"], "chat.completion");
+    assert_eq!(out["chat"]["usage"][1], 24, "{show}");
+    assert_eq!(out["chat"]["finish"], "length");
+    assert_eq!(out["chat_stream"]["finish"], "length");
+    assert_eq!(
+        out["chat_stream"]["roles"],
+        serde_json::json!(["assistant"])
+    );
+    assert_eq!(
+        out["chat_stream"]["usage"],
+        serde_json::json!([out["chat"]["usage"][0], 24])
+    );
+    assert!(out["chat_stream"]["chunks"].as_u64().unwrap() > 1, "{show}");
+    assert!(
+        out["chat"]["cairn"]["timings_ms"]["total"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    let raw = generate(&base, "Dear diary, today the twin wrote", true);
+    assert_eq!(out["completion"]["text"], raw, "{show}");
+    assert_eq!(out["completion_stream"], raw, "{show}");
+    // The adapter changes the model: the base answers the same chat differently.
+    assert_ne!(generate(&base, "Tell me about the twin.", false), chat);
+
+    // Embeddings (base64 and float) equal sentence-transformers'.
+    let e = &out["embeddings"];
+    assert_eq!((e["n"].as_u64(), e["dim"].as_u64()), (Some(2), Some(384)));
+    assert!(e["max_abs_diff"].as_f64().unwrap() < 1e-5, "{show}");
+
+    // 32 concurrent streams: all complete, each as the same prompt answered alone.
+    let c = &out["concurrent"];
+    assert_eq!(c["completed"], 32, "{show}");
+    assert_eq!(c["errors"], serde_json::json!([]), "{show}");
+    assert_eq!(c["mismatches"], serde_json::json!([]), "{show}");
+
+    // Errors in OpenAI's format; the server stayed up.
+    assert_eq!(out["malformed"]["status"], 400);
+    let malformed = out["malformed"]["body"]["error"]["message"]
+        .as_str()
+        .unwrap();
+    assert!(malformed.contains("line 1 column"), "{malformed}");
+    assert_eq!(
+        out["malformed"]["body"]["error"]["type"],
+        "invalid_request_error"
+    );
+    assert_eq!(
+        (
+            &out["unknown_model"]["status"],
+            &out["unknown_model"]["code"]
+        ),
+        (&Value::from(404), &Value::from("model_not_found"))
+    );
+    assert_eq!(out["too_long"]["status"], 400);
+    assert_eq!(out["too_long"]["code"], "context_length_exceeded");
+    assert!(out["too_long"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("maximum context length is 512 tokens"));
+    for (case, param) in [
+        ("n", "n"),
+        ("logprobs", "logprobs"),
+        ("bad_role", "messages"),
+    ] {
+        assert_eq!(out[case]["status"], 400, "{case}: {show}");
+        assert_eq!(out[case]["param"], param, "{case}: {show}");
+    }
+    assert_eq!(out["unknown_embedder"]["status"], 404);
+    // A client that hung up mid-stream no longer holds a place.
+    assert_eq!(out["after_disconnect_in_flight"], 0, "{show}");
+    assert_eq!(out["health"]["status"], "ok");
+}
+
+#[test]
+fn a_full_queue_answers_429_and_the_server_carries_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, _) = models(tmp.path());
+    let server = start(&[
+        &"--model",
+        &base,
+        &"--max-batch",
+        &"1",
+        &"--max-queue",
+        &"3",
+    ]);
+    let out = client(&[&"queue", &server.url, &"base"]);
+    assert!(out["refused"].as_u64().unwrap() >= 1, "{out}");
+    assert!(out["ok"].as_u64().unwrap() >= 3, "{out}");
+    assert_eq!(out["refused_type"], "rate_limit_error", "{out}");
+    assert_eq!(out["others"], serde_json::json!([]), "{out}");
+    assert_eq!(out["after"], "length", "{out}");
+}
+
+#[test]
+fn bad_serve_arguments_exit_2_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(assert_cmd::cargo::cargo_bin("cairn"))
+            .current_dir(tmp.path())
+            .arg("serve")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    std::fs::create_dir(tmp.path().join("empty")).unwrap();
+    let (code, err) = run(&["--model", "empty"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not a model directory"), "{err}");
+    let (code, err) = run(&["--model", "no/such/dir"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("neither a model directory nor an artifact id"),
+        "{err}"
+    );
+    let (code, err) = run(&["--model", "a=empty", "--max-batch", "0"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--max-batch"), "{err}");
+    let (code, err) = run(&["--model", "x", "--host", "localhost"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not an IP address"), "{err}");
+}
+
+/// Continuous batching in the worker: prompts of different lengths and reply budgets, all
+/// arriving at once and decoded as one left-padded batch per model, give exactly what each
+/// gives alone (`cairn-torch generate`) for every attention variant (learned positions,
+/// Llama 3 rope, sliding windows, long-rope switching factors mid-reply, soft-capping,
+/// local/global layers) and for T5, which the worker generates one at a time.
+#[test]
+fn batched_decoding_equals_decoding_alone_for_every_family() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let archs = [
+        "gpt2", "llama3", "mistral", "phi3long", "gemma2", "gemma3", "t5",
+    ];
+    let python = repo().join(".venv/bin/python");
+    let made = Command::new(&python)
+        .arg(repo().join("tests/parity/decoder.py"))
+        .arg("make")
+        .arg(root)
+        .args(archs)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let prompts = [
+        "Dear diary, today the twin wrote",
+        "Hi",
+        "A much longer prompt that goes on and on about many things",
+        "x y z",
+    ];
+    let config = serde_json::json!({
+        "models": archs.iter().map(|a| serde_json::json!({"name": a, "dir": root.join(a)})).collect::<Vec<_>>(),
+        "max_batch": 8, "device": "cpu", "threads": 0,
+    });
+    let config_path = root.join("worker.json");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let mut requests = Vec::new();
+    let mut input = String::new();
+    for arch in archs {
+        for (i, prompt) in prompts.iter().enumerate() {
+            let id = requests.len() as u64 + 1;
+            let settings = serde_json::json!({"max_new_tokens": 20 + 7 * i, "temperature": 0.0,
+                "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0});
+            input.push_str(
+                &serde_json::json!({"generate": {"id": id, "model": arch,
+                    "prompt": {"text": prompt}, "settings": settings}})
+                .to_string(),
+            );
+            input.push('\n');
+            requests.push((id, arch, *prompt, settings));
+        }
+    }
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_cairn-torch"))
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        // All at once, then EOF: the worker answers everything, then exits.
+        worker
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    let out = worker.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut done = std::collections::HashMap::new();
+    let mut streamed: std::collections::HashMap<u64, String> = Default::default();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        if let Some(d) = v.get("done") {
+            done.insert(d["id"].as_u64().unwrap(), d.clone());
+        }
+        if let Some(d) = v.get("delta") {
+            *streamed.entry(d["id"].as_u64().unwrap()).or_default() += d["text"].as_str().unwrap();
+        }
+    }
+    for (id, arch, prompt, settings) in requests {
+        let alone = Command::new(env!("CARGO_BIN_EXE_cairn-torch"))
+            .args(["generate", "--raw", "--device", "cpu", "--prompt", prompt])
+            .arg("--model")
+            .arg(root.join(arch))
+            .args(["--settings", &settings.to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            alone.status.success(),
+            "{arch}: {}",
+            String::from_utf8_lossy(&alone.stderr)
+        );
+        let alone = String::from_utf8(alone.stdout).unwrap();
+        let alone = alone.strip_suffix('\n').unwrap_or(&alone);
+        let batched = &done
+            .get(&id)
+            .unwrap_or_else(|| panic!("{arch} {prompt:?}: no reply"))["text"];
+        assert_eq!(batched, alone, "{arch} {prompt:?}");
+        assert_eq!(
+            streamed.get(&id).map(String::as_str).unwrap_or(""),
+            alone,
+            "{arch} {prompt:?}"
+        );
+    }
+}
