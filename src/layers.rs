@@ -32,6 +32,8 @@ const LAYERS: &[&[&str]] = &[
         "embed",
         "ml",
         "experiments",
+        "inference",
+        "rag",
     ],
     // Adapters from domain code to the `Step` contract.
     &["steps"],
@@ -40,7 +42,7 @@ const LAYERS: &[&[&str]] = &[
     // Plan and execute.
     &["engine"],
     // Thin front ends.
-    &["cli", "ui"],
+    &["cli", "ui", "serve"],
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

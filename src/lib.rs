@@ -18,6 +18,7 @@ pub mod experiments;
 pub mod extract;
 pub mod graph;
 pub mod helper;
+pub mod inference;
 pub mod ingest;
 #[cfg(test)]
 mod layers;
@@ -25,6 +26,7 @@ pub mod llm;
 pub mod ml;
 pub mod models;
 pub mod pipeline;
+pub mod rag;
 pub mod redact;
 pub mod remote;
 pub mod serve;

@@ -10,7 +10,8 @@ use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use common::repo;
+use common::mock_llm::MockLlm;
+use common::{repo, Project};
 use serde_json::Value;
 
 /// Runs tests/parity/openai_client.py in the project venv; its last stdout line as JSON.
@@ -56,7 +57,17 @@ impl Drop for Server {
 // The child is killed and waited for in `Server::drop`.
 #[allow(clippy::zombie_processes)]
 fn start(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Server {
-    let mut child = Command::new(assert_cmd::cargo::cargo_bin("cairn"))
+    start_in(None, args)
+}
+
+/// As [`start`], in a project (its folder and store).
+#[allow(clippy::zombie_processes)]
+fn start_in(project: Option<&Project>, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Server {
+    let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("cairn"));
+    if let Some(p) = project {
+        cmd.current_dir(p.path("")).env("CAIRN_STORE", p.store());
+    }
+    let mut child = cmd
         .args(["serve", "--port", "0", "--device", "cpu"])
         .args(args.iter().map(|a| a.as_ref()))
         .stderr(Stdio::piped())
@@ -204,7 +215,7 @@ fn the_openai_client_talks_to_cairn_serve() {
     assert!(out["too_long"]["message"]
         .as_str()
         .unwrap()
-        .contains("maximum context length is 512 tokens"));
+        .contains("maximum context length is 2048 tokens"));
     for (case, param) in [
         ("n", "n"),
         ("logprobs", "logprobs"),
@@ -270,6 +281,34 @@ fn bad_serve_arguments_exit_2_with_the_reason() {
     let (code, err) = run(&["--model", "x", "--host", "localhost"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("not an IP address"), "{err}");
+    // A RAG config's problems, each at its line and column.
+    std::fs::write(
+        tmp.path().join("rag.yaml"),
+        "collections:\n  - {name: notes, k: 0}\nself_query:\n  rules:\n    - {field: author, pattern: 'by [A-Z]+'}\nprompt: 'no slots'\n",
+    )
+    .unwrap();
+    let model = tmp.path().join("m");
+    std::fs::create_dir(&model).unwrap();
+    std::fs::write(model.join("config.json"), "{}").unwrap();
+    let (code, err) = run(&["--model", "m", "--rag", "rag.yaml"]);
+    assert_eq!(code, Some(2), "{err}");
+    for expected in [
+        "rag.yaml:2:22",
+        "k must be 1..1000",
+        "rag.yaml:5:32",
+        "needs a capture group",
+        "rag.yaml:6:9",
+        "{context} and {question}",
+    ] {
+        assert!(err.contains(expected), "{expected}: {err}");
+    }
+    std::fs::write(tmp.path().join("typo.yaml"), "collections: []\ntopk: 3\n").unwrap();
+    let (code, err) = run(&["--model", "m", "--rag", "typo.yaml"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("typo.yaml:2:1") && err.contains("topk"),
+        "{err}"
+    );
 }
 
 /// Continuous batching in the worker: prompts of different lengths and reply budgets, all
@@ -385,4 +424,260 @@ fn batched_decoding_equals_decoding_alone_for_every_family() {
             "{arch} {prompt:?}"
         );
     }
+}
+
+/// The cross-encoder's scores equal sentence-transformers' `CrossEncoder.predict` on the
+/// same pairs (pair template, type ids, longest-first truncation of a long document,
+/// sigmoid for one label).
+#[test]
+fn cross_encoder_scores_match_sentence_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("reranker");
+    client(&[
+        &"make-reranker",
+        &model,
+        &repo().join(".models/all-MiniLM-L6-v2"),
+    ]);
+    let query = "how often should I feed a sourdough starter?";
+    let long = "the starter and the bread and the oven ".repeat(120);
+    let docs = vec![
+        "Feed the starter twice a day with rye flour and water.".to_string(),
+        "Tomatoes need six hours of sun.".to_string(),
+        "x".to_string(),
+        "Rust's borrow checker, ownership, and lifetimes: 3 rules.".to_string(),
+        long,
+    ];
+    let docs_json = serde_json::to_string(&docs).unwrap();
+    let theirs = client(&[&"rerank", &model, &query, &docs_json]);
+    let config = tmp.path().join("worker.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({"models": [], "reranker": model, "max_batch": 1, "device": "cpu", "threads": 0})
+            .to_string(),
+    )
+    .unwrap();
+    let request = serde_json::json!({"rerank": {"id": 1, "query": query, "documents": docs}});
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_cairn-torch"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        writeln!(worker.stdin.take().unwrap(), "{request}").unwrap();
+    }
+    let out = worker.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ours: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find_map(|v| v.get("scored").cloned())
+        .expect("a scored event")["scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    let theirs: Vec<f64> = theirs["scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(ours.len(), docs.len());
+    for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+        assert!(
+            (a - b).abs() < 1e-5,
+            "pair {i}: cairn {a} vs sentence-transformers {b}"
+        );
+    }
+    // The scores differ enough that ordering by them means something.
+    let spread = theirs.iter().cloned().fold(f64::MIN, f64::max)
+        - theirs.iter().cloned().fold(f64::MAX, f64::min);
+    assert!(spread > 0.01, "{theirs:?}");
+}
+
+const SOURDOUGH: &str = "# Feeding a sourdough starter\n\nI feed my sourdough starter twice a day with equal weights of rye flour and water. \
+A starter that doubles within six hours is ready to leaven bread dough. Keep it warm and discard half before each feeding.\n";
+const BORROW: &str = "# Fighting the borrow checker\n\nRust's borrow checker rejects code where a mutable reference \
+overlaps another reference. Most of my fights with it ended when I restructured ownership.\n";
+const TOMATO: &str = "# Growing tomatoes on a balcony\n\nTomatoes need six hours of sun, a deep pot and steady watering. \
+I grow cherry tomatoes in forty litre containers.\n";
+
+/// A project whose store holds the `embedded_notes` collection of three notes.
+fn notes_project() -> Project {
+    let p = Project::new();
+    let model = repo().join(".models/all-MiniLM-L6-v2");
+    p.write("mine/sourdough.md", SOURDOUGH)
+        .write("mine/borrow.md", BORROW)
+        .write("mine/tomato.md", TOMATO)
+        .write(
+            "notes.yaml",
+            &format!(
+                "name: notes\nsteps:\n  mine: {{uses: source, with: {{path: mine}}}}\n  \
+                 docs: {{uses: ingest, inputs: {{files: mine.data}}}}\n  \
+                 chunk: {{uses: chunk, inputs: {{documents: docs.documents}}, with: {{model: \"{m}\", size: 64}}}}\n  \
+                 embed: {{uses: embed, inputs: {{chunks: chunk.chunks}}, with: {{model: \"{m}\"}}}}\n  \
+                 vectors: {{uses: vector_load, inputs: {{embeddings: embed.embeddings}}}}\n",
+                m = model.display()
+            ),
+        );
+    let run = p.run("notes.yaml", &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    p
+}
+
+fn rag_chat(server: &Server, question: &str, mode: &str) -> Value {
+    client(&[&"chat", &server.url, &"twin", &question, &mode])
+}
+
+/// RAG end to end over a real collection: self-query by a rule, expansion by an LLM (the
+/// local mock, answers cached), reciprocal rank fusion, a cross-encoder rerank; the
+/// expected note is retrieved, the order is deterministic and follows the reranker's
+/// scores, and the sources and stage times come back in the `cairn` field.
+#[test]
+fn rag_answers_over_the_collections_with_their_sources() {
+    let p = notes_project();
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, twin) = models(tmp.path());
+    let reranker = tmp.path().join("reranker");
+    client(&[
+        &"make-reranker",
+        &reranker,
+        &repo().join(".models/all-MiniLM-L6-v2"),
+    ]);
+    let mock = MockLlm::start();
+    let config = |rerank: bool| {
+        let mut yaml = format!(
+            "collections:\n  - {{name: embedded_notes, k: 3}}\ntop_k: 2\n\
+             self_query:\n  rules:\n    - {{field: category, pattern: '(?i)in my (note|article)s'}}\n\
+             expansion:\n  n: 2\n  llm: {{base_url: \"{}\", model: mock}}\n",
+            mock.base_url
+        );
+        if rerank {
+            yaml.push_str(&format!(
+                "rerank: {{model: \"{}\", candidates: 5}}\n",
+                reranker.display()
+            ));
+        }
+        yaml
+    };
+    p.write("fused.yaml", &config(false))
+        .write("reranked.yaml", &config(true));
+    let question = "how often should I feed the starter for bread, in my notes?";
+
+    let fused_server = start_in(
+        Some(&p),
+        &[
+            &"--model",
+            &format!("twin={}", twin.display()),
+            &"--rag",
+            &"fused.yaml",
+        ],
+    );
+    let first = rag_chat(&fused_server, question, "");
+    let show = serde_json::to_string_pretty(&first).unwrap();
+    let cairn = &first["cairn"];
+    assert_eq!(
+        cairn["filters"],
+        serde_json::json!([["category", "note"]]),
+        "{show}"
+    );
+    assert_eq!(
+        cairn["queries"].as_array().unwrap().len(),
+        3,
+        "the question and 2 rewrites: {show}"
+    );
+    let sources = cairn["sources"].as_array().unwrap();
+    assert_eq!(sources.len(), 2, "{show}");
+    assert_eq!(sources[0]["title"], "Feeding a sourdough starter", "{show}");
+    assert!(
+        sources[0]["url"]
+            .as_str()
+            .unwrap()
+            .ends_with("sourdough.md"),
+        "{show}"
+    );
+    assert!(sources[0]["fused"].as_f64() >= sources[1]["fused"].as_f64());
+    for stage in [
+        "self_query",
+        "expansion",
+        "embed",
+        "search",
+        "fusion",
+        "total",
+    ] {
+        assert!(
+            cairn["retrieval_ms"][stage].as_f64().is_some(),
+            "{stage}: {show}"
+        );
+    }
+    // The context went into the prompt.
+    let plain = rag_chat(&fused_server, question, "no-rag");
+    assert!(plain["cairn"]["sources"].is_null());
+    assert!(
+        first["usage"].as_u64().unwrap() > plain["usage"].as_u64().unwrap() + 50,
+        "{show}"
+    );
+    // The same question again: the same sources, and the rewrites come from the cache.
+    let calls = mock.calls();
+    let again = rag_chat(&fused_server, question, "");
+    assert_eq!(again["cairn"]["sources"], cairn["sources"]);
+    assert_eq!(mock.calls(), calls, "expansion was answered from the cache");
+    // A filter that matches nothing leaves no sources (and the model still answers).
+    let articles = rag_chat(&fused_server, "what about bread in my articles?", "");
+    assert_eq!(
+        articles["cairn"]["filters"],
+        serde_json::json!([["category", "article"]])
+    );
+    assert_eq!(articles["cairn"]["sources"], serde_json::json!([]));
+    drop(fused_server);
+
+    // With the reranker: the kept sources are the candidates ordered by its scores,
+    // which are sentence-transformers' scores for those texts; streamed answers carry
+    // them too.
+    let server = start_in(
+        Some(&p),
+        &[
+            &"--model",
+            &format!("twin={}", twin.display()),
+            &"--rag",
+            &"reranked.yaml",
+        ],
+    );
+    let ranked = rag_chat(&server, question, "stream");
+    let show = serde_json::to_string_pretty(&ranked).unwrap();
+    let sources = ranked["cairn"]["sources"].as_array().unwrap().clone();
+    assert_eq!(sources.len(), 2, "{show}");
+    let scores: Vec<f64> = sources
+        .iter()
+        .map(|s| s["rerank"].as_f64().unwrap())
+        .collect();
+    assert!(scores[0] >= scores[1], "{show}");
+    let texts: Vec<String> = sources
+        .iter()
+        .map(|s| s["text"].as_str().unwrap().to_string())
+        .collect();
+    let reference = client(&[
+        &"rerank",
+        &reranker,
+        &question,
+        &serde_json::to_string(&texts).unwrap(),
+    ]);
+    for (ours, theirs) in scores.iter().zip(reference["scores"].as_array().unwrap()) {
+        assert!((ours - theirs.as_f64().unwrap()).abs() < 1e-5, "{show}");
+    }
+    assert!(ranked["cairn"]["retrieval_ms"]["rerank"].as_f64().is_some());
+    let again = rag_chat(&server, question, "stream");
+    assert_eq!(
+        again["cairn"]["sources"], ranked["cairn"]["sources"],
+        "deterministic"
+    );
 }

@@ -147,7 +147,7 @@ pub fn query(cli: &Cli, args: &QueryArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// vector_load receipts, newest first.
-fn receipts(store: &Store) -> anyhow::Result<Vec<Receipt>> {
+pub(super) fn receipts(store: &Store) -> anyhow::Result<Vec<Receipt>> {
     let records =
         store
             .db()

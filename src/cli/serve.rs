@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use super::{Cli, UsageError};
-use crate::serve::protocol::{ModelSpec, WorkerConfig};
+use crate::inference::protocol::{ModelSpec, WorkerConfig};
 use crate::store::Store;
 
 /// Arguments of `cairn serve`.
@@ -25,6 +25,10 @@ pub struct ServeArgs {
     /// model name requests use).
     #[arg(long, value_name = "DIR")]
     pub embedder: Option<PathBuf>,
+    /// RAG configuration (YAML): chats are answered over the chunks it retrieves from
+    /// the store's vector collections, and the sources come back in the `cairn` field.
+    #[arg(long, value_name = "FILE")]
+    pub rag: Option<PathBuf>,
     /// Port to listen on (0: any free port, printed at start).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
@@ -75,7 +79,19 @@ pub fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         }
         models.push(ModelSpec { name, dir });
     }
-    if let Some(dir) = &args.embedder {
+    let rag = match &args.rag {
+        Some(path) => Some(load_rag(path)?),
+        None => None,
+    };
+    let mut embedder = args.embedder.clone();
+    let mut reranker = None;
+    if let Some(rag) = &rag {
+        reranker = rag.rerank.as_ref().map(|r| r.model.clone());
+        if embedder.is_none() {
+            embedder = Some(rag_embedder(cli, rag)?);
+        }
+    }
+    if let Some(dir) = &embedder {
         if !dir.join("config.json").is_file() {
             return Err(UsageError(format!(
                 "--embedder {}: not a model directory (no config.json)",
@@ -90,13 +106,16 @@ pub fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let options = crate::serve::ServeOptions {
         worker: WorkerConfig {
             models,
-            embedder: args.embedder.clone(),
+            embedder,
+            reranker,
             max_batch: args.max_batch,
             device: args.device.clone(),
             threads: args.threads,
         },
         max_queue: args.max_queue,
         addr: SocketAddr::new(ip, args.port),
+        rag,
+        store_root: cli.store_dir(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -153,4 +172,46 @@ fn model_reference(cli: &Cli, reference: &str) -> anyhow::Result<(PathBuf, Strin
         dir,
         crate::util::variant::base(&record.producer_step).to_string(),
     ))
+}
+
+/// Reads and checks a RAG configuration; problems come back located in the file.
+fn load_rag(path: &Path) -> anyhow::Result<crate::rag::RagConfig> {
+    use crate::pipeline::{Diagnostics, SourceFile};
+    let source = SourceFile::read(path, "RAG config")?;
+    source
+        .check_syntax("RAG config")
+        .map(|_| ())
+        .map_err(Diagnostics::from)?;
+    let config: crate::rag::RagConfig = source.deserialize().map_err(Diagnostics::from)?;
+    let problems: Vec<_> = config
+        .problems()
+        .into_iter()
+        .map(|(key, message)| source.diag(&key, message))
+        .collect();
+    if !problems.is_empty() {
+        return Err(Diagnostics(problems).into());
+    }
+    Ok(config)
+}
+
+/// The embedding model of a RAG configuration: its own `embedder`, else the one the
+/// collections were loaded with (the newest `vector_load` receipt naming them), else
+/// cairn's default.
+fn rag_embedder(cli: &Cli, rag: &crate::rag::RagConfig) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = &rag.embedder {
+        return Ok(dir.clone());
+    }
+    let store = Store::open_existing(&cli.store_dir())?;
+    let receipts = super::query::receipts(&store)?;
+    let found = receipts.iter().find(|r| {
+        !r.model_dir.is_empty()
+            && rag
+                .collections
+                .iter()
+                .any(|c| r.collections.contains_key(&c.name))
+    });
+    Ok(match found {
+        Some(r) => PathBuf::from(&r.model_dir),
+        None => PathBuf::from(crate::steps::chunk::DEFAULT_MODEL),
+    })
 }

@@ -1,17 +1,15 @@
 //! `cairn serve`: an OpenAI-compatible HTTP server over trained models. The models run
-//! in the `cairn-torch serve` worker process (`worker`, `protocol`); `openai` is the
-//! HTTP API.
+//! in the `cairn-torch serve` worker process (`crate::inference`); `openai` is the HTTP
+//! API.
 
 mod openai;
-pub mod protocol;
-pub mod worker;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use protocol::WorkerConfig;
-use worker::Worker;
+use crate::inference::protocol::WorkerConfig;
+use crate::inference::worker::Worker;
 
 /// Shared by every request.
 pub struct ServeState {
@@ -21,6 +19,8 @@ pub struct ServeState {
     pub created: u64,
     /// The name `/v1/embeddings` answers to, when an embedder is loaded.
     pub embedder_name: Option<String>,
+    /// Retrieval for chats, with `--rag`.
+    pub rag: Option<crate::rag::Retriever>,
     responses: AtomicU64,
 }
 
@@ -38,6 +38,47 @@ pub struct ServeOptions {
     pub max_queue: usize,
     /// Where to listen.
     pub addr: SocketAddr,
+    /// Retrieval for chats (the worker must load its embedder and reranker).
+    pub rag: Option<crate::rag::RagConfig>,
+    /// The store (LLM answers of self-query and expansion are cached there; the
+    /// embedded vector store lives there).
+    pub store_root: std::path::PathBuf,
+}
+
+/// The model worker as retrieval's encoders.
+struct WorkerEncoders<'a>(&'a Worker);
+
+#[async_trait::async_trait]
+impl crate::rag::Encoders for WorkerEncoders<'_> {
+    async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, String> {
+        use crate::inference::protocol::{WorkerEvent, WorkerRequest};
+        let mut ticket = self
+            .0
+            .submit(|id| WorkerRequest::Embed { id, texts })
+            .map_err(|e| e.to_string())?;
+        match ticket.next().await {
+            Some(WorkerEvent::Embedded { vectors, .. }) => Ok(vectors),
+            Some(WorkerEvent::Failed { message, .. }) => Err(message),
+            _ => Err("the model worker stopped".into()),
+        }
+    }
+
+    async fn rerank(&self, query: String, documents: Vec<String>) -> Result<Vec<f32>, String> {
+        use crate::inference::protocol::{WorkerEvent, WorkerRequest};
+        let mut ticket = self
+            .0
+            .submit(|id| WorkerRequest::Rerank {
+                id,
+                query,
+                documents,
+            })
+            .map_err(|e| e.to_string())?;
+        match ticket.next().await {
+            Some(WorkerEvent::Scored { scores, .. }) => Ok(scores),
+            Some(WorkerEvent::Failed { message, .. }) => Err(message),
+            _ => Err("the model worker stopped".into()),
+        }
+    }
 }
 
 /// Starts the worker and serves until Ctrl-C.
@@ -59,6 +100,10 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         .embedder
         .as_ref()
         .map(|d| crate::models::display_name(d));
+    let rag = match options.rag {
+        Some(config) => Some(crate::rag::Retriever::open(config, &options.store_root).await?),
+        None => None,
+    };
     let worker = Worker::start(&options.worker, &config_path, options.max_queue).await?;
     let state = Arc::new(ServeState {
         created: std::time::SystemTime::now()
@@ -66,6 +111,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
             .map(|d| d.as_secs())
             .unwrap_or_default(),
         embedder_name,
+        rag,
         responses: AtomicU64::new(0),
         worker,
     });

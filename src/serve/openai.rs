@@ -18,9 +18,9 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::protocol::{FailureKind, FinishReason, Prompt, WorkerEvent, WorkerRequest};
-use super::worker::{QueueError, Ticket};
 use super::ServeState;
+use crate::inference::protocol::{FailureKind, FinishReason, Prompt, WorkerEvent, WorkerRequest};
+use crate::inference::worker::{QueueError, Ticket};
 use crate::ml::job::GenerationSettings;
 use crate::ml::template::Role;
 
@@ -335,6 +335,10 @@ impl Sampling {
 struct ChatRequest {
     model: String,
     messages: Vec<Message>,
+    /// cairn's extension: `false` answers without retrieval on a server started with
+    /// `--rag`.
+    #[serde(default)]
+    rag: Option<bool>,
     #[serde(default)]
     stream: bool,
     #[serde(default)]
@@ -498,9 +502,45 @@ fn usage(prompt: usize, completion: usize) -> Value {
 async fn chat(State(state): State<Arc<ServeState>>, body: Bytes) -> Result<Response, ApiError> {
     let req: ChatRequest = parse(&body)?;
     let settings = req.sampling.settings()?;
-    let turns = turns(&req.messages)?;
+    let mut turns = turns(&req.messages)?;
     known_model(&state, &req.model)?;
     let include_usage = req.stream_options.unwrap_or_default().include_usage;
+    let mut extra = None;
+    if let (Some(retriever), true) = (&state.rag, req.rag.unwrap_or(true)) {
+        let Some(last) = turns.iter().rposition(|t| t.0 == Role::User) else {
+            return Err(ApiError::invalid(
+                Some("messages"),
+                "retrieval answers the last user message; the messages have none",
+            ));
+        };
+        let question = turns[last].1.clone();
+        let t0 = Instant::now();
+        let encoders = super::WorkerEncoders(&state.worker);
+        let retrieval = retriever
+            .retrieve(&question, &encoders, crate::rag::Stages::default())
+            .await
+            .map_err(|e| ApiError {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                message: format!("retrieval failed: {e}"),
+                param: None,
+                code: Some("retrieval_failed"),
+            })?;
+        turns[last].1 = retriever.prompt(&question, &retrieval);
+        let sources: Vec<Value> = retrieval
+            .sources
+            .iter()
+            .map(|s| {
+                json!({"id": s.id, "collection": s.collection, "url": s.url, "title": s.title,
+                       "score": s.rerank.map_or(s.fused, f64::from), "fused": s.fused,
+                       "rerank": s.rerank, "similarity": s.similarity,
+                       "text": s.text.chars().take(500).collect::<String>()})
+            })
+            .collect();
+        let mut timings = json!(retrieval.timings_ms);
+        timings["total"] = json!(t0.elapsed().as_secs_f64() * 1e3);
+        extra = Some(json!({"sources": sources, "queries": retrieval.queries,
+                            "filters": retrieval.filters, "retrieval_ms": timings}));
+    }
     generate(
         state,
         Shape::Chat,
@@ -509,6 +549,7 @@ async fn chat(State(state): State<Arc<ServeState>>, body: Bytes) -> Result<Respo
         settings,
         req.stream,
         include_usage,
+        extra,
     )
     .await
 }
@@ -541,12 +582,16 @@ async fn completions(
         settings,
         req.stream,
         include_usage,
+        None,
     )
     .await
 }
 
 /// Queues a generation and answers whole or as a stream. The first event is awaited
 /// before answering, so a prompt the model cannot take is a 400, not a broken stream.
+/// `extra` (retrieval's sources and timings) joins the `cairn` field of the answer (of
+/// the last chunk when streaming).
+#[allow(clippy::too_many_arguments)]
 async fn generate(
     state: Arc<ServeState>,
     shape: Shape,
@@ -555,6 +600,7 @@ async fn generate(
     settings: GenerationSettings,
     stream: bool,
     include_usage: bool,
+    extra: Option<Value>,
 ) -> Result<Response, ApiError> {
     let t0 = Instant::now();
     let mut ticket = state.worker.submit(|id| WorkerRequest::Generate {
@@ -575,11 +621,14 @@ async fn generate(
         return Ok(stream_response(
             ticket,
             shape,
-            id,
-            model,
-            created,
-            include_usage,
-            t0,
+            StreamInfo {
+                id,
+                model,
+                created,
+                include_usage,
+                t0,
+                extra,
+            },
         ));
     }
     let mut first_token_ms = None;
@@ -596,11 +645,13 @@ async fn generate(
                 ..
             }) => {
                 let total_ms = t0.elapsed().as_secs_f64() * 1e3;
+                let mut cairn = json!({"timings_ms": {"prompt_read": queued_ms, "first_token": first_token_ms, "total": total_ms}});
+                merge(&mut cairn, extra);
                 let body = json!({
                     "id": id, "object": shape.object(false), "created": created, "model": model,
                     "choices": [shape.choice(Some(&text), true, Some(finish_reason), false)],
                     "usage": usage(prompt_tokens, completion_tokens),
-                    "cairn": {"timings_ms": {"prompt_read": queued_ms, "first_token": first_token_ms, "total": total_ms}},
+                    "cairn": cairn,
                 });
                 return Ok(Json(body).into_response());
             }
@@ -611,15 +662,32 @@ async fn generate(
     }
 }
 
-fn stream_response(
-    ticket: Ticket,
-    shape: Shape,
+/// The keys of `extra` (an object) added to `into`.
+fn merge(into: &mut Value, extra: Option<Value>) {
+    if let (Some(Value::Object(extra)), Value::Object(into)) = (extra, into) {
+        into.extend(extra);
+    }
+}
+
+/// What every chunk of a stream repeats, and what its last one adds.
+struct StreamInfo {
     id: String,
     model: String,
     created: u64,
     include_usage: bool,
     t0: Instant,
-) -> Response {
+    extra: Option<Value>,
+}
+
+fn stream_response(ticket: Ticket, shape: Shape, info: StreamInfo) -> Response {
+    let StreamInfo {
+        id,
+        model,
+        created,
+        include_usage,
+        t0,
+        extra,
+    } = info;
     struct Stream {
         ticket: Ticket,
         first: bool,
@@ -641,6 +709,7 @@ fn stream_response(
         },
         move |mut s| {
             let chunk = chunk.clone();
+            let extra = extra.clone();
             async move {
                 if s.ended {
                     return None;
@@ -665,8 +734,10 @@ fn stream_response(
                             json!([shape.choice(text, s.first, Some(finish_reason), true)]),
                             None,
                         );
-                        last["cairn"] =
+                        let mut cairn =
                             json!({"timings_ms": {"total": t0.elapsed().as_secs_f64() * 1e3}});
+                        merge(&mut cairn, extra.clone());
+                        last["cairn"] = cairn;
                         out.push(data(&last));
                         if include_usage {
                             out.push(data(&chunk(

@@ -178,6 +178,26 @@ fn answer(user: &str) -> String {
         .or_else(|| user.rsplit_once("Text:\n"))
         .map(|(_, e)| e.trim())
         .unwrap_or(user);
+    if let Some((_, question)) = user
+        .split_once("different versions of the user question")
+        .and_then(|(_, rest)| rest.rsplit_once("Question: "))
+    {
+        // RAG query expansion: rewrites that name the topic in other words.
+        let q = question.trim();
+        return format!(
+            "{q} (explained for a beginner)#next-question#What do my notes say about: {q}#next-question#Tips on {q}"
+        );
+    }
+    if let Some((_, question)) = user
+        .split_once("Extract search filters")
+        .and_then(|(_, rest)| rest.rsplit_once("Question: "))
+    {
+        // RAG self-query: a category when the question names one.
+        let category = ["note", "article", "post"]
+            .into_iter()
+            .find(|c| question.contains(&format!("my {c}s")));
+        return json!({"category": category}).to_string();
+    }
     let words: Vec<&str> = extract.split_whitespace().collect();
     let topic = words.iter().take(6).copied().collect::<Vec<_>>().join(" ");
     let count: usize = user

@@ -2,9 +2,16 @@
 client would not send what is tested). Prints one JSON object of what it saw; the Rust
 test asserts on it.
 
-    openai_client.py make OUT       a tiny random Llama (512 positions, byte tokenizer,
+    openai_client.py make OUT       a tiny random Llama (2048 positions, byte tokenizer,
                                     ChatML card) in OUT/base and a PEFT LoRA adapter over
                                     it in OUT/twin
+    openai_client.py make-reranker OUT TOKENIZER_DIR
+                                    a tiny random BertForSequenceClassification (one label)
+                                    with the WordPiece tokenizer of TOKENIZER_DIR
+    openai_client.py rerank MODEL QUERY DOCS_JSON
+                                    sentence-transformers' CrossEncoder.predict scores
+    openai_client.py chat URL MODEL QUESTION [no-rag|stream]
+                                    one greedy chat; its text, usage and `cairn` field
     openai_client.py check URL CHAT_MODEL RAW_MODEL EMBEDDER_NAME EMBEDDER_DIR
     openai_client.py queue URL MODEL
 """
@@ -30,7 +37,7 @@ def make(out):
     torch.manual_seed(0)
     base, twin = os.path.abspath(f"{out}/base"), os.path.abspath(f"{out}/twin")
     cfg = tf.LlamaConfig(vocab_size=259, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                          rms_norm_eps=1e-6, bos_token_id=256, eos_token_id=256)
     model = tf.LlamaForCausalLM(cfg)
     with torch.no_grad():
@@ -53,6 +60,37 @@ def make(out):
     json.dump({**card, "method": "lora", "base_model": base}, open(f"{twin}/cairn_model.json", "w"))
 
 
+def make_reranker(out, tokenizer_dir):
+    import shutil
+
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=512, num_labels=1)
+    model = tf.BertForSequenceClassification(cfg)
+    with torch.no_grad():
+        for _name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+            else:
+                p.mul_(4.0)
+        # Logits spread wide enough that the sigmoid does not flatten differences.
+        model.classifier.weight.mul_(8.0)
+    model.save_pretrained(out, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(f"{tokenizer_dir}/{f}", f"{out}/{f}")
+
+
+def rerank(model, query, docs):
+    from sentence_transformers import CrossEncoder
+
+    ce = CrossEncoder(model, device="cpu")
+    scores = ce.predict([(query, d) for d in json.loads(docs)])
+    print(json.dumps({"scores": [float(x) for x in scores]}))
+
+
 def client(url, retries=0):
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=retries, timeout=120)
 
@@ -66,6 +104,24 @@ def error_of(fn):
         return {"status": e.status_code, "param": body.get("param"), "code": body.get("code"),
                 "type": body.get("type"), "message": body.get("message")}
     return None
+
+
+def chat(url, model, question, mode=""):
+    c = client(url)
+    extra = {"rag": False} if mode == "no-rag" else {}
+    msgs = [{"role": "user", "content": question}]
+    if mode == "stream":
+        text, cairn = [], None
+        for chunk in c.chat.completions.create(model=model, messages=msgs, temperature=0, max_tokens=16,
+                                               stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                text.append(chunk.choices[0].delta.content)
+            cairn = (chunk.model_extra or {}).get("cairn") or cairn
+        print(json.dumps({"text": "".join(text), "cairn": cairn}))
+        return
+    r = c.chat.completions.create(model=model, messages=msgs, temperature=0, max_tokens=16, extra_body=extra)
+    print(json.dumps({"text": r.choices[0].message.content, "usage": r.usage.prompt_tokens,
+                      "cairn": (r.model_extra or {}).get("cairn")}))
 
 
 def check(url, chat_model, raw_model, embedder_name, embedder_dir):
@@ -143,7 +199,7 @@ def check(url, chat_model, raw_model, embedder_name, embedder_dir):
     out["malformed"] = {"status": raw.status_code, "body": raw.json()}
     out["unknown_model"] = error_of(lambda: c.chat.completions.create(model="nope", messages=msgs))
     out["too_long"] = error_of(lambda: c.chat.completions.create(
-        model=chat_model, messages=[{"role": "user", "content": "word " * 400}], max_tokens=8))
+        model=chat_model, messages=[{"role": "user", "content": "word " * 1000}], max_tokens=8))
     out["n"] = error_of(lambda: c.chat.completions.create(model=chat_model, messages=msgs, n=2))
     out["logprobs"] = error_of(lambda: c.chat.completions.create(model=chat_model, messages=msgs,
                                                                  logprobs=True))
@@ -201,4 +257,5 @@ def queue(url, model):
 
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
-    {"make": make, "check": check, "queue": queue}[cmd](*args)
+    {"make": make, "make-reranker": make_reranker, "rerank": rerank, "chat": chat, "check": check,
+     "queue": queue}[cmd](*args)

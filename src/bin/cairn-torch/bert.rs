@@ -113,6 +113,19 @@ impl Bert {
         kind: Kind,
         roberta: bool,
     ) -> Result<Self, EmbedError> {
+        Ok(Self::load_with_heads(dir, config, device, kind, roberta)?.0)
+    }
+
+    /// As [`Bert::load`], also returning the tensors the encoder does not use (a
+    /// classifier's pooler and head), by their names without the model prefix, on
+    /// `device` as `kind`.
+    pub fn load_with_heads(
+        dir: &Path,
+        config: BertConfig,
+        device: Device,
+        kind: Kind,
+        roberta: bool,
+    ) -> Result<(Self, HashMap<String, Tensor>), EmbedError> {
         let path = dir.join("model.safetensors");
         if !path.exists() {
             let hint = if dir.join("pytorch_model.bin").exists() {
@@ -184,7 +197,16 @@ impl Bert {
                 output_norm: norm(&mut take, &format!("{p}.output.LayerNorm"))?,
             });
         }
-        Ok(Self {
+        let mut rest = HashMap::new();
+        for (name, t) in map {
+            let name = name.strip_prefix(&prefix).unwrap_or(&name).to_string();
+            let t = t
+                .f_to_device(device)
+                .and_then(|t| t.f_to_kind(kind))
+                .map_err(|e| EmbedError::Torch(e.to_string()))?;
+            rest.insert(name, t);
+        }
+        let bert = Self {
             config,
             word,
             position,
@@ -192,7 +214,8 @@ impl Bert {
             embed_norm,
             layers,
             position_offset: if roberta { 2 } else { 0 },
-        })
+        };
+        Ok((bert, rest))
     }
 
     fn layer_norm(&self, x: &Tensor, n: &Norm) -> Result<Tensor, tch::TchError> {
@@ -208,6 +231,17 @@ impl Bert {
     /// Hidden states `[batch, seq, hidden]` for token ids and attention mask `[batch, seq]`
     /// (int64, 1 = real token).
     pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor, tch::TchError> {
+        self.forward_typed(ids, mask, None)
+    }
+
+    /// As [`Bert::forward`] with token type ids [batch, seq] (the second text of a pair
+    /// is type 1); `None` is type 0 throughout.
+    pub fn forward_typed(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        types: Option<&Tensor>,
+    ) -> Result<Tensor, tch::TchError> {
         let (batch, seq) = ids.size2()?;
         let heads = self.config.num_attention_heads;
         let head_dim = self.config.hidden_size / heads;
@@ -224,7 +258,10 @@ impl Bert {
                 false,
                 false,
             )?)?
-            .f_add(&self.token_type.f_get(0)?)?;
+            .f_add(&match types {
+                Some(t) => Tensor::f_embedding(&self.token_type, t, -1, false, false)?,
+                None => self.token_type.f_get(0)?,
+            })?;
         x = self.layer_norm(&x, &self.embed_norm)?;
         // SDPA takes a boolean mask where true means "attend"; shape [b, 1, 1, s].
         let attend = mask.f_ne(0)?.f_view([batch, 1, 1, seq])?;

@@ -5,6 +5,7 @@
 //! measures the fp32 GEMM rate for the benchmark.
 
 mod bert;
+mod crossencoder;
 mod decoder;
 mod device;
 mod embedder;
@@ -106,7 +107,7 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
-    /// The model worker of `cairn serve`: loads the models a `cairn::serve::protocol::
+    /// The model worker of `cairn serve`: loads the models a `cairn::inference::protocol::
     /// WorkerConfig` JSON file names, then answers requests on stdin until it closes.
     Serve {
         /// The worker configuration file.
@@ -290,7 +291,7 @@ fn main() -> ExitCode {
             train::run(&job, &mut emit)
         }),
         Command::Serve { config } => guarded(|| {
-            let config: cairn::serve::protocol::WorkerConfig = read_job(&config)?;
+            let config: cairn::inference::protocol::WorkerConfig = read_job(&config)?;
             serve::run(&config)?;
             Ok(json!({}))
         }),

@@ -1,5 +1,5 @@
 //! `cairn-torch serve`: the model side of `cairn serve`. Reads requests on stdin and
-//! answers with events on stdout (`cairn::serve::protocol`), until stdin closes.
+//! answers with events on stdout (`cairn::inference::protocol`), until stdin closes.
 //!
 //! Generation uses continuous batching: a new request's prompt is read on its own (its
 //! key/value cache built), then the request joins the running batch of its model and
@@ -17,11 +17,11 @@ use std::sync::mpsc;
 use tch::{Device, Kind, Tensor};
 use tokenizers::Tokenizer;
 
-use cairn::ml::job::GenerationSettings;
-use cairn::ml::template::{Conversation, Template};
-use cairn::serve::protocol::{
+use cairn::inference::protocol::{
     FailureKind, FinishReason, LoadedModel, Prompt, WorkerConfig, WorkerEvent, WorkerRequest,
 };
+use cairn::ml::job::GenerationSettings;
+use cairn::ml::template::{Conversation, Template};
 
 use crate::decoder::{Cache, Model};
 use crate::generate::{next_tokens, TextStream};
@@ -103,6 +103,10 @@ pub fn run(config: &WorkerConfig) -> Result<(), String> {
         ),
         None => None,
     };
+    let reranker = match &config.reranker {
+        Some(dir) => Some(crate::crossencoder::CrossEncoder::load(dir, device)?),
+        None => None,
+    };
     emit(&WorkerEvent::Ready {
         models: models
             .iter()
@@ -166,6 +170,21 @@ pub fn run(config: &WorkerConfig) -> Result<(), String> {
                         "this server has no embedding model (start it with --embedder DIR or a --rag config)",
                     ),
                     Some(e) => embed(e, id, &texts),
+                },
+                WorkerRequest::Rerank {
+                    id,
+                    query,
+                    documents,
+                } => match &reranker {
+                    None => fail(
+                        id,
+                        FailureKind::Invalid,
+                        "this server has no reranker (a cross-encoder under `rerank:` in the RAG config)",
+                    ),
+                    Some(r) => match r.score(&query, &documents) {
+                        Ok(scores) => emit(&WorkerEvent::Scored { id, scores }),
+                        Err(e) => fail(id, FailureKind::Internal, e),
+                    },
                 },
             }
         }

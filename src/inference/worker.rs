@@ -240,7 +240,8 @@ impl Ticket {
             Some(
                 WorkerEvent::Done { .. }
                 | WorkerEvent::Failed { .. }
-                | WorkerEvent::Embedded { .. },
+                | WorkerEvent::Embedded { .. }
+                | WorkerEvent::Scored { .. },
             )
             | None => self.finished = true,
             _ => {}
@@ -269,6 +270,7 @@ fn event_id(event: &WorkerEvent) -> Option<u64> {
         | WorkerEvent::Delta { id, .. }
         | WorkerEvent::Done { id, .. }
         | WorkerEvent::Failed { id, .. }
-        | WorkerEvent::Embedded { id, .. } => *id,
+        | WorkerEvent::Embedded { id, .. }
+        | WorkerEvent::Scored { id, .. } => *id,
     })
 }

@@ -25,6 +25,9 @@ pub struct WorkerConfig {
     /// Sentence-embedding model directory for `/v1/embeddings` and retrieval.
     #[serde(default)]
     pub embedder: Option<std::path::PathBuf>,
+    /// Cross-encoder (`*ForSequenceClassification`) directory for reranking.
+    #[serde(default)]
+    pub reranker: Option<std::path::PathBuf>,
     /// Rows decoded together at most (continuous batching); later requests wait.
     pub max_batch: usize,
     /// auto, cpu, cuda, cuda:N.
@@ -59,6 +62,12 @@ pub enum WorkerRequest {
     Cancel { id: u64 },
     /// Embed texts with the embedder; answered by `embedded` (or `failed`).
     Embed { id: u64, texts: Vec<String> },
+    /// Score (query, document) pairs with the cross-encoder; answered by `scored`.
+    Rerank {
+        id: u64,
+        query: String,
+        documents: Vec<String>,
+    },
 }
 
 /// Why generation ended (OpenAI's `finish_reason`).
@@ -130,6 +139,9 @@ pub enum WorkerEvent {
         vectors: Vec<Vec<f32>>,
         tokens: usize,
     },
+    /// Cross-encoder scores of a `rerank` request, one per document, in order (after
+    /// the model's activation, as sentence-transformers' `CrossEncoder.predict`).
+    Scored { id: u64, scores: Vec<f32> },
 }
 
 #[cfg(test)]
