@@ -681,3 +681,120 @@ fn rag_answers_over_the_collections_with_their_sources() {
         "deterministic"
     );
 }
+
+/// `rag_eval` in a pipeline: questions an `instruct` step made from the notes (on the
+/// mock LLM), asked of the collection under every configuration; the report's numbers
+/// follow from its per-question ranks, and changing only the reranker's files reruns
+/// only `rag_eval`.
+#[test]
+fn rag_eval_scores_each_configuration_and_reruns_only_for_a_new_reranker() {
+    let p = Project::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let reranker = tmp.path().join("reranker");
+    let minilm = repo().join(".models/all-MiniLM-L6-v2");
+    client(&[&"make-reranker", &reranker, &minilm]);
+    let mock = MockLlm::start();
+    p.write("mine/sourdough.md", SOURDOUGH)
+        .write("mine/borrow.md", BORROW)
+        .write("mine/tomato.md", TOMATO)
+        .write(
+            "eval.yaml",
+            &format!(
+                r#"name: rageval
+steps:
+  mine: {{uses: source, with: {{path: mine}}}}
+  docs: {{uses: ingest, inputs: {{files: mine.data}}}}
+  chunk: {{uses: chunk, inputs: {{documents: docs.documents}}, with: {{model: "{m}", size: 64}}}}
+  embed: {{uses: embed, inputs: {{chunks: chunk.chunks}}, with: {{model: "{m}"}}}}
+  vectors: {{uses: vector_load, inputs: {{embeddings: embed.embeddings}}}}
+  questions:
+    uses: instruct
+    inputs: {{documents: docs.documents}}
+    with: {{builder: generate, pairs_per_extract: 2, test_size: 0.2, llm: {{base_url: "{llm}", model: mock}}}}
+  eval:
+    uses: rag_eval
+    inputs: {{questions: questions.dataset, vectors: vectors.receipt}}
+    with:
+      split: train
+      device: cpu
+      rag:
+        collections: [{{name: embedded_notes, k: 5}}]
+        expansion: {{n: 2, llm: {{base_url: "{llm}", model: mock}}}}
+        rerank: {{model: "{rr}", candidates: 10}}
+"#,
+                m = minilm.display(),
+                llm = mock.base_url,
+                rr = reranker.display()
+            ),
+        );
+    let run = p.run("eval.yaml", &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let report = run.output("eval", "report");
+    let (code, metrics, err) = p.exec(&["artifacts", "cat", &report, "metrics.json"]);
+    assert_eq!(code, 0, "{err}");
+    let metrics: Value = serde_json::from_str(&metrics).unwrap();
+    let configs = metrics["configurations"].as_object().unwrap();
+    assert_eq!(
+        configs.keys().collect::<Vec<_>>(),
+        ["search", "expansion", "rerank", "expansion+rerank"],
+        "{metrics:#}"
+    );
+    let (_, per_question, _) = p.exec(&["artifacts", "cat", &report, "questions.jsonl"]);
+    let rows: Vec<Value> = per_question
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let questions = metrics["questions"].as_u64().unwrap() as usize;
+    assert!(questions >= 3, "{metrics:#}");
+    assert_eq!(rows.len(), questions * 4);
+    for (name, m) in configs {
+        // The aggregates follow from the per-question ranks.
+        let ranks: Vec<Option<u64>> = rows
+            .iter()
+            .filter(|r| r["configuration"] == name.as_str())
+            .map(|r| r["rank"].as_u64())
+            .collect();
+        let n = ranks.len() as f64;
+        for k in [1u64, 3, 5] {
+            let hits = ranks.iter().filter(|r| r.is_some_and(|r| r <= k)).count() as f64;
+            let got = m[format!("hit_rate@{k}")].as_f64().unwrap();
+            assert!(
+                (got - hits / n).abs() < 1e-9,
+                "{name} hit_rate@{k}: {got} vs {}",
+                hits / n
+            );
+        }
+        let mrr: f64 = ranks
+            .iter()
+            .map(|r| r.map_or(0.0, |r| 1.0 / r as f64))
+            .sum::<f64>()
+            / n;
+        assert!((m["mrr"].as_f64().unwrap() - mrr).abs() < 1e-9, "{name}");
+    }
+    // Three notes on three topics: plain search finds each question's note.
+    assert!(
+        configs["search"]["hit_rate@5"].as_f64().unwrap() >= 0.99,
+        "{metrics:#}"
+    );
+    assert!(
+        configs["search"]["mrr"].as_f64().unwrap() > 0.5,
+        "{metrics:#}"
+    );
+    let (_, html, _) = p.exec(&["artifacts", "cat", &report, "report.html"]);
+    assert!(
+        html.contains("<svg") && html.contains("expansion+rerank"),
+        "{html}"
+    );
+
+    // A different reranker (new weights in the same folder): only rag_eval reruns.
+    std::fs::remove_dir_all(&reranker).unwrap();
+    client(&[&"make-reranker", &reranker, &minilm]);
+    let weights = reranker.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let n = bytes.len();
+    bytes[n - 8..].copy_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]);
+    std::fs::write(&weights, bytes).unwrap();
+    let again = p.run("eval.yaml", &[]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert_eq!(again.with_status("ran"), ["eval"], "{}", again.stderr);
+}

@@ -274,3 +274,33 @@ fn event_id(event: &WorkerEvent) -> Option<u64> {
         | WorkerEvent::Scored { id, .. } => *id,
     })
 }
+
+/// The worker as retrieval's encoders: its embedder and cross-encoder.
+#[async_trait::async_trait]
+impl crate::rag::Encoders for Worker {
+    async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, String> {
+        let mut ticket = self
+            .submit(|id| WorkerRequest::Embed { id, texts })
+            .map_err(|e| e.to_string())?;
+        match ticket.next().await {
+            Some(WorkerEvent::Embedded { vectors, .. }) => Ok(vectors),
+            Some(WorkerEvent::Failed { message, .. }) => Err(message),
+            _ => Err(QueueError::WorkerGone.to_string()),
+        }
+    }
+
+    async fn rerank(&self, query: String, documents: Vec<String>) -> Result<Vec<f32>, String> {
+        let mut ticket = self
+            .submit(|id| WorkerRequest::Rerank {
+                id,
+                query,
+                documents,
+            })
+            .map_err(|e| e.to_string())?;
+        match ticket.next().await {
+            Some(WorkerEvent::Scored { scores, .. }) => Ok(scores),
+            Some(WorkerEvent::Failed { message, .. }) => Err(message),
+            _ => Err(QueueError::WorkerGone.to_string()),
+        }
+    }
+}

@@ -93,7 +93,8 @@ pub fn parse_verdict(reply: &str) -> Result<Verdict, String> {
     })
 }
 
-fn esc(s: &str) -> String {
+/// Escapes text for HTML.
+pub fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -114,6 +115,11 @@ fn fmt(v: &Value) -> String {
 
 /// An SVG line chart of `series` (name, points) over training steps.
 pub fn svg_chart(title: &str, series: &[(&str, Vec<(f64, f64)>)]) -> String {
+    svg_chart_over(title, "step", series)
+}
+
+/// An SVG line chart of `series` (name, points) over `x_label` (step, k...).
+pub fn svg_chart_over(title: &str, x_label: &str, series: &[(&str, Vec<(f64, f64)>)]) -> String {
     let (w, h, pad) = (640.0, 260.0, 40.0);
     let all: Vec<(f64, f64)> = series
         .iter()
@@ -136,8 +142,8 @@ pub fn svg_chart(title: &str, series: &[(&str, Vec<(f64, f64)>)]) -> String {
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" role=\"img\" aria-label=\"{t}\"><text x=\"{pad}\" y=\"20\" font-size=\"14\">{t}</text>\
          <line x1=\"{pad}\" y1=\"{b}\" x2=\"{r}\" y2=\"{b}\" stroke=\"#999\"/><line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{b}\" stroke=\"#999\"/>\
          <text x=\"2\" y=\"{ty}\" font-size=\"10\">{y1:.3}</text><text x=\"2\" y=\"{b}\" font-size=\"10\">{y0:.3}</text>\
-         <text x=\"{pad}\" y=\"{lx}\" font-size=\"10\">step {x0}</text><text x=\"{rx}\" y=\"{lx}\" font-size=\"10\">{x1}</text>",
-        t = esc(title), b = h - pad, r = w - pad, ty = pad + 4.0, lx = h - pad + 14.0, rx = w - pad - 20.0
+         <text x=\"{pad}\" y=\"{lx}\" font-size=\"10\">{xl} {x0}</text><text x=\"{rx}\" y=\"{lx}\" font-size=\"10\">{x1}</text>",
+        t = esc(title), xl = esc(x_label), b = h - pad, r = w - pad, ty = pad + 4.0, lx = h - pad + 14.0, rx = w - pad - 20.0
     );
     for (i, (name, points)) in series.iter().enumerate() {
         let color = colors[i % colors.len()];

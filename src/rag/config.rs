@@ -4,12 +4,13 @@
 
 use std::path::PathBuf;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::llm::LlmSettings;
 
 /// A RAG configuration.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RagConfig {
     /// Collections to search.
@@ -42,7 +43,7 @@ pub struct RagConfig {
 }
 
 /// One collection to search.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CollectionConfig {
     /// Collection name (`vector_load` names them <prefix><category plural>).
@@ -53,7 +54,7 @@ pub struct CollectionConfig {
 }
 
 /// Self-query: payload filters (e.g. author, category) found in the question.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SelfQueryConfig {
     /// Regex rules; the first capture group is the value.
@@ -68,7 +69,7 @@ pub struct SelfQueryConfig {
 }
 
 /// One self-query rule.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SelfQueryRule {
     /// Payload field the value filters on.
@@ -78,7 +79,7 @@ pub struct SelfQueryRule {
 }
 
 /// Query expansion.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExpansionConfig {
     /// Rewrites asked for.
@@ -89,7 +90,7 @@ pub struct ExpansionConfig {
 }
 
 /// Reranking.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RerankConfig {
     /// Cross-encoder directory (a BERT-family `*ForSequenceClassification` model, e.g.

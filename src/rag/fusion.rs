@@ -17,6 +17,8 @@ pub fn reciprocal_rank(lists: &[(String, Vec<Hit>)], k: f64) -> Vec<Source> {
             let entry = by_id.entry(hit.id.as_str()).or_insert_with(|| Source {
                 id: hit.id.clone(),
                 collection: collection.clone(),
+                chunk_id: text("chunk_id"),
+                document_id: text("document_id"),
                 url: text("url"),
                 title: text("title"),
                 text: text("text"),

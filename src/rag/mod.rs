@@ -80,6 +80,10 @@ pub struct Source {
     pub id: String,
     /// Collection it came from.
     pub collection: String,
+    /// The chunk's id (`chunk_id` in the payload).
+    pub chunk_id: String,
+    /// Its document's id.
+    pub document_id: String,
     /// The chunk's document URL.
     pub url: String,
     /// Document title.

@@ -45,42 +45,6 @@ pub struct ServeOptions {
     pub store_root: std::path::PathBuf,
 }
 
-/// The model worker as retrieval's encoders.
-struct WorkerEncoders<'a>(&'a Worker);
-
-#[async_trait::async_trait]
-impl crate::rag::Encoders for WorkerEncoders<'_> {
-    async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, String> {
-        use crate::inference::protocol::{WorkerEvent, WorkerRequest};
-        let mut ticket = self
-            .0
-            .submit(|id| WorkerRequest::Embed { id, texts })
-            .map_err(|e| e.to_string())?;
-        match ticket.next().await {
-            Some(WorkerEvent::Embedded { vectors, .. }) => Ok(vectors),
-            Some(WorkerEvent::Failed { message, .. }) => Err(message),
-            _ => Err("the model worker stopped".into()),
-        }
-    }
-
-    async fn rerank(&self, query: String, documents: Vec<String>) -> Result<Vec<f32>, String> {
-        use crate::inference::protocol::{WorkerEvent, WorkerRequest};
-        let mut ticket = self
-            .0
-            .submit(|id| WorkerRequest::Rerank {
-                id,
-                query,
-                documents,
-            })
-            .map_err(|e| e.to_string())?;
-        match ticket.next().await {
-            Some(WorkerEvent::Scored { scores, .. }) => Ok(scores),
-            Some(WorkerEvent::Failed { message, .. }) => Err(message),
-            _ => Err("the model worker stopped".into()),
-        }
-    }
-}
-
 /// Starts the worker and serves until Ctrl-C.
 pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     let scratch = tempfile::tempdir()?;

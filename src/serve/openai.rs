@@ -515,9 +515,8 @@ async fn chat(State(state): State<Arc<ServeState>>, body: Bytes) -> Result<Respo
         };
         let question = turns[last].1.clone();
         let t0 = Instant::now();
-        let encoders = super::WorkerEncoders(&state.worker);
         let retrieval = retriever
-            .retrieve(&question, &encoders, crate::rag::Stages::default())
+            .retrieve(&question, &state.worker, crate::rag::Stages::default())
             .await
             .map_err(|e| ApiError {
                 status: StatusCode::INTERNAL_SERVER_ERROR,

@@ -13,6 +13,7 @@ pub mod evaluate;
 pub mod finetune;
 pub mod ingest;
 pub mod instruct;
+pub mod rag_eval;
 pub mod rank;
 pub mod sample;
 pub mod source;
@@ -471,6 +472,7 @@ pub static REGISTRY: &[&dyn Step] = &[
     &Typed(evaluate::EvaluateStep),
     &Typed(sample::SampleStep),
     &Typed(rank::RankStep),
+    &Typed(rag_eval::RagEvalStep),
 ];
 
 /// Looks up a built-in step kind.
