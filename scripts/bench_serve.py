@@ -15,7 +15,7 @@ import time
 import httpx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PROMPTS = [f"Note {i}: what did the twin do on the weekend? Tell me about the lake." for i in range(32)]
+PROMPTS = [f"Note {i}: what did the twin do on the lake?" for i in range(32)]
 
 
 def make_models(work, big):

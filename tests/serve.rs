@@ -6,98 +6,15 @@
 
 mod common;
 
-use std::io::BufRead;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 
 use common::mock_llm::MockLlm;
+use common::serving::{
+    client, models, notes_project, start, start_in, Server, BORROW, SOURDOUGH, TOMATO,
+};
 use common::{repo, Project};
 use serde_json::Value;
-
-/// Runs tests/parity/openai_client.py in the project venv; its last stdout line as JSON.
-fn client(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Value {
-    let python = repo().join(".venv/bin/python");
-    let out = Command::new(&python)
-        .arg(repo().join("tests/parity/openai_client.py"))
-        .args(args.iter().map(|a| a.as_ref()))
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "{}: {e}; run `scripts/setup --test` first",
-                python.display()
-            )
-        });
-    assert!(
-        out.status.success(),
-        "openai_client.py failed: {}\n(`scripts/setup --test` installs openai, transformers and peft into .venv)",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    stdout
-        .lines()
-        .last()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .unwrap_or(Value::Null)
-}
-
-/// A running `cairn serve`; killed on drop.
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `cairn serve --port 0 ARGS...` and waits for its address.
-// The child is killed and waited for in `Server::drop`.
-#[allow(clippy::zombie_processes)]
-fn start(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Server {
-    start_in(None, args)
-}
-
-/// As [`start`], in a project (its folder and store).
-#[allow(clippy::zombie_processes)]
-fn start_in(project: Option<&Project>, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Server {
-    let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("cairn"));
-    if let Some(p) = project {
-        cmd.current_dir(p.path("")).env("CAIRN_STORE", p.store());
-    }
-    let mut child = cmd
-        .args(["serve", "--port", "0", "--device", "cpu"])
-        .args(args.iter().map(|a| a.as_ref()))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut reader = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut banner = String::new();
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap() == 0 {
-            let status = child.wait();
-            panic!("cairn serve exited ({status:?}): {banner}");
-        }
-        banner.push_str(&line);
-        if let Some(rest) = line.split("http://").nth(1) {
-            let addr = rest.split('/').next().unwrap().to_string();
-            // Keep draining the server's log so it never blocks on a full pipe.
-            std::thread::spawn(move || for _ in reader.lines() {});
-            return Server {
-                child,
-                url: format!("http://{addr}"),
-            };
-        }
-    }
-}
-
-fn models(root: &Path) -> (PathBuf, PathBuf) {
-    client(&[&"make", &root]);
-    (root.join("base"), root.join("twin"))
-}
 
 /// `cairn generate` with the settings the client sends (greedy, 24 tokens).
 fn generate(model: &Path, prompt: &str, raw: bool) -> String {
@@ -247,7 +164,8 @@ fn a_full_queue_answers_429_and_the_server_carries_on() {
     assert!(out["ok"].as_u64().unwrap() >= 3, "{out}");
     assert_eq!(out["refused_type"], "rate_limit_error", "{out}");
     assert_eq!(out["others"], serde_json::json!([]), "{out}");
-    assert_eq!(out["after"], "length", "{out}");
+    // And it still answers afterwards.
+    assert!(["stop", "length"].contains(&out["after"].as_str().unwrap_or("")), "{out}");
 }
 
 #[test]
@@ -502,36 +420,6 @@ fn cross_encoder_scores_match_sentence_transformers() {
     let spread = theirs.iter().cloned().fold(f64::MIN, f64::max)
         - theirs.iter().cloned().fold(f64::MAX, f64::min);
     assert!(spread > 0.01, "{theirs:?}");
-}
-
-const SOURDOUGH: &str = "# Feeding a sourdough starter\n\nI feed my sourdough starter twice a day with equal weights of rye flour and water. \
-A starter that doubles within six hours is ready to leaven bread dough. Keep it warm and discard half before each feeding.\n";
-const BORROW: &str = "# Fighting the borrow checker\n\nRust's borrow checker rejects code where a mutable reference \
-overlaps another reference. Most of my fights with it ended when I restructured ownership.\n";
-const TOMATO: &str = "# Growing tomatoes on a balcony\n\nTomatoes need six hours of sun, a deep pot and steady watering. \
-I grow cherry tomatoes in forty litre containers.\n";
-
-/// A project whose store holds the `embedded_notes` collection of three notes.
-fn notes_project() -> Project {
-    let p = Project::new();
-    let model = repo().join(".models/all-MiniLM-L6-v2");
-    p.write("mine/sourdough.md", SOURDOUGH)
-        .write("mine/borrow.md", BORROW)
-        .write("mine/tomato.md", TOMATO)
-        .write(
-            "notes.yaml",
-            &format!(
-                "name: notes\nsteps:\n  mine: {{uses: source, with: {{path: mine}}}}\n  \
-                 docs: {{uses: ingest, inputs: {{files: mine.data}}}}\n  \
-                 chunk: {{uses: chunk, inputs: {{documents: docs.documents}}, with: {{model: \"{m}\", size: 64}}}}\n  \
-                 embed: {{uses: embed, inputs: {{chunks: chunk.chunks}}, with: {{model: \"{m}\"}}}}\n  \
-                 vectors: {{uses: vector_load, inputs: {{embeddings: embed.embeddings}}}}\n",
-                m = model.display()
-            ),
-        );
-    let run = p.run("notes.yaml", &[]);
-    assert_eq!(run.code, 0, "{}", run.stderr);
-    p
 }
 
 fn rag_chat(server: &Server, question: &str, mode: &str) -> Value {

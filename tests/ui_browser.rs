@@ -51,36 +51,10 @@ async fn screenshot(c: &fantoccini::Client, name: &str) {
     std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn click_from_a_run_to_a_step_to_its_artifact_to_the_lineage() {
-    if !std::path::Path::new(CHROMEDRIVER).exists() || !std::path::Path::new(CHROMIUM).exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install chromium and chromium-driver"
-        );
-        eprintln!("skipped: {CHROMIUM} / {CHROMEDRIVER} not installed (apt-get install chromium chromium-driver)");
-        return;
-    }
-    let p = Project::new();
-    p.write("notes/a.md", "one two three four\n");
-    p.write(
-        "browse.yaml",
-        "name: browse\nparams: {words: 3}\nsteps:\n  notes: {uses: source, with: {path: notes}}\n  \
-         count:\n    uses: command\n    inputs: {notes: notes.data}\n    outputs: {counts: file}\n    \
-         with: {run: \"wc -w ${inputs.notes}/a.md > ${outputs.counts}\"}\n  \
-         tree:\n    uses: command\n    inputs: {counts: count.counts}\n    outputs: {dir: directory}\n    \
-         with: {run: \"mkdir -p ${outputs.dir} && cp ${inputs.counts} ${outputs.dir}/counts.txt && echo ${params.words} > ${outputs.dir}/words.txt\"}\n",
-    );
-    assert_eq!(p.run("browse.yaml", &[]).code, 0);
-    let second = p.run("browse.yaml", &["--set", "words=5"]);
-    assert_eq!(second.code, 0);
-    let run_id = second.json["run_id"].as_str().unwrap().to_string();
-    let tree_out = second.output("tree", "dir");
-
-    let (ui, _) = p.start_ui(&[]);
-    let base = ui.base.clone();
+/// Chromium under chromedriver: the driver process and a session.
+async fn browser() -> (Killed, fantoccini::Client) {
     let port = free_port();
-    let _driver = Killed(
+    let driver = Killed(
         Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
@@ -111,6 +85,51 @@ async fn click_from_a_run_to_a_step_to_its_artifact_to_the_lineage() {
         }
     }
     let c = client.expect("chromedriver did not accept a session");
+    (driver, c)
+}
+
+/// Whether the browser test can run here (CI must have Chromium).
+fn have_chromium() -> bool {
+    if std::path::Path::new(CHROMEDRIVER).exists() && std::path::Path::new(CHROMIUM).exists() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must install chromium and chromium-driver"
+    );
+    eprintln!("skipped: {CHROMIUM} / {CHROMEDRIVER} not installed (apt-get install chromium chromium-driver)");
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn click_from_a_run_to_a_step_to_its_artifact_to_the_lineage() {
+    if !std::path::Path::new(CHROMEDRIVER).exists() || !std::path::Path::new(CHROMIUM).exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install chromium and chromium-driver"
+        );
+        eprintln!("skipped: {CHROMIUM} / {CHROMEDRIVER} not installed (apt-get install chromium chromium-driver)");
+        return;
+    }
+    let p = Project::new();
+    p.write("notes/a.md", "one two three four\n");
+    p.write(
+        "browse.yaml",
+        "name: browse\nparams: {words: 3}\nsteps:\n  notes: {uses: source, with: {path: notes}}\n  \
+         count:\n    uses: command\n    inputs: {notes: notes.data}\n    outputs: {counts: file}\n    \
+         with: {run: \"wc -w ${inputs.notes}/a.md > ${outputs.counts}\"}\n  \
+         tree:\n    uses: command\n    inputs: {counts: count.counts}\n    outputs: {dir: directory}\n    \
+         with: {run: \"mkdir -p ${outputs.dir} && cp ${inputs.counts} ${outputs.dir}/counts.txt && echo ${params.words} > ${outputs.dir}/words.txt\"}\n",
+    );
+    assert_eq!(p.run("browse.yaml", &[]).code, 0);
+    let second = p.run("browse.yaml", &["--set", "words=5"]);
+    assert_eq!(second.code, 0);
+    let run_id = second.json["run_id"].as_str().unwrap().to_string();
+    let tree_out = second.output("tree", "dir");
+
+    let (ui, _) = p.start_ui(&[]);
+    let base = ui.base.clone();
+    let (_driver, c) = browser().await;
 
     // Runs list -> the newest run.
     c.goto(&format!("{base}/#/runs")).await.unwrap();
@@ -366,4 +385,89 @@ fn record_model_step(
     };
     store.db().write_steps(&[write], &[]).unwrap();
     digest.to_hex()
+}
+
+/// The chat page of `cairn ui` against `cairn serve --rag`: the tuned adapter and its
+/// base side by side, each answer streamed in and equal to what the API answers for the
+/// same request, the retrieved note listed under the tuned model's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chat_page_streams_two_models_side_by_side_with_their_sources() {
+    use common::serving::{client, models, notes_project, start_in};
+    if !have_chromium() {
+        return;
+    }
+    let p = notes_project();
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, twin) = models(tmp.path());
+    p.write(
+        "rag.yaml",
+        "collections: [{name: embedded_notes, k: 3}]\ntop_k: 2\n",
+    );
+    let server = start_in(
+        Some(&p),
+        &[
+            &"--model",
+            &format!("twin={}", twin.display()),
+            &"--model",
+            &format!("base={}", base.display()),
+            &"--rag",
+            &"rag.yaml",
+        ],
+    );
+    let question = "how often should I feed the starter for bread?";
+    let expected_twin = client(&[&"chat", &server.url, &"twin", &question]);
+    let expected_base = client(&[&"chat", &server.url, &"base", &question]);
+    let (ui, _) = p.start_ui(&["--serve-url", &server.url]);
+    let (_driver, c) = browser().await;
+    c.goto(&format!("{}/#/chat", ui.base)).await.unwrap();
+    wait_text(&c, "#chat-model-a", "twin").await;
+    c.execute(
+        "document.getElementById('chat-model-a').value = 'twin';\
+         document.getElementById('chat-model-b').value = 'base';\
+         document.getElementById('chat-temperature').value = '0';\
+         document.getElementById('chat-max-tokens').value = '16';\
+         document.getElementById('chat-question').value = arguments[0];",
+        vec![serde_json::json!(question)],
+    )
+    .await
+    .unwrap();
+    c.find(Locator::Id("chat-send"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    for i in 0..2 {
+        let mut done = String::new();
+        for _ in 0..200 {
+            let e = c
+                .find(Locator::Id(&format!("chat-answer-{i}")))
+                .await
+                .unwrap();
+            done = e.attr("data-done").await.unwrap().unwrap_or_default();
+            if !done.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(done, "true", "answer {i} never finished");
+    }
+    let text = |i: usize| {
+        let c = c.clone();
+        async move {
+            c.execute(
+                "return document.getElementById(arguments[0]).textContent;",
+                vec![serde_json::json!(format!("chat-answer-{i}"))],
+            )
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(text(0).await, expected_twin["text"]);
+    assert_eq!(text(1).await, expected_base["text"]);
+    assert_ne!(expected_twin["text"], expected_base["text"]);
+    let sources = wait_text(&c, "#chat-sources-0", "Feeding a sourdough starter").await;
+    assert!(sources.contains("embedded_notes"), "{sources}");
+    screenshot(&c, "6-chat").await;
+    c.close().await.unwrap();
 }

@@ -16,6 +16,9 @@ pub struct UiArgs {
     /// Address to bind. Anything but a loopback address exposes the store to the network.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
+    /// Where the chat page finds `cairn serve` (its browser calls it directly).
+    #[arg(long, env = "CAIRN_SERVE_URL", default_value = "http://127.0.0.1:8000")]
+    pub serve_url: String,
 }
 
 /// Runs the server until Ctrl-C.
@@ -38,6 +41,7 @@ pub fn ui(cli: &Cli, args: &UiArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(crate::ui::serve(
         cli.store_dir(),
         SocketAddr::new(ip, args.port),
+        args.serve_url.trim_end_matches('/').to_string(),
     ))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -111,6 +111,17 @@ pub fn routes(state: Arc<ServeState>) -> Router {
                 code: Some("unknown_url"),
             }
         })
+        .layer(
+            // Browser pages on other origins (the chat page of `cairn ui`) call the API,
+            // as they may call vLLM's or llama.cpp's.
+            tower_http::cors::CorsLayer::new()
+                .allow_origin(tower_http::cors::Any)
+                .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+                .allow_headers([
+                    axum::http::header::CONTENT_TYPE,
+                    axum::http::header::AUTHORIZATION,
+                ]),
+        )
         .with_state(state)
 }
 

@@ -65,6 +65,12 @@ pub(super) fn routes() -> Router<Arc<UiState>> {
         .route("/api/artifacts/{id}/preview", get(preview))
         .route("/api/diff/{a}/{b}", get(diff))
         .route("/api/compare", get(compare))
+        .route("/api/config", get(config))
+}
+
+/// What the page needs to know of its surroundings: where `cairn serve` answers chats.
+async fn config(State(state): Shared) -> Json<Value> {
+    Json(json!({"serve_url": state.serve_url}))
 }
 
 #[derive(Deserialize)]

@@ -18,6 +18,8 @@ use crate::store::Store;
 pub struct UiState {
     /// The open store (read-only use).
     pub store: Arc<Store>,
+    /// Where the chat page finds `cairn serve` (its OpenAI-compatible API).
+    pub serve_url: String,
 }
 
 /// The page and its assets, embedded in the binary (no build step, no network).
@@ -46,10 +48,11 @@ pub fn router(state: Arc<UiState>) -> Router {
 }
 
 /// Serves the store at `store_root` on `addr` until Ctrl-C.
-pub async fn serve(store_root: PathBuf, addr: SocketAddr) -> anyhow::Result<()> {
+pub async fn serve(store_root: PathBuf, addr: SocketAddr, serve_url: String) -> anyhow::Result<()> {
     let store = Store::open_existing(&store_root)?;
     let state = Arc::new(UiState {
         store: Arc::new(store),
+        serve_url,
     });
     let listener = tokio::net::TcpListener::bind(addr)
         .await

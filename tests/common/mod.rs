@@ -3,6 +3,7 @@
 
 pub mod mock_llm;
 pub mod server;
+pub mod serving;
 pub mod static_files;
 
 use std::collections::BTreeMap;

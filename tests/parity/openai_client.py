@@ -250,7 +250,7 @@ def queue(url, model):
     refused = [s for s in statuses if isinstance(s, tuple)]
     others = [s for s in statuses if s != 200 and not isinstance(s, tuple)]
     after = client(url).chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "still there?"}], max_tokens=4)
+        model=model, messages=[{"role": "user", "content": "still there?"}], max_tokens=4, temperature=0)
     print(json.dumps({"ok": ok, "refused": len(refused), "refused_type": refused[0][1] if refused else None,
                       "others": others, "after": after.choices[0].finish_reason}))
 

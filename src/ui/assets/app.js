@@ -340,17 +340,99 @@ async function diffPage(x, y) {
       c.lines_added === undefined ? "" : `+${c.lines_added} −${c.lines_removed}`, c.sample ? el("pre", {}, c.sample.join("\n")) : ""])));
 }
 
+// Chat with `cairn serve` (its address from `cairn ui --serve-url`, or ?server=): one
+// model or two side by side (base vs tuned), each answer streamed over server-sent
+// events, the retrieved sources and stage times under it.
+async function chatPage() {
+  const cfg = await api("/api/config");
+  const url = (params().get("server") || cfg.serve_url).replace(/\/$/, "");
+  let models;
+  try {
+    const r = await fetch(`${url}/v1/models`);
+    models = (await r.json()).data.filter((m) => !(m.cairn && m.cairn.embedding_dim)).map((m) => m.id);
+  } catch (e) {
+    $main.replaceChildren(el("h1", {}, "Chat"), el("p", { class: "error", id: "chat-error" },
+      `cairn serve does not answer at ${url}: start it with \`cairn serve --model ...\`, or give its address to \`cairn ui --serve-url\``));
+    return;
+  }
+  const pick = (id, none) => el("select", { id }, none ? el("option", { value: "" }, "(none)") : null, models.map((m) => el("option", { value: m }, m)));
+  const a = pick("chat-model-a", false), b = pick("chat-model-b", true);
+  const rag = el("input", { type: "checkbox", id: "chat-rag", checked: "" });
+  const temperature = el("input", { type: "number", id: "chat-temperature", value: "0.7", min: "0", max: "2", step: "0.1", style: "width:5em" });
+  const maxTokens = el("input", { type: "number", id: "chat-max-tokens", value: "256", min: "1", style: "width:6em" });
+  const question = el("textarea", { id: "chat-question", rows: 3, cols: 80, placeholder: "Ask the twin…" });
+  const answers = el("div", { class: "cols", id: "chat-answers" });
+  const sources = (list) => el("ol", { class: "sources" }, list.map((s) => el("li", {},
+    s.url ? el("a", { href: s.url, target: "_blank", rel: "noopener" }, s.title || s.url) : (s.title || s.id),
+    el("span", { class: "muted" }, ` ${s.collection} · score ${Number(s.score).toFixed(4)}`),
+    el("div", { class: "muted snippet" }, (s.text || "").slice(0, 200)))));
+  async function stream(model, i) {
+    const out = document.getElementById(`chat-answer-${i}`), meta = document.getElementById(`chat-meta-${i}`);
+    const box = document.getElementById(`chat-sources-${i}`);
+    const body = { model, messages: [{ role: "user", content: question.value }], stream: true, rag: rag.checked,
+      temperature: Number(temperature.value), max_tokens: Number(maxTokens.value) };
+    const r = await fetch(`${url}/v1/chat/completions`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
+    if (!r.ok) {
+      const e = await r.json().catch(() => ({}));
+      meta.textContent = (e.error && e.error.message) || r.statusText; meta.className = "error";
+      out.dataset.done = "error";
+      return;
+    }
+    const reader = r.body.getReader(), decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const event = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        for (const line of event.split("\n")) {
+          if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
+          const chunk = JSON.parse(line.slice(6));
+          if (chunk.error) { meta.textContent = chunk.error.message; meta.className = "error"; continue; }
+          const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
+          if (delta && delta.content) out.textContent += delta.content;
+          if (chunk.cairn) {
+            const t = chunk.cairn.timings_ms || {}, rt = chunk.cairn.retrieval_ms;
+            meta.textContent = `${Math.round(t.total || 0)} ms` + (rt ? `, retrieval ${Math.round(rt.total)} ms` : "");
+            if (chunk.cairn.sources) box.replaceChildren(el("h3", {}, "Sources"), sources(chunk.cairn.sources));
+          }
+        }
+      }
+    }
+    out.dataset.done = "true";
+  }
+  async function ask(ev) {
+    ev.preventDefault();
+    const chosen = [a.value, b.value].filter(Boolean);
+    answers.replaceChildren(...chosen.map((m, i) => el("div", { class: "panel", id: `chat-panel-${i}` },
+      el("h2", {}, m), el("div", { class: "answer", id: `chat-answer-${i}` }), el("p", { class: "muted", id: `chat-meta-${i}` }),
+      el("div", { id: `chat-sources-${i}` }))));
+    await Promise.all(chosen.map((m, i) => stream(m, i)));
+  }
+  $main.replaceChildren(el("h1", {}, "Chat"), el("p", { class: "muted" }, `cairn serve at ${url}`),
+    el("form", { class: "filters", id: "chat-form", onsubmit: ask }, el("label", {}, "model ", a), el("label", {}, "beside ", b),
+      el("label", {}, "temperature ", temperature), el("label", {}, "max tokens ", maxTokens),
+      el("label", {}, rag, " retrieval (with --rag)")),
+    el("form", { onsubmit: ask }, question, el("p", {}, el("button", { id: "chat-send", type: "submit" }, "Send"))),
+    answers);
+}
+
 async function route() {
   const [path] = location.hash.slice(1).split("?");
   const parts = path.split("/").filter(Boolean);
-  document.getElementById("nav-runs").classList.toggle("active", parts[0] !== "artifacts");
+  document.getElementById("nav-runs").classList.toggle("active", !["artifacts", "chat"].includes(parts[0]));
   document.getElementById("nav-artifacts").classList.toggle("active", parts[0] === "artifacts");
+  document.getElementById("nav-chat").classList.toggle("active", parts[0] === "chat");
   try {
     if (parts[0] === "runs" && parts[1]) await runPage(decodeURIComponent(parts[1]), parts[2] && decodeURIComponent(parts[2]));
     else if (parts[0] === "artifacts" && parts[1]) await artifactPage(parts[1]);
     else if (parts[0] === "artifacts") await artifactsPage();
     else if (parts[0] === "diff" && parts[2]) await diffPage(parts[1], parts[2]);
     else if (parts[0] === "compare") await comparePage();
+    else if (parts[0] === "chat") await chatPage();
     else await runsPage();
   } catch (e) {
     $main.replaceChildren(el("h1", {}, "Error"), el("p", { class: "error" }, e.message));
