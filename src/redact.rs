@@ -119,6 +119,21 @@ pub fn redact_text(text: &str) -> String {
     KEY_FORMATS.replace_all(&out, MASK).into_owned()
 }
 
+/// As [`redact`], also masking secrets inside free text (`api_key=...`, keys in vendor
+/// formats): for prompts and answers, where people paste anything.
+pub fn redact_free_text(value: &Value) -> Value {
+    match redact(value) {
+        Value::String(s) => Value::String(redact_text(&s)),
+        Value::Array(items) => Value::Array(items.iter().map(redact_free_text).collect()),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| (k, redact_free_text(&v)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
 /// `value` with every secret masked, recursively.
 pub fn redact(value: &Value) -> Value {
     match value {

@@ -165,7 +165,10 @@ fn a_full_queue_answers_429_and_the_server_carries_on() {
     assert_eq!(out["refused_type"], "rate_limit_error", "{out}");
     assert_eq!(out["others"], serde_json::json!([]), "{out}");
     // And it still answers afterwards.
-    assert!(["stop", "length"].contains(&out["after"].as_str().unwrap_or("")), "{out}");
+    assert!(
+        ["stop", "length"].contains(&out["after"].as_str().unwrap_or("")),
+        "{out}"
+    );
 }
 
 #[test]
@@ -685,4 +688,81 @@ steps:
     let again = p.run("eval.yaml", &[]);
     assert_eq!(again.code, 0, "{}", again.stderr);
     assert_eq!(again.with_status("ran"), ["eval"], "{}", again.stderr);
+}
+
+/// `--record`: the session is a run of the `serve` pipeline, every answered request one
+/// of its steps with an `exchange` artifact; keys pasted into a prompt never reach the
+/// store.
+#[test]
+fn recorded_traffic_is_a_run_of_the_serve_pipeline_with_secrets_masked() {
+    let p = Project::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, _) = models(tmp.path());
+    let server = start_in(
+        Some(&p),
+        &[&"--model", &format!("base={}", base.display()), &"--record"],
+    );
+    let secret = "sk-proj-abcdefghijklmnopqrstuvwxyz0123456789";
+    client(&[
+        &"chat",
+        &server.url,
+        &"base",
+        &format!("my key is {secret}, keep it safe"),
+        &"no-rag",
+    ]);
+    client(&[
+        &"chat",
+        &server.url,
+        &"base",
+        &"and a second question",
+        &"stream",
+    ]);
+    server.stop();
+
+    let (code, out, err) = p.exec(&["runs", "ls", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let runs: Value = serde_json::from_str(&out).unwrap();
+    let run = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["run"]["pipeline"] == "serve")
+        .unwrap_or_else(|| panic!("no serve run: {runs:#}"));
+    assert_eq!(run["run"]["status"], "succeeded", "{run:#}");
+    let id = run["run"]["id"].as_str().unwrap();
+    let (code, out, err) = p.exec(&["runs", "show", id, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    let steps: Vec<&str> = shown["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(steps, ["chat-000001", "chat-000002"], "{shown:#}");
+    let exchange = shown["steps"][0]["outputs"]["exchange"]["digest"]
+        .as_str()
+        .unwrap();
+    let (code, text, err) = p.exec(&["artifacts", "cat", exchange]);
+    assert_eq!(code, 0, "{err}");
+    assert!(text.contains("my key is ***, keep it safe"), "{text}");
+    let streamed = shown["steps"][1]["outputs"]["exchange"]["digest"]
+        .as_str()
+        .unwrap();
+    let (_, text2, _) = p.exec(&["artifacts", "cat", streamed]);
+    assert!(
+        text2.contains("and a second question") && text2.contains("finish_reason"),
+        "{text2}"
+    );
+    // Nowhere in the store.
+    let grep = Command::new("grep")
+        .args(["-r", "-l", secret])
+        .arg(p.store())
+        .output()
+        .unwrap();
+    assert!(
+        grep.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&grep.stdout)
+    );
 }

@@ -29,6 +29,10 @@ pub struct ServeArgs {
     /// the store's vector collections, and the sources come back in the `cairn` field.
     #[arg(long, value_name = "FILE")]
     pub rag: Option<PathBuf>,
+    /// File every answered request (redacted) in the store as a step of a run of the
+    /// pipeline `serve`, browsable with `cairn runs` and the UI.
+    #[arg(long)]
+    pub record: bool,
     /// Port to listen on (0: any free port, printed at start).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
@@ -116,6 +120,8 @@ pub fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         addr: SocketAddr::new(ip, args.port),
         rag,
         store_root: cli.store_dir(),
+        record: args.record,
+        rag_file: args.rag.clone(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -3,6 +3,7 @@
 //! API.
 
 mod openai;
+pub mod record;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +22,8 @@ pub struct ServeState {
     pub embedder_name: Option<String>,
     /// Retrieval for chats, with `--rag`.
     pub rag: Option<crate::rag::Retriever>,
+    /// Where answered requests are filed, with `--record`.
+    pub recorder: Option<Arc<record::Recorder>>,
     responses: AtomicU64,
 }
 
@@ -43,6 +46,10 @@ pub struct ServeOptions {
     /// The store (LLM answers of self-query and expansion are cached there; the
     /// embedded vector store lives there).
     pub store_root: std::path::PathBuf,
+    /// File answered requests in the store as runs of the `serve` pipeline.
+    pub record: bool,
+    /// The RAG configuration file, for the record.
+    pub rag_file: Option<std::path::PathBuf>,
 }
 
 /// Starts the worker and serves until Ctrl-C.
@@ -69,6 +76,18 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         None => None,
     };
     let worker = Worker::start(&options.worker, &config_path, options.max_queue).await?;
+    let recorder = if options.record {
+        let args = serde_json::json!({"models": options.worker.models, "rag": options.rag_file});
+        let r = record::Recorder::start(&options.store_root, args)?;
+        eprintln!(
+            "cairn serve: recording requests as run {} of pipeline `serve` in {}",
+            r.run_id(),
+            options.store_root.display()
+        );
+        Some(Arc::new(r))
+    } else {
+        None
+    };
     let state = Arc::new(ServeState {
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -76,6 +95,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
             .unwrap_or_default(),
         embedder_name,
         rag,
+        recorder: recorder.clone(),
         responses: AtomicU64::new(0),
         worker,
     });
@@ -99,5 +119,8 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await?;
+    if let Some(r) = recorder {
+        r.finish()?;
+    }
     Ok(())
 }

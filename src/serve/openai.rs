@@ -551,6 +551,7 @@ async fn chat(State(state): State<Arc<ServeState>>, body: Bytes) -> Result<Respo
         extra = Some(json!({"sources": sources, "queries": retrieval.queries,
                             "filters": retrieval.filters, "retrieval_ms": timings}));
     }
+    let recording = Recording::of(&state, "chat", &body);
     generate(
         state,
         Shape::Chat,
@@ -560,6 +561,7 @@ async fn chat(State(state): State<Arc<ServeState>>, body: Bytes) -> Result<Respo
         req.stream,
         include_usage,
         extra,
+        recording,
     )
     .await
 }
@@ -584,6 +586,7 @@ async fn completions(
     };
     known_model(&state, &req.model)?;
     let include_usage = req.stream_options.unwrap_or_default().include_usage;
+    let recording = Recording::of(&state, "completion", &body);
     generate(
         state,
         Shape::Completion,
@@ -593,6 +596,7 @@ async fn completions(
         req.stream,
         include_usage,
         None,
+        recording,
     )
     .await
 }
@@ -611,6 +615,7 @@ async fn generate(
     stream: bool,
     include_usage: bool,
     extra: Option<Value>,
+    recording: Option<Recording>,
 ) -> Result<Response, ApiError> {
     let t0 = Instant::now();
     let mut ticket = state.worker.submit(|id| WorkerRequest::Generate {
@@ -623,7 +628,12 @@ async fn generate(
     let created = now();
     match ticket.next().await {
         Some(WorkerEvent::Started { .. }) => {}
-        Some(WorkerEvent::Failed { kind, message, .. }) => return Err(failed(kind, message)),
+        Some(WorkerEvent::Failed { kind, message, .. }) => {
+            if let Some(r) = recording {
+                r.save(Value::Null, t0, Some(message.clone()));
+            }
+            return Err(failed(kind, message));
+        }
         _ => return Err(QueueError::WorkerGone.into()),
     }
     let queued_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -638,6 +648,7 @@ async fn generate(
                 include_usage,
                 t0,
                 extra,
+                recording,
             },
         ));
     }
@@ -663,12 +674,52 @@ async fn generate(
                     "usage": usage(prompt_tokens, completion_tokens),
                     "cairn": cairn,
                 });
+                if let Some(r) = recording {
+                    r.save(body.clone(), t0, None);
+                }
                 return Ok(Json(body).into_response());
             }
-            Some(WorkerEvent::Failed { kind, message, .. }) => return Err(failed(kind, message)),
+            Some(WorkerEvent::Failed { kind, message, .. }) => {
+                if let Some(r) = recording {
+                    r.save(Value::Null, t0, Some(message.clone()));
+                }
+                return Err(failed(kind, message));
+            }
             Some(_) => {}
             None => return Err(QueueError::WorkerGone.into()),
         }
+    }
+}
+
+/// A request to file in the store once answered (`--record`).
+struct Recording {
+    recorder: Arc<super::record::Recorder>,
+    kind: &'static str,
+    request: Value,
+}
+
+impl Recording {
+    /// The request's record, when the server records: `body` parsed again as plain JSON.
+    fn of(state: &ServeState, kind: &'static str, body: &Bytes) -> Option<Self> {
+        let recorder = state.recorder.clone()?;
+        Some(Self {
+            recorder,
+            kind,
+            request: serde_json::from_slice(body).unwrap_or(Value::Null),
+        })
+    }
+
+    /// Files the request with its answer (or error) off the async threads.
+    fn save(self, answer: Value, t0: Instant, error: Option<String>) {
+        let ms = t0.elapsed().as_millis() as u64;
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = self
+                .recorder
+                .record(self.kind, &self.request, &answer, ms, error)
+            {
+                tracing::warn!("recording a served request: {e}");
+            }
+        });
     }
 }
 
@@ -687,6 +738,7 @@ struct StreamInfo {
     include_usage: bool,
     t0: Instant,
     extra: Option<Value>,
+    recording: Option<Recording>,
 }
 
 fn stream_response(ticket: Ticket, shape: Shape, info: StreamInfo) -> Response {
@@ -697,11 +749,13 @@ fn stream_response(ticket: Ticket, shape: Shape, info: StreamInfo) -> Response {
         include_usage,
         t0,
         extra,
+        recording,
     } = info;
     struct Stream {
         ticket: Ticket,
         first: bool,
         ended: bool,
+        recording: Option<Recording>,
     }
     let chunk = move |choices: Value, usage_value: Option<Value>| {
         let mut v = json!({"id": id, "object": shape.object(true), "created": created, "model": model,
@@ -716,6 +770,7 @@ fn stream_response(ticket: Ticket, shape: Shape, info: StreamInfo) -> Response {
             ticket,
             first: true,
             ended: false,
+            recording,
         },
         move |mut s| {
             let chunk = chunk.clone();
@@ -734,6 +789,7 @@ fn stream_response(ticket: Ticket, shape: Shape, info: StreamInfo) -> Response {
                         s.first = false;
                     }
                     Some(WorkerEvent::Done {
+                        text: whole,
                         prompt_tokens,
                         completion_tokens,
                         finish_reason,
@@ -747,6 +803,14 @@ fn stream_response(ticket: Ticket, shape: Shape, info: StreamInfo) -> Response {
                         let mut cairn =
                             json!({"timings_ms": {"total": t0.elapsed().as_secs_f64() * 1e3}});
                         merge(&mut cairn, extra.clone());
+                        if let Some(r) = s.recording.take() {
+                            r.save(
+                                json!({"text": whole, "finish_reason": finish_reason,
+                                       "usage": usage(prompt_tokens, completion_tokens), "cairn": cairn}),
+                                t0,
+                                None,
+                            );
+                        }
                         last["cairn"] = cairn;
                         out.push(data(&last));
                         if include_usage {
@@ -759,6 +823,9 @@ fn stream_response(ticket: Ticket, shape: Shape, info: StreamInfo) -> Response {
                         s.ended = true;
                     }
                     Some(WorkerEvent::Failed { kind, message, .. }) => {
+                        if let Some(r) = s.recording.take() {
+                            r.save(Value::Null, t0, Some(message.clone()));
+                        }
                         out.push(data(&failed(kind, message).json()));
                         s.ended = true;
                     }
@@ -858,6 +925,8 @@ async fn embeddings(
             ));
         }
     }
+    let recording = Recording::of(&state, "embedding", &body);
+    let t0 = Instant::now();
     let mut ticket = state
         .worker
         .submit(|id| WorkerRequest::Embed { id, texts })?;
@@ -879,6 +948,9 @@ async fn embeddings(
                     json!({"object": "embedding", "index": i, "embedding": embedding})
                 })
                 .collect();
+            if let Some(r) = recording {
+                r.save(json!({"vectors": data.len(), "tokens": tokens}), t0, None);
+            }
             Ok(Json(json!({"object": "list", "data": data, "model": name,
                            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}))
             .into_response())

@@ -42,6 +42,21 @@ pub struct Server {
     pub url: String,
 }
 
+impl Server {
+    /// Stops the server as Ctrl-C would (it finishes its recorded run) and waits.
+    pub fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-INT", &pid]).status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("cairn serve did not stop on SIGINT");
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
