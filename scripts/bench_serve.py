@@ -2,7 +2,13 @@
 it over HTTP next to transformers' `generate` (with its KV cache) on the same weights,
 prompts, greedy settings and thread count. Prints a markdown table.
 
-    bench_serve.py CAIRN WORKDIR --threads T --max-new N [--big]
+    bench_serve.py CAIRN WORKDIR --threads T --max-new N [--big] [--rag]
+
+--rag measures retrieval's overhead instead of generation: three collections built from
+the Python docs (tutorial, howto, faq) with all-MiniLM-L6-v2, self-query rules, query
+expansion answered from the cache, search of the three collections, reciprocal rank
+fusion and a MiniLM-sized cross-encoder reranking 20 candidates to 3; the time of each
+stage as the server reports it (generation excluded).
 """
 import argparse
 import json
@@ -129,6 +135,120 @@ def concurrent(url, max_new, streams):
     return sum(r[0] for r in results) / wall, p99
 
 
+DOCS = "/usr/share/doc/python3.11/html"
+MINILM = os.path.abspath(f"{HERE}/../.models/all-MiniLM-L6-v2")
+
+
+def mock_llm():
+    """An OpenAI-compatible stub on 127.0.0.1 answering expansion prompts with 2 rewrites."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            q = body["messages"][-1]["content"].rsplit("Question: ", 1)[-1].strip()
+            text = f"{q} in Python#next-question#How do I {q}"
+            out = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
+                              "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                           "finish_reason": "stop"}],
+                              "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}})
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(out.encode())
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+
+def rag_bench(cairn, work, threads):
+    py = sys.executable
+    proj = f"{work}/rag"
+    os.makedirs(proj, exist_ok=True)
+    parts = [("a", "tutorial", "article"), ("b", "howto", "post"), ("c", "faq", "note")]
+    steps = []
+    for key, folder, category in parts:
+        steps.append(f"""  {key}_src: {{uses: source, with: {{path: {DOCS}/{folder}}}}}
+  {key}_docs: {{uses: ingest, inputs: {{files: {key}_src.data}}, with: {{category: {category}}}}}
+  {key}_chunk: {{uses: chunk, inputs: {{documents: {key}_docs.documents}}, with: {{model: "{MINILM}", size: 64}}}}
+  {key}_embed: {{uses: embed, inputs: {{chunks: {key}_chunk.chunks}}, with: {{model: "{MINILM}"}}}}
+  {key}_vec: {{uses: vector_load, inputs: {{embeddings: {key}_embed.embeddings}}}}""")
+    open(f"{proj}/docs.yaml", "w").write("name: ragbench\nsteps:\n" + "\n".join(steps) + "\n")
+    env = dict(os.environ, CAIRN_STORE=f"{proj}/artifacts")
+    subprocess.run([cairn, "run", "docs.yaml", "--quiet"], cwd=proj, env=env, check=True)
+    subprocess.run([py, f"{HERE}/../tests/parity/openai_client.py", "make", f"{work}/twin"], check=True,
+                   capture_output=True)
+    # A random cross-encoder of MiniLM-L6's shape (cross-encoder/ms-marco-MiniLM-L6-v2).
+    import shutil
+
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    ce = tf.BertForSequenceClassification(tf.BertConfig(
+        vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+        intermediate_size=1536, max_position_embeddings=512, num_labels=1))
+    ce.save_pretrained(f"{work}/reranker", safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(f"{MINILM}/{f}", f"{work}/reranker/{f}")
+    llm = mock_llm()
+    open(f"{proj}/rag.yaml", "w").write(f"""collections:
+  - {{name: embedded_articles, k: 10}}
+  - {{name: embedded_posts, k: 10}}
+  - {{name: embedded_notes, k: 10}}
+top_k: 3
+self_query:
+  rules: [{{field: category, pattern: '(?i)in the (article|post|note)s'}}]
+expansion: {{n: 2, llm: {{base_url: "{llm}", model: stub}}}}
+rerank: {{model: "{work}/reranker", candidates: 20}}
+""")
+    proc = subprocess.Popen([cairn, "serve", "--model", f"twin={work}/twin/base", "--rag", "rag.yaml", "--port", "0",
+                             "--device", "cpu", "--threads", str(threads)], cwd=proj, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "http://" in line:
+            url = "http://" + line.split("http://")[1].split("/")[0]
+            break
+    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+    questions = ["How do I define a function with default arguments?", "What is a list comprehension?",
+                 "How do I read a file line by line?", "Why are floating point results inexact?",
+                 "How do I sort a list of dictionaries by a key?", "What does the with statement do?",
+                 "How do I handle exceptions?", "What are generators?", "How do I use logging?",
+                 "How do I parse command line arguments?", "What is a virtual environment?",
+                 "How do I write a class with properties?", "How do regular expressions work?",
+                 "What is the difference between a tuple and a list?", "How do I format strings?",
+                 "How do decorators work?", "How do I make an HTTP request?", "What are descriptors?",
+                 "How do I sort in place?", "How do I unpack argument lists?"]
+    stages = {}
+    try:
+        for q in questions:
+            body = {"model": "twin", "messages": [{"role": "user", "content": q}], "max_tokens": 1, "temperature": 0}
+            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).raise_for_status()  # fills the cache
+            r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
+            for k, v in r["cairn"]["retrieval_ms"].items():
+                stages.setdefault(k, []).append(v)
+    finally:
+        proc.terminate()
+        proc.wait()
+    def pct(v, p):
+        v = sorted(v)
+        return v[min(len(v) - 1, int(p * len(v)))]
+    print()
+    print(f"RAG overhead per chat, {len(questions)} questions asked twice (the second measured: expansion cached); "
+          f"3 collections of Python docs (all-MiniLM-L6-v2, embedded Qdrant Edge), k 10 each, 3 phrasings, "
+          f"RRF, rerank 20 -> 3 by a MiniLM-L6-sized cross-encoder; CPU, {threads} threads")
+    print()
+    print("| stage | p50 ms | p90 ms |")
+    print("|---|---:|---:|")
+    for k in ["self_query", "expansion", "embed", "search", "fusion", "rerank", "total"]:
+        print(f"| {k} | {pct(stages[k], 0.5):.1f} | {pct(stages[k], 0.9):.1f} |")
+    print(f"\ntarget: total p50 < 50 ms")
+
+
 def main():
     a = argparse.ArgumentParser()
     a.add_argument("cairn")
@@ -136,7 +256,10 @@ def main():
     a.add_argument("--threads", type=int, default=2)
     a.add_argument("--max-new", type=int, default=64)
     a.add_argument("--big", action="store_true")
+    a.add_argument("--rag", action="store_true")
     a = a.parse_args()
+    if a.rag:
+        return rag_bench(a.cairn, a.work, a.threads)
     models = make_models(a.work, a.big)
     rows = []
     for name, path in models.items():

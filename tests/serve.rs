@@ -531,6 +531,42 @@ fn rag_answers_over_the_collections_with_their_sources() {
     assert_eq!(articles["cairn"]["sources"], serde_json::json!([]));
     drop(fused_server);
 
+    // Self-query by the LLM: it reads the category from the question.
+    p.write(
+        "llm_query.yaml",
+        &format!(
+            "collections: [{{name: embedded_notes, k: 3}}]\n\
+             self_query: {{fields: [category], llm: {{base_url: \"{}\", model: mock}}}}\n",
+            mock.base_url
+        ),
+    );
+    let llm_server = start_in(
+        Some(&p),
+        &[
+            &"--model",
+            &format!("twin={}", twin.display()),
+            &"--rag",
+            &"llm_query.yaml",
+        ],
+    );
+    let asked = rag_chat(
+        &llm_server,
+        "which notes mention tomatoes, in my notes?",
+        "",
+    );
+    assert_eq!(
+        asked["cairn"]["filters"],
+        serde_json::json!([["category", "note"]]),
+        "{asked}"
+    );
+    assert_eq!(
+        asked["cairn"]["sources"][0]["title"], "Growing tomatoes on a balcony",
+        "{asked}"
+    );
+    let none = rag_chat(&llm_server, "which ones mention tomatoes?", "");
+    assert_eq!(none["cairn"]["filters"], serde_json::json!([]), "{none}");
+    drop(llm_server);
+
     // With the reranker: the kept sources are the candidates ordered by its scores,
     // which are sentence-transformers' scores for those texts; streamed answers carry
     // them too.
@@ -584,6 +620,7 @@ fn rag_eval_scores_each_configuration_and_reruns_only_for_a_new_reranker() {
     let reranker = tmp.path().join("reranker");
     let minilm = repo().join(".models/all-MiniLM-L6-v2");
     client(&[&"make-reranker", &reranker, &minilm]);
+    let (_, twin) = models(tmp.path());
     let mock = MockLlm::start();
     p.write("mine/sourdough.md", SOURDOUGH)
         .write("mine/borrow.md", BORROW)
@@ -602,12 +639,14 @@ steps:
     uses: instruct
     inputs: {{documents: docs.documents}}
     with: {{builder: generate, pairs_per_extract: 2, test_size: 0.2, llm: {{base_url: "{llm}", model: mock}}}}
+  twin: {{uses: source, with: {{path: "{twin}"}}}}
   eval:
     uses: rag_eval
-    inputs: {{questions: questions.dataset, vectors: vectors.receipt}}
+    inputs: {{questions: questions.dataset, vectors: vectors.receipt, model: twin.data}}
     with:
       split: train
       device: cpu
+      answers: {{judge: {{base_url: "{llm}", model: mock}}, max_new_tokens: 8}}
       rag:
         collections: [{{name: embedded_notes, k: 5}}]
         expansion: {{n: 2, llm: {{base_url: "{llm}", model: mock}}}}
@@ -615,7 +654,8 @@ steps:
 "#,
                 m = minilm.display(),
                 llm = mock.base_url,
-                rr = reranker.display()
+                rr = reranker.display(),
+                twin = twin.display()
             ),
         );
     let run = p.run("eval.yaml", &[]);
@@ -661,6 +701,21 @@ steps:
             .sum::<f64>()
             / n;
         assert!((m["mrr"].as_f64().unwrap() - mrr).abs() < 1e-9, "{name}");
+        // Every answer was judged; the means follow from the per-question scores.
+        assert_eq!(m["unjudged"], 0, "{name}: {metrics:#}");
+        for key in ["faithfulness", "relevance"] {
+            let scores: Vec<f64> = rows
+                .iter()
+                .filter(|r| r["configuration"] == name.as_str())
+                .map(|r| r["judged"][key].as_f64().unwrap())
+                .collect();
+            assert!(scores.iter().all(|s| (1.0..=5.0).contains(s)), "{scores:?}");
+            let mean = scores.iter().sum::<f64>() / scores.len() as f64;
+            assert!(
+                (m[key].as_f64().unwrap() - mean).abs() < 1e-9,
+                "{name} {key}"
+            );
+        }
     }
     // Three notes on three topics: plain search finds each question's note.
     assert!(

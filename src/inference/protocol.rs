@@ -115,7 +115,7 @@ pub enum WorkerEvent {
         /// Embedding dimension when an embedder is loaded.
         embedding_dim: Option<usize>,
     },
-    /// The prompt was read.
+    /// The prompt was read and the first token chosen (for T5: the source was read).
     Started { id: u64, prompt_tokens: usize },
     /// New text of request `id`.
     Delta { id: u64, text: String },

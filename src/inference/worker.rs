@@ -229,6 +229,40 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// Generates a whole reply from `model` (waiting in the queue if it is full, rather
+    /// than refusing: for batch jobs, not for the HTTP server).
+    pub async fn generate(
+        &self,
+        model: &str,
+        prompt: super::protocol::Prompt,
+        settings: crate::ml::job::GenerationSettings,
+    ) -> Result<String, String> {
+        let mut ticket = loop {
+            match self.submit(|id| WorkerRequest::Generate {
+                id,
+                model: model.to_string(),
+                prompt: prompt.clone(),
+                settings: settings.clone(),
+            }) {
+                Ok(t) => break t,
+                Err(QueueError::Full(_)) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        };
+        loop {
+            match ticket.next().await {
+                Some(WorkerEvent::Done { text, .. }) => return Ok(text),
+                Some(WorkerEvent::Failed { message, .. }) => return Err(message),
+                Some(_) => {}
+                None => return Err(QueueError::WorkerGone.to_string()),
+            }
+        }
+    }
+}
+
 impl Ticket {
     /// The next event of this request; `None` once it has finished.
     pub async fn next(&mut self) -> Option<WorkerEvent> {

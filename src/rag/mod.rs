@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod fusion;
+pub mod judge;
 pub mod metrics;
 
 use std::collections::BTreeMap;
@@ -341,7 +342,15 @@ impl Retriever {
 
     /// The user message that puts the sources before the question.
     pub fn prompt(&self, question: &str, retrieval: &Retrieval) -> String {
-        let context = retrieval
+        self.config
+            .prompt
+            .replace("{context}", &Self::context(retrieval))
+            .replace("{question}", question)
+    }
+
+    /// The sources as the prompt shows them: numbered, with titles and URLs.
+    pub fn context(retrieval: &Retrieval) -> String {
+        retrieval
             .sources
             .iter()
             .enumerate()
@@ -355,11 +364,7 @@ impl Retriever {
                 format!("{head}\n{}", s.text.trim())
             })
             .collect::<Vec<_>>()
-            .join("\n\n");
-        self.config
-            .prompt
-            .replace("{context}", &context)
-            .replace("{question}", question)
+            .join("\n\n")
     }
 }
 

@@ -636,7 +636,8 @@ async fn generate(
         }
         _ => return Err(QueueError::WorkerGone.into()),
     }
-    let queued_ms = t0.elapsed().as_secs_f64() * 1e3;
+    // The worker says `started` once the first token is chosen.
+    let first_token_ms = t0.elapsed().as_secs_f64() * 1e3;
     if stream {
         return Ok(stream_response(
             ticket,
@@ -652,12 +653,8 @@ async fn generate(
             },
         ));
     }
-    let mut first_token_ms = None;
     loop {
         match ticket.next().await {
-            Some(WorkerEvent::Delta { .. }) => {
-                first_token_ms.get_or_insert(t0.elapsed().as_secs_f64() * 1e3);
-            }
             Some(WorkerEvent::Done {
                 text,
                 prompt_tokens,
@@ -666,7 +663,8 @@ async fn generate(
                 ..
             }) => {
                 let total_ms = t0.elapsed().as_secs_f64() * 1e3;
-                let mut cairn = json!({"timings_ms": {"prompt_read": queued_ms, "first_token": first_token_ms, "total": total_ms}});
+                let mut cairn =
+                    json!({"timings_ms": {"first_token": first_token_ms, "total": total_ms}});
                 merge(&mut cairn, extra);
                 let body = json!({
                     "id": id, "object": shape.object(false), "created": created, "model": model,
@@ -765,10 +763,16 @@ fn stream_response(ticket: Ticket, shape: Shape, info: StreamInfo) -> Response {
         }
         v
     };
+    // The first token is chosen (`started`): say so at once, as OpenAI's API does with
+    // a first chunk carrying the role and empty content.
+    let opening = data(&chunk(
+        json!([shape.choice(Some(""), true, None, true)]),
+        None,
+    ));
     let events = futures_util::stream::unfold(
         Stream {
             ticket,
-            first: true,
+            first: false,
             ended: false,
             recording,
         },
@@ -843,7 +847,8 @@ fn stream_response(ticket: Ticket, shape: Shape, info: StreamInfo) -> Response {
         },
     );
     use futures_util::StreamExt;
-    Sse::new(events.flatten())
+    let opening = futures_util::stream::once(async move { Ok::<_, Infallible>(opening) });
+    Sse::new(opening.chain(events.flatten()))
         .keep_alive(KeepAlive::default())
         .into_response()
 }

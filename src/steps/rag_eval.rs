@@ -3,7 +3,8 @@
 //! made from in `source`) is asked of the collections a `vector_load` filled, under each
 //! configuration compared (plain search + fusion, with expansion, with rerank, both), and
 //! the report gives hit rate@k, MRR and nDCG@k per configuration, with the curves and the
-//! per-question ranks. The reranker's and embedder's files are content inputs, so
+//! per-question ranks. With `answers`, a `model` also answers each question over the
+//! retrieved context and an LLM judge rates faithfulness and relevance. The reranker's and embedder's files are content inputs, so
 //! changing only the reranker reruns only this step.
 
 use std::path::{Path, PathBuf};
@@ -53,6 +54,25 @@ pub struct RagEvalParams {
     /// CPU threads (0: libtorch's default).
     #[serde(default)]
     pub threads: usize,
+    /// Also answer each question with the `model` input over the retrieved context
+    /// (greedy) and have an LLM judge rate each answer.
+    #[serde(default)]
+    pub answers: Option<AnswerSettings>,
+}
+
+/// Answer scoring.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AnswerSettings {
+    /// The judge (OpenAI-compatible; its answers cached in the store).
+    pub judge: crate::llm::LlmSettings,
+    /// Tokens per answer at most.
+    #[serde(default = "default_answer_tokens")]
+    pub max_new_tokens: usize,
+}
+
+fn default_answer_tokens() -> usize {
+    128
 }
 
 fn default_ks() -> Vec<usize> {
@@ -166,7 +186,23 @@ impl Kind for RagEvalStep {
                 kind: super::vector_load::RECEIPT_KIND.into(),
                 required: true,
             },
+            InputDecl {
+                name: "model".into(),
+                kind: crate::ml::MODEL_KIND.into(),
+                required: false,
+            },
         ])
+    }
+
+    fn bound_inputs(&self, p: &RagEvalParams) -> Option<Vec<InputDecl>> {
+        let mut inputs = self.inputs()?;
+        // Answers need the model that gives them.
+        for i in &mut inputs {
+            if i.name == "model" {
+                i.required = p.answers.is_some();
+            }
+        }
+        Some(inputs)
     }
 
     fn content_inputs(
@@ -225,6 +261,20 @@ impl Kind for RagEvalStep {
         if let Err(e) = p.device.parse::<crate::embed::DeviceChoice>() {
             issues.push(ParamIssue::new("with.device", e));
         }
+        if let Some(a) = &p.answers {
+            for (key, message) in a.judge.issues() {
+                issues.push(ParamIssue::new(
+                    format!("with.answers.judge.{key}"),
+                    message,
+                ));
+            }
+            if a.max_new_tokens == 0 {
+                issues.push(ParamIssue::new(
+                    "with.answers.max_new_tokens",
+                    "max_new_tokens must be at least 1",
+                ));
+            }
+        }
         issues
     }
 
@@ -251,9 +301,29 @@ impl Kind for RagEvalStep {
         let configurations = p.configurations();
         let progress = ctx.progress.clone();
         progress.set_message("loading the embedder and reranker");
+        let models = match (&p.answers, ctx.inputs.get("model")) {
+            (Some(_), Some(m)) => vec![crate::inference::protocol::ModelSpec {
+                name: "model".into(),
+                dir: m.path.clone(),
+            }],
+            (Some(_), None) => {
+                return Err(StepError::Input(
+                    "`answers` needs the `model` input that answers".into(),
+                ))
+            }
+            _ => Vec::new(),
+        };
+        let judge = match &p.answers {
+            Some(a) => Some(
+                crate::llm::Client::new(a.judge.clone(), Some(ctx.store.root()))
+                    .map_err(|e| fail(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let keep = p.rag.top_k;
         let worker = Worker::start(
             &WorkerConfig {
-                models: Vec::new(),
+                models,
                 embedder: Some(embedder),
                 reranker: rag.rerank.as_ref().map(|r| r.model.clone()),
                 max_batch: 1,
@@ -279,6 +349,7 @@ impl Kind for RagEvalStep {
                 vec![Vec::new(); p.k.len()],
                 Vec::new(),
             );
+            let (mut faithful, mut relevant, mut unjudged) = (Vec::new(), Vec::new(), 0usize);
             for q in &questions {
                 if ctx.cancel.is_cancelled() {
                     return Err(StepError::Cancelled);
@@ -305,7 +376,43 @@ impl Kind for RagEvalStep {
                     ndcg[i].push(metrics::ndcg_at(&ranked, 1, k));
                 }
                 rr.push(metrics::reciprocal_rank(&ranked));
+                let mut judged = json!(null);
+                if let (Some(a), Some(client)) = (&p.answers, &judge) {
+                    let mut kept = found.clone();
+                    kept.sources.truncate(keep);
+                    let settings = crate::ml::job::GenerationSettings {
+                        max_new_tokens: a.max_new_tokens,
+                        temperature: 0.0,
+                        ..Default::default()
+                    };
+                    let prompt = crate::inference::protocol::Prompt::Messages(vec![(
+                        crate::ml::template::Role::User,
+                        retriever.prompt(&q.text, &kept),
+                    )]);
+                    let answer = worker
+                        .generate("model", prompt, settings)
+                        .await
+                        .map_err(fail)?;
+                    let asked =
+                        crate::rag::judge::prompt(&q.text, &Retriever::context(&kept), &answer);
+                    let reply = client
+                        .chat(&[crate::llm::ChatMessage::user(asked)], true, &ctx.cancel)
+                        .await
+                        .map_err(|e| fail(format!("the judge: {e}")))?;
+                    judged = match crate::rag::judge::parse(&reply.content) {
+                        Ok(s) => {
+                            faithful.push(f64::from(s.faithfulness));
+                            relevant.push(f64::from(s.relevance));
+                            json!({"answer": answer, "faithfulness": s.faithfulness, "relevance": s.relevance, "reason": s.reason})
+                        }
+                        Err(e) => {
+                            unjudged += 1;
+                            json!({"answer": answer, "judge_error": e})
+                        }
+                    };
+                }
                 rows.push(json!({
+                    "judged": judged,
                     "configuration": name, "question": q.text, "source": q.source,
                     "rank": ranked.iter().position(|&r| r).map(|i| i + 1),
                     "retrieved": found.sources.iter().map(|s| json!({"chunk_id": s.chunk_id, "url": s.url, "fused": s.fused, "rerank": s.rerank})).collect::<Vec<_>>(),
@@ -322,6 +429,11 @@ impl Kind for RagEvalStep {
                 m.insert(format!("ndcg@{k}"), json!(mean(ndcg[i].iter().copied())));
             }
             m.insert("mrr".into(), json!(mean(rr.iter().copied())));
+            if p.answers.is_some() {
+                m.insert("faithfulness".into(), json!(mean(faithful.iter().copied())));
+                m.insert("relevance".into(), json!(mean(relevant.iter().copied())));
+                m.insert("unjudged".into(), json!(unjudged));
+            }
             m.insert("mean_ms".into(), json!(mean(ms.iter().copied())));
             summary.insert(name.clone(), Value::Object(m));
         }
@@ -376,7 +488,12 @@ fn report_html(metrics: &Value, ks: &[usize]) -> String {
     for k in ks {
         head.push_str(&format!("<th>hit rate@{k}</th><th>nDCG@{k}</th>"));
     }
-    head.push_str("<th>MRR</th><th>mean ms</th></tr>");
+    head.push_str("<th>MRR</th><th>mean ms</th>");
+    let judged = configs.values().any(|m| m.get("faithfulness").is_some());
+    if judged {
+        head.push_str("<th>faithfulness</th><th>relevance</th>");
+    }
+    head.push_str("</tr>");
     let num = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.3}"));
     let mut body = String::new();
     let mut series = Vec::new();
@@ -390,10 +507,18 @@ fn report_html(metrics: &Value, ks: &[usize]) -> String {
             ));
         }
         body.push_str(&format!(
-            "<td>{}</td><td>{}</td></tr>",
+            "<td>{}</td><td>{}</td>",
             num(&m["mrr"]),
             num(&m["mean_ms"])
         ));
+        if judged {
+            body.push_str(&format!(
+                "<td>{}</td><td>{}</td>",
+                num(&m["faithfulness"]),
+                num(&m["relevance"])
+            ));
+        }
+        body.push_str("</tr>");
         let points: Vec<(f64, f64)> = ks
             .iter()
             .filter_map(|k| Some((*k as f64, m[format!("hit_rate@{k}")].as_f64()?)))

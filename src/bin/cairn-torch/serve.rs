@@ -372,8 +372,8 @@ fn admit(
         ids.push(eos);
     }
     let prompt_tokens = ids.len();
-    emit(&WorkerEvent::Started { id, prompt_tokens });
     if served.model.is_seq2seq() {
+        emit(&WorkerEvent::Started { id, prompt_tokens });
         let done = crate::generate::generate(
             &served.model,
             &served.tokenizer,
@@ -420,10 +420,14 @@ fn admit(
         position: prompt_tokens as i64,
     };
     if row.max_new == 0 {
+        emit(&WorkerEvent::Started { id, prompt_tokens });
         row.finish(FinishReason::Length);
         return Ok(());
     }
     let token = next_tokens(&logits, &[&row.seen], &row.settings)[0];
+    // `started` marks the first token (its text may not be printable yet): the
+    // server's time to first token.
+    emit(&WorkerEvent::Started { id, prompt_tokens });
     match row.accept(&served.tokenizer, token) {
         Some(reason) => row.finish(reason),
         None => batch.join(row, cache, prompt_tokens as i64),
