@@ -168,6 +168,7 @@ fn main() -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         let app = cairn::ui::router(Arc::new(cairn::ui::UiState {
             store: Arc::new(store),
+            serve_url: "http://127.0.0.1:8000".into(),
         }));
         tokio::spawn(async move { axum::serve(listener, app).await });
         let _ = rustls::crypto::ring::default_provider().install_default();
