@@ -419,6 +419,48 @@ fn cross_encoder_scores_match_sentence_transformers() {
             "pair {i}: cairn {a} vs sentence-transformers {b}"
         );
     }
+    // bf16 weights (the fast choice on CPUs with AVX512-BF16): close, not equal.
+    std::fs::write(
+        &config,
+        serde_json::json!({"models": [], "reranker": model, "reranker_precision": "bf16",
+                           "max_batch": 1, "device": "cpu", "threads": 0})
+        .to_string(),
+    )
+    .unwrap();
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_cairn-torch"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        writeln!(worker.stdin.take().unwrap(), "{request}").unwrap();
+    }
+    let out = worker.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bf16: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find_map(|v| v.get("scored").cloned())
+        .expect("a scored event")["scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    for (i, (a, b)) in bf16.iter().zip(&theirs).enumerate() {
+        assert!(
+            (a - b).abs() < 3e-2,
+            "pair {i}: cairn bf16 {a} vs sentence-transformers {b}"
+        );
+    }
     // The scores differ enough that ordering by them means something.
     let spread = theirs.iter().cloned().fold(f64::MIN, f64::max)
         - theirs.iter().cloned().fold(f64::MAX, f64::min);

@@ -89,8 +89,12 @@ pub fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     };
     let mut embedder = args.embedder.clone();
     let mut reranker = None;
+    let mut reranker_precision = "auto".to_string();
     if let Some(rag) = &rag {
         reranker = rag.rerank.as_ref().map(|r| r.model.clone());
+        if let Some(r) = &rag.rerank {
+            reranker_precision = r.precision.clone();
+        }
         if embedder.is_none() {
             embedder = Some(rag_embedder(cli, rag)?);
         }
@@ -112,6 +116,7 @@ pub fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
             models,
             embedder,
             reranker,
+            reranker_precision,
             max_batch: args.max_batch,
             device: args.device.clone(),
             threads: args.threads,

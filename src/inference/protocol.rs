@@ -28,12 +28,19 @@ pub struct WorkerConfig {
     /// Cross-encoder (`*ForSequenceClassification`) directory for reranking.
     #[serde(default)]
     pub reranker: Option<std::path::PathBuf>,
+    /// The cross-encoder's precision: auto (bf16 on CUDA, else f32), f32 or bf16.
+    #[serde(default = "auto")]
+    pub reranker_precision: String,
     /// Rows decoded together at most (continuous batching); later requests wait.
     pub max_batch: usize,
     /// auto, cpu, cuda, cuda:N.
     pub device: String,
     /// CPU threads (0: libtorch's default).
     pub threads: usize,
+}
+
+fn auto() -> String {
+    "auto".into()
 }
 
 /// The text to continue: chat messages rendered with the model's template, or a raw

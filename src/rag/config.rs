@@ -99,6 +99,11 @@ pub struct RerankConfig {
     /// Fused candidates scored.
     #[serde(default = "default_candidates")]
     pub candidates: usize,
+    /// Weights' precision: auto (bf16 on CUDA, else f32), f32 (scores equal
+    /// sentence-transformers' to 1e-5), or bf16 (~2.5x faster on CPUs with AVX512-BF16 or
+    /// AMX; scores within ~1e-2).
+    #[serde(default = "default_precision")]
+    pub precision: String,
 }
 
 fn default_top_k() -> usize {
@@ -115,6 +120,9 @@ fn default_rewrites() -> usize {
 }
 fn default_candidates() -> usize {
     20
+}
+fn default_precision() -> String {
+    "auto".into()
 }
 fn default_prompt() -> String {
     "Answer the question using the context below; if it does not help, say so.\n\nContext:\n{context}\n\nQuestion: {question}".into()
@@ -198,6 +206,12 @@ impl RagConfig {
                 out.push((
                     "rerank.candidates".into(),
                     "candidates must be at least 1".into(),
+                ));
+            }
+            if !matches!(r.precision.as_str(), "auto" | "f32" | "bf16") {
+                out.push((
+                    "rerank.precision".into(),
+                    format!("precision {:?}: use auto, f32 or bf16", r.precision),
                 ));
             }
             if !r.model.join("config.json").is_file() {

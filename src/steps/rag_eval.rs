@@ -326,6 +326,10 @@ impl Kind for RagEvalStep {
                 models,
                 embedder: Some(embedder),
                 reranker: rag.rerank.as_ref().map(|r| r.model.clone()),
+                reranker_precision: rag
+                    .rerank
+                    .as_ref()
+                    .map_or("auto".to_string(), |r| r.precision.clone()),
                 max_batch: 1,
                 device: p.device.clone(),
                 threads: p.threads,

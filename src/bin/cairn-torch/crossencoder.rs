@@ -80,8 +80,9 @@ fn activation(config: &serde_json::Value) -> Activation {
 }
 
 impl CrossEncoder {
-    /// Loads the model in `dir` on `device` (f32).
-    pub fn load(dir: &Path, device: Device) -> Result<Self, String> {
+    /// Loads the model in `dir` on `device` with weights in `kind` (f32 matches
+    /// sentence-transformers to 1e-5; bf16 is ~2.5x faster on CPUs with AVX512-BF16).
+    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self, String> {
         let config_path = dir.join("config.json");
         let config: serde_json::Value = std::fs::read(&config_path)
             .map_err(|e| e.to_string())
@@ -92,9 +93,8 @@ impl CrossEncoder {
         let roberta = config["model_type"]
             .as_str()
             .is_some_and(|t| t.contains("roberta"));
-        let (model, mut rest) =
-            Bert::load_with_heads(dir, bert_config, device, Kind::Float, roberta)
-                .map_err(|e| e.to_string())?;
+        let (model, mut rest) = Bert::load_with_heads(dir, bert_config, device, kind, roberta)
+            .map_err(|e| e.to_string())?;
         let head = if rest.contains_key("classifier.out_proj.weight") {
             Head::Roberta {
                 dense: take(&mut rest, dir, "classifier.dense")?,
@@ -133,16 +133,20 @@ impl CrossEncoder {
     /// Scores of each document against `query`, in order.
     pub fn score(&self, query: &str, documents: &[String]) -> Result<Vec<f32>, String> {
         let _guard = tch::no_grad_guard();
-        let mut scores = Vec::with_capacity(documents.len());
-        for batch in documents.chunks(32) {
-            let pairs: Vec<tokenizers::EncodeInput> = batch
-                .iter()
-                .map(|d| (query.to_string(), d.clone()).into())
-                .collect();
-            let encodings = self
-                .tokenizer
-                .encode_batch(pairs, true)
-                .map_err(|e| format!("tokenizing: {e}"))?;
+        let pairs: Vec<tokenizers::EncodeInput> = documents
+            .iter()
+            .map(|d| (query.to_string(), d.clone()).into())
+            .collect();
+        let all = self
+            .tokenizer
+            .encode_batch(pairs, true)
+            .map_err(|e| format!("tokenizing: {e}"))?;
+        // Batches of similar lengths (longest first) waste little on padding.
+        let mut order: Vec<usize> = (0..all.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(all[i].len()));
+        let mut scores = vec![0f32; documents.len()];
+        for batch in order.chunks(32) {
+            let encodings: Vec<&tokenizers::Encoding> = batch.iter().map(|&i| &all[i]).collect();
             let seq = encodings.iter().map(|e| e.len()).max().unwrap_or(1).max(1);
             let rows = encodings.len();
             let (mut ids, mut mask, mut types) = (
@@ -187,7 +191,9 @@ impl CrossEncoder {
             };
             let out: Vec<f32> = Vec::try_from(out.to_kind(Kind::Float).to_device(Device::Cpu))
                 .map_err(|e: tch::TchError| e.to_string())?;
-            scores.extend(out);
+            for (&i, score) in batch.iter().zip(out) {
+                scores[i] = score;
+            }
         }
         Ok(scores)
     }

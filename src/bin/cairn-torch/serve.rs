@@ -104,7 +104,18 @@ pub fn run(config: &WorkerConfig) -> Result<(), String> {
         None => None,
     };
     let reranker = match &config.reranker {
-        Some(dir) => Some(crate::crossencoder::CrossEncoder::load(dir, device)?),
+        Some(dir) => {
+            let kind = match (config.reranker_precision.as_str(), device.is_cuda()) {
+                ("bf16", _) | ("auto", true) => Kind::BFloat16,
+                ("f32", _) | ("auto", false) => Kind::Float,
+                (other, _) => {
+                    return Err(format!(
+                        "reranker precision {other:?}: use auto, f32 or bf16"
+                    ))
+                }
+            };
+            Some(crate::crossencoder::CrossEncoder::load(dir, device, kind)?)
+        }
         None => None,
     };
     emit(&WorkerEvent::Ready {
