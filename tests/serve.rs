@@ -559,6 +559,13 @@ fn rag_answers_over_the_collections_with_their_sources() {
         first["usage"].as_u64().unwrap() > plain["usage"].as_u64().unwrap() + 50,
         "{show}"
     );
+    // A reply budget that leaves no room for the context: the sources are left out of the
+    // prompt, the lowest ranked first, down to the question alone, instead of failing.
+    let long = rag_chat(&fused_server, question, "long");
+    assert_eq!(long["cairn"]["sources_used"], 0, "{long}");
+    assert_eq!(long["cairn"]["sources"], cairn["sources"], "{long}");
+    assert!(long["usage"].as_u64().unwrap() < 120, "{long}");
+    assert_eq!(first["cairn"]["sources_used"], 2, "{show}");
     // The same question again: the same sources, and the rewrites come from the cache.
     let calls = mock.calls();
     let again = rag_chat(&fused_server, question, "");

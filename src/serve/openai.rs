@@ -513,10 +513,10 @@ fn usage(prompt: usize, completion: usize) -> Value {
 async fn chat(State(state): State<Arc<ServeState>>, body: Bytes) -> Result<Response, ApiError> {
     let req: ChatRequest = parse(&body)?;
     let settings = req.sampling.settings()?;
-    let mut turns = turns(&req.messages)?;
+    let turns = turns(&req.messages)?;
     known_model(&state, &req.model)?;
     let include_usage = req.stream_options.unwrap_or_default().include_usage;
-    let mut extra = None;
+    let mut alternatives = Vec::new();
     if let (Some(retriever), true) = (&state.rag, req.rag.unwrap_or(true)) {
         let Some(last) = turns.iter().rposition(|t| t.0 == Role::User) else {
             return Err(ApiError::invalid(
@@ -535,7 +535,11 @@ async fn chat(State(state): State<Arc<ServeState>>, body: Bytes) -> Result<Respo
                 param: None,
                 code: Some("retrieval_failed"),
             })?;
-        turns[last].1 = retriever.prompt(&question, &retrieval);
+        let mut timings = json!(retrieval.timings_ms);
+        timings["total"] = json!(t0.elapsed().as_secs_f64() * 1e3);
+        // All the sources in the prompt, then fewer (the lowest ranked left out first)
+        // when it does not fit the model's context, down to the question alone; the
+        // answer lists every source retrieved and says how many it used.
         let sources: Vec<Value> = retrieval
             .sources
             .iter()
@@ -546,21 +550,31 @@ async fn chat(State(state): State<Arc<ServeState>>, body: Bytes) -> Result<Respo
                        "text": s.text.chars().take(500).collect::<String>()})
             })
             .collect();
-        let mut timings = json!(retrieval.timings_ms);
-        timings["total"] = json!(t0.elapsed().as_secs_f64() * 1e3);
-        extra = Some(json!({"sources": sources, "queries": retrieval.queries,
-                            "filters": retrieval.filters, "retrieval_ms": timings}));
+        let found = sources.len();
+        for keep in (0..=found).rev() {
+            let mut kept = retrieval.clone();
+            kept.sources.truncate(keep);
+            let mut variant = turns.clone();
+            if keep > 0 {
+                variant[last].1 = retriever.prompt(&question, &kept);
+            }
+            let extra = json!({"sources": sources, "sources_used": keep,
+                               "queries": retrieval.queries, "filters": retrieval.filters,
+                               "retrieval_ms": timings});
+            alternatives.push((Prompt::Messages(variant), Some(extra)));
+        }
+    } else {
+        alternatives.push((Prompt::Messages(turns), None));
     }
     let recording = Recording::of(&state, "chat", &body);
     generate(
         state,
         Shape::Chat,
         req.model,
-        Prompt::Messages(turns),
+        alternatives,
         settings,
         req.stream,
         include_usage,
-        extra,
         recording,
     )
     .await
@@ -591,11 +605,10 @@ async fn completions(
         state,
         Shape::Completion,
         req.model,
-        Prompt::Text(prompt),
+        vec![(Prompt::Text(prompt), None)],
         settings,
         req.stream,
         include_usage,
-        None,
         recording,
     )
     .await
@@ -610,32 +623,41 @@ async fn generate(
     state: Arc<ServeState>,
     shape: Shape,
     model: String,
-    prompt: Prompt,
+    alternatives: Vec<(Prompt, Option<Value>)>,
     settings: GenerationSettings,
     stream: bool,
     include_usage: bool,
-    extra: Option<Value>,
     recording: Option<Recording>,
 ) -> Result<Response, ApiError> {
     let t0 = Instant::now();
-    let mut ticket = state.worker.submit(|id| WorkerRequest::Generate {
-        id,
-        model: model.clone(),
-        prompt,
-        settings,
-    })?;
+    let mut alternatives = alternatives.into_iter().peekable();
+    // The first prompt that fits the model's context (retrieval offers shorter ones).
+    let (mut ticket, extra) = loop {
+        let Some((prompt, extra)) = alternatives.next() else {
+            return Err(QueueError::WorkerGone.into());
+        };
+        let mut ticket = state.worker.submit(|id| WorkerRequest::Generate {
+            id,
+            model: model.clone(),
+            prompt,
+            settings: settings.clone(),
+        })?;
+        match ticket.next().await {
+            Some(WorkerEvent::Started { .. }) => break (ticket, extra),
+            Some(WorkerEvent::Failed { kind, message, .. }) => {
+                if message.contains("maximum context length") && alternatives.peek().is_some() {
+                    continue;
+                }
+                if let Some(r) = recording {
+                    r.save(Value::Null, t0, Some(message.clone()));
+                }
+                return Err(failed(kind, message));
+            }
+            _ => return Err(QueueError::WorkerGone.into()),
+        }
+    };
     let id = format!("{}-{}", shape.id_prefix(), state.next_response_id());
     let created = now();
-    match ticket.next().await {
-        Some(WorkerEvent::Started { .. }) => {}
-        Some(WorkerEvent::Failed { kind, message, .. }) => {
-            if let Some(r) = recording {
-                r.save(Value::Null, t0, Some(message.clone()));
-            }
-            return Err(failed(kind, message));
-        }
-        _ => return Err(QueueError::WorkerGone.into()),
-    }
     // The worker says `started` once the first token is chosen.
     let first_token_ms = t0.elapsed().as_secs_f64() * 1e3;
     if stream {

@@ -10,7 +10,7 @@ test asserts on it.
                                     with the WordPiece tokenizer of TOKENIZER_DIR
     openai_client.py rerank MODEL QUERY DOCS_JSON
                                     sentence-transformers' CrossEncoder.predict scores
-    openai_client.py chat URL MODEL QUESTION [no-rag|stream]
+    openai_client.py chat URL MODEL QUESTION [no-rag|stream|long]
                                     one greedy chat; its text, usage and `cairn` field
     openai_client.py check URL CHAT_MODEL RAW_MODEL EMBEDDER_NAME EMBEDDER_DIR
     openai_client.py queue URL MODEL
@@ -119,7 +119,10 @@ def chat(url, model, question, mode=""):
             cairn = (chunk.model_extra or {}).get("cairn") or cairn
         print(json.dumps({"text": "".join(text), "cairn": cairn}))
         return
-    r = c.chat.completions.create(model=model, messages=msgs, temperature=0, max_tokens=16, extra_body=extra)
+    # `long`: a reply budget that leaves room for the question alone.
+    max_tokens = 1950 if mode == "long" else 16
+    r = c.chat.completions.create(model=model, messages=msgs, temperature=0, max_tokens=max_tokens,
+                                  extra_body=extra)
     print(json.dumps({"text": r.choices[0].message.content, "usage": r.usage.prompt_tokens,
                       "cairn": (r.model_extra or {}).get("cairn")}))
 
