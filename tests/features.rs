@@ -430,3 +430,101 @@ fn clean_masks_personal_data_and_drops_documents_with_secrets() {
         assert!(err.contains("bad.yaml:") && err.contains(expected), "{err}");
     }
 }
+
+/// The Gopher quality rules on real pages: the Python tutorial (prose with examples)
+/// mostly stays; the generated index pages (link lists) go, each with the rule it broke
+/// and the measured value, counted per rule in the metadata.
+#[test]
+fn quality_rules_drop_index_pages_and_keep_the_tutorial() {
+    let docs = std::path::Path::new("/usr/share/doc/python3.11/html");
+    if !docs.join("tutorial/classes.html").exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install python3.11-doc"
+        );
+        eprintln!("skipped: Debian's python3.11-doc is not installed (apt-get install python3.11-doc; .ci/run does)");
+        return;
+    }
+    let p = Project::new();
+    let mut tutorial = 0;
+    for entry in std::fs::read_dir(docs.join("tutorial")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "html") {
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            p.write(
+                &format!("site/tutorial-{name}"),
+                &std::fs::read_to_string(&path).unwrap(),
+            );
+            tutorial += 1;
+        }
+    }
+    for letter in ["A", "B", "C", "D", "E"] {
+        let name = format!("genindex-{letter}.html");
+        p.write(
+            &format!("site/{name}"),
+            &std::fs::read_to_string(docs.join(&name)).unwrap(),
+        );
+    }
+    p.write(
+        "q.yaml",
+        "name: quality\nsteps:\n  site: {uses: source, with: {path: site}}\n  \
+         docs: {uses: ingest, inputs: {files: site.data}}\n  \
+         clean: {uses: clean, inputs: {documents: docs.documents}, with: {quality: {preset: gopher}}}\n",
+    );
+    let run = p.run("q.yaml", &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let meta = artifact(&p, &run.output("clean", "documents"))["metadata"].clone();
+    let dropped = meta["clean"]["dropped"].as_object().unwrap();
+    let quality: Vec<&String> = dropped
+        .keys()
+        .filter(|k| k.starts_with("quality."))
+        .collect();
+    assert!(!quality.is_empty(), "{meta:#}");
+    // Every index page is dropped by a named quality rule, with what was measured.
+    let examples: Vec<Value> = quality
+        .iter()
+        .flat_map(|k| {
+            meta["clean"]["dropped_examples"][k.as_str()]
+                .as_array()
+                .unwrap()
+                .clone()
+        })
+        .collect();
+    for letter in ["A", "B", "C", "D", "E"] {
+        let ex = examples
+            .iter()
+            .find(|e| {
+                e["url"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with(&format!("genindex-{letter}.html"))
+            })
+            .unwrap_or_else(|| {
+                panic!("genindex-{letter} was not dropped by a quality rule: {meta:#}")
+            });
+        let detail = ex["detail"].as_str().unwrap();
+        assert!(detail.contains('<') || detail.contains('>'), "{detail}");
+    }
+    // The tutorial's prose mostly stays.
+    let kept = meta["clean"]["kept"].as_u64().unwrap() as usize;
+    assert!(
+        kept * 10 >= tutorial * 7,
+        "kept {kept} of {tutorial} tutorial pages: {meta:#}"
+    );
+    let reasons = meta["dropped_by_reason"].as_object().unwrap();
+    assert!(
+        reasons.keys().any(|k| k.starts_with("quality.")),
+        "{reasons:?}"
+    );
+
+    // Bad rule values are refused before anything runs.
+    p.write(
+        "bad.yaml",
+        "name: bad\nsteps:\n  site: {uses: source, with: {path: site}}\n  \
+         docs: {uses: ingest, inputs: {files: site.data}}\n  \
+         clean: {uses: clean, inputs: {documents: docs.documents}, with: {quality: {max_short_lines: 1.5}}}\n",
+    );
+    let (code, _, err) = p.exec(&["validate", "bad.yaml"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("max_short_lines is a share"), "{err}");
+}

@@ -3,6 +3,7 @@
 
 pub mod minhash;
 pub mod pii;
+pub mod quality;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::LazyLock;
@@ -50,6 +51,11 @@ pub struct CleanOptions {
     pub near_dup_threshold: Option<f64>,
     /// Personal data and secrets: kept, masked or a reason to drop, per kind.
     pub pii: pii::PiiRules,
+    /// Quality heuristics (resolved), applied to documents of `quality_categories`.
+    pub quality: quality::QualityRules,
+    /// Categories the quality rules judge (prose meant to be read whole: articles by
+    /// default; chats and short posts would fail Gopher's word counts by nature).
+    pub quality_categories: Vec<Category>,
 }
 
 impl Default for CleanOptions {
@@ -64,6 +70,8 @@ impl Default for CleanOptions {
             languages: Vec::new(),
             near_dup_threshold: Some(0.85),
             pii: pii::PiiRules::default(),
+            quality: quality::QualityRules::default(),
+            quality_categories: vec![Category::Article],
         }
     }
 }
@@ -88,6 +96,8 @@ pub enum DropReason {
     NearDuplicate,
     /// Holds personal data or a secret whose rule is `drop`.
     Pii,
+    /// Breaks a quality rule (named: `quality.min_words`, ...).
+    Quality(&'static str),
 }
 
 impl DropReason {
@@ -102,6 +112,15 @@ impl DropReason {
             DropReason::ExactDuplicate => "exact_duplicate",
             DropReason::NearDuplicate => "near_duplicate",
             DropReason::Pii => "pii",
+            DropReason::Quality(_) => "quality",
+        }
+    }
+
+    /// The key dropped documents are counted under: the name, or `quality.<rule>`.
+    pub fn key(self) -> String {
+        match self {
+            DropReason::Quality(rule) => format!("quality.{rule}"),
+            other => other.as_str().to_string(),
         }
     }
 }
@@ -145,14 +164,11 @@ impl CleanReport {
     fn drop(&mut self, doc: &Document, reason: DropReason, detail: String) {
         *self
             .dropped
-            .entry(reason.as_str().to_string())
+            .entry(reason.key())
             .or_default()
             .entry(doc.category.as_str().to_string())
             .or_default() += 1;
-        let samples = self
-            .dropped_examples
-            .entry(reason.as_str().to_string())
-            .or_default();
+        let samples = self.dropped_examples.entry(reason.key()).or_default();
         if samples.len() < SAMPLES_PER_REASON {
             samples.push(Dropped {
                 id: doc.id.clone(),
@@ -342,7 +358,11 @@ pub fn clean_documents(docs: Vec<Document>, opts: &CleanOptions) -> (Vec<Documen
         ..CleanReport::default()
     };
     // Code stays byte-exact: repository files are not scrubbed (as URLs and e-mails).
-    let cleaned: Vec<(Document, String, pii::Scrubbed)> = docs
+    let quality_on = opts.quality.active();
+    // The per-document work (cleaning, scrubbing, the quality rules) in parallel; the
+    // order-dependent decisions (duplicates) after.
+    type Verdict = Option<(&'static str, String)>;
+    let cleaned: Vec<(Document, String, pii::Scrubbed, Verdict)> = docs
         .into_par_iter()
         .map(|d| {
             let text = clean_text(d.category, &d.content, opts);
@@ -351,7 +371,12 @@ pub fn clean_documents(docs: Vec<Document>, opts: &CleanOptions) -> (Vec<Documen
             } else {
                 pii::scrub(&text, &opts.pii)
             };
-            (d, text, scrubbed)
+            let verdict = if quality_on && opts.quality_categories.contains(&d.category) {
+                opts.quality.check(&text)
+            } else {
+                None
+            };
+            (d, text, scrubbed, verdict)
         })
         .collect();
     let keywords: Vec<String> = opts
@@ -363,7 +388,7 @@ pub fn clean_documents(docs: Vec<Document>, opts: &CleanOptions) -> (Vec<Documen
     let mut near = opts.near_dup_threshold.map(minhash::NearDuplicates::new);
     let mut near_ids: Vec<String> = Vec::new();
     let mut kept = Vec::new();
-    for (doc, text, scrubbed) in cleaned {
+    for (doc, text, scrubbed, verdict) in cleaned {
         for (kind, n) in &scrubbed.found {
             *report
                 .pii_found
@@ -394,6 +419,10 @@ pub fn clean_documents(docs: Vec<Document>, opts: &CleanOptions) -> (Vec<Documen
                 report.drop(&doc, DropReason::TooLong, format!("{chars} characters"));
                 continue;
             }
+        }
+        if let Some((rule, detail)) = verdict {
+            report.drop(&doc, DropReason::Quality(rule), detail);
+            continue;
         }
         if !keywords.is_empty() {
             let lower = text.to_lowercase();

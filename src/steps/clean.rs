@@ -57,6 +57,23 @@ pub struct CleanParams {
     /// (`clean.pii_found`). Repository files are left byte-exact.
     #[serde(default)]
     pub pii: PiiParam,
+    /// Quality heuristics (Gopher, C4, FineWeb): `{preset: gopher}` for the published
+    /// set, and/or single rules (`min_words`, `max_words`, `min_mean_word_length`,
+    /// `max_mean_word_length`, `max_symbol_word_ratio`, `max_bullet_lines`,
+    /// `max_ellipsis_lines`, `min_alpha_words`, `min_stop_words`, `min_punctuated_lines`,
+    /// `max_short_lines`, `max_duplicate_lines`, `max_duplicate_line_chars`,
+    /// `max_duplicate_paragraphs`, `max_duplicate_paragraph_chars`, `max_top_ngram_chars`,
+    /// `max_duplicate_ngram_chars`). A document that breaks one is dropped with reason
+    /// `quality.<rule>` and the measured value. Off unless given.
+    #[serde(default)]
+    pub quality: clean::quality::QualityRules,
+    /// Categories the quality rules judge.
+    #[serde(default = "default_quality_categories")]
+    pub quality_categories: Vec<crate::documents::Category>,
+}
+
+fn default_quality_categories() -> Vec<crate::documents::Category> {
+    CleanOptions::default().quality_categories
 }
 
 /// `pii`: one action, or one per kind.
@@ -144,6 +161,9 @@ impl CleanParams {
                 ),
             ));
         }
+        if let Some((rule, message)) = self.quality.problems().into_iter().next() {
+            return Err(ParamIssue::new(format!("with.quality.{rule}"), message));
+        }
         if let Some(max) = self.max_chars {
             if max < self.min_chars {
                 return Err(ParamIssue::new(
@@ -165,6 +185,8 @@ impl CleanParams {
                 PiiParam::All(action) => PiiRules::all(*action),
                 PiiParam::PerKind(kinds) => PiiRules(kinds.clone()),
             },
+            quality: self.quality.resolved(),
+            quality_categories: self.quality_categories.clone(),
         })
     }
 }
