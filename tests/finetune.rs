@@ -15,28 +15,7 @@ use serde_json::{json, Value};
 
 /// Runs tests/parity/decoder.py in the project venv; returns its last stdout line as JSON.
 fn reference(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Value {
-    let python = repo().join(".venv/bin/python");
-    let out = Command::new(&python)
-        .arg(repo().join("tests/parity/decoder.py"))
-        .args(args.iter().map(|a| a.as_ref()))
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "{}: {e}; run `scripts/setup --test` first",
-                python.display()
-            )
-        });
-    assert!(
-        out.status.success(),
-        "decoder.py failed: {}\n(`scripts/setup --test` installs torch, transformers and peft into .venv)",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    stdout
-        .lines()
-        .last()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .unwrap_or(Value::Null)
+    common::venv_script("tests/parity/decoder.py", args)
 }
 
 fn torch_helper(args: &[&dyn AsRef<std::ffi::OsStr>]) -> (bool, Vec<Value>, String) {

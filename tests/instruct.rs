@@ -40,6 +40,8 @@ steps:
       builder: generate
       pairs_per_extract: 2
       test_size: "${{params.test_size}}"
+      # The mock's replies are templated (they share 13-grams across notes).
+      decontaminate: {{ngram: 0}}
       llm: {{base_url: "{base_url}", model: mock-1, concurrency: 2, api_key_env: CAIRN_TEST_LLM_KEY,
              price_input_per_1m: 1.0, price_output_per_1m: 2.0{extra_llm}}}
 "#
@@ -436,8 +438,14 @@ fn blog_style_transfer_recipe_crawls_and_calls_the_llm_once_per_variant() {
     let extracts = meta["llm"]["extracts"].as_u64().unwrap();
     assert!(extracts >= 3, "{meta:#}");
     assert_eq!(requests, extracts * 3);
-    // Every variant of every extract is kept: the original recurs, the rewrites differ.
-    assert_eq!(meta["count"].as_u64().unwrap(), requests, "{meta:#}");
+    // Every variant of every extract is kept (the original recurs, the rewrites differ),
+    // except train variants whose original is also a test target (decontamination).
+    let left_out = meta["decontamination"]["with_test"].as_u64().unwrap();
+    assert_eq!(
+        meta["count"].as_u64().unwrap() + left_out,
+        requests,
+        "{meta:#}"
+    );
     // Identical chunks (a page's text repeated on the index) are answered once.
     let calls = meta["llm"]["calls"].as_u64().unwrap();
     assert_eq!(
@@ -521,4 +529,132 @@ fn generate_datasets_pipeline_merges_every_builder() {
     );
     assert_eq!(again.code, 0);
     assert_eq!(server.calls(), calls);
+}
+
+/// Decontamination: training examples that share a 13-gram with the test split or with a
+/// benchmark file are left out of train, counted; none of what remains in train overlaps;
+/// `ngram: 0` keeps everything.
+#[test]
+fn decontamination_keeps_test_and_benchmark_text_out_of_train() {
+    const WORDS: [&str; 24] = [
+        "amber", "birch", "cedar", "delta", "ember", "fjord", "grove", "heron", "inlet", "juniper",
+        "kelp", "larch", "maple", "nettle", "orchid", "pine", "quartz", "reed", "sorrel",
+        "thistle", "umber", "violet", "willow", "yarrow",
+    ];
+    // Words no other exchange uses: exchange i, word j.
+    let unique = |i: usize, n: usize| -> String {
+        (0..n)
+            .map(|j| format!("{}{}", WORDS[(i + j) % WORDS.len()], i * 100 + j))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let bench = "the quick benchmark passage asks which river carries the most sediment into the northern delta each spring";
+    let mut transcript = String::new();
+    let mut n = 0;
+    let mut exchange = |q: String, a: String| {
+        transcript.push_str(&format!("QUESTION: {q}\nANSWER: {a}\n\n"));
+        n += 1;
+    };
+    for i in 0..10 {
+        exchange(
+            format!("Benchmark-like question {i}?"),
+            format!("{} {bench}.", unique(i, 6)),
+        );
+    }
+    for j in 0..10 {
+        let shared = unique(500 + j, 15);
+        exchange(
+            format!("First of pair {j}?"),
+            format!("{shared} {}.", unique(600 + j, 15)),
+        );
+        exchange(
+            format!("Second of pair {j}?"),
+            format!("{shared} {}.", unique(700 + j, 15)),
+        );
+    }
+    for i in 0..20 {
+        exchange(
+            format!("Plain question {i}?"),
+            format!("{}.", unique(800 + i, 20)),
+        );
+    }
+    let p = Project::new();
+    p.write("qa/session.txt", &transcript);
+    p.write(
+        "evals/bench.jsonl",
+        &format!("{}\n", serde_json::json!({"question": bench, "id": 7})),
+    );
+    let pipeline = |decontaminate: &str| {
+        format!(
+            "name: decon\nsteps:\n  qa_files: {{uses: source, with: {{path: qa}}}}\n  \
+             docs: {{uses: ingest, inputs: {{files: qa_files.data}}, with: {{format: qa}}}}\n  \
+             data: {{uses: instruct, inputs: {{documents: docs.documents}}, with: {{builder: qa, test_size: 0.5, decontaminate: {decontaminate}}}}}\n"
+        )
+    };
+    p.write("on.yaml", &pipeline("{benchmarks: [evals/bench.jsonl]}"));
+    p.write("off.yaml", &pipeline("{ngram: 0}"));
+
+    let off = p.run("off.yaml", &[]);
+    assert_eq!(off.code, 0, "{}", off.stderr);
+    let off_meta = artifact(&p, &off.output("data", "dataset"))["metadata"].clone();
+    let total = off_meta["count"].as_u64().unwrap();
+    assert_eq!(total, n as u64, "{off_meta:#}");
+
+    let on = p.run("on.yaml", &[]);
+    assert_eq!(on.code, 0, "{}", on.stderr);
+    let digest = on.output("data", "dataset");
+    let meta = artifact(&p, &digest)["metadata"].clone();
+    let d = &meta["decontamination"];
+    let (with_test, with_bench) = (
+        d["with_test"].as_u64().unwrap(),
+        d["with_benchmarks"].as_u64().unwrap(),
+    );
+    assert!(with_test >= 1 && with_bench >= 1, "{meta:#}");
+    assert_eq!(
+        meta["train"].as_u64().unwrap() + meta["test"].as_u64().unwrap() + with_test + with_bench,
+        total
+    );
+    assert_eq!(
+        meta["test"], off_meta["test"],
+        "the test split is never touched"
+    );
+
+    // What is left in train shares no 13-gram with test or the benchmark.
+    let (dir, info) = dataset_dir(&p.store(), &digest);
+    assert_eq!(info["decontamination"]["ngram"], 13);
+    let grams = |text: &str| -> std::collections::HashSet<String> {
+        let words: Vec<String> = text
+            .split(|c: char| !c.is_alphanumeric())
+            .filter(|w| !w.is_empty())
+            .map(str::to_lowercase)
+            .collect();
+        words.windows(13).map(|w| w.join(" ")).collect()
+    };
+    let read = |file: &str| -> Vec<String> {
+        std::fs::read_to_string(dir.join(file))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                let field = |k: &str| v[k].as_str().unwrap_or("").to_string();
+                format!("{}\n{}", field("instruction"), field("output"))
+            })
+            .collect()
+    };
+    let mut forbidden = grams(bench);
+    for t in read("test.jsonl") {
+        forbidden.extend(grams(&t));
+    }
+    for t in read("train.jsonl") {
+        assert!(
+            grams(&t).is_disjoint(&forbidden),
+            "contaminated train example: {t}"
+        );
+    }
+
+    // A bad n-gram length is refused before anything runs.
+    p.write("bad.yaml", &pipeline("{ngram: 2}"));
+    let (code, _, err) = p.exec(&["validate", "bad.yaml"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("ngram 2 is outside 5..50"), "{err}");
 }

@@ -347,6 +347,43 @@ fn batched_decoding_equals_decoding_alone_for_every_family() {
     }
 }
 
+/// The scores `cairn-torch serve` gives for one rerank `request` with the cross-encoder
+/// in `model` held in `precision`.
+fn worker_scores(dir: &Path, model: &Path, precision: &str, request: &Value) -> Vec<f64> {
+    let config = dir.join(format!("worker-{precision}.json"));
+    let settings = serde_json::json!({"models": [], "reranker": model, "reranker_precision": precision,
+                                      "max_batch": 1, "device": "cpu", "threads": 0});
+    std::fs::write(&config, settings.to_string()).unwrap();
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_cairn-torch"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        writeln!(worker.stdin.take().unwrap(), "{request}").unwrap();
+    }
+    let out = worker.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find_map(|v| v.get("scored").cloned())
+        .expect("a scored event")["scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
 /// The cross-encoder's scores equal sentence-transformers' `CrossEncoder.predict` on the
 /// same pairs (pair template, type ids, longest-first truncation of a long document,
 /// sigmoid for one label).
@@ -370,42 +407,8 @@ fn cross_encoder_scores_match_sentence_transformers() {
     ];
     let docs_json = serde_json::to_string(&docs).unwrap();
     let theirs = client(&[&"rerank", &model, &query, &docs_json]);
-    let config = tmp.path().join("worker.json");
-    std::fs::write(
-        &config,
-        serde_json::json!({"models": [], "reranker": model, "max_batch": 1, "device": "cpu", "threads": 0})
-            .to_string(),
-    )
-    .unwrap();
     let request = serde_json::json!({"rerank": {"id": 1, "query": query, "documents": docs}});
-    let mut worker = Command::new(env!("CARGO_BIN_EXE_cairn-torch"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        writeln!(worker.stdin.take().unwrap(), "{request}").unwrap();
-    }
-    let out = worker.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ours: Vec<f64> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find_map(|v| v.get("scored").cloned())
-        .expect("a scored event")["scores"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect();
+    let ours = worker_scores(tmp.path(), &model, "f32", &request);
     let theirs: Vec<f64> = theirs["scores"]
         .as_array()
         .unwrap()
@@ -420,41 +423,7 @@ fn cross_encoder_scores_match_sentence_transformers() {
         );
     }
     // bf16 weights (the fast choice on CPUs with AVX512-BF16): close, not equal.
-    std::fs::write(
-        &config,
-        serde_json::json!({"models": [], "reranker": model, "reranker_precision": "bf16",
-                           "max_batch": 1, "device": "cpu", "threads": 0})
-        .to_string(),
-    )
-    .unwrap();
-    let mut worker = Command::new(env!("CARGO_BIN_EXE_cairn-torch"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        writeln!(worker.stdin.take().unwrap(), "{request}").unwrap();
-    }
-    let out = worker.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let bf16: Vec<f64> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find_map(|v| v.get("scored").cloned())
-        .expect("a scored event")["scores"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect();
+    let bf16 = worker_scores(tmp.path(), &model, "bf16", &request);
     for (i, (a, b)) in bf16.iter().zip(&theirs).enumerate() {
         assert!(
             (a - b).abs() < 3e-2,
@@ -687,7 +656,8 @@ steps:
   questions:
     uses: instruct
     inputs: {{documents: docs.documents}}
-    with: {{builder: generate, pairs_per_extract: 2, test_size: 0.2, llm: {{base_url: "{llm}", model: mock}}}}
+    # The mock's replies are templated: no decontamination, or little train is left.
+    with: {{builder: generate, pairs_per_extract: 2, test_size: 0.2, decontaminate: {{ngram: 0}}, llm: {{base_url: "{llm}", model: mock}}}}
   twin: {{uses: source, with: {{path: "{twin}"}}}}
   eval:
     uses: rag_eval

@@ -14,7 +14,7 @@ pub mod extracts;
 pub mod generated;
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -247,6 +247,123 @@ pub fn default_test_size() -> f64 {
     0.1
 }
 
+/// Decontamination of the train split: training examples that share a long word n-gram
+/// with the test split or with a benchmark are dropped (GPT-3 and the Llama papers use
+/// 13-grams), so scores on held-out data mean what they say.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Decontamination {
+    /// Words per n-gram; 0 turns decontamination off.
+    #[serde(default = "default_ngram")]
+    pub ngram: usize,
+    /// Benchmark files train examples must not overlap: JSON Lines (every string value
+    /// is read) or plain text.
+    #[serde(default)]
+    pub benchmarks: Vec<std::path::PathBuf>,
+}
+
+fn default_ngram() -> usize {
+    13
+}
+
+impl Default for Decontamination {
+    fn default() -> Self {
+        Self {
+            ngram: default_ngram(),
+            benchmarks: Vec::new(),
+        }
+    }
+}
+
+impl Decontamination {
+    /// No decontamination.
+    pub fn off() -> Self {
+        Self {
+            ngram: 0,
+            benchmarks: Vec::new(),
+        }
+    }
+
+    /// Problems with the settings: (parameter, message).
+    pub fn problems(&self) -> Vec<(String, String)> {
+        if self.ngram != 0 && !(5..=50).contains(&self.ngram) {
+            return vec![(
+                "ngram".into(),
+                format!(
+                    "ngram {} is outside 5..50 (0 turns decontamination off)",
+                    self.ngram
+                ),
+            )];
+        }
+        Vec::new()
+    }
+
+    /// The benchmark texts: each file's string values (JSON Lines) or its whole text.
+    pub fn read_benchmarks(
+        &self,
+        resolve: impl Fn(&Path) -> PathBuf,
+    ) -> Result<Vec<String>, String> {
+        let mut texts = Vec::new();
+        for path in &self.benchmarks {
+            let path = resolve(path);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("benchmark {}: {e}", path.display()))?;
+            let records: Option<Vec<Value>> = text
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| serde_json::from_str(l).ok())
+                .collect();
+            match records {
+                Some(records) if !records.is_empty() => {
+                    for r in &records {
+                        collect_strings(r, &mut texts);
+                    }
+                }
+                _ => texts.push(text),
+            }
+        }
+        Ok(texts)
+    }
+}
+
+fn collect_strings(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::String(s) => out.push(s.clone()),
+        Value::Array(items) => items.iter().for_each(|i| collect_strings(i, out)),
+        Value::Object(map) => map.values().for_each(|i| collect_strings(i, out)),
+        _ => {}
+    }
+}
+
+/// Hashes of the word n-grams of `text`: words are runs of letters and digits, lowercased.
+pub fn ngram_hashes(text: &str, n: usize) -> Vec<u64> {
+    let words: Vec<String> = text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    if n == 0 || words.len() < n {
+        return Vec::new();
+    }
+    words
+        .windows(n)
+        .map(|gram| xxhash_rust::xxh3::xxh3_64(gram.join(" ").as_bytes()))
+        .collect()
+}
+
+/// What decontamination dropped from the train split.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Contaminated {
+    /// Words per n-gram (0: off).
+    pub ngram: usize,
+    /// Train examples sharing an n-gram with the test split.
+    pub with_test: usize,
+    /// Train examples sharing one with a benchmark.
+    pub with_benchmarks: usize,
+    /// A few of them (their instruction, cut).
+    pub samples: Vec<String>,
+}
+
 /// Filters common to all builders.
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -444,16 +561,22 @@ pub struct Written {
     pub test: usize,
     /// Examples per builder, category and split: `builder/category/split` -> n.
     pub counts: BTreeMap<String, usize>,
+    /// Train examples left out by decontamination.
+    pub contaminated: Contaminated,
 }
 
 /// Writes `examples` into `dir` (created) as train/test JSONL plus `dataset_info.json`,
-/// which gets `info` merged into it.
+/// which gets `info` merged into it. With `decontaminate.0 > 0`, train examples whose
+/// instruction and response share a word n-gram of that length with one of the
+/// benchmark texts (`decontaminate.1`) or with a test example's are left out and
+/// counted (benchmarks first).
 pub fn write(
     dir: &Path,
     examples: &[Example],
     format: Format,
     test_size: f64,
     info: Value,
+    decontaminate: (usize, &[String]),
 ) -> Result<Written, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut train = Vec::new();
@@ -461,6 +584,26 @@ pub fn write(
     let mut written = Written::default();
     let ids: Vec<String> = examples.iter().map(Example::id).collect();
     let splits = assign_splits(&ids, test_size);
+    let (ngram, benchmarks) = decontaminate;
+    written.contaminated.ngram = ngram;
+    // The task and the response: an example's `input` (a chat window, a text to rewrite)
+    // legitimately recurs across neighbouring examples.
+    let text_of = |e: &Example| format!("{}\n{}", e.instruction, e.output);
+    let (test_grams, bench_grams) = if ngram > 0 {
+        let test_grams: std::collections::HashSet<u64> = examples
+            .iter()
+            .zip(&splits)
+            .filter(|(_, s)| **s == Split::Test)
+            .flat_map(|(e, _)| ngram_hashes(&text_of(e), ngram))
+            .collect();
+        let bench_grams: std::collections::HashSet<u64> = benchmarks
+            .iter()
+            .flat_map(|t| ngram_hashes(t, ngram))
+            .collect();
+        (test_grams, bench_grams)
+    } else {
+        Default::default()
+    };
     // Preference examples with an input keep their prompt's turns (see
     // `render_conversational_preference`); one shape per dataset, as `datasets` needs.
     let conversational =
@@ -473,6 +616,25 @@ pub fn write(
         }
     };
     for (ex, split) in examples.iter().zip(splits) {
+        if ngram > 0 && split == Split::Train {
+            let grams = ngram_hashes(&text_of(ex), ngram);
+            let c = &mut written.contaminated;
+            let hit = if grams.iter().any(|g| bench_grams.contains(g)) {
+                c.with_benchmarks += 1;
+                true
+            } else if grams.iter().any(|g| test_grams.contains(g)) {
+                c.with_test += 1;
+                true
+            } else {
+                false
+            };
+            if hit {
+                if c.samples.len() < 10 {
+                    c.samples.push(snippet(&ex.instruction, 120));
+                }
+                continue;
+            }
+        }
         let name = match split {
             Split::Train => "train",
             Split::Test => "test",
@@ -518,6 +680,7 @@ pub fn write(
             Format::Preference => "chosen / rejected",
         },
         "counts": written.counts,
+        "decontamination": written.contaminated,
         "load_with": format!(
             "datasets.load_dataset(\"json\", data_files={{\"train\": \"{TRAIN_FILE}\", \"test\": \"{TEST_FILE}\"}})"
         ),

@@ -81,6 +81,11 @@ pub struct InstructParams {
     /// Share of examples in the test split (by digest: stable when data is added).
     #[serde(default = "dataset::default_test_size")]
     pub test_size: f64,
+    /// Training examples sharing a word n-gram with the test split or with a benchmark
+    /// file are dropped: `{ngram: 13, benchmarks: [evals/questions.jsonl]}` (`ngram: 0`
+    /// turns it off). Counted in the metadata and `dataset_info.json`.
+    #[serde(default)]
+    pub decontaminate: dataset::Decontamination,
     /// Fewest characters of a response.
     #[serde(default = "dataset::default_min_chars")]
     pub min_chars: usize,
@@ -204,7 +209,12 @@ impl InstructParams {
     }
 
     fn issues(&self) -> Vec<ParamIssue> {
-        let mut out = Vec::new();
+        let mut out: Vec<ParamIssue> = self
+            .decontaminate
+            .problems()
+            .into_iter()
+            .map(|(key, message)| ParamIssue::new(format!("with.decontaminate.{key}"), message))
+            .collect();
         let format = self.format();
         if (format == Format::Preference) != (self.builder == Builder::Preference) {
             out.push(ParamIssue::new(
@@ -346,11 +356,16 @@ impl Kind for InstructStep {
     ) -> Result<Vec<(String, PathBuf)>, String> {
         let retrieval =
             params.builder == Builder::ChatReplies && params.context == ContextMode::Retrieval;
-        if retrieval {
-            model_content_input(&params.model, cwd)
+        let mut inputs = if retrieval {
+            model_content_input(&params.model, cwd)?
         } else {
-            Ok(Vec::new())
+            Vec::new()
+        };
+        // Benchmark files enter the cache key by content.
+        for (i, path) in params.decontaminate.benchmarks.iter().enumerate() {
+            inputs.push((format!("benchmark{i}"), cwd.join(path)));
         }
+        Ok(inputs)
     }
 
     fn validate(&self, p: &InstructParams) -> Vec<ParamIssue> {
@@ -402,22 +417,31 @@ impl Kind for InstructStep {
         }
         let out = ctx.output_path("dataset");
         let test_size = p.test_size;
+        let ngram = p.decontaminate.ngram;
+        let benchmarks = p
+            .decontaminate
+            .read_benchmarks(|path| ctx.resolve_path(&path.to_string_lossy()))
+            .map_err(StepError::Input)?;
         let written = {
             let kept = kept.clone();
             let info = info.clone();
             tokio::task::spawn_blocking(move || {
-                dataset::write(&out, &kept, format, test_size, info)
+                dataset::write(&out, &kept, format, test_size, info, (ngram, &benchmarks))
             })
             .await
             .map_err(|e| StepError::Failed(format!("writing the dataset panicked: {e}")))?
             .map_err(StepError::Failed)?
         };
         let note = format!(
-            "{} examples ({} train / {} test) from {produced} built, {} dropped{}",
-            kept.len(),
+            "{} examples ({} train / {} test) from {produced} built, {} dropped{}{}",
+            written.train + written.test,
             written.train,
             written.test,
             drops.total(),
+            match written.contaminated.with_test + written.contaminated.with_benchmarks {
+                0 => String::new(),
+                n => format!(", {n} left out of train by decontamination"),
+            },
             extra
                 .get("llm")
                 .map(|l| format!(
@@ -431,7 +455,8 @@ impl Kind for InstructStep {
         let mut meta = json!({
             "builder": p.builder.name(),
             "format": format.as_str(),
-            "count": kept.len(),
+            "decontamination": written.contaminated,
+            "count": written.train + written.test,
             "train": written.train,
             "test": written.test,
             "counts": written.counts,

@@ -352,7 +352,14 @@ impl Kind for RankStep {
             let examples = examples.clone();
             let info = info.clone();
             tokio::task::spawn_blocking(move || {
-                dataset::write(&out, &examples, Format::Preference, test_size, info)
+                dataset::write(
+                    &out,
+                    &examples,
+                    Format::Preference,
+                    test_size,
+                    info,
+                    (0, &[]),
+                )
             })
             .await
             .map_err(|e| StepError::Failed(format!("writing the dataset panicked: {e}")))?

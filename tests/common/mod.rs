@@ -261,3 +261,30 @@ print(json.dumps({k: [v.num_rows, sorted(v.column_names)] for k, v in ds.items()
     let stdout = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap()
 }
+
+/// Runs a script of the repository (`tests/parity/...`) with the project venv's Python;
+/// its last stdout line as JSON. Panics with its stderr when it fails.
+pub fn venv_script(script: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Value {
+    let python = repo().join(".venv/bin/python");
+    let out = std::process::Command::new(&python)
+        .arg(repo().join(script))
+        .args(args.iter().map(|a| a.as_ref()))
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; run `scripts/setup --test` first",
+                python.display()
+            )
+        });
+    assert!(
+        out.status.success(),
+        "{script} failed: {}\n(`scripts/setup --test` installs the reference stack into .venv)",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .last()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .unwrap_or(Value::Null)
+}

@@ -11,28 +11,7 @@ use super::{repo, Project};
 
 /// Runs tests/parity/openai_client.py in the project venv; its last stdout line as JSON.
 pub fn client(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Value {
-    let python = repo().join(".venv/bin/python");
-    let out = Command::new(&python)
-        .arg(repo().join("tests/parity/openai_client.py"))
-        .args(args.iter().map(|a| a.as_ref()))
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "{}: {e}; run `scripts/setup --test` first",
-                python.display()
-            )
-        });
-    assert!(
-        out.status.success(),
-        "openai_client.py failed: {}\n(`scripts/setup --test` installs openai, transformers and peft into .venv)",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    stdout
-        .lines()
-        .last()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .unwrap_or(Value::Null)
+    super::venv_script("tests/parity/openai_client.py", args)
 }
 
 /// A running `cairn serve`; killed on drop.
