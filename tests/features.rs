@@ -528,3 +528,69 @@ fn quality_rules_drop_index_pages_and_keep_the_tutorial() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("max_short_lines is a share"), "{err}");
 }
+
+/// `pseudonymize_speakers`: in two real-format chat exports (Android and iOS), everyone
+/// but the twin becomes the same `Contact-xxxx` in both, in headers, mentions, titles
+/// and the structured messages; the twin keeps its name; without the flag nothing moves.
+#[test]
+fn chat_correspondents_get_stable_pseudonyms() {
+    let p = Project::new();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ingest");
+    for f in ["whatsapp_android.txt", "whatsapp_ios.txt"] {
+        p.write(
+            &format!("chats/{f}"),
+            &std::fs::read_to_string(fixtures.join(f)).unwrap(),
+        );
+    }
+    // A mention of Bob by first name inside a message.
+    let mut ios = std::fs::read_to_string(fixtures.join("whatsapp_ios.txt")).unwrap();
+    ios.push_str("[12/03/2024, 14:09:00] Alice: Thanks Bob, see you tomorrow.\n");
+    p.write("chats/whatsapp_ios.txt", &ios);
+    let pipeline = |flag: bool| {
+        format!(
+            "name: chats\nsteps:\n  mine: {{uses: source, with: {{path: chats}}}}\n  \
+             docs: {{uses: ingest, inputs: {{files: mine.data}}, with: {{format: whatsapp, target_speaker: Alice}}}}\n  \
+             clean: {{uses: clean, inputs: {{documents: docs.documents}}, with: {{pseudonymize_speakers: {flag}}}}}\n"
+        )
+    };
+    p.write("on.yaml", &pipeline(true))
+        .write("off.yaml", &pipeline(false));
+    let off = p.run("off.yaml", &[]);
+    assert_eq!(off.code, 0, "{}", off.stderr);
+    assert!(cat(&p, &off.output("clean", "documents"), None).contains("Bob"));
+
+    let on = p.run("on.yaml", &[]);
+    assert_eq!(on.code, 0, "{}", on.stderr);
+    let out = on.output("clean", "documents");
+    let body = cat(&p, &out, None);
+    let bob = cairn::clean::pseudonym::pseudonym("Bob");
+    let docs: Vec<Value> = body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(docs.len(), 2, "{body}");
+    let word = |name: &str| regex::Regex::new(&format!(r"\b{name}\b")).unwrap();
+    for doc in &docs {
+        let all = doc.to_string();
+        assert!(!word("Bob").is_match(&all), "{all}");
+        assert!(!word("Carol").is_match(&all), "{all}");
+        assert!(
+            all.contains(&bob),
+            "the same pseudonym in both chats: {all}"
+        );
+        assert!(
+            word("Alice").is_match(doc["content"].as_str().unwrap()),
+            "the twin keeps its name"
+        );
+        assert!(doc["metadata"]["messages"].to_string().contains(&bob));
+    }
+    assert!(
+        body.contains(&format!("Thanks {bob}, see you tomorrow.")),
+        "{body}"
+    );
+    let meta = artifact(&p, &out)["metadata"].clone();
+    assert!(
+        meta["clean"]["pseudonymized_speakers"].as_u64().unwrap() >= 2,
+        "{meta:#}"
+    );
+}

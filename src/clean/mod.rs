@@ -3,6 +3,7 @@
 
 pub mod minhash;
 pub mod pii;
+pub mod pseudonym;
 pub mod quality;
 
 use std::collections::{BTreeMap, HashMap};
@@ -56,6 +57,8 @@ pub struct CleanOptions {
     /// Categories the quality rules judge (prose meant to be read whole: articles by
     /// default; chats and short posts would fail Gopher's word counts by nature).
     pub quality_categories: Vec<Category>,
+    /// Replace the twin's correspondents' names in chats by stable pseudonyms.
+    pub pseudonymize_speakers: bool,
 }
 
 impl Default for CleanOptions {
@@ -72,6 +75,7 @@ impl Default for CleanOptions {
             pii: pii::PiiRules::default(),
             quality: quality::QualityRules::default(),
             quality_categories: vec![Category::Article],
+            pseudonymize_speakers: false,
         }
     }
 }
@@ -155,6 +159,8 @@ pub struct CleanReport {
     pub chars_after: usize,
     /// Personal data and secrets found per kind (in every document read), when looked for.
     pub pii_found: BTreeMap<String, usize>,
+    /// Chat speakers given a pseudonym (counted per chat), with `pseudonymize_speakers`.
+    pub pseudonymized_speakers: usize,
 }
 
 /// Examples kept per drop reason.
@@ -362,10 +368,15 @@ pub fn clean_documents(docs: Vec<Document>, opts: &CleanOptions) -> (Vec<Documen
     // The per-document work (cleaning, scrubbing, the quality rules) in parallel; the
     // order-dependent decisions (duplicates) after.
     type Verdict = Option<(&'static str, String)>;
-    let cleaned: Vec<(Document, String, pii::Scrubbed, Verdict)> = docs
+    let cleaned: Vec<(Document, String, pii::Scrubbed, Verdict, usize)> = docs
         .into_par_iter()
-        .map(|d| {
-            let text = clean_text(d.category, &d.content, opts);
+        .map(|mut d| {
+            let mut text = clean_text(d.category, &d.content, opts);
+            let renamed = if opts.pseudonymize_speakers && d.category == Category::Chat {
+                pseudonym::pseudonymize(&mut d, &mut text)
+            } else {
+                0
+            };
             let scrubbed = if d.category == Category::Repository {
                 pii::Scrubbed::default()
             } else {
@@ -376,7 +387,7 @@ pub fn clean_documents(docs: Vec<Document>, opts: &CleanOptions) -> (Vec<Documen
             } else {
                 None
             };
-            (d, text, scrubbed, verdict)
+            (d, text, scrubbed, verdict, renamed)
         })
         .collect();
     let keywords: Vec<String> = opts
@@ -388,7 +399,8 @@ pub fn clean_documents(docs: Vec<Document>, opts: &CleanOptions) -> (Vec<Documen
     let mut near = opts.near_dup_threshold.map(minhash::NearDuplicates::new);
     let mut near_ids: Vec<String> = Vec::new();
     let mut kept = Vec::new();
-    for (doc, text, scrubbed, verdict) in cleaned {
+    for (doc, text, scrubbed, verdict, renamed) in cleaned {
+        report.pseudonymized_speakers += renamed;
         for (kind, n) in &scrubbed.found {
             *report
                 .pii_found

@@ -70,6 +70,11 @@ pub struct CleanParams {
     /// Categories the quality rules judge.
     #[serde(default = "default_quality_categories")]
     pub quality_categories: Vec<crate::documents::Category>,
+    /// In chat exports, replace every speaker but the twin (`target_speaker` of the
+    /// ingest) by a stable pseudonym (`Contact-xxxx`, the same for one name everywhere),
+    /// in headers, mentions, titles and the structured messages.
+    #[serde(default)]
+    pub pseudonymize_speakers: bool,
 }
 
 fn default_quality_categories() -> Vec<crate::documents::Category> {
@@ -187,6 +192,7 @@ impl CleanParams {
             },
             quality: self.quality.resolved(),
             quality_categories: self.quality_categories.clone(),
+            pseudonymize_speakers: self.pseudonymize_speakers,
         })
     }
 }
