@@ -62,21 +62,24 @@ pub fn pseudonymize(doc: &mut Document, text: &mut String) -> usize {
             Some((re, p.clone()))
         })
         .collect();
-    let replace = |s: &str| -> String {
-        let mut out = s.to_string();
-        for (re, p) in &patterns {
-            out = re.replace_all(&out, p.as_str()).into_owned();
-        }
-        out
-    };
-    *text = replace(text);
-    doc.title = doc.title.as_deref().map(&replace);
+    let replace = |s: &str| rename(s, &patterns);
+    *text = rename(text, &patterns);
+    doc.title = doc.title.as_deref().map(replace);
     for key in ["speakers", "messages"] {
         if let Some(v) = doc.metadata.get_mut(key) {
             *v = replace_strings(v, &replace);
         }
     }
     renamed
+}
+
+/// `s` with every pattern replaced by its pseudonym, in order.
+fn rename(s: &str, patterns: &[(Regex, String)]) -> String {
+    let mut out = s.to_string();
+    for (re, p) in patterns {
+        out = re.replace_all(&out, p.as_str()).into_owned();
+    }
+    out
 }
 
 fn replace_strings(v: &Value, replace: &dyn Fn(&str) -> String) -> Value {
