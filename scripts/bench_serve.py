@@ -2,7 +2,7 @@
 it over HTTP next to transformers' `generate` (with its KV cache) on the same weights,
 prompts, greedy settings and thread count. Prints a markdown table.
 
-    bench_serve.py CAIRN WORKDIR --threads T --max-new N [--big] [--rag]
+    bench_serve.py CAIRN WORKDIR --threads T --max-new N [--big] [--rag --mock-llm BIN]
 
 --rag measures retrieval's overhead instead of generation: three collections built from
 the Python docs (tutorial, howto, faq) with all-MiniLM-L6-v2, self-query rules, query
@@ -68,11 +68,12 @@ def transformers_tps(model_dir, threads, max_new, prompts):
 
 
 class Server:
-    def __init__(self, cairn, model_dir, threads, max_batch=32):
+    """`cairn serve ARGS` on a free port (CPU, `threads` threads), until `close`."""
+
+    def __init__(self, cairn, args, threads, cwd=None, env=None):
         self.proc = subprocess.Popen(
-            [cairn, "serve", "--model", f"m={model_dir}", "--port", "0", "--device", "cpu",
-             "--threads", str(threads), "--max-batch", str(max_batch), "--max-queue", "256"],
-            stderr=subprocess.PIPE, text=True)
+            [cairn, "serve", *args, "--port", "0", "--device", "cpu", "--threads", str(threads)],
+            stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
         for line in self.proc.stderr:
             if "http://" in line:
                 self.url = "http://" + line.split("http://")[1].split("/")[0]
@@ -139,33 +140,18 @@ DOCS = "/usr/share/doc/python3.11/html"
 MINILM = os.path.abspath(f"{HERE}/../.models/all-MiniLM-L6-v2")
 
 
-def mock_llm():
-    """An OpenAI-compatible stub on 127.0.0.1 answering expansion prompts with 2 rewrites."""
-    import http.server
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-            q = body["messages"][-1]["content"].rsplit("Question: ", 1)[-1].strip()
-            text = f"{q} in Python#next-question#How do I {q}"
-            out = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
-                              "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                           "finish_reason": "stop"}],
-                              "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}})
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.end_headers()
-            self.wfile.write(out.encode())
-
-        def log_message(self, *a):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return f"http://127.0.0.1:{server.server_address[1]}/v1"
+def mock_llm(binary):
+    """The tests' OpenAI-compatible mock (`cargo run --example mock_llm`), which answers
+    expansion prompts with rewrites; returns its base URL."""
+    proc = subprocess.Popen([binary, "--port", "0"], stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "base_url" in line:
+            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+            return proc, line.split("base_url", 1)[1].strip()
+    raise SystemExit("the mock LLM did not start")
 
 
-def rag_bench(cairn, work, threads):
+def rag_bench(cairn, work, threads, mock_binary):
     py = sys.executable
     proj = f"{work}/rag"
     os.makedirs(proj, exist_ok=True)
@@ -195,7 +181,7 @@ def rag_bench(cairn, work, threads):
     ce.save_pretrained(f"{work}/reranker", safe_serialization=True)
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(f"{MINILM}/{f}", f"{work}/reranker/{f}")
-    llm = mock_llm()
+    mock, llm = mock_llm(mock_binary)
     questions = ["How do I define a function with default arguments?", "What is a list comprehension?",
                  "How do I read a file line by line?", "Why are floating point results inexact?",
                  "How do I sort a list of dictionaries by a key?", "What does the with statement do?",
@@ -206,6 +192,14 @@ def rag_bench(cairn, work, threads):
                  "How do decorators work?", "How do I make an HTTP request?", "What are descriptors?",
                  "How do I sort in place?", "How do I unpack argument lists?"]
     results = {}
+    try:
+        run_rag(results, questions, cairn, work, proj, env, llm, threads)
+    finally:
+        mock.terminate()
+    rag_table(results, questions, work, threads)
+
+
+def run_rag(results, questions, cairn, work, proj, env, llm, threads):
     for precision in ("f32", "bf16"):
         open(f"{proj}/rag_{precision}.yaml", "w").write(f"""collections:
   - {{name: embedded_articles, k: 10}}
@@ -217,14 +211,9 @@ self_query:
 expansion: {{n: 2, llm: {{base_url: "{llm}", model: stub}}}}
 rerank: {{model: "{work}/reranker", candidates: 20, precision: {precision}}}
 """)
-        proc = subprocess.Popen([cairn, "serve", "--model", f"twin={work}/twin/base", "--rag", f"rag_{precision}.yaml",
-                                 "--port", "0", "--device", "cpu", "--threads", str(threads)], cwd=proj, env=env,
-                                stderr=subprocess.PIPE, text=True)
-        for line in proc.stderr:
-            if "http://" in line:
-                url = "http://" + line.split("http://")[1].split("/")[0]
-                break
-        threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+        server = Server(cairn, ["--model", f"twin={work}/twin/base", "--rag", f"rag_{precision}.yaml"],
+                        threads, cwd=proj, env=env)
+        url = server.url
         stages = {}
         try:
             for q in questions:
@@ -237,13 +226,17 @@ rerank: {{model: "{work}/reranker", candidates: 20, precision: {precision}}}
                 if precision == "bf16":
                     results.setdefault("texts", []).append(r["cairn"]["sources"][0]["text"])
         finally:
-            proc.terminate()
-            proc.wait()
+            server.close()
         results[precision] = stages
 
-    def pct(v, p):
-        v = sorted(v)
-        return v[min(len(v) - 1, int(p * len(v)))]
+
+def pct(v, p):
+    v = sorted(v)
+    return v[min(len(v) - 1, int(p * len(v)))]
+
+
+def rag_table(results, questions, work, threads):
+    import torch
 
     # The tool a user would otherwise pick for the rerank stage: sentence-transformers'
     # CrossEncoder on 20 pairs of the same chunks (f32 and bf16), same thread count.
@@ -285,15 +278,17 @@ def main():
     a.add_argument("--max-new", type=int, default=64)
     a.add_argument("--big", action="store_true")
     a.add_argument("--rag", action="store_true")
+    a.add_argument("--mock-llm", help="the mock_llm example binary (for --rag)")
     a = a.parse_args()
     if a.rag:
-        return rag_bench(a.cairn, a.work, a.threads)
+        return rag_bench(a.cairn, a.work, a.threads, a.mock_llm)
     models = make_models(a.work, a.big)
     rows = []
     for name, path in models.items():
         prompts = PROMPTS[:3]
         hf = transformers_tps(path, a.threads, a.max_new, prompts)
-        server = Server(a.cairn, path, a.threads)
+        server = Server(a.cairn, ["--model", f"m={path}", "--max-batch", "32", "--max-queue", "256"],
+                        a.threads)
         try:
             ours = cairn_batch1_tps(server.url, a.max_new, prompts)
             rows.append(f"| generation tokens/s, batch 1, {name} | {ours:.1f} | {hf:.1f} (transformers generate) "

@@ -424,6 +424,7 @@ fn cross_encoder_scores_match_sentence_transformers() {
     }
     // bf16 weights (the fast choice on CPUs with AVX512-BF16): close, not equal.
     let bf16 = worker_scores(tmp.path(), &model, "bf16", &request);
+    assert_ne!(bf16, ours, "the bf16 run computed in f32");
     for (i, (a, b)) in bf16.iter().zip(&theirs).enumerate() {
         assert!(
             (a - b).abs() < 3e-2,

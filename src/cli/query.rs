@@ -94,11 +94,11 @@ pub fn query(cli: &Cli, args: &QueryArgs) -> anyhow::Result<ExitCode> {
             ))
             .into());
         }
-        let model_dir = match (&args.model, receipt) {
-            (Some(dir), _) => dir.clone(),
-            (None, Some(r)) if !r.model_dir.is_empty() => PathBuf::from(&r.model_dir),
-            _ => PathBuf::from(crate::steps::chunk::DEFAULT_MODEL),
-        };
+        let model_dir = args
+            .model
+            .clone()
+            .or_else(|| receipt.and_then(Receipt::embedder))
+            .unwrap_or_else(|| PathBuf::from(crate::steps::chunk::DEFAULT_MODEL));
         let tmp = tempfile::tempdir()?;
         let input = tmp.path().join("query.jsonl");
         std::fs::write(&input, format!("{}\n", json!({"text": args.text})))?;

@@ -214,15 +214,12 @@ fn rag_embedder(cli: &Cli, rag: &crate::rag::RagConfig) -> anyhow::Result<PathBu
     }
     let store = Store::open_existing(&cli.store_dir())?;
     let receipts = super::query::receipts(&store)?;
-    let found = receipts.iter().find(|r| {
-        !r.model_dir.is_empty()
-            && rag
-                .collections
-                .iter()
-                .any(|c| r.collections.contains_key(&c.name))
+    let found = receipts.iter().find_map(|r| {
+        let covers = rag
+            .collections
+            .iter()
+            .any(|c| r.collections.contains_key(&c.name));
+        covers.then(|| r.embedder()).flatten()
     });
-    Ok(match found {
-        Some(r) => PathBuf::from(&r.model_dir),
-        None => PathBuf::from(crate::steps::chunk::DEFAULT_MODEL),
-    })
+    Ok(found.unwrap_or_else(|| PathBuf::from(crate::steps::chunk::DEFAULT_MODEL)))
 }

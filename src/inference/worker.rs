@@ -185,6 +185,11 @@ impl Worker {
         })
     }
 
+    /// The names requests select the loaded models by.
+    pub fn model_names(&self) -> Vec<&str> {
+        self.models.iter().map(|m| m.name.as_str()).collect()
+    }
+
     /// Whether the worker process is still running.
     pub fn alive(&self) -> bool {
         self.alive.load(Ordering::SeqCst)

@@ -89,10 +89,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         None
     };
     let state = Arc::new(ServeState {
-        created: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or_default(),
+        created: openai::now(),
         embedder_name,
         rag,
         recorder: recorder.clone(),
@@ -103,16 +100,10 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", options.addr))?;
     let local = listener.local_addr()?;
-    let names: Vec<&str> = state
-        .worker
-        .models
-        .iter()
-        .map(|m| m.name.as_str())
-        .collect();
     eprintln!(
         "cairn serve: http://{local}/v1 on {} (models: {}; Ctrl-C stops)",
         state.worker.device,
-        names.join(", ")
+        state.worker.model_names().join(", ")
     );
     axum::serve(listener, openai::routes(state))
         .with_graceful_shutdown(async {

@@ -130,7 +130,7 @@ async fn health(State(state): State<Arc<ServeState>>) -> Response {
     let body = json!({
         "status": if w.alive() { "ok" } else { "worker stopped" },
         "device": w.device,
-        "models": w.models.iter().map(|m| &m.name).collect::<Vec<_>>(),
+        "models": w.model_names(),
         "in_flight": w.in_flight(),
     });
     let status = if w.alive() {
@@ -431,17 +431,11 @@ fn known_model(state: &ServeState, model: &str) -> Result<(), ApiError> {
     if state.worker.models.iter().any(|m| m.name == model) {
         return Ok(());
     }
-    let names: Vec<&str> = state
-        .worker
-        .models
-        .iter()
-        .map(|m| m.name.as_str())
-        .collect();
     Err(ApiError {
         status: StatusCode::NOT_FOUND,
         message: format!(
             "The model `{model}` does not exist; this server has {}",
-            names.join(", ")
+            state.worker.model_names().join(", ")
         ),
         param: Some("model"),
         code: Some("model_not_found"),
@@ -648,9 +642,7 @@ async fn generate(
                 if message.contains("maximum context length") && alternatives.peek().is_some() {
                     continue;
                 }
-                if let Some(r) = recording {
-                    r.save(Value::Null, t0, Some(message.clone()));
-                }
+                Recording::failure(recording, t0, &message);
                 return Err(failed(kind, message));
             }
             _ => return Err(QueueError::WorkerGone.into()),
@@ -700,9 +692,7 @@ async fn generate(
                 return Ok(Json(body).into_response());
             }
             Some(WorkerEvent::Failed { kind, message, .. }) => {
-                if let Some(r) = recording {
-                    r.save(Value::Null, t0, Some(message.clone()));
-                }
+                Recording::failure(recording, t0, &message);
                 return Err(failed(kind, message));
             }
             Some(_) => {}
@@ -727,6 +717,13 @@ impl Recording {
             kind,
             request: serde_json::from_slice(body).unwrap_or(Value::Null),
         })
+    }
+
+    /// Files a request the worker refused or failed, when recording.
+    fn failure(recording: Option<Self>, t0: Instant, message: &str) {
+        if let Some(r) = recording {
+            r.save(Value::Null, t0, Some(message.to_string()));
+        }
     }
 
     /// Files the request with its answer (or error) off the async threads.
@@ -849,9 +846,7 @@ fn stream_response(ticket: Ticket, shape: Shape, info: StreamInfo) -> Response {
                         s.ended = true;
                     }
                     Some(WorkerEvent::Failed { kind, message, .. }) => {
-                        if let Some(r) = s.recording.take() {
-                            r.save(Value::Null, t0, Some(message.clone()));
-                        }
+                        Recording::failure(s.recording.take(), t0, &message);
                         out.push(data(&failed(kind, message).json()));
                         s.ended = true;
                     }
@@ -879,7 +874,8 @@ fn data(v: &Value) -> Event {
     Event::default().data(v.to_string())
 }
 
-fn now() -> u64 {
+/// Seconds since the Unix epoch (OpenAI's `created`).
+pub(super) fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

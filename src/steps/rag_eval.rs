@@ -293,11 +293,12 @@ impl Kind for RagEvalStep {
             r.model = ctx.resolve_path(&r.model.to_string_lossy());
             r.candidates = r.candidates.max(top);
         }
-        let embedder = match &rag.embedder {
-            Some(dir) => ctx.resolve_path(&dir.to_string_lossy()),
-            None if !receipt.model_dir.is_empty() => PathBuf::from(&receipt.model_dir),
-            None => PathBuf::from(super::chunk::DEFAULT_MODEL),
-        };
+        let embedder = rag
+            .embedder
+            .as_ref()
+            .map(|dir| ctx.resolve_path(&dir.to_string_lossy()))
+            .or_else(|| receipt.embedder())
+            .unwrap_or_else(|| PathBuf::from(super::chunk::DEFAULT_MODEL));
         let configurations = p.configurations();
         let progress = ctx.progress.clone();
         progress.set_message("loading the embedder and reranker");

@@ -168,6 +168,13 @@ pub struct Receipt {
     pub collections: std::collections::BTreeMap<String, CollectionReceipt>,
 }
 
+impl Receipt {
+    /// The embedding model folder the collections were loaded with, when recorded.
+    pub fn embedder(&self) -> Option<std::path::PathBuf> {
+        (!self.model_dir.is_empty()).then(|| std::path::PathBuf::from(&self.model_dir))
+    }
+}
+
 /// One collection in a [`Receipt`].
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CollectionReceipt {

@@ -170,32 +170,38 @@ impl Drop for UiServer {
 impl Project {
     /// Starts `cairn ui --port 0 EXTRA...` on this project's store; returns the server and
     /// the start-up lines it printed (up to its address).
-    // The child is killed and waited for in `UiServer::drop`.
-    #[allow(clippy::zombie_processes)]
     pub fn start_ui(&self, extra: &[&str]) -> (UiServer, String) {
-        use std::io::BufRead;
-        let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("cairn"))
-            .current_dir(self.dir.path())
+        let mut cmd = std::process::Command::new(assert_cmd::cargo::cargo_bin("cairn"));
+        cmd.current_dir(self.dir.path())
             .env("CAIRN_STORE", self.store())
             .args(["ui", "--port", "0"])
-            .args(extra)
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut banner = String::new();
-        let mut reader = std::io::BufReader::new(child.stderr.take().unwrap());
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).unwrap() == 0 {
-                let status = child.wait();
-                panic!("cairn ui exited ({status:?}): {banner}");
-            }
-            banner.push_str(&line);
-            if let Some(rest) = line.split("at http://").nth(1) {
-                let addr = rest.split('/').next().unwrap().to_string();
-                let base = format!("http://{addr}");
-                return (UiServer { child, base }, banner);
-            }
+            .args(extra);
+        let (child, base, banner) = spawn_server(cmd);
+        (UiServer { child, base }, banner)
+    }
+}
+
+/// Starts a server command whose start-up lines on stderr end with its address
+/// (`... http://127.0.0.1:PORT/...`); returns the child, `http://127.0.0.1:PORT` and the
+/// lines printed up to it. The rest of its stderr is drained so it never blocks.
+// The caller kills and waits for the child (the servers' `Drop`).
+#[allow(clippy::zombie_processes)]
+pub fn spawn_server(mut cmd: std::process::Command) -> (std::process::Child, String, String) {
+    use std::io::BufRead;
+    let mut child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut banner = String::new();
+    let mut reader = std::io::BufReader::new(child.stderr.take().unwrap());
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            let status = child.wait();
+            panic!("{cmd:?} exited ({status:?}): {banner}");
+        }
+        banner.push_str(&line);
+        if let Some(rest) = line.split("http://").nth(1) {
+            let addr = rest.split('/').next().unwrap().to_string();
+            std::thread::spawn(move || for _ in reader.lines() {});
+            return (child, format!("http://{addr}"), banner);
         }
     }
 }

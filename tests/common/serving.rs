@@ -1,9 +1,8 @@
 //! Helpers of the `cairn serve` tests: the openai client script, a running server,
 //! tiny models and a store with a vector collection.
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
 use serde_json::Value;
 
@@ -44,44 +43,20 @@ impl Drop for Server {
 }
 
 /// Starts `cairn serve --port 0 ARGS...` and waits for its address.
-// The child is killed and waited for in `Server::drop`.
-#[allow(clippy::zombie_processes)]
 pub fn start(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Server {
     start_in(None, args)
 }
 
 /// As [`start`], in a project (its folder and store).
-#[allow(clippy::zombie_processes)]
 pub fn start_in(project: Option<&Project>, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Server {
     let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("cairn"));
     if let Some(p) = project {
         cmd.current_dir(p.path("")).env("CAIRN_STORE", p.store());
     }
-    let mut child = cmd
-        .args(["serve", "--port", "0", "--device", "cpu"])
-        .args(args.iter().map(|a| a.as_ref()))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut reader = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut banner = String::new();
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap() == 0 {
-            let status = child.wait();
-            panic!("cairn serve exited ({status:?}): {banner}");
-        }
-        banner.push_str(&line);
-        if let Some(rest) = line.split("http://").nth(1) {
-            let addr = rest.split('/').next().unwrap().to_string();
-            // Keep draining the server's log so it never blocks on a full pipe.
-            std::thread::spawn(move || for _ in reader.lines() {});
-            return Server {
-                child,
-                url: format!("http://{addr}"),
-            };
-        }
-    }
+    cmd.args(["serve", "--port", "0", "--device", "cpu"])
+        .args(args.iter().map(|a| a.as_ref()));
+    let (child, url, _) = super::spawn_server(cmd);
+    Server { child, url }
 }
 
 /// A tiny random Llama with a ChatML card (`base`) and a LoRA adapter over it (`twin`).
