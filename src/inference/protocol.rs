@@ -91,9 +91,12 @@ pub enum FinishReason {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailureKind {
-    /// The request cannot be served as asked (400): prompt longer than the context, no
-    /// embedder loaded...
+    /// The request cannot be served as asked (400): no embedder loaded, a template
+    /// that cannot render the turns...
     Invalid,
+    /// The prompt and `max_tokens` do not fit the model's context (400
+    /// `context_length_exceeded`; a shorter prompt may).
+    ContextLength,
     /// Something broke in the worker (500).
     Internal,
 }

@@ -83,10 +83,10 @@ impl From<QueueError> for ApiError {
 }
 
 fn failed(kind: FailureKind, message: String) -> ApiError {
-    let context = message.contains("maximum context length");
+    let context = kind == FailureKind::ContextLength;
     ApiError {
         status: match kind {
-            FailureKind::Invalid => StatusCode::BAD_REQUEST,
+            FailureKind::Invalid | FailureKind::ContextLength => StatusCode::BAD_REQUEST,
             FailureKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         },
         message,
@@ -639,7 +639,7 @@ async fn generate(
         match ticket.next().await {
             Some(WorkerEvent::Started { .. }) => break (ticket, extra),
             Some(WorkerEvent::Failed { kind, message, .. }) => {
-                if message.contains("maximum context length") && alternatives.peek().is_some() {
+                if kind == FailureKind::ContextLength && alternatives.peek().is_some() {
                     continue;
                 }
                 Recording::failure(recording, t0, &message);

@@ -371,7 +371,7 @@ fn admit(
         ids.len() + settings.max_new_tokens
     };
     if budget > context || (served.model.is_seq2seq() && settings.max_new_tokens >= context) {
-        return Err(invalid(format!(
+        return Err((FailureKind::ContextLength, format!(
             "This model's maximum context length is {context} tokens. However, you requested {} tokens ({} in the messages, {} in the completion). Please reduce the length of the messages or completion.",
             ids.len() + settings.max_new_tokens,
             ids.len(),
