@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-import httpx
+import httpx2 as httpx  # the HTTP client `openai` itself depends on
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPTS = [f"Note {i}: what did the twin do on the lake?" for i in range(32)]

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 
-import httpx
+import httpx2 as httpx  # the HTTP client `openai` itself depends on
 import openai
 
 
