@@ -1,13 +1,34 @@
 //! Main-content extraction from HTML: title, author, publication date, canonical URL and
-//! the page's main text without navigation, headers, footers, sidebars, scripts, share
-//! widgets or cookie banners.
+//! the page's main text without navigation, headers, footers, sidebars, bylines, author
+//! bios, share, subscribe and related blocks, comments, scripts or cookie banners.
 //!
-//! A readability-style scorer written here on top of `scraper`: the crates that port
-//! Mozilla's Readability (`readability`, `readable-readability`) are unmaintained, pull
-//! their own HTML stacks, and expose no hook for per-domain rules, which the crawl step
-//! needs. The scorer: score block containers by the text of their paragraphs, penalise
-//! link-heavy text and boilerplate class/id names, reward article-like names and
-//! `<article>`/`<main>`/`role=main`, then render the best candidate's text.
+//! A readability-style scorer written here on top of `scraper`: score block containers by
+//! the text of their paragraphs, penalise link-heavy text, reward article-like names and
+//! `<article>`/`<main>`/`role=main`, then render the best candidate's text without the
+//! boilerplate inside it. Boilerplate is named by tag, ARIA role, and class/id names read
+//! as compounds (`entry-meta` is meta, `newsletter-post` a post, `nav-links` navigation,
+//! `entry-content` the text); what holds the page's marked main content is never
+//! boilerplate. Short byline, date, reading-time, share and contact lines left at the
+//! edges of the text are dropped last.
+//!
+//! Why not a crate: `scripts/bench-extract` scores the crates made for the job against
+//! this extractor on 440 real pages of 22 site generators with known main text
+//! (bag-of-words F1 per page, averaged; 200 of the pages from generators added after
+//! this extractor was tuned, scored once):
+//!
+//! | extractor | precision | recall | F1 | F1 held out | pages/s (1 core) |
+//! |---|---|---|---|---|---|
+//! | cairn | 0.994 | 0.994 | 0.994 | 0.989 | 1892 |
+//! | rs-trafilatura 0.2 | 0.990 | 0.973 | 0.977 | 0.980 | 258 |
+//! | trafilatura (rs) 0.6 | 0.994 | 0.949 | 0.963 | 0.980 | 410 |
+//! | dom_smoothie 0.19 | 0.992 | 0.979 | 0.984 | 0.987 | 1364 |
+//! | readability 0.3 | 0.940 | 0.831 | 0.867 | 0.835 | 1242 |
+//!
+//! The crates lose most on DocBook, whose tip and note boxes are `sidebar`s (0.55-0.86
+//! F1 against 0.99); none takes per-site CSS rules, and each
+//! brings a second HTML stack (dom_query or html5ever 0.26/0.36 beside scraper's), so the
+//! crawl would parse every page twice to keep its links and metadata. This extractor is
+//! the most accurate of them here and 1.4x to 7x faster.
 
 use scraper::{ElementRef, Html, Node, Selector};
 use serde::{Deserialize, Serialize};
@@ -125,51 +146,82 @@ fn is_block_tag(name: &str) -> bool {
     )
 }
 
-const NEGATIVE: &[&str] = &[
+/// Parts of class and id names (split at `-` and `_`) that name boilerplate: `post-meta`,
+/// `author-bio`, `nav-links`, `nav`. Compared whole, so `metadata` or `tagline` do not
+/// match.
+const NEGATIVE_PARTS: &[&str] = &[
+    "ad",
+    "ads",
+    "author",
+    "banner",
+    "bio",
+    "byline",
     "comment",
-    "meta",
-    "footer",
-    "footnote",
-    "nav",
-    "navbar",
-    "navigation",
+    "comments",
+    "consent",
+    "cta",
     // DocBook's Prev/Up/Home/Next blocks.
     "docnav",
+    "dateline",
+    "gdpr",
+    "header",
+    "headerlink",
+    "like",
+    "likes",
+    "login",
+    "masthead",
+    "menu",
+    "meta",
+    "modal",
+    "nav",
     "navheader",
     "navfooter",
-    "sidebar",
-    "sphinxsidebar",
-    "related",
-    "sponsor",
-    "advert",
-    "ad-",
-    "ads",
-    "share",
-    "sharing",
-    "social",
-    "subscribe",
     "newsletter",
-    "cookie",
-    "consent",
-    "banner",
-    "menu",
-    "breadcrumb",
-    "widget",
-    "popup",
-    "modal",
-    "promo",
-    "header",
-    "masthead",
-    "toolbar",
     "pager",
-    "pagination",
-    "headerlink",
+    "paginav",
+    "popup",
+    "reactions",
+    "readmore",
+    "recommended",
+    "sidebar",
+    "signin",
     "skip",
-    "signup",
-    "login",
-    "disqus",
+    "sphinxsidebar",
     "tags",
     "toc",
+    "toolbar",
+    "ufi",
+    "widget",
+];
+
+/// Stems that name boilerplate wherever they occur in a class or id name, for names
+/// written as one word (`jp-relatedposts`, `sharedaddy`, `commentlist`, `navbar`).
+const NEGATIVE_STEMS: &[&str] = &[
+    "advert",
+    "breadcrumb",
+    "byline",
+    "comment",
+    "cookie",
+    "disqus",
+    "footer",
+    "navbar",
+    "navigation",
+    "pagination",
+    "promo",
+    "related",
+    "share",
+    "sharing",
+    "sidebar",
+    "signup",
+    "social",
+    "sponsor",
+    "subscri",
+];
+
+/// Last parts of names that mark the main text (`entry-content`, `post-body`,
+/// `gh-content`, `body markup`) when no part of the name is boilerplate.
+const CONTENT_PARTS: &[&str] = &[
+    "article", "body", "content", "entry", "main", "markup", "prose", "story", "text",
 ];
 
 const POSITIVE: &[&str] = &[
@@ -225,6 +277,9 @@ struct PageFacts {
     canonical: Option<String>,
     links: Vec<String>,
     boilerplate: Boilerplate,
+    /// Elements the page marks as its main content (`<main>`, `role=main`,
+    /// `itemprop=articleBody`).
+    marked_main: Vec<ego_tree::NodeId>,
 }
 
 impl PageFacts {
@@ -273,8 +328,26 @@ impl PageFacts {
         {
             self.byline = text_of(el);
         }
+        if v.name() == "main"
+            || v.attr("role") == Some("main")
+            || v.attr("itemprop") == Some("articleBody")
+        {
+            self.marked_main.push(el.id());
+        }
         if is_boilerplate(&el) {
             self.boilerplate.insert(el.id());
+        }
+    }
+
+    /// What holds the page's marked main content is not boilerplate, whatever its name
+    /// (Read the Docs wraps the whole page in `wy-grid-for-nav`).
+    fn spare_what_holds_the_main_content(&mut self, doc: &Html) {
+        for id in &self.marked_main {
+            let mut node = doc.tree.get(*id);
+            while let Some(n) = node {
+                self.boilerplate.remove(&n.id());
+                node = n.parent();
+            }
         }
     }
 
@@ -286,7 +359,49 @@ impl PageFacts {
     }
 }
 
-/// Boilerplate by name (navigation, share widgets, cookie banners, ...).
+/// What one class or id name says about its element.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Named {
+    /// Navigation, bylines, share and subscribe blocks, comments, ...
+    Boilerplate,
+    /// Boilerplate only because it says `sidebar` (a box that may sit in the text).
+    Sidebar,
+    /// The main text's container (`entry-content`).
+    Content,
+    Neutral,
+}
+
+fn name_says(name: &str) -> Named {
+    let lower;
+    let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        lower = name.to_ascii_lowercase();
+        lower.as_str()
+    } else {
+        name
+    };
+    // The last part is the head: `entry-meta` is meta, `newsletter-post` a post. A
+    // boilerplate modifier counts unless the head names the text (`nav-links` is
+    // navigation, `wy-nav-content` is not).
+    let negative_part = |part: &str| NEGATIVE_PARTS.contains(&part) && !part.ends_with("sidebar");
+    let mut parts = name.split(['-', '_']).filter(|p| !p.is_empty());
+    let last = parts.next_back().unwrap_or("");
+    let mut negative = negative_part(last)
+        || (parts.any(negative_part) && !CONTENT_PARTS.contains(&last) && last != "post");
+    negative |= NEGATIVE_STEMS
+        .iter()
+        .any(|stem| *stem != "sidebar" && name.contains(stem));
+    if negative {
+        Named::Boilerplate
+    } else if name.contains("sidebar") {
+        Named::Sidebar
+    } else if CONTENT_PARTS.contains(&last) {
+        Named::Content
+    } else {
+        Named::Neutral
+    }
+}
+
+/// Boilerplate by tag, role or name (navigation, share widgets, cookie banners, ...).
 fn is_boilerplate(el: &ElementRef<'_>) -> bool {
     let v = el.value();
     if is_skip_tag(v.name()) {
@@ -305,43 +420,39 @@ fn is_boilerplate(el: &ElementRef<'_>) -> bool {
     if v.id().is_none() && v.classes().next().is_none() {
         return false;
     }
-    let tokens = || v.id().into_iter().chain(v.classes());
-    let any = |words: &[&str]| {
-        tokens().any(|t| {
-            if t.bytes().any(|b| b.is_ascii_uppercase()) {
-                let lower = t.to_ascii_lowercase();
-                words.iter().any(|w| token_matches(&lower, w))
-            } else {
-                words.iter().any(|w| token_matches(t, w))
-            }
-        })
-    };
-    if !any(NEGATIVE) || any(&["body", "article", "main", "content", "post", "entry"]) {
-        return false;
+    let mut verdict = Named::Neutral;
+    for said in v.id().into_iter().chain(v.classes()).map(name_says) {
+        verdict = match (verdict, said) {
+            (Named::Content, _) | (_, Named::Content) => return false,
+            (Named::Boilerplate, _) | (_, Named::Boilerplate) => Named::Boilerplate,
+            (Named::Sidebar, _) | (_, Named::Sidebar) => Named::Sidebar,
+            _ => Named::Neutral,
+        };
     }
-    // A box named `sidebar` between the paragraphs of the text is content (DocBook's
-    // notes, tips and background boxes), not a site's sidebar.
-    let only_sidebar = !tokens().any(|t| {
-        let t = t.to_ascii_lowercase();
-        NEGATIVE
-            .iter()
-            .filter(|w| **w != "sidebar")
-            .any(|w| token_matches(&t, w))
-    });
-    !(only_sidebar && in_running_text(el))
+    match verdict {
+        Named::Boilerplate => true,
+        // A box named `sidebar` between the paragraphs of the text is content (DocBook's
+        // notes, tips and background boxes), not a site's sidebar.
+        Named::Sidebar => !in_running_text(el),
+        Named::Content | Named::Neutral => false,
+    }
 }
 
 /// Whether the element sits between paragraphs of running text: its nearest sibling
-/// with text, before or after (empty anchors such as index terms are passed over), is a
-/// paragraph (`p`, or DocBook's `div.para`) of some length.
+/// with text, before or after (empty anchors such as index terms and other boxes are
+/// passed over), is a paragraph (`p`, or DocBook's `div.para`) of some length.
 fn in_running_text(el: &ElementRef<'_>) -> bool {
     let paragraph = |e: ElementRef<'_>| {
         let v = e.value();
         (v.name() == "p" || v.classes().any(|c| c == "para"))
             && e.text().map(str::len).sum::<usize>() >= 60
     };
+    // Boxes in a row (a tip, then a note) share the paragraph before the first.
     fn with_text<'a>(n: ego_tree::NodeRef<'a, scraper::Node>) -> Option<ElementRef<'a>> {
-        ElementRef::wrap(n).filter(|e| e.text().any(|t| !t.trim().is_empty()))
+        ElementRef::wrap(n).filter(|e| {
+            !e.value().classes().any(|c| c.contains("sidebar"))
+                && e.text().any(|t| !t.trim().is_empty())
+        })
     }
     el.prev_siblings()
         .find_map(with_text)
@@ -455,6 +566,7 @@ pub fn extract(html: &str, url: &url::Url, rules: Option<&Rules>) -> Extracted {
     for el in doc.root_element().descendent_elements() {
         page.observe(el, url);
     }
+    page.spare_what_holds_the_main_content(&doc);
     let first_text = |sel: &Selector| -> Option<String> {
         doc.select(sel)
             .map(|e| normalize_space(&e.text().collect::<String>()))
@@ -506,12 +618,13 @@ pub fn extract(html: &str, url: &url::Url, rules: Option<&Rules>) -> Extracted {
         render(*root, &excluded_ids, &boiler, 0, &mut text);
         text.push_str("\n\n");
     }
+    let text = drop_edge_lines(&tidy(&text), author.as_deref());
     Extracted {
         title,
         author,
         published,
         canonical,
-        text: tidy(&text),
+        text,
         links,
     }
 }
@@ -649,6 +762,54 @@ fn render(
     }
 }
 
+/// A block with this many words is running text: edge lines are looked for only before
+/// the first and after the last such block.
+const RUNNING_TEXT_WORDS: usize = 12;
+
+/// Bylines, dates, reading times, share and contact lines that name-based pruning
+/// missed (class names are often generated, as on Medium): short blocks at the start or
+/// the end of the text, never between paragraphs.
+fn drop_edge_lines(text: &str, author: Option<&str>) -> String {
+    static EDGE_LINE: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        let month = r"(?:jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec)[a-z]*\.?";
+        let date = format!(
+            r"(?:\d{{4}}-\d{{1,2}}-\d{{1,2}}(?:[t ][\d:.]+z?)?|{month} \d{{1,2}},? \d{{4}}|\d{{1,2}} {month},? \d{{4}}|{month} \d{{1,2}}|\d{{1,2}}/\d{{1,2}}/\d{{2,4}})"
+        );
+        regex::Regex::new(&format!(
+            r"(?ix)^(?:
+                [^\p{{L}}\p{{N}}]*                                   # --, ·, |
+              | (?:by|written\ by|posted\ by|words\ by)\s.{{1,60}}  # bylines
+              | .{{0,40}}\b\d+\s*min(?:ute)?s?\s+read\b.{{0,40}}     # reading time
+              | (?:(?:published|posted|updated|last\ updated|modified)(?:\ on)?:?\s*)?{date}(?:\s*[·|,-]\s*{date})?
+              | (?:share|share\ this|share\ on\ \S+|tweet|print|email)(?:\s*[:|·]?\s*(?:twitter|facebook|x|linkedin|reddit|email|print|whatsapp|copy\ link|\s|[,|·])*)?
+              | .{{0,60}}\b[\w.+-]+@[\w-]+\.[\w.-]+\b.{{0,60}}      # contact lines
+            )$"
+        ))
+        .expect("edge-line pattern")
+    });
+    let blocks: Vec<&str> = text.split("\n\n").collect();
+    let running = |b: &&str| b.split_whitespace().count() >= RUNNING_TEXT_WORDS;
+    let (Some(first), Some(last)) = (
+        blocks.iter().position(running),
+        blocks.iter().rposition(running),
+    ) else {
+        return text.to_string();
+    };
+    let edge = |b: &str| {
+        let line = b.trim();
+        !line.contains('\n')
+            && (EDGE_LINE.is_match(line)
+                || author.is_some_and(|a| line.eq_ignore_ascii_case(a.trim())))
+    };
+    blocks
+        .iter()
+        .enumerate()
+        .filter(|(i, b)| (first..=last).contains(i) || !edge(b))
+        .map(|(_, b)| *b)
+        .collect::<Vec<_>>()
+        .join("\n\n")
+}
+
 /// Trims lines, keeps `<pre>` indentation, and collapses runs of blank lines.
 fn tidy(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -775,6 +936,159 @@ mod tests {
         for gone in ["Prev", "Next", "Up", "Site map", "Other manuals"] {
             assert!(!e.text.contains(gone), "{gone:?} kept in:\n{}", e.text);
         }
+    }
+
+    /// Lowercased words of `text`, counted (bag-of-words, as extraction benchmarks score).
+    fn word_bag(text: &str) -> std::collections::HashMap<String, usize> {
+        let mut bag = std::collections::HashMap::new();
+        for w in text
+            .split(|c: char| !c.is_alphanumeric())
+            .filter(|w| !w.is_empty())
+        {
+            *bag.entry(w.to_lowercase()).or_insert(0) += 1;
+        }
+        bag
+    }
+
+    /// Pages of real site generators (Jekyll/minima, Pelican, MkDocs with three themes,
+    /// Sphinx, DocBook/Publican) and pages after hosted platforms' markup (WordPress,
+    /// Ghost, Hugo PaperMod, Substack, Medium), each with its known main text
+    /// (tests/fixtures/extract/README.md says where they come from): the text is found
+    /// word for word, and each site's bylines, bios, share, subscribe, related, comment,
+    /// cookie and navigation blocks are left out.
+    #[test]
+    fn site_generators_main_text_without_their_boilerplate() {
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "jekyll-minima",
+                &["Feb 2, 2024", "ada@example.org", "Notes on software I use"],
+            ),
+            (
+                "pelican",
+                &["Proudly powered", "Category:", "By Ada Writer"],
+            ),
+            (
+                "mkdocs-mkdocs",
+                &[
+                    "Edit on Example",
+                    "Keyboard Shortcuts",
+                    "Built with MkDocs",
+                    "Previous",
+                ],
+            ),
+            (
+                "mkdocs-readthedocs",
+                &["Edit on Example", "Search docs", "Built with"],
+            ),
+            (
+                "mkdocs-material",
+                &["Skip to content", "Edit on Example", "Made with"],
+            ),
+            (
+                "sphinx",
+                &[
+                    "Previous topic",
+                    "Report a Bug",
+                    "Show Source",
+                    "Python Software Foundation",
+                ],
+            ),
+            ("docbook", &["Prev", "Download the ebook", "Home"]),
+            (
+                "wordpress",
+                &[
+                    "Share this",
+                    "Like this",
+                    "Related",
+                    "Ada has written software",
+                    "Leave a comment",
+                    "Previous post",
+                    "We use cookies",
+                    "Categorized as",
+                    "By Ada Writer",
+                    "Recent Posts",
+                ],
+            ),
+            (
+                "ghost",
+                &[
+                    "Sign up for more like this",
+                    "Read more",
+                    "min read",
+                    "Photo by",
+                    "Powered by Ghost",
+                ],
+            ),
+            (
+                "hugo-papermod",
+                &[
+                    "share on X",
+                    "Prev",
+                    "Table of Contents",
+                    "Suggest Changes",
+                    "Powered by",
+                ],
+            ),
+            (
+                "substack",
+                &[
+                    "Thanks for reading",
+                    "Discussion about this post",
+                    "Ready for more",
+                    "Likes",
+                ],
+            ),
+            (
+                "medium",
+                &[
+                    "min read",
+                    "Written by Ada Writer",
+                    "More from",
+                    "Recommended from Medium",
+                    "Follow",
+                ],
+            ),
+        ];
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/extract");
+        for (site, junk) in cases {
+            let read =
+                |ext: &str| std::fs::read_to_string(dir.join(format!("{site}.{ext}"))).unwrap();
+            let url = url::Url::parse(read("url").trim()).unwrap();
+            let (truth, got) = (read("txt"), extract(&read("html"), &url, None).text);
+            let (want, have) = (word_bag(&truth), word_bag(&got));
+            let common: usize = have
+                .iter()
+                .map(|(w, n)| (*n).min(want.get(w).copied().unwrap_or(0)))
+                .sum();
+            let precision = common as f64 / have.values().sum::<usize>().max(1) as f64;
+            let recall = common as f64 / want.values().sum::<usize>().max(1) as f64;
+            assert!(
+                precision >= 0.97 && recall >= 0.98,
+                "{site}: precision {precision:.3}, recall {recall:.3}; extracted:\n{got}"
+            );
+            for j in *junk {
+                assert!(
+                    !truth.contains(j),
+                    "{site}: `{j}` is in the main text itself"
+                );
+                assert!(!got.contains(j), "{site}: `{j}` leaked into:\n{got}");
+            }
+        }
+    }
+
+    /// Bylines, dates, reading times, share and contact lines at the edges of the text
+    /// go; the same words inside the text stay.
+    #[test]
+    fn edge_lines_go_and_running_text_stays() {
+        let para = "This paragraph is long enough to count as running text for the rule.";
+        let text = format!(
+            "By Jane Roe\n\n5 min read · Mar 3, 2024\n\n--\n\n{para}\n\nBy the way, short.\n\n{para}\n\nShare this: Twitter Facebook\n\nContact jane@paper.example for tips\n\nJane Roe"
+        );
+        assert_eq!(
+            drop_edge_lines(&text, Some("Jane Roe")),
+            format!("{para}\n\nBy the way, short.\n\n{para}")
+        );
+        assert_eq!(drop_edge_lines("Only a line", None), "Only a line");
     }
 
     #[test]
