@@ -531,11 +531,10 @@ fn generate_datasets_pipeline_merges_every_builder() {
     assert_eq!(server.calls(), calls);
 }
 
-/// Decontamination: training examples that share a 13-gram with the test split or with a
-/// benchmark file are left out of train, counted; none of what remains in train overlaps;
-/// `ngram: 0` keeps everything.
-#[test]
-fn decontamination_keeps_test_and_benchmark_text_out_of_train() {
+/// A Q&A transcript with exchanges that repeat a benchmark's passage, pairs that share a
+/// 13-gram, and plain ones; `evals/bench.jsonl` holds the benchmark. Returns the project,
+/// the benchmark text and the number of exchanges.
+fn contamination_project() -> (Project, &'static str, usize) {
     const WORDS: [&str; 24] = [
         "amber", "birch", "cedar", "delta", "ember", "fjord", "grove", "heron", "inlet", "juniper",
         "kelp", "larch", "maple", "nettle", "orchid", "pine", "quartz", "reed", "sorrel",
@@ -584,6 +583,25 @@ fn decontamination_keeps_test_and_benchmark_text_out_of_train() {
         "evals/bench.jsonl",
         &format!("{}\n", serde_json::json!({"question": bench, "id": 7})),
     );
+    (p, bench, n)
+}
+
+/// Word 13-grams, as decontamination counts them.
+fn grams13(text: &str) -> std::collections::HashSet<String> {
+    let words: Vec<String> = text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    words.windows(13).map(|w| w.join(" ")).collect()
+}
+
+/// Decontamination: training examples that share a 13-gram with the test split or with a
+/// benchmark file are left out of train, counted; none of what remains in train overlaps;
+/// `ngram: 0` keeps everything.
+#[test]
+fn decontamination_keeps_test_and_benchmark_text_out_of_train() {
+    let (p, bench, n) = contamination_project();
     let pipeline = |decontaminate: &str| {
         format!(
             "name: decon\nsteps:\n  qa_files: {{uses: source, with: {{path: qa}}}}\n  \
@@ -622,14 +640,7 @@ fn decontamination_keeps_test_and_benchmark_text_out_of_train() {
     // What is left in train shares no 13-gram with test or the benchmark.
     let (dir, info) = dataset_dir(&p.store(), &digest);
     assert_eq!(info["decontamination"]["ngram"], 13);
-    let grams = |text: &str| -> std::collections::HashSet<String> {
-        let words: Vec<String> = text
-            .split(|c: char| !c.is_alphanumeric())
-            .filter(|w| !w.is_empty())
-            .map(str::to_lowercase)
-            .collect();
-        words.windows(13).map(|w| w.join(" ")).collect()
-    };
+    let grams = grams13;
     let read = |file: &str| -> Vec<String> {
         std::fs::read_to_string(dir.join(file))
             .unwrap()
@@ -657,4 +668,74 @@ fn decontamination_keeps_test_and_benchmark_text_out_of_train() {
     let (code, _, err) = p.exec(&["validate", "bad.yaml"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("ngram 2 is outside 5..50"), "{err}");
+}
+
+/// `dataset_merge` re-splits, so it decontaminates the new train split against the new
+/// test split and the benchmark (messages format: the records are read back into
+/// examples); `ngram: 0` keeps everything.
+#[test]
+fn dataset_merge_decontaminates_its_own_split() {
+    let (p, bench, n) = contamination_project();
+    let pipeline = |decontaminate: &str| {
+        format!(
+            "name: merged\nsteps:\n  qa_files: {{uses: source, with: {{path: qa}}}}\n  \
+             docs: {{uses: ingest, inputs: {{files: qa_files.data}}, with: {{format: qa}}}}\n  \
+             data: {{uses: instruct, inputs: {{documents: docs.documents}}, with: {{builder: qa, format: messages, test_size: 0.2, decontaminate: {{ngram: 0}}}}}}\n  \
+             all: {{uses: dataset_merge, inputs: {{qa: data.dataset}}, with: {{test_size: 0.5, decontaminate: {decontaminate}}}}}\n"
+        )
+    };
+    p.write("on.yaml", &pipeline("{benchmarks: [evals/bench.jsonl]}"));
+    p.write("off.yaml", &pipeline("{ngram: 0}"));
+    let off = p.run("off.yaml", &[]);
+    assert_eq!(off.code, 0, "{}", off.stderr);
+    let off_meta = artifact(&p, &off.output("all", "dataset"))["metadata"].clone();
+    assert_eq!(
+        off_meta["count"].as_u64().unwrap(),
+        n as u64,
+        "{off_meta:#}"
+    );
+
+    let on = p.run("on.yaml", &[]);
+    assert_eq!(on.code, 0, "{}", on.stderr);
+    let digest = on.output("all", "dataset");
+    let meta = artifact(&p, &digest)["metadata"].clone();
+    let d = &meta["decontamination"];
+    let (with_test, with_bench) = (
+        d["with_test"].as_u64().unwrap(),
+        d["with_benchmarks"].as_u64().unwrap(),
+    );
+    assert!(with_test >= 1 && with_bench >= 1, "{meta:#}");
+    assert_eq!(
+        meta["train"].as_u64().unwrap() + meta["test"].as_u64().unwrap() + with_test + with_bench,
+        n as u64
+    );
+    assert_eq!(
+        meta["test"], off_meta["test"],
+        "the test split is never touched"
+    );
+
+    let (dir, info) = dataset_dir(&p.store(), &digest);
+    assert_eq!(info["decontamination"]["ngram"], 13);
+    let read = |file: &str| -> Vec<String> {
+        std::fs::read_to_string(dir.join(file))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                let turns = v["messages"].as_array().unwrap();
+                let content = |i: usize| turns[i]["content"].as_str().unwrap().to_string();
+                format!("{}\n{}", content(0), content(turns.len() - 1))
+            })
+            .collect()
+    };
+    let mut forbidden = grams13(bench);
+    for t in read("test.jsonl") {
+        forbidden.extend(grams13(&t));
+    }
+    for t in read("train.jsonl") {
+        assert!(
+            grams13(&t).is_disjoint(&forbidden),
+            "contaminated train example: {t}"
+        );
+    }
 }

@@ -121,6 +121,77 @@ impl Example {
         h.finalize().to_hex()[..32].to_string()
     }
 
+    /// What decontamination compares: the task and the response. An example's `input`
+    /// (a chat window, a text to rewrite) legitimately recurs across neighbouring
+    /// examples.
+    pub fn decontamination_text(&self) -> String {
+        format!("{}\n{}", self.instruction, self.output)
+    }
+
+    /// The example a record of `format` was rendered from (see [`Example::render`]);
+    /// a preference record's prompt comes back as the instruction.
+    pub fn from_record(format: Format, record: &Value) -> Example {
+        let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+        let mut ex = Example {
+            builder: text(&record["builder"]),
+            category: text(&record["category"]),
+            source: text(&record["source"]),
+            instruction: String::new(),
+            input: String::new(),
+            output: String::new(),
+            rejected: None,
+            judge: record.get("judge").map(text),
+        };
+        let turns = |key: &str, role: &str, content: &str| -> Vec<(String, String)> {
+            record[key]
+                .as_array()
+                .map(|turns| {
+                    turns
+                        .iter()
+                        .map(|t| (text(&t[role]), text(&t[content])))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let from_turns = |ex: &mut Example, turns: Vec<(String, String)>| {
+            for (role, content) in turns {
+                match role.as_str() {
+                    "system" => ex.instruction = content,
+                    "user" | "human" if ex.instruction.is_empty() => ex.instruction = content,
+                    "user" | "human" => ex.input = content,
+                    _ => ex.output = content,
+                }
+            }
+        };
+        match format {
+            Format::Alpaca => {
+                ex.instruction = text(&record["instruction"]);
+                ex.input = text(&record["input"]);
+                ex.output = text(&record["output"]);
+            }
+            Format::Chatml | Format::Messages => {
+                from_turns(&mut ex, turns("messages", "role", "content"))
+            }
+            Format::Sharegpt => from_turns(&mut ex, turns("conversations", "from", "value")),
+            Format::Preference => {
+                let reply = |v: &Value| match v {
+                    Value::Array(turns) => turns
+                        .last()
+                        .map(|t| text(&t["content"]))
+                        .unwrap_or_default(),
+                    v => text(v),
+                };
+                match &record["prompt"] {
+                    Value::Array(_) => from_turns(&mut ex, turns("prompt", "role", "content")),
+                    prompt => ex.instruction = text(prompt),
+                }
+                ex.output = reply(&record["chosen"]);
+                ex.rejected = Some(reply(&record["rejected"]));
+            }
+        }
+        ex
+    }
+
     /// The prompt as one text (instruction, then input).
     pub fn prompt(&self) -> String {
         if self.input.is_empty() {
@@ -349,6 +420,72 @@ pub fn ngram_hashes(text: &str, n: usize) -> Vec<u64> {
         .windows(n)
         .map(|gram| xxhash_rust::xxh3::xxh3_64(gram.join(" ").as_bytes()))
         .collect()
+}
+
+/// Finds train examples that share a word n-gram with the test split or a benchmark, and
+/// counts them.
+pub struct Decontaminator {
+    ngram: usize,
+    test: std::collections::HashSet<u64>,
+    benchmarks: std::collections::HashSet<u64>,
+    found: Contaminated,
+}
+
+impl Decontaminator {
+    /// Over the n-grams of `benchmarks` and of the test examples' `test_texts` (see
+    /// [`Example::decontamination_text`]); `ngram` 0 finds nothing.
+    pub fn new<'a>(
+        ngram: usize,
+        benchmarks: &[String],
+        test_texts: impl Iterator<Item = &'a str>,
+    ) -> Self {
+        let (test, benchmarks) = if ngram > 0 {
+            (
+                test_texts.flat_map(|t| ngram_hashes(t, ngram)).collect(),
+                benchmarks
+                    .iter()
+                    .flat_map(|t| ngram_hashes(t, ngram))
+                    .collect(),
+            )
+        } else {
+            Default::default()
+        };
+        Self {
+            ngram,
+            test,
+            benchmarks,
+            found: Contaminated {
+                ngram,
+                ..Contaminated::default()
+            },
+        }
+    }
+
+    /// Whether a train example with this text must be left out (benchmarks first);
+    /// counted, with `label` kept as one of the samples.
+    pub fn contaminated(&mut self, text: &str, label: &str) -> bool {
+        if self.ngram == 0 {
+            return false;
+        }
+        let grams = ngram_hashes(text, self.ngram);
+        let c = &mut self.found;
+        if grams.iter().any(|g| self.benchmarks.contains(g)) {
+            c.with_benchmarks += 1;
+        } else if grams.iter().any(|g| self.test.contains(g)) {
+            c.with_test += 1;
+        } else {
+            return false;
+        }
+        if c.samples.len() < 10 {
+            c.samples.push(snippet(label, 120));
+        }
+        true
+    }
+
+    /// What was found.
+    pub fn into_found(self) -> Contaminated {
+        self.found
+    }
 }
 
 /// What decontamination dropped from the train split.
@@ -585,25 +722,14 @@ pub fn write(
     let ids: Vec<String> = examples.iter().map(Example::id).collect();
     let splits = assign_splits(&ids, test_size);
     let (ngram, benchmarks) = decontaminate;
-    written.contaminated.ngram = ngram;
-    // The task and the response: an example's `input` (a chat window, a text to rewrite)
-    // legitimately recurs across neighbouring examples.
-    let text_of = |e: &Example| format!("{}\n{}", e.instruction, e.output);
-    let (test_grams, bench_grams) = if ngram > 0 {
-        let test_grams: std::collections::HashSet<u64> = examples
-            .iter()
-            .zip(&splits)
-            .filter(|(_, s)| **s == Split::Test)
-            .flat_map(|(e, _)| ngram_hashes(&text_of(e), ngram))
-            .collect();
-        let bench_grams: std::collections::HashSet<u64> = benchmarks
-            .iter()
-            .flat_map(|t| ngram_hashes(t, ngram))
-            .collect();
-        (test_grams, bench_grams)
-    } else {
-        Default::default()
-    };
+    let test_texts: Vec<String> = examples
+        .iter()
+        .zip(&splits)
+        .filter(|(_, s)| **s == Split::Test)
+        .map(|(e, _)| e.decontamination_text())
+        .collect();
+    let mut decontaminator =
+        Decontaminator::new(ngram, benchmarks, test_texts.iter().map(String::as_str));
     // Preference examples with an input keep their prompt's turns (see
     // `render_conversational_preference`); one shape per dataset, as `datasets` needs.
     let conversational =
@@ -616,24 +742,10 @@ pub fn write(
         }
     };
     for (ex, split) in examples.iter().zip(splits) {
-        if ngram > 0 && split == Split::Train {
-            let grams = ngram_hashes(&text_of(ex), ngram);
-            let c = &mut written.contaminated;
-            let hit = if grams.iter().any(|g| bench_grams.contains(g)) {
-                c.with_benchmarks += 1;
-                true
-            } else if grams.iter().any(|g| test_grams.contains(g)) {
-                c.with_test += 1;
-                true
-            } else {
-                false
-            };
-            if hit {
-                if c.samples.len() < 10 {
-                    c.samples.push(snippet(&ex.instruction, 120));
-                }
-                continue;
-            }
+        if split == Split::Train
+            && decontaminator.contaminated(&ex.decontamination_text(), &ex.instruction)
+        {
+            continue;
         }
         let name = match split {
             Split::Train => "train",
@@ -650,6 +762,7 @@ pub fn write(
     }
     written.train = train.len();
     written.test = test.len();
+    written.contaminated = decontaminator.into_found();
     crate::documents::write_jsonl(&dir.join(TRAIN_FILE), &train)
         .map_err(|e| format!("writing {TRAIN_FILE}: {e}"))?;
     crate::documents::write_jsonl(&dir.join(TEST_FILE), &test)

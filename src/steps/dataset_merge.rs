@@ -1,8 +1,10 @@
 //! `dataset_merge`: several `instruct` steps (one per builder) feeding one dataset. Takes
 //! any number of `dataset` inputs of one format, drops records whose id was already seen
-//! (the same example from two builders), and re-splits by digest with one `test_size`.
+//! (the same example from two builders), re-splits by digest with one `test_size`, and
+//! decontaminates the new train split against the new test split and benchmark files.
 
 use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use schemars::JsonSchema;
@@ -10,7 +12,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{Kind, ParamIssue, StepContext, StepError, StepOutputs};
-use crate::dataset::{self, Format, Split};
+use crate::dataset::{self, Decontaminator, Example, Format, Split};
 
 /// The `dataset_merge` step kind.
 pub struct DatasetMergeStep;
@@ -22,6 +24,12 @@ pub struct MergeParams {
     /// Share of examples in the test split of the merged dataset.
     #[serde(default = "dataset::default_test_size")]
     pub test_size: f64,
+    /// Train examples sharing a word n-gram with the merged test split or with a
+    /// benchmark file are dropped, as in `instruct` (re-splitting moves examples between
+    /// splits, so each input's own decontamination no longer holds): `{ngram: 13,
+    /// benchmarks: [evals/questions.jsonl]}`; `ngram: 0` turns it off.
+    #[serde(default)]
+    pub decontaminate: dataset::Decontamination,
 }
 
 #[async_trait]
@@ -34,7 +42,7 @@ impl Kind for DatasetMergeStep {
     }
 
     fn version(&self) -> String {
-        "1".into()
+        "2".into()
     }
 
     fn summary(&self) -> &'static str {
@@ -42,13 +50,33 @@ impl Kind for DatasetMergeStep {
     }
 
     fn validate(&self, p: &MergeParams) -> Vec<ParamIssue> {
-        if (0.0..1.0).contains(&p.test_size) {
-            return Vec::new();
+        let mut issues: Vec<ParamIssue> = p
+            .decontaminate
+            .problems()
+            .into_iter()
+            .map(|(key, message)| ParamIssue::new(format!("with.decontaminate.{key}"), message))
+            .collect();
+        if !(0.0..1.0).contains(&p.test_size) {
+            issues.push(ParamIssue::new(
+                "with.test_size",
+                format!("test_size {} is outside 0 (inclusive) .. 1", p.test_size),
+            ));
         }
-        vec![ParamIssue::new(
-            "with.test_size",
-            format!("test_size {} is outside 0 (inclusive) .. 1", p.test_size),
-        )]
+        issues
+    }
+
+    /// Benchmark files enter the cache key by content.
+    fn content_inputs(
+        &self,
+        p: &MergeParams,
+        cwd: &Path,
+    ) -> Result<Vec<(String, PathBuf)>, String> {
+        Ok(p.decontaminate
+            .benchmarks
+            .iter()
+            .enumerate()
+            .map(|(i, path)| (format!("benchmark{i}"), cwd.join(path)))
+            .collect())
     }
 
     async fn run(&self, p: &MergeParams, ctx: &StepContext) -> Result<StepOutputs, StepError> {
@@ -96,13 +124,37 @@ impl Kind for DatasetMergeStep {
                 json!({"digest": input.digest.to_string(), "examples": n}),
             );
         }
+        let (format, _) = format.expect("at least one input");
         let ids: Vec<String> = records.iter().map(|(id, _)| id.clone()).collect();
+        let splits = dataset::assign_splits(&ids, p.test_size);
+        let examples: Vec<Example> = records
+            .iter()
+            .map(|(_, r)| Example::from_record(format, r))
+            .collect();
+        let benchmarks = p
+            .decontaminate
+            .read_benchmarks(|path| ctx.resolve_path(&path.to_string_lossy()))
+            .map_err(StepError::Input)?;
+        let test_texts: Vec<String> = examples
+            .iter()
+            .zip(&splits)
+            .filter(|(_, s)| **s == Split::Test)
+            .map(|(e, _)| e.decontamination_text())
+            .collect();
+        let mut decontaminator = Decontaminator::new(
+            p.decontaminate.ngram,
+            &benchmarks,
+            test_texts.iter().map(String::as_str),
+        );
         let (mut train, mut test) = (Vec::new(), Vec::new());
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-        for ((_, record), split) in records
-            .into_iter()
-            .zip(dataset::assign_splits(&ids, p.test_size))
-        {
+        for (((_, record), split), example) in records.into_iter().zip(splits).zip(&examples) {
+            if split == Split::Train
+                && decontaminator
+                    .contaminated(&example.decontamination_text(), &example.instruction)
+            {
+                continue;
+            }
             let key = format!(
                 "{}/{}/{}",
                 record["builder"].as_str().unwrap_or("?"),
@@ -119,7 +171,8 @@ impl Kind for DatasetMergeStep {
                 Split::Test => test.push(record),
             }
         }
-        let (format, _) = format.expect("at least one input");
+        let contaminated = decontaminator.into_found();
+        let left_out = contaminated.with_test + contaminated.with_benchmarks;
         let out = ctx.output_path("dataset");
         std::fs::create_dir_all(&out).map_err(|e| StepError::Failed(e.to_string()))?;
         crate::documents::write_jsonl(&out.join(dataset::TRAIN_FILE), &train)
@@ -138,6 +191,7 @@ impl Kind for DatasetMergeStep {
             "sources": per_input,
             "counts": counts,
             "duplicates_dropped": duplicates,
+            "decontamination": contaminated,
         });
         std::fs::write(
             out.join(dataset::INFO_FILE),
@@ -145,11 +199,15 @@ impl Kind for DatasetMergeStep {
         )
         .map_err(|e| StepError::Failed(e.to_string()))?;
         let note = format!(
-            "{} examples ({} train / {} test) from {} datasets, {duplicates} duplicates dropped",
+            "{} examples ({} train / {} test) from {} datasets, {duplicates} duplicates dropped{}",
             train.len() + test.len(),
             train.len(),
             test.len(),
-            per_input.len()
+            per_input.len(),
+            match left_out {
+                0 => String::new(),
+                n => format!(", {n} left out of train by decontamination"),
+            }
         );
         let meta = json!({
             "builder": "merge",
@@ -160,6 +218,7 @@ impl Kind for DatasetMergeStep {
             "counts": counts,
             "sources": per_input,
             "dropped": {"exact duplicate": duplicates},
+            "decontamination": contaminated,
         });
         ctx.single_output("dataset", meta, note)
     }
