@@ -186,8 +186,8 @@ fn vectors(n: usize) {
     });
 }
 
-/// MB/s of document text through `clean_documents` (all cores), with the default rules
-/// and with every PII kind masked.
+/// MB/s of document text through `clean_documents` (all cores), with the default rules,
+/// with every PII kind masked, and with that and Gopher's quality rules.
 fn clean(docs: &Path) {
     use cairn::clean::pii::{PiiAction, PiiRules};
     use cairn::clean::{clean_documents, CleanOptions};
@@ -198,8 +198,17 @@ fn clean(docs: &Path) {
         pii: PiiRules::all(PiiAction::Mask),
         ..CleanOptions::default()
     };
+    let pii_quality = CleanOptions {
+        quality: cairn::clean::quality::QualityRules {
+            preset: Some(cairn::clean::quality::Preset::Gopher),
+            ..Default::default()
+        }
+        .resolved(),
+        ..pii.clone()
+    };
     let (t_plain, _) = best_of(3, || clean_documents(docs.clone(), &plain));
     let (t_pii, (_, report)) = best_of(3, || clean_documents(docs.clone(), &pii));
+    let (t_quality, (quality_kept, _)) = best_of(3, || clean_documents(docs.clone(), &pii_quality));
     // What was found, to judge false positives by eye.
     let mut samples: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
     for kind in cairn::clean::pii::PiiKind::ALL {
@@ -217,6 +226,8 @@ fn clean(docs: &Path) {
         json!({"documents": docs.len(), "mb": bytes as f64 / 1e6,
                "mb_per_s": bytes as f64 / 1e6 / t_plain,
                "mb_per_s_pii": bytes as f64 / 1e6 / t_pii,
+               "mb_per_s_pii_quality": bytes as f64 / 1e6 / t_quality,
+               "kept_pii_quality": quality_kept.len(),
                "pii_found": report.pii_found, "samples": samples,
                "threads": rayon::current_num_threads()})
     );

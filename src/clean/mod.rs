@@ -368,9 +368,27 @@ pub fn clean_documents(docs: Vec<Document>, opts: &CleanOptions) -> (Vec<Documen
     // The per-document work (cleaning, scrubbing, the quality rules) in parallel; the
     // order-dependent decisions (duplicates) after.
     type Verdict = Option<(&'static str, String)>;
-    let cleaned: Vec<(Document, String, pii::Scrubbed, Verdict, usize)> = docs
+    /// A document after the per-document work: its final text, what was found in it, and
+    /// what the ordered phase compares (character count, digest, near-duplicate sketch).
+    struct Cleaned {
+        doc: Document,
+        text: String,
+        pii_found: BTreeMap<pii::PiiKind, usize>,
+        pii_drop: Vec<pii::PiiKind>,
+        verdict: Verdict,
+        renamed: usize,
+        chars: usize,
+        original_chars: usize,
+        digest: blake3::Hash,
+        sketch: Option<minhash::Sketch>,
+    }
+    // Largest documents first, so that no thread is left with a big one at the end
+    // while the other idles; the original order is restored after.
+    let mut by_size: Vec<(usize, Document)> = docs.into_iter().enumerate().collect();
+    by_size.sort_by_key(|(_, d)| std::cmp::Reverse(d.content.len()));
+    let mut cleaned: Vec<(usize, Cleaned)> = by_size
         .into_par_iter()
-        .map(|mut d| {
+        .map(|(at, mut d)| {
             let mut text = clean_text(d.category, &d.content, opts);
             let renamed = if opts.pseudonymize_speakers && d.category == Category::Chat {
                 pseudonym::pseudonymize(&mut d, &mut text)
@@ -387,9 +405,32 @@ pub fn clean_documents(docs: Vec<Document>, opts: &CleanOptions) -> (Vec<Documen
             } else {
                 None
             };
-            (d, text, scrubbed, verdict, renamed)
+            let text = if opts.pii.active() && d.category != Category::Repository {
+                scrubbed.text
+            } else {
+                text
+            };
+            // Documents dropped for PII or quality never reach the near-duplicate index.
+            let sketch = opts
+                .near_dup_threshold
+                .filter(|_| scrubbed.drop.is_empty() && verdict.is_none())
+                .map(|_| minhash::sketch(&text));
+            let cleaned = Cleaned {
+                chars: text.chars().count(),
+                original_chars: d.content.chars().count(),
+                digest: blake3::hash(text.as_bytes()),
+                doc: d,
+                text,
+                pii_found: scrubbed.found,
+                pii_drop: scrubbed.drop,
+                verdict,
+                renamed,
+                sketch,
+            };
+            (at, cleaned)
         })
         .collect();
+    cleaned.sort_unstable_by_key(|(at, _)| *at);
     let keywords: Vec<String> = opts
         .exclude_keywords
         .iter()
@@ -399,25 +440,28 @@ pub fn clean_documents(docs: Vec<Document>, opts: &CleanOptions) -> (Vec<Documen
     let mut near = opts.near_dup_threshold.map(minhash::NearDuplicates::new);
     let mut near_ids: Vec<String> = Vec::new();
     let mut kept = Vec::new();
-    for (doc, text, scrubbed, verdict, renamed) in cleaned {
-        report.pseudonymized_speakers += renamed;
-        for (kind, n) in &scrubbed.found {
+    for (_, c) in cleaned {
+        let Cleaned {
+            doc,
+            text,
+            verdict,
+            chars,
+            digest,
+            sketch,
+            ..
+        } = c;
+        report.pseudonymized_speakers += c.renamed;
+        for (kind, n) in &c.pii_found {
             *report
                 .pii_found
                 .entry(kind.as_str().to_string())
                 .or_default() += n;
         }
-        if !scrubbed.drop.is_empty() {
-            let kinds: Vec<&str> = scrubbed.drop.iter().map(|k| k.as_str()).collect();
+        if !c.pii_drop.is_empty() {
+            let kinds: Vec<&str> = c.pii_drop.iter().map(|k| k.as_str()).collect();
             report.drop(&doc, DropReason::Pii, kinds.join(", "));
             continue;
         }
-        let text = if opts.pii.active() && doc.category != Category::Repository {
-            scrubbed.text
-        } else {
-            text
-        };
-        let chars = text.chars().count();
         if text.trim().is_empty() {
             report.drop(&doc, DropReason::Empty, String::new());
             continue;
@@ -451,7 +495,6 @@ pub fn clean_documents(docs: Vec<Document>, opts: &CleanOptions) -> (Vec<Documen
                 }
             }
         }
-        let digest = blake3::hash(text.as_bytes());
         if let Some(first) = exact.get(&digest) {
             report.drop(
                 &doc,
@@ -460,8 +503,8 @@ pub fn clean_documents(docs: Vec<Document>, opts: &CleanOptions) -> (Vec<Documen
             );
             continue;
         }
-        if let Some(index) = near.as_mut() {
-            if let Some((of, sim)) = index.check_and_insert(&text) {
+        if let (Some(index), Some(sketch)) = (near.as_mut(), sketch) {
+            if let Some((of, sim)) = index.check_and_insert_sketch(sketch) {
                 report.drop(
                     &doc,
                     DropReason::NearDuplicate,
@@ -472,7 +515,7 @@ pub fn clean_documents(docs: Vec<Document>, opts: &CleanOptions) -> (Vec<Documen
             near_ids.push(doc.id.clone());
         }
         exact.insert(digest, doc.id.clone());
-        report.chars_before += doc.content.chars().count();
+        report.chars_before += c.original_chars;
         report.chars_after += chars;
         *report
             .kept_by_category

@@ -191,7 +191,7 @@ impl QualityRules {
     pub fn check(&self, text: &str) -> Option<(&'static str, String)> {
         let words: Vec<&str> = text
             .split_whitespace()
-            .map(|w| w.trim_matches(|c: char| c.is_ascii_punctuation()))
+            .map(trim_ascii_punctuation)
             .filter(|w| !w.is_empty())
             .collect();
         let n = words.len();
@@ -206,8 +206,10 @@ impl QualityRules {
             }
         }
         let share = |count: usize, of: usize| count as f64 / of.max(1) as f64;
+        let chars: Vec<usize> = words.iter().map(|w| char_count(w)).collect();
+        let word_chars: usize = chars.iter().sum();
         if n > 0 {
-            let mean = words.iter().map(|w| w.chars().count()).sum::<usize>() as f64 / n as f64;
+            let mean = word_chars as f64 / n as f64;
             if let Some(min) = self.min_mean_word_length {
                 if mean < min {
                     return Some((
@@ -226,8 +228,7 @@ impl QualityRules {
             }
         }
         if let Some(max) = self.max_symbol_word_ratio {
-            let symbols =
-                text.matches('#').count() + text.matches("...").count() + text.matches('…').count();
+            let symbols = symbol_count(text);
             let ratio = share(symbols, n);
             if ratio > max {
                 return Some((
@@ -266,7 +267,10 @@ impl QualityRules {
             let r = share(
                 words
                     .iter()
-                    .filter(|w| w.chars().any(char::is_alphabetic))
+                    .filter(|w| {
+                        w.bytes().any(|b| b.is_ascii_alphabetic())
+                            || (!w.is_ascii() && w.chars().any(char::is_alphabetic))
+                    })
                     .count(),
                 n,
             );
@@ -278,15 +282,18 @@ impl QualityRules {
             }
         }
         if let Some(min) = self.min_stop_words {
-            let found: HashSet<String> = words
-                .iter()
-                .map(|w| w.to_lowercase())
-                .filter(|w| STOP_WORDS.contains(&w.as_str()))
-                .collect();
-            if found.len() < min {
+            // Distinct stop words as bits (they are ASCII: no lowercase copy needed).
+            let mut found = 0u32;
+            for w in &words {
+                if let Some(i) = STOP_WORDS.iter().position(|s| w.eq_ignore_ascii_case(s)) {
+                    found |= 1 << i;
+                }
+            }
+            let found = found.count_ones() as usize;
+            if found < min {
                 return Some((
                     "min_stop_words",
-                    format!("{} distinct stop words < {min}", found.len()),
+                    format!("{found} distinct stop words < {min}"),
                 ));
             }
         }
@@ -300,7 +307,7 @@ impl QualityRules {
             }
         }
         if let Some(max) = self.max_short_lines {
-            let r = ratio_of(&|l| l.chars().count() < 30);
+            let r = ratio_of(&|l| l.len() < 30 || (l.len() < 120 && char_count(l) < 30));
             if r > max {
                 return Some((
                     "max_short_lines",
@@ -334,7 +341,7 @@ impl QualityRules {
                 continue;
             }
             let (dups, dup_chars) = duplicates(units);
-            let total_chars: usize = units.iter().map(|u| u.chars().count()).sum();
+            let total_chars: usize = units.iter().map(|u| char_count(u)).sum();
             if let Some(max) = count_rule.1 {
                 let r = share(dups, units.len());
                 if r > max {
@@ -351,10 +358,10 @@ impl QualityRules {
                 }
             }
         }
-        let word_chars: usize = words.iter().map(|w| w.chars().count()).sum();
+        let hashed = Words::new(&words, &chars);
         if let Some(bounds) = self.max_top_ngram_chars {
             for (i, max) in bounds.iter().enumerate() {
-                let r = share(top_ngram_chars(&words, i + 2), word_chars);
+                let r = share(top_ngram_chars(&hashed, i + 2), word_chars);
                 if r > *max {
                     return Some((
                         "max_top_ngram_chars",
@@ -364,8 +371,15 @@ impl QualityRules {
             }
         }
         if let Some(bounds) = self.max_duplicate_ngram_chars {
+            let mut previous_share = f64::INFINITY;
             for (i, max) in bounds.iter().enumerate() {
-                let r = share(duplicate_ngram_chars(&words, i + 5), word_chars);
+                // The words repeated (n+1)-grams cover are covered by repeated n-grams
+                // too, so once the share is under every bound left, the larger n pass.
+                if bounds[i..].iter().all(|b| previous_share <= *b) {
+                    break;
+                }
+                let r = share(duplicate_ngram_chars(&hashed, i + 5), word_chars);
+                previous_share = r;
                 if r > *max {
                     return Some((
                         "max_duplicate_ngram_chars",
@@ -381,60 +395,165 @@ impl QualityRules {
     }
 }
 
+/// Characters of `s`: its bytes that do not continue a UTF-8 sequence (a loop the
+/// compiler vectorizes; `chars().count()` is a call per word).
+fn char_count(s: &str) -> usize {
+    s.bytes().filter(|b| (*b as i8) >= -0x40).count()
+}
+
+/// `w` without ASCII punctuation at its ends (bytes: no UTF-8 sequence starts with one).
+fn trim_ascii_punctuation(w: &str) -> &str {
+    let bytes = w.as_bytes();
+    let start = bytes
+        .iter()
+        .position(|b| !b.is_ascii_punctuation())
+        .unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|b| !b.is_ascii_punctuation())
+        .map_or(start, |e| e + 1);
+    &w[start..end.max(start)]
+}
+
+/// Gopher's symbols: `#`, `...` (non-overlapping) and `…`, in one pass.
+fn symbol_count(text: &str) -> usize {
+    let bytes = text.as_bytes();
+    let (mut count, mut i) = (0, 0);
+    while i < bytes.len() {
+        match bytes[i] {
+            b'#' => count += 1,
+            b'.' if bytes.get(i + 1) == Some(&b'.') && bytes.get(i + 2) == Some(&b'.') => {
+                count += 1;
+                i += 2;
+            }
+            // U+2026 HORIZONTAL ELLIPSIS
+            0xE2 if bytes.get(i + 1) == Some(&0x80) && bytes.get(i + 2) == Some(&0xA6) => {
+                count += 1;
+                i += 2;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    count
+}
+
+/// A hasher for keys that are hashes already (64-bit xxh3 values): n-gram counting is
+/// most of the rules' time, and SipHash over word slices was most of that.
+#[derive(Default)]
+struct PreHashed(u64);
+
+impl std::hash::Hasher for PreHashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 = xxhash_rust::xxh3::xxh3_64_with_seed(bytes, self.0);
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type HashCounts = HashMap<u64, u32, std::hash::BuildHasherDefault<PreHashed>>;
+
 /// How many units repeat an earlier one, and their characters.
 fn duplicates(units: &[&str]) -> (usize, usize) {
-    let mut seen = HashSet::new();
+    let mut seen: HashSet<u64, std::hash::BuildHasherDefault<PreHashed>> = HashSet::default();
     let (mut count, mut chars) = (0, 0);
     for u in units {
-        if !seen.insert(*u) {
+        if !seen.insert(xxhash_rust::xxh3::xxh3_64(u.as_bytes())) {
             count += 1;
-            chars += u.chars().count();
+            chars += char_count(u);
         }
     }
     (count, chars)
 }
 
+/// A document's words as hashes and character counts, computed once for every n-gram
+/// rule. N-grams are compared by a 64-bit hash of their words' hashes (a collision among
+/// a document's n-grams has a chance below 1e-9).
+struct Words {
+    hashes: Vec<u64>,
+    /// Characters of the words before each position (`chars_before[i + n] -
+    /// chars_before[i]` are the characters of the n words from `i`).
+    chars_before: Vec<usize>,
+}
+
+impl Words {
+    /// `chars`: each word's characters.
+    fn new(words: &[&str], chars: &[usize]) -> Words {
+        let mut chars_before = Vec::with_capacity(chars.len() + 1);
+        chars_before.push(0);
+        for c in chars {
+            chars_before.push(chars_before.last().copied().unwrap_or(0) + c);
+        }
+        Words {
+            hashes: words
+                .iter()
+                .map(|w| xxhash_rust::xxh3::xxh3_64(w.as_bytes()))
+                .collect(),
+            chars_before,
+        }
+    }
+
+    /// The hash of each n-gram, in order.
+    fn ngrams(&self, n: usize) -> impl Iterator<Item = u64> + '_ {
+        self.hashes.windows(n).map(super::minhash::window_hash)
+    }
+
+    /// Characters of the `n` words from `i`.
+    fn chars(&self, i: usize, n: usize) -> usize {
+        self.chars_before[i + n] - self.chars_before[i]
+    }
+}
+
 /// Characters of the most frequent word n-gram times its count (Gopher counts the
-/// characters of the n-gram's words).
-fn top_ngram_chars(words: &[&str], n: usize) -> usize {
-    if words.len() < n {
+/// characters of the n-gram's words). One pass: each repeat updates the best.
+fn top_ngram_chars(words: &Words, n: usize) -> usize {
+    if words.hashes.len() < n {
         return 0;
     }
-    let mut counts: HashMap<&[&str], usize> = HashMap::new();
-    for gram in words.windows(n) {
-        *counts.entry(gram).or_default() += 1;
+    let mut counts = HashCounts::default();
+    counts.reserve(words.hashes.len());
+    let mut best = 0;
+    for (i, gram) in words.ngrams(n).enumerate() {
+        let count = counts.entry(gram).or_default();
+        *count += 1;
+        if *count > 1 {
+            best = best.max(words.chars(i, n) * *count as usize);
+        }
     }
-    counts
-        .into_iter()
-        .filter(|(_, c)| *c > 1)
-        .map(|(g, c)| g.iter().map(|w| w.chars().count()).sum::<usize>() * c)
-        .max()
-        .unwrap_or(0)
+    best
 }
 
 /// Characters of the words covered by n-grams that occur more than once (each word
-/// counted once, as datatrove does).
-fn duplicate_ngram_chars(words: &[&str], n: usize) -> usize {
-    if words.len() < n {
+/// counted once, as datatrove does). One pass: an n-gram seen before covers its words
+/// and, the first time it repeats, those of its first occurrence.
+fn duplicate_ngram_chars(words: &Words, n: usize) -> usize {
+    if words.hashes.len() < n {
         return 0;
     }
-    let mut counts: HashMap<&[&str], usize> = HashMap::new();
-    for gram in words.windows(n) {
-        *counts.entry(gram).or_default() += 1;
-    }
-    let mut covered = vec![false; words.len()];
-    for (i, gram) in words.windows(n).enumerate() {
-        if counts[gram] > 1 {
-            for c in covered.iter_mut().skip(i).take(n) {
-                *c = true;
+    // n-gram -> (its first position, whether that occurrence is marked yet)
+    let mut first: HashMap<u64, (usize, bool), std::hash::BuildHasherDefault<PreHashed>> =
+        HashMap::default();
+    first.reserve(words.hashes.len());
+    let mut covered = vec![false; words.hashes.len()];
+    for (i, gram) in words.ngrams(n).enumerate() {
+        let (at, marked) = first.entry(gram).or_insert((i, false));
+        if *at != i {
+            if !*marked {
+                covered[*at..*at + n].iter_mut().for_each(|c| *c = true);
+                *marked = true;
             }
+            covered[i..i + n].iter_mut().for_each(|c| *c = true);
         }
     }
-    words
+    covered
         .iter()
-        .zip(&covered)
+        .enumerate()
         .filter(|(_, c)| **c)
-        .map(|(w, _)| w.chars().count())
+        .map(|(i, _)| words.chars(i, 1))
         .sum()
 }
 
@@ -494,14 +613,103 @@ mod tests {
         assert_eq!(QualityRules::default().check("x"), None);
     }
 
+    fn words_of(words: &[&str]) -> Words {
+        let chars: Vec<usize> = words.iter().map(|w| w.chars().count()).collect();
+        Words::new(words, &chars)
+    }
+
+    /// The one-pass counts equal the definitions computed the plain way, on word
+    /// sequences from a small vocabulary (many repeats of every length).
+    #[test]
+    fn one_pass_ngram_counts_equal_the_definitions() {
+        let vocab = ["a", "bb", "ccc", "dd", "e", "ffff"];
+        let mut state = 7u64;
+        for len in [0, 3, 10, 40, 200] {
+            let words: Vec<&str> = (0..len)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    vocab[(state >> 33) as usize % vocab.len()]
+                })
+                .collect();
+            let hashed = words_of(&words);
+            for n in 2..=10 {
+                let mut counts: HashMap<&[&str], usize> = HashMap::new();
+                for g in words.windows(n) {
+                    *counts.entry(g).or_default() += 1;
+                }
+                let chars = |g: &[&str]| g.iter().map(|w| w.len()).sum::<usize>();
+                let top = counts
+                    .iter()
+                    .filter(|(_, c)| **c > 1)
+                    .map(|(g, c)| chars(g) * c)
+                    .max()
+                    .unwrap_or(0);
+                assert_eq!(top_ngram_chars(&hashed, n), top, "top, len {len}, n {n}");
+                let mut covered = vec![false; words.len()];
+                for (i, g) in words.windows(n).enumerate() {
+                    if counts[g] > 1 {
+                        covered[i..i + n].iter_mut().for_each(|c| *c = true);
+                    }
+                }
+                let dup: usize = words
+                    .iter()
+                    .zip(&covered)
+                    .filter(|(_, c)| **c)
+                    .map(|(w, _)| w.len())
+                    .sum();
+                assert_eq!(
+                    duplicate_ngram_chars(&hashed, n),
+                    dup,
+                    "dup, len {len}, n {n}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn byte_helpers_equal_their_char_definitions() {
+        for s in [
+            "",
+            "plain",
+            "«Grüße»",
+            "...x...",
+            "a……b",
+            "##.. ...",
+            "—¿qué?—",
+            "\"quoted,\"",
+            "…",
+            ".",
+            "🎉!",
+        ] {
+            assert_eq!(char_count(s), s.chars().count(), "{s}");
+            assert_eq!(
+                trim_ascii_punctuation(s),
+                s.trim_matches(|c: char| c.is_ascii_punctuation()),
+                "{s}"
+            );
+            assert_eq!(
+                symbol_count(s),
+                s.matches('#').count() + s.matches("...").count() + s.matches('…').count(),
+                "{s}"
+            );
+        }
+    }
+
     #[test]
     fn ngram_shares_follow_their_definitions() {
-        let words = ["a", "b", "a", "b", "c"];
+        let words = words_of(&["a", "b", "a", "b", "c"]);
         // "a b" twice: 2 chars x 2.
         assert_eq!(top_ngram_chars(&words, 2), 4);
         assert_eq!(top_ngram_chars(&words, 3), 0);
-        let words = ["a", "b", "c", "d", "e", "a", "b", "c", "d", "e", "x"];
+        let words = words_of(&["a", "b", "c", "d", "e", "a", "b", "c", "d", "e", "x"]);
         // The 5-gram "a b c d e" occurs twice: words 0-9 covered.
         assert_eq!(duplicate_ngram_chars(&words, 5), 10);
+        // The same words in another order are another n-gram.
+        let words = words_of(&["ab", "c", "a", "bc", "ab", "c"]);
+        assert_eq!(top_ngram_chars(&words, 2), 6);
+        let words = words_of(&["a", "b", "b", "a"]);
+        assert_eq!(top_ngram_chars(&words, 2), 0);
     }
 }

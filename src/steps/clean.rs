@@ -209,7 +209,8 @@ impl Kind for CleanStep {
     fn version(&self) -> String {
         // 2: ASCII word boundaries in the URL, e-mail and boilerplate patterns.
         // 3: MinHash bands that find near-duplicates at the threshold (see band_layout).
-        "3".into()
+        // 4: one-permutation MinHash signatures over word-hash shingles.
+        "4".into()
     }
 
     fn summary(&self) -> &'static str {

@@ -327,7 +327,8 @@ impl Kind for InstructStep {
 
     fn version(&self) -> String {
         // 2: MinHash bands that find near-duplicates at the threshold (see band_layout).
-        "2".into()
+        // 3: one-permutation MinHash signatures over word-hash shingles.
+        "3".into()
     }
 
     fn summary(&self) -> &'static str {
