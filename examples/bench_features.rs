@@ -5,6 +5,7 @@
 //!   bench_features flops TEXTS.jsonl MODEL_DIR       tokens and BERT FLOPs of the texts
 //!   bench_features vectors N                         Qdrant Edge upsert + query latency
 //!   bench_features clean DOCS.jsonl                  `clean` throughput, without and with PII rules
+//!   bench_features dedup N DIM                       `semantic_dedup` time for N random vectors
 
 use std::path::Path;
 use std::time::Instant;
@@ -19,11 +20,50 @@ fn main() {
         Some("flops") => flops(Path::new(&args[2]), Path::new(&args[3])),
         Some("vectors") => vectors(args[2].parse().unwrap()),
         Some("clean") => clean(Path::new(&args[2])),
+        Some("dedup") => dedup(args[2].parse().unwrap(), args[3].parse().unwrap()),
         _ => {
             eprintln!("usage: see the header of examples/bench_features.rs");
             std::process::exit(2);
         }
     }
+}
+
+/// Seconds `semantic_dedup` takes over `n` random `dim`-wide vectors in one category,
+/// every tenth a perturbed copy of an earlier one.
+fn dedup(n: usize, dim: usize) {
+    let mut state = 1u64;
+    let mut next = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    let mut vectors: Vec<f32> = Vec::with_capacity(n * dim);
+    for i in 0..n {
+        if i % 10 == 9 {
+            let from = (i / 2) * dim;
+            let copy: Vec<f32> = vectors[from..from + dim]
+                .iter()
+                .map(|x| x + 0.01 * next())
+                .collect();
+            vectors.extend(copy);
+        } else {
+            vectors.extend((0..dim).map(|_| next()));
+        }
+    }
+    let group = vec![0usize; n];
+    let (seconds, verdicts) = best_of(1, || {
+        cairn::embed::dedup::near_duplicates(&vectors, dim, &group, 0.95, &|_| {})
+    });
+    let dropped = verdicts
+        .iter()
+        .filter(|v| !matches!(v, cairn::embed::dedup::Verdict::Kept))
+        .count();
+    println!(
+        "{}",
+        json!({"vectors": n, "dim": dim, "seconds": seconds, "dropped": dropped,
+               "threads": rayon::current_num_threads()})
+    );
 }
 
 fn best_of<T>(runs: usize, mut f: impl FnMut() -> T) -> (f64, T) {

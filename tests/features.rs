@@ -363,6 +363,130 @@ mod vectors {
             second.reason("vectors")
         );
     }
+
+    /// `semantic_dedup` between embed and vector_load: a rephrasing of a note (few shared
+    /// words, so MinHash keeps it) is dropped as within the cosine threshold of the
+    /// original, per category; unrelated notes stay; only the kept chunks are loaded; a
+    /// new threshold reruns only the dedup and the load.
+    #[test]
+    fn semantic_duplicates_are_dropped_before_loading() {
+        let p = Project::new();
+        notes(&p);
+        p.write(
+            "mine/starter-again.md",
+            "# Keeping a sourdough culture alive\n\nTwice daily I give my sourdough culture the same weight of rye flour as water. \
+             Once the culture has doubled in six hours it can raise a loaf. Keep it somewhere warm, throw away half before feeding it, \
+             and look for bubbles on top.\n",
+        );
+        let model = model_dir();
+        let yaml = |threshold: &str| {
+            format!(
+                "name: features\nsteps:\n  \
+                 mine: {{uses: source, with: {{path: mine}}}}\n  \
+                 docs: {{uses: ingest, inputs: {{files: mine.data}}}}\n  \
+                 clean: {{uses: clean, inputs: {{documents: docs.documents}}}}\n  \
+                 chunk: {{uses: chunk, inputs: {{documents: clean.documents}}, with: {{model: \"{m}\", size: 200, overlap: 0}}}}\n  \
+                 embed: {{uses: embed, inputs: {{chunks: chunk.chunks}}, with: {{model: \"{m}\", batch_size: 4}}}}\n  \
+                 dedup: {{uses: semantic_dedup, inputs: {{embeddings: embed.embeddings}}, with: {{threshold: {threshold}}}}}\n  \
+                 vectors: {{uses: vector_load, inputs: {{embeddings: dedup.embeddings}}}}\n",
+                m = model.display()
+            )
+        };
+        p.write("f.yaml", &yaml("0.7"));
+        let run = p.run("f.yaml", &[]);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+
+        // The rephrasing's cosine to the original, measured on embed's own vectors.
+        let emb = run.output("embed", "embeddings");
+        let chunks: Vec<Value> = cat(&p, &emb, Some("chunks.jsonl"))
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let tensor = p.path("emb.safetensors");
+        let bytes = p
+            .cmd()
+            .args(["artifacts", "cat", &emb, "embeddings.safetensors"])
+            .output()
+            .unwrap()
+            .stdout;
+        std::fs::write(&tensor, bytes).unwrap();
+        let (_, dim, values) = cairn::embed::read_tensor(&tensor).unwrap();
+        let row_of = |needle: &str| {
+            chunks
+                .iter()
+                .position(|c| c["text"].as_str().unwrap().contains(needle))
+                .unwrap()
+        };
+        let (original, again) = (row_of("I feed my sourdough starter"), row_of("Twice daily"));
+        let vector = |i: usize| &values[i * dim..(i + 1) * dim];
+        let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let cosine = |a: &[f32], b: &[f32]| {
+            a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>() / (norm(a) * norm(b))
+        };
+        let c = cosine(vector(original), vector(again));
+        assert!(c >= 0.7, "the rephrasing is at cosine {c} only");
+        for other in [row_of("borrow checker"), row_of("Tomatoes need")] {
+            let c = cosine(vector(original), vector(other));
+            assert!(c < 0.7, "an unrelated note is at cosine {c}");
+        }
+
+        let dedup = run.output("dedup", "embeddings");
+        let meta = artifact(&p, &dedup)["metadata"].clone();
+        let d = &meta["semantic_dedup"];
+        assert_eq!(d["dropped"]["note"], 1, "{meta:#}");
+        assert_eq!(d["samples"][0]["of"], chunks[original]["id"], "{meta:#}");
+        assert_eq!(meta["count"].as_u64().unwrap() as usize, chunks.len() - 1);
+        assert_eq!(meta["dim"], 384, "the embedder's metadata is carried over");
+        let kept = cat(&p, &dedup, Some("chunks.jsonl"));
+        assert!(
+            !kept.contains("Twice daily") && kept.contains("borrow checker"),
+            "{kept}"
+        );
+        let res = query(
+            &p,
+            &[
+                "embedded_notes",
+                "rye flour and water for the starter",
+                "-k",
+                "10",
+            ],
+        );
+        let texts: Vec<&str> = res["hits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["payload"]["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(texts.len(), chunks.len() - 1, "{texts:?}");
+        assert!(
+            texts.iter().all(|t| !t.contains("Twice daily")),
+            "{texts:?}"
+        );
+
+        // A threshold nothing reaches keeps everything; embed is not rerun.
+        p.write("f.yaml", &yaml("1.0"));
+        let again = p.run("f.yaml", &[]);
+        assert_eq!(again.code, 0, "{}", again.stderr);
+        assert_eq!(again.step("embed")["status"], "cached");
+        assert_eq!(
+            again.step("dedup")["status"],
+            "ran",
+            "{}",
+            again.reason("dedup")
+        );
+        let meta = artifact(&p, &again.output("dedup", "embeddings"))["metadata"].clone();
+        assert_eq!(
+            meta["count"].as_u64().unwrap() as usize,
+            chunks.len(),
+            "{meta:#}"
+        );
+
+        // A threshold outside (0, 1] is refused at load time.
+        p.write("f.yaml", &yaml("1.5"));
+        let (code, _, err) = p.exec(&["validate", "f.yaml"]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("threshold 1.5 is outside"), "{err}");
+    }
 }
 
 /// `clean` with PII rules: e-mail addresses and phone numbers masked, a document holding

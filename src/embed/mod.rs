@@ -5,6 +5,7 @@
 //! both sides share: settings, the description of a loaded model, the safetensors output
 //! format, and [`worker`], the client that drives the helper.
 
+pub mod dedup;
 pub mod worker;
 
 use std::path::{Path, PathBuf};

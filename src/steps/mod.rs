@@ -16,6 +16,7 @@ pub mod instruct;
 pub mod rag_eval;
 pub mod rank;
 pub mod sample;
+pub mod semantic_dedup;
 pub mod source;
 pub mod vector_load;
 
@@ -465,6 +466,7 @@ pub static REGISTRY: &[&dyn Step] = &[
     &Typed(clean::CleanStep),
     &Typed(chunk::ChunkStep),
     &Typed(embed::EmbedStep),
+    &Typed(semantic_dedup::SemanticDedupStep),
     &Typed(vector_load::VectorLoadStep),
     &Typed(instruct::InstructStep),
     &Typed(dataset_merge::DatasetMergeStep),
