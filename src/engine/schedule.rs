@@ -1297,6 +1297,18 @@ pub(super) async fn verify_inputs_of(ctx: &StepContext) -> Result<(), StepError>
 }
 
 async fn verify_inputs(ctx: &StepContext) -> Result<(), StepError> {
+    let t0 = Instant::now();
+    let result = verify_inputs_now(ctx).await;
+    tracing::debug!(
+        step = %ctx.step,
+        ms = t0.elapsed().as_secs_f64() * 1e3,
+        inputs = ctx.inputs.len(),
+        "inputs verified"
+    );
+    result
+}
+
+async fn verify_inputs_now(ctx: &StepContext) -> Result<(), StepError> {
     const INLINE_BYTES: u64 = 256 << 10;
     let mut deferred = Vec::new();
     for (name, input) in &ctx.inputs {
