@@ -365,6 +365,11 @@ async fn run_once(
                 }
             }
         }
+        // tokio's File finishes writes in the background: without a flush the log can
+        // still be empty when the step returns (a Slurm node prints it at once).
+        if let Some(f) = log.as_mut() {
+            let _ = f.flush().await;
+        }
         let bytes: Vec<u8> = tail.into_iter().collect();
         String::from_utf8_lossy(&bytes).into_owned()
     });
