@@ -18,6 +18,9 @@
                                                  metrics per step; the trained weights (or adapter) to OUT
     decoder.py check-gguf GGUF MODEL             read GGUF with the `gguf` package (llama.cpp's
                                                  reader) and compare every tensor with MODEL's
+    decoder.py llama-cpp GGUF MODEL              llama.cpp itself (llama-cpp-python) runs GGUF on a
+                                                 fixed token sequence; its logits against
+                                                 transformers' on MODEL
     decoder.py render-chat MODEL CONVERSATIONS   transformers' apply_chat_template of each
                                                  conversation (a JSON list of message lists),
                                                  with and without the generation prompt
@@ -336,6 +339,28 @@ def preference(objective, model_dir, data, settings, out):
     print(json.dumps({"steps": logged}))
 
 
+def llama_cpp_logits(path, model_dir):
+    """llama.cpp's forward pass over the GGUF (CPU, every position's logits) against
+    transformers' f32 forward over the Hugging Face weights, on the same token ids."""
+    import numpy as np
+    import transformers as tf
+    from llama_cpp import Llama
+
+    ids = [(7 * i + 3) % 256 for i in range(24)]
+    llm = Llama(model_path=path, logits_all=True, n_ctx=64, n_threads=2, n_batch=64,
+                verbose=False)
+    llm.eval(ids)
+    ours = np.array(llm.scores[: len(ids)], dtype=np.float64)
+    model = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].double().numpy()
+    ours = ours[:, : ref.shape[1]]
+    diff = np.abs(ours - ref)
+    print(json.dumps({"positions": len(ids), "vocab": int(ref.shape[1]),
+                      "max_abs_err": float(diff.max()), "scale": float(np.abs(ref).max()),
+                      "argmax_agree": float((ours.argmax(1) == ref.argmax(1)).mean())}))
+
+
 def main():
     cmd, *args = sys.argv[1:]
     if cmd == "make":
@@ -420,6 +445,8 @@ def main():
         preference(cmd, *args)
     elif cmd == "check-gguf":
         check_gguf(*args)
+    elif cmd == "llama-cpp":
+        llama_cpp_logits(*args)
     elif cmd == "check-nf4":
         # bitsandbytes' own quantize_4bit (NF4, blocks of 64, double quantization).
         import bitsandbytes.functional as F
