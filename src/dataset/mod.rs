@@ -432,16 +432,22 @@ pub struct Decontaminator {
 }
 
 impl Decontaminator {
-    /// Over the n-grams of `benchmarks` and of the test examples' `test_texts` (see
-    /// [`Example::decontamination_text`]); `ngram` 0 finds nothing.
-    pub fn new<'a>(
+    /// Over the n-grams of `benchmarks` and of the `examples` that `splits` puts in test
+    /// (see [`Example::decontamination_text`]); `ngram` 0 finds nothing.
+    pub fn new(
         ngram: usize,
         benchmarks: &[String],
-        test_texts: impl Iterator<Item = &'a str>,
+        examples: &[Example],
+        splits: &[Split],
     ) -> Self {
         let (test, benchmarks) = if ngram > 0 {
             (
-                test_texts.flat_map(|t| ngram_hashes(t, ngram)).collect(),
+                examples
+                    .iter()
+                    .zip(splits)
+                    .filter(|(_, s)| **s == Split::Test)
+                    .flat_map(|(e, _)| ngram_hashes(&e.decontamination_text(), ngram))
+                    .collect(),
                 benchmarks
                     .iter()
                     .flat_map(|t| ngram_hashes(t, ngram))
@@ -722,14 +728,7 @@ pub fn write(
     let ids: Vec<String> = examples.iter().map(Example::id).collect();
     let splits = assign_splits(&ids, test_size);
     let (ngram, benchmarks) = decontaminate;
-    let test_texts: Vec<String> = examples
-        .iter()
-        .zip(&splits)
-        .filter(|(_, s)| **s == Split::Test)
-        .map(|(e, _)| e.decontamination_text())
-        .collect();
-    let mut decontaminator =
-        Decontaminator::new(ngram, benchmarks, test_texts.iter().map(String::as_str));
+    let mut decontaminator = Decontaminator::new(ngram, benchmarks, examples, &splits);
     // Preference examples with an input keep their prompt's turns (see
     // `render_conversational_preference`); one shape per dataset, as `datasets` needs.
     let conversational =

@@ -135,17 +135,8 @@ impl Kind for DatasetMergeStep {
             .decontaminate
             .read_benchmarks(|path| ctx.resolve_path(&path.to_string_lossy()))
             .map_err(StepError::Input)?;
-        let test_texts: Vec<String> = examples
-            .iter()
-            .zip(&splits)
-            .filter(|(_, s)| **s == Split::Test)
-            .map(|(e, _)| e.decontamination_text())
-            .collect();
-        let mut decontaminator = Decontaminator::new(
-            p.decontaminate.ngram,
-            &benchmarks,
-            test_texts.iter().map(String::as_str),
-        );
+        let mut decontaminator =
+            Decontaminator::new(p.decontaminate.ngram, &benchmarks, &examples, &splits);
         let (mut train, mut test) = (Vec::new(), Vec::new());
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
         for (((_, record), split), example) in records.into_iter().zip(splits).zip(&examples) {
