@@ -895,7 +895,8 @@ mod tests {
 
     /// A DocBook/Publican page (the shape of Debian's debian-handbook): the Prev/Up/
     /// Home/Next blocks go, the `sidebar` boxes between paragraphs (tips, background)
-    /// stay, even after empty index-term anchors; a site sidebar beside the content goes.
+    /// stay, even after empty index-term anchors and two in a row at the end of a
+    /// section; a site sidebar beside the content goes.
     #[test]
     fn docbook_navigation_goes_and_its_sidebars_stay() {
         let para = |t: &str| {
@@ -913,6 +914,8 @@ mod tests {
             <div class="sidebar"><div class="titlepage"><p class="title"><strong>TIP Listing a package's contents</strong></p></div>
             {}</div>
             {}
+            <div class="sidebar"><p class="title"><strong>NOTE</strong></p>{}</div>
+            <div class="sidebar"><p class="title"><strong>ALTERNATIVE</strong></p>{}</div>
             </div>
             <div class="sidebar"><ul><li><a href="/x">Other manuals</a></li><li><a href="/y">Site map</a></li></ul></div>
             <ul class="docnav"><li class="previous"><a href="a.html"><strong>Prev</strong>6.3. The apt-cache Command</a></li><li class="up"><a href="b.html"><strong>Up</strong></a></li></ul>
@@ -920,6 +923,8 @@ mod tests {
             para("Running apt-file search finds the package that ships a file."),
             para("dpkg -L lists the files of an installed package."),
             para("To list local files that belong to no package, try cruft."),
+            para("A note box right after the last paragraph of the section."),
+            para("A second box in a row, the last thing in the section."),
         );
         let e = extract(
             &page,
@@ -930,6 +935,8 @@ mod tests {
             "Running apt-file search finds the package",
             "dpkg -L lists the files of an installed package.",
             "To list local files that belong to no package",
+            "A note box right after the last paragraph",
+            "A second box in a row, the last thing in the section.",
         ] {
             assert!(e.text.contains(kept), "{kept:?} missing from:\n{}", e.text);
         }

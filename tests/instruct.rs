@@ -596,6 +596,67 @@ fn grams13(text: &str) -> std::collections::HashSet<String> {
     words.windows(13).map(|w| w.join(" ")).collect()
 }
 
+/// Runs `on.yaml` (decontamination against `evals/bench.jsonl`) and `off.yaml`
+/// (`ngram: 0`) of a project from [`contamination_project`] and checks `step`'s dataset:
+/// without decontamination it holds all `n` examples; with it, some are left out for the
+/// test split and some for the benchmark, counted, the test split is the same, and nothing
+/// left in train (read as text by `text_of`) shares a 13-gram with test or the benchmark.
+fn assert_train_decontaminated(
+    p: &Project,
+    step: &str,
+    bench: &str,
+    n: usize,
+    text_of: fn(&Value) -> String,
+) {
+    let off = p.run("off.yaml", &[]);
+    assert_eq!(off.code, 0, "{}", off.stderr);
+    let off_meta = artifact(p, &off.output(step, "dataset"))["metadata"].clone();
+    assert_eq!(
+        off_meta["count"].as_u64().unwrap(),
+        n as u64,
+        "{off_meta:#}"
+    );
+
+    let on = p.run("on.yaml", &[]);
+    assert_eq!(on.code, 0, "{}", on.stderr);
+    let digest = on.output(step, "dataset");
+    let meta = artifact(p, &digest)["metadata"].clone();
+    let d = &meta["decontamination"];
+    let (with_test, with_bench) = (
+        d["with_test"].as_u64().unwrap(),
+        d["with_benchmarks"].as_u64().unwrap(),
+    );
+    assert!(with_test >= 1 && with_bench >= 1, "{meta:#}");
+    assert_eq!(
+        meta["train"].as_u64().unwrap() + meta["test"].as_u64().unwrap() + with_test + with_bench,
+        n as u64
+    );
+    assert_eq!(
+        meta["test"], off_meta["test"],
+        "the test split is never touched"
+    );
+
+    let (dir, info) = dataset_dir(&p.store(), &digest);
+    assert_eq!(info["decontamination"]["ngram"], 13);
+    let read = |file: &str| -> Vec<String> {
+        std::fs::read_to_string(dir.join(file))
+            .unwrap()
+            .lines()
+            .map(|l| text_of(&serde_json::from_str(l).unwrap()))
+            .collect()
+    };
+    let mut forbidden = grams13(bench);
+    for t in read("test.jsonl") {
+        forbidden.extend(grams13(&t));
+    }
+    for t in read("train.jsonl") {
+        assert!(
+            grams13(&t).is_disjoint(&forbidden),
+            "contaminated train example: {t}"
+        );
+    }
+}
+
 /// Decontamination: training examples that share a 13-gram with the test split or with a
 /// benchmark file are left out of train, counted; none of what remains in train overlaps;
 /// `ngram: 0` keeps everything.
@@ -611,57 +672,10 @@ fn decontamination_keeps_test_and_benchmark_text_out_of_train() {
     };
     p.write("on.yaml", &pipeline("{benchmarks: [evals/bench.jsonl]}"));
     p.write("off.yaml", &pipeline("{ngram: 0}"));
-
-    let off = p.run("off.yaml", &[]);
-    assert_eq!(off.code, 0, "{}", off.stderr);
-    let off_meta = artifact(&p, &off.output("data", "dataset"))["metadata"].clone();
-    let total = off_meta["count"].as_u64().unwrap();
-    assert_eq!(total, n as u64, "{off_meta:#}");
-
-    let on = p.run("on.yaml", &[]);
-    assert_eq!(on.code, 0, "{}", on.stderr);
-    let digest = on.output("data", "dataset");
-    let meta = artifact(&p, &digest)["metadata"].clone();
-    let d = &meta["decontamination"];
-    let (with_test, with_bench) = (
-        d["with_test"].as_u64().unwrap(),
-        d["with_benchmarks"].as_u64().unwrap(),
-    );
-    assert!(with_test >= 1 && with_bench >= 1, "{meta:#}");
-    assert_eq!(
-        meta["train"].as_u64().unwrap() + meta["test"].as_u64().unwrap() + with_test + with_bench,
-        total
-    );
-    assert_eq!(
-        meta["test"], off_meta["test"],
-        "the test split is never touched"
-    );
-
-    // What is left in train shares no 13-gram with test or the benchmark.
-    let (dir, info) = dataset_dir(&p.store(), &digest);
-    assert_eq!(info["decontamination"]["ngram"], 13);
-    let grams = grams13;
-    let read = |file: &str| -> Vec<String> {
-        std::fs::read_to_string(dir.join(file))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                let v: Value = serde_json::from_str(l).unwrap();
-                let field = |k: &str| v[k].as_str().unwrap_or("").to_string();
-                format!("{}\n{}", field("instruction"), field("output"))
-            })
-            .collect()
-    };
-    let mut forbidden = grams(bench);
-    for t in read("test.jsonl") {
-        forbidden.extend(grams(&t));
-    }
-    for t in read("train.jsonl") {
-        assert!(
-            grams(&t).is_disjoint(&forbidden),
-            "contaminated train example: {t}"
-        );
-    }
+    assert_train_decontaminated(&p, "data", bench, n, |v| {
+        let field = |k: &str| v[k].as_str().unwrap_or("").to_string();
+        format!("{}\n{}", field("instruction"), field("output"))
+    });
 
     // A bad n-gram length is refused before anything runs.
     p.write("bad.yaml", &pipeline("{ngram: 2}"));
@@ -686,56 +700,9 @@ fn dataset_merge_decontaminates_its_own_split() {
     };
     p.write("on.yaml", &pipeline("{benchmarks: [evals/bench.jsonl]}"));
     p.write("off.yaml", &pipeline("{ngram: 0}"));
-    let off = p.run("off.yaml", &[]);
-    assert_eq!(off.code, 0, "{}", off.stderr);
-    let off_meta = artifact(&p, &off.output("all", "dataset"))["metadata"].clone();
-    assert_eq!(
-        off_meta["count"].as_u64().unwrap(),
-        n as u64,
-        "{off_meta:#}"
-    );
-
-    let on = p.run("on.yaml", &[]);
-    assert_eq!(on.code, 0, "{}", on.stderr);
-    let digest = on.output("all", "dataset");
-    let meta = artifact(&p, &digest)["metadata"].clone();
-    let d = &meta["decontamination"];
-    let (with_test, with_bench) = (
-        d["with_test"].as_u64().unwrap(),
-        d["with_benchmarks"].as_u64().unwrap(),
-    );
-    assert!(with_test >= 1 && with_bench >= 1, "{meta:#}");
-    assert_eq!(
-        meta["train"].as_u64().unwrap() + meta["test"].as_u64().unwrap() + with_test + with_bench,
-        n as u64
-    );
-    assert_eq!(
-        meta["test"], off_meta["test"],
-        "the test split is never touched"
-    );
-
-    let (dir, info) = dataset_dir(&p.store(), &digest);
-    assert_eq!(info["decontamination"]["ngram"], 13);
-    let read = |file: &str| -> Vec<String> {
-        std::fs::read_to_string(dir.join(file))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                let v: Value = serde_json::from_str(l).unwrap();
-                let turns = v["messages"].as_array().unwrap();
-                let content = |i: usize| turns[i]["content"].as_str().unwrap().to_string();
-                format!("{}\n{}", content(0), content(turns.len() - 1))
-            })
-            .collect()
-    };
-    let mut forbidden = grams13(bench);
-    for t in read("test.jsonl") {
-        forbidden.extend(grams13(&t));
-    }
-    for t in read("train.jsonl") {
-        assert!(
-            grams13(&t).is_disjoint(&forbidden),
-            "contaminated train example: {t}"
-        );
-    }
+    assert_train_decontaminated(&p, "all", bench, n, |v| {
+        let turns = v["messages"].as_array().unwrap();
+        let content = |i: usize| turns[i]["content"].as_str().unwrap().to_string();
+        format!("{}\n{}", content(0), content(turns.len() - 1))
+    });
 }

@@ -10,9 +10,15 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 /// A set of shingle hashes. They are xxh3 values already, so the set uses them as they
 /// are instead of hashing them again with SipHash.
-pub type ShingleSet = HashSet<u64, BuildHasherDefault<Prehashed>>;
+pub type ShingleSet = PrehashedSet;
 
-/// The identity hasher of [`ShingleSet`].
+/// A set of values that are hashes already (see [`Prehashed`]).
+pub type PrehashedSet = HashSet<u64, BuildHasherDefault<Prehashed>>;
+
+/// A map keyed by values that are hashes already (see [`Prehashed`]).
+pub type PrehashedMap<V> = HashMap<u64, V, BuildHasherDefault<Prehashed>>;
+
+/// The identity hasher of [`PrehashedSet`] and [`PrehashedMap`].
 #[derive(Default)]
 pub struct Prehashed(u64);
 

@@ -444,21 +444,24 @@ pub fn clean_documents(docs: Vec<Document>, opts: &CleanOptions) -> (Vec<Documen
         let Cleaned {
             doc,
             text,
+            pii_found,
+            pii_drop,
             verdict,
+            renamed,
             chars,
+            original_chars,
             digest,
             sketch,
-            ..
         } = c;
-        report.pseudonymized_speakers += c.renamed;
-        for (kind, n) in &c.pii_found {
+        report.pseudonymized_speakers += renamed;
+        for (kind, n) in &pii_found {
             *report
                 .pii_found
                 .entry(kind.as_str().to_string())
                 .or_default() += n;
         }
-        if !c.pii_drop.is_empty() {
-            let kinds: Vec<&str> = c.pii_drop.iter().map(|k| k.as_str()).collect();
+        if !pii_drop.is_empty() {
+            let kinds: Vec<&str> = pii_drop.iter().map(|k| k.as_str()).collect();
             report.drop(&doc, DropReason::Pii, kinds.join(", "));
             continue;
         }
@@ -515,7 +518,7 @@ pub fn clean_documents(docs: Vec<Document>, opts: &CleanOptions) -> (Vec<Documen
             near_ids.push(doc.id.clone());
         }
         exact.insert(digest, doc.id.clone());
-        report.chars_before += c.original_chars;
+        report.chars_before += original_chars;
         report.chars_after += chars;
         *report
             .kept_by_category

@@ -7,7 +7,7 @@
 //! Words are whitespace-separated tokens with surrounding punctuation stripped; lines are
 //! the text's non-empty lines; paragraphs are separated by blank lines.
 
-use std::collections::{HashMap, HashSet};
+use super::minhash::{PrehashedMap, PrehashedSet};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -438,28 +438,9 @@ fn symbol_count(text: &str) -> usize {
     count
 }
 
-/// A hasher for keys that are hashes already (64-bit xxh3 values): n-gram counting is
-/// most of the rules' time, and SipHash over word slices was most of that.
-#[derive(Default)]
-struct PreHashed(u64);
-
-impl std::hash::Hasher for PreHashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        self.0 = xxhash_rust::xxh3::xxh3_64_with_seed(bytes, self.0);
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-type HashCounts = HashMap<u64, u32, std::hash::BuildHasherDefault<PreHashed>>;
-
 /// How many units repeat an earlier one, and their characters.
 fn duplicates(units: &[&str]) -> (usize, usize) {
-    let mut seen: HashSet<u64, std::hash::BuildHasherDefault<PreHashed>> = HashSet::default();
+    let mut seen = PrehashedSet::default();
     let (mut count, mut chars) = (0, 0);
     for u in units {
         if !seen.insert(xxhash_rust::xxh3::xxh3_64(u.as_bytes())) {
@@ -514,7 +495,7 @@ fn top_ngram_chars(words: &Words, n: usize) -> usize {
     if words.hashes.len() < n {
         return 0;
     }
-    let mut counts = HashCounts::default();
+    let mut counts: PrehashedMap<u32> = PrehashedMap::default();
     counts.reserve(words.hashes.len());
     let mut best = 0;
     for (i, gram) in words.ngrams(n).enumerate() {
@@ -535,8 +516,7 @@ fn duplicate_ngram_chars(words: &Words, n: usize) -> usize {
         return 0;
     }
     // n-gram -> (its first position, whether that occurrence is marked yet)
-    let mut first: HashMap<u64, (usize, bool), std::hash::BuildHasherDefault<PreHashed>> =
-        HashMap::default();
+    let mut first: PrehashedMap<(usize, bool)> = PrehashedMap::default();
     first.reserve(words.hashes.len());
     let mut covered = vec![false; words.hashes.len()];
     for (i, gram) in words.ngrams(n).enumerate() {
@@ -559,6 +539,8 @@ fn duplicate_ngram_chars(words: &Words, n: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     fn gopher() -> QualityRules {
@@ -611,6 +593,26 @@ mod tests {
         );
         // Rules left unset are off.
         assert_eq!(QualityRules::default().check("x"), None);
+    }
+
+    /// Repeated 5-grams under their own bound do not end the duplicate n-gram rule while a
+    /// larger n has a tighter bound: the repetition is found at that n.
+    #[test]
+    fn duplicate_ngram_sizes_stop_only_under_every_bound_left() {
+        let rules = QualityRules {
+            max_duplicate_ngram_chars: Some([1.0, 1.0, 1.0, 0.01, 1.0, 1.0]),
+            ..Default::default()
+        };
+        let repeated = format!("{PROSE}\n\n{PROSE}");
+        let (rule, detail) = rules.check(&repeated).expect("dropped");
+        assert_eq!(rule, "max_duplicate_ngram_chars");
+        assert!(detail.starts_with("repeated 8-grams"), "{detail}");
+        // Under every bound: kept.
+        let loose = QualityRules {
+            max_duplicate_ngram_chars: Some([1.0; 6]),
+            ..Default::default()
+        };
+        assert_eq!(loose.check(&repeated), None);
     }
 
     fn words_of(words: &[&str]) -> Words {

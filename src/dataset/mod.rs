@@ -369,6 +369,16 @@ impl Decontamination {
         Vec::new()
     }
 
+    /// The benchmark files as content inputs (`benchmark0`, ...), so that editing one
+    /// reruns the step.
+    pub fn benchmark_inputs(&self, cwd: &Path) -> Vec<(String, PathBuf)> {
+        self.benchmarks
+            .iter()
+            .enumerate()
+            .map(|(i, path)| (format!("benchmark{i}"), cwd.join(path)))
+            .collect()
+    }
+
     /// The benchmark texts: each file's string values (JSON Lines) or its whole text.
     pub fn read_benchmarks(
         &self,
@@ -467,13 +477,13 @@ impl Decontaminator {
         }
     }
 
-    /// Whether a train example with this text must be left out (benchmarks first);
-    /// counted, with `label` kept as one of the samples.
-    pub fn contaminated(&mut self, text: &str, label: &str) -> bool {
+    /// Whether train example `ex` must be left out (benchmarks first); counted, with its
+    /// instruction kept as one of the samples.
+    pub fn contaminated(&mut self, ex: &Example) -> bool {
         if self.ngram == 0 {
             return false;
         }
-        let grams = ngram_hashes(text, self.ngram);
+        let grams = ngram_hashes(&ex.decontamination_text(), self.ngram);
         let c = &mut self.found;
         if grams.iter().any(|g| self.benchmarks.contains(g)) {
             c.with_benchmarks += 1;
@@ -483,7 +493,7 @@ impl Decontaminator {
             return false;
         }
         if c.samples.len() < 10 {
-            c.samples.push(snippet(label, 120));
+            c.samples.push(snippet(&ex.instruction, 120));
         }
         true
     }
@@ -741,9 +751,7 @@ pub fn write(
         }
     };
     for (ex, split) in examples.iter().zip(splits) {
-        if split == Split::Train
-            && decontaminator.contaminated(&ex.decontamination_text(), &ex.instruction)
-        {
+        if split == Split::Train && decontaminator.contaminated(ex) {
             continue;
         }
         let name = match split {

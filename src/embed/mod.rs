@@ -139,6 +139,41 @@ pub fn write_tensor(path: &Path, vectors: &[f32], dim: usize) -> Result<(), Stri
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// An embeddings artifact's vectors (row-major, `dim` wide) and the chunk of each row.
+pub struct Embedded {
+    /// Vector width.
+    pub dim: usize,
+    /// `chunks.len() * dim` values.
+    pub vectors: Vec<f32>,
+    /// Row i's chunk.
+    pub chunks: Vec<crate::chunk::Chunk>,
+}
+
+impl Embedded {
+    /// Reads the artifact folder `dir`; an error says what is missing or inconsistent.
+    pub fn read(dir: &Path) -> Result<Embedded, String> {
+        let (rows, dim, vectors) = read_tensor(&dir.join(TENSOR_FILE))?;
+        let chunks: Vec<crate::chunk::Chunk> =
+            crate::documents::read_jsonl(&dir.join(CHUNKS_FILE))?;
+        if rows != chunks.len() {
+            return Err(format!(
+                "the embeddings artifact is inconsistent: {rows} vectors for {} chunks",
+                chunks.len()
+            ));
+        }
+        Ok(Embedded {
+            dim,
+            vectors,
+            chunks,
+        })
+    }
+
+    /// Row i's vector.
+    pub fn vector(&self, i: usize) -> &[f32] {
+        &self.vectors[i * self.dim..(i + 1) * self.dim]
+    }
+}
+
 /// Reads the `embeddings` tensor of an embeddings artifact: `(rows, dim, values)`.
 pub fn read_tensor(path: &Path) -> Result<(usize, usize, Vec<f32>), String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;

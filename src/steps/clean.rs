@@ -166,8 +166,11 @@ impl CleanParams {
                 ),
             ));
         }
-        if let Some((rule, message)) = self.quality.problems().into_iter().next() {
-            return Err(ParamIssue::new(format!("with.quality.{rule}"), message));
+        if let Some(issue) = ParamIssue::under("with.quality", self.quality.problems())
+            .into_iter()
+            .next()
+        {
+            return Err(issue);
         }
         if let Some(max) = self.max_chars {
             if max < self.min_chars {

@@ -97,6 +97,20 @@ impl StepContext {
             .ok_or_else(|| StepError::Input(format!("input `{name}` is missing")))
     }
 
+    /// The metadata of input `name`'s artifact record (`Null` when the input is unbound or
+    /// has no record).
+    pub fn input_metadata(&self, name: &str) -> Result<Value, StepError> {
+        let Some(input) = self.inputs.get(name) else {
+            return Ok(Value::Null);
+        };
+        Ok(self
+            .store
+            .db()
+            .find_artifact(&input.digest.to_hex())?
+            .map(|a| a.metadata)
+            .unwrap_or(Value::Null))
+    }
+
     /// Resolves a user-given path against the working directory.
     pub fn resolve_path(&self, p: &str) -> PathBuf {
         let path = Path::new(p);

@@ -50,12 +50,7 @@ impl Kind for DatasetMergeStep {
     }
 
     fn validate(&self, p: &MergeParams) -> Vec<ParamIssue> {
-        let mut issues: Vec<ParamIssue> = p
-            .decontaminate
-            .problems()
-            .into_iter()
-            .map(|(key, message)| ParamIssue::new(format!("with.decontaminate.{key}"), message))
-            .collect();
+        let mut issues = ParamIssue::under("with.decontaminate", p.decontaminate.problems());
         if !(0.0..1.0).contains(&p.test_size) {
             issues.push(ParamIssue::new(
                 "with.test_size",
@@ -65,18 +60,12 @@ impl Kind for DatasetMergeStep {
         issues
     }
 
-    /// Benchmark files enter the cache key by content.
     fn content_inputs(
         &self,
         p: &MergeParams,
         cwd: &Path,
     ) -> Result<Vec<(String, PathBuf)>, String> {
-        Ok(p.decontaminate
-            .benchmarks
-            .iter()
-            .enumerate()
-            .map(|(i, path)| (format!("benchmark{i}"), cwd.join(path)))
-            .collect())
+        Ok(p.decontaminate.benchmark_inputs(cwd))
     }
 
     async fn run(&self, p: &MergeParams, ctx: &StepContext) -> Result<StepOutputs, StepError> {
@@ -140,10 +129,7 @@ impl Kind for DatasetMergeStep {
         let (mut train, mut test) = (Vec::new(), Vec::new());
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
         for (((_, record), split), example) in records.into_iter().zip(splits).zip(&examples) {
-            if split == Split::Train
-                && decontaminator
-                    .contaminated(&example.decontamination_text(), &example.instruction)
-            {
+            if split == Split::Train && decontaminator.contaminated(example) {
                 continue;
             }
             let key = format!(

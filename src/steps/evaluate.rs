@@ -292,18 +292,7 @@ impl Kind for EvaluateStep {
             judge_meta = m;
         }
 
-        let model_meta = ctx
-            .inputs
-            .get("model")
-            .and_then(|i| {
-                ctx.store
-                    .db()
-                    .find_artifact(&i.digest.to_hex())
-                    .ok()
-                    .flatten()
-            })
-            .map(|r| r.metadata)
-            .unwrap_or(Value::Null);
+        let model_meta = ctx.input_metadata("model").unwrap_or(Value::Null);
         let curve = model_meta.get("curve").cloned().unwrap_or(Value::Null);
 
         let mut metrics = serde_json::Map::new();

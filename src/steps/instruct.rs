@@ -209,12 +209,7 @@ impl InstructParams {
     }
 
     fn issues(&self) -> Vec<ParamIssue> {
-        let mut out: Vec<ParamIssue> = self
-            .decontaminate
-            .problems()
-            .into_iter()
-            .map(|(key, message)| ParamIssue::new(format!("with.decontaminate.{key}"), message))
-            .collect();
+        let mut out = ParamIssue::under("with.decontaminate", self.decontaminate.problems());
         let format = self.format();
         if (format == Format::Preference) != (self.builder == Builder::Preference) {
             out.push(ParamIssue::new(
@@ -362,10 +357,7 @@ impl Kind for InstructStep {
         } else {
             Vec::new()
         };
-        // Benchmark files enter the cache key by content.
-        for (i, path) in params.decontaminate.benchmarks.iter().enumerate() {
-            inputs.push((format!("benchmark{i}"), cwd.join(path)));
-        }
+        inputs.extend(params.decontaminate.benchmark_inputs(cwd));
         Ok(inputs)
     }
 

@@ -360,6 +360,15 @@ impl ParamIssue {
             help: None,
         }
     }
+
+    /// Problems a nested parameter reported as `(key path, message)`, under `prefix`
+    /// (`with.decontaminate` + `ngram` -> `with.decontaminate.ngram`).
+    pub fn under(prefix: &str, problems: Vec<(String, String)>) -> Vec<Self> {
+        problems
+            .into_iter()
+            .map(|(key, message)| Self::new(format!("{prefix}.{key}"), message))
+            .collect()
+    }
 }
 
 /// Why a step failed. Its [`FailureClass`] says whose it is to fix, and is reported

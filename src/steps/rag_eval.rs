@@ -221,13 +221,9 @@ impl Kind for RagEvalStep {
     }
 
     fn validate(&self, p: &RagEvalParams) -> Vec<ParamIssue> {
-        let mut issues: Vec<ParamIssue> = p
-            .rag
-            .problems()
-            .into_iter()
-            .filter(|(path, _)| path != "rerank.model")
-            .map(|(path, message)| ParamIssue::new(format!("with.rag.{path}"), message))
-            .collect();
+        let mut problems = p.rag.problems();
+        problems.retain(|(path, _)| path != "rerank.model");
+        let mut issues = ParamIssue::under("with.rag", problems);
         if p.k.is_empty() || p.k.iter().any(|&k| k == 0 || k > 100) {
             issues.push(ParamIssue::new(
                 "with.k",

@@ -12,7 +12,6 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{InputDecl, Kind, ParamIssue, StepContext, StepError, StepOutputs};
-use crate::chunk::Chunk;
 use crate::documents;
 use crate::embed::{self, dedup};
 
@@ -76,36 +75,23 @@ impl Kind for SemanticDedupStep {
         p: &SemanticDedupParams,
         ctx: &StepContext,
     ) -> Result<StepOutputs, StepError> {
-        let input = ctx
-            .inputs
-            .get("embeddings")
-            .ok_or_else(|| StepError::Input("input `embeddings` is missing".into()))?;
-        let input_meta = ctx
-            .store
-            .db()
-            .find_artifact(&input.digest.to_hex())?
-            .map(|a| a.metadata)
-            .unwrap_or(Value::Null);
-        let dir = input.path.clone();
+        let input_meta = ctx.input_metadata("embeddings")?;
+        let dir = ctx.input_path("embeddings")?;
         let out = ctx.output_path("embeddings");
         let threshold = p.threshold as f32;
         let progress = ctx.progress.clone();
         let (kept, dropped, samples) = tokio::task::spawn_blocking(move || {
-            let (rows, dim, vectors) = embed::read_tensor(&dir.join(embed::TENSOR_FILE))?;
-            let chunks: Vec<Chunk> = documents::read_jsonl(&dir.join(embed::CHUNKS_FILE))?;
-            if rows != chunks.len() {
-                return Err(format!(
-                    "the embeddings artifact is inconsistent: {rows} vectors for {} chunks",
-                    chunks.len()
-                ));
-            }
+            let embedded = embed::Embedded::read(&dir)?;
+            let (dim, chunks) = (embedded.dim, &embedded.chunks);
+            let rows = chunks.len();
             let group: Vec<usize> = chunks.iter().map(|c| c.category as usize).collect();
             progress.set_length(rows as u64);
             progress.set_message(format!("comparing {rows} vectors"));
-            let verdicts = dedup::near_duplicates(&vectors, dim, &group, threshold, &|n| {
-                progress.bar().set_position(n as u64)
-            });
-            let mut kept_vectors = Vec::with_capacity(vectors.len());
+            let verdicts =
+                dedup::near_duplicates(&embedded.vectors, dim, &group, threshold, &|n| {
+                    progress.bar().set_position(n as u64)
+                });
+            let mut kept_vectors = Vec::with_capacity(embedded.vectors.len());
             let mut kept: BTreeMap<&'static str, usize> = BTreeMap::new();
             let mut dropped: BTreeMap<&'static str, usize> = BTreeMap::new();
             let mut samples = Vec::new();
@@ -115,7 +101,7 @@ impl Kind for SemanticDedupStep {
                 match verdict {
                     dedup::Verdict::Kept => {
                         *kept.entry(category).or_default() += 1;
-                        kept_vectors.extend_from_slice(&vectors[i * dim..(i + 1) * dim]);
+                        kept_vectors.extend_from_slice(embedded.vector(i));
                         kept_chunks.push(chunk);
                     }
                     dedup::Verdict::Duplicate { of, cosine } => {
@@ -153,7 +139,7 @@ impl Kind for SemanticDedupStep {
         meta["by_category"] = json!(kept);
         meta["semantic_dedup"] = json!({
             "threshold": p.threshold,
-            "input": input.digest.to_string(),
+            "input": ctx.inputs["embeddings"].digest.to_string(),
             "kept": kept,
             "dropped": dropped,
             "samples": samples,

@@ -11,11 +11,10 @@ use std::time::Instant;
 use async_trait::async_trait;
 use schemars::JsonSchema;
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Map};
 
 use super::{InputDecl, Kind, ParamIssue, StepContext, StepError, StepOutputs, VerifyContext};
-use crate::chunk::Chunk;
-use crate::documents::{self, Category};
+use crate::documents::Category;
 use crate::embed;
 use crate::vectorstore::{self, CollectionReceipt, Point, Receipt};
 
@@ -111,32 +110,18 @@ impl Kind for VectorLoadStep {
     }
 
     async fn run(&self, p: &VectorLoadParams, ctx: &StepContext) -> Result<StepOutputs, StepError> {
-        let input = ctx
-            .inputs
-            .get("embeddings")
-            .ok_or_else(|| StepError::Failed("input `embeddings` is missing".into()))?;
         let fail = |e: String| StepError::Failed(e);
-        let embed_meta = ctx
-            .store
-            .db()
-            .find_artifact(&input.digest.to_hex())?
-            .map(|a| a.metadata)
-            .unwrap_or(Value::Null);
-        let dir = input.path.clone();
-        let (rows, dim, vectors, chunks) = tokio::task::spawn_blocking(move || {
-            let (rows, dim, vectors) = embed::read_tensor(&dir.join(embed::TENSOR_FILE))?;
-            let chunks: Vec<Chunk> = documents::read_jsonl(&dir.join(embed::CHUNKS_FILE))?;
-            Ok::<_, String>((rows, dim, vectors, chunks))
-        })
-        .await
-        .map_err(|e| fail(format!("reading embeddings panicked: {e}")))?
-        .map_err(fail)?;
-        if rows != chunks.len() {
-            return Err(fail(format!(
-                "the embeddings artifact is inconsistent: {rows} vectors for {} chunks",
-                chunks.len()
-            )));
-        }
+        let embed_meta = ctx.input_metadata("embeddings")?;
+        let dir = ctx.input_path("embeddings")?;
+        let embed::Embedded {
+            dim,
+            vectors,
+            chunks,
+        } = tokio::task::spawn_blocking(move || embed::Embedded::read(&dir))
+            .await
+            .map_err(|e| fail(format!("reading embeddings panicked: {e}")))?
+            .map_err(fail)?;
+        let rows = chunks.len();
         let store = vectorstore::open(p.url.as_deref(), ctx.store.root())
             .await
             .map_err(|e| fail(e.to_string()))?;
