@@ -198,6 +198,16 @@ pub fn unsupported_model(model: Option<&str>, path: &str) -> Option<ParamIssue> 
         .map(|message| ParamIssue::new(path, message))
 }
 
+/// A model folder that resolves now and that the `gguf` export cannot write for
+/// llama.cpp: an input error at load time rather than after training.
+fn unexportable_model(model: Option<&str>, path: &str) -> Option<ParamIssue> {
+    let cwd = std::env::current_dir().ok()?;
+    let dir = models::resolve(model?, &cwd).ok()?;
+    crate::ml::family::check_gguf_export(&dir)
+        .err()
+        .map(|message| ParamIssue::new(path, message))
+}
+
 /// The model directory a param (`key`) names, resolved (for the cache key: swapping the
 /// model's files reruns the step); none when the param is absent.
 pub fn named_model(
@@ -267,6 +277,9 @@ impl Kind for FinetuneStep {
     fn validate(&self, p: &TrainSettings) -> Vec<ParamIssue> {
         let mut issues = settings_issues(p);
         issues.extend(unsupported_model(p.model.as_deref(), "with.model"));
+        if p.gguf.is_some() {
+            issues.extend(unexportable_model(p.model.as_deref(), "with.gguf"));
+        }
         issues
     }
 

@@ -3,7 +3,12 @@
     decoder.py make ROOT ARCH...                 random tiny models (gpt2, llama, llama3, qwen2, qwen3, mistral,
                                                  phi3, phi3long, gemma, gemma2, gemma3, and the
                                                  encoder-decoders t5, flan_t5) +
-                                                 a byte-level tokenizer, in ROOT/ARCH
+                                                 a byte-level tokenizer, in ROOT/ARCH; llama2,
+                                                 phi3_spm, gemma_spm, gemma2_spm, gemma3_spm: with a
+                                                 SentencePiece-style tokenizer (byte fallback) as
+                                                 those families ship, and what llama.cpp computes
+                                                 alike (Gemma 2/3 scale by head_dim; no Phi-3
+                                                 window within the tested length)
     decoder.py check-logits MODEL IDS OURS [peft] [bf16]
                                                  transformers' (or PEFT's) logits for the
                                                  `input_ids` in IDS (with `attention_mask` and
@@ -16,11 +21,13 @@
                                                  stopping at EOS) of PROMPT, decoded
     decoder.py dpo|orpo MODEL DATA SETTINGS OUT  TRL's DPOTrainer (ORPOTrainer) on DATA (one batch),
                                                  metrics per step; the trained weights (or adapter) to OUT
-    decoder.py check-gguf GGUF MODEL             read GGUF with the `gguf` package (llama.cpp's
+    decoder.py check-gguf MODEL GGUF...          read each GGUF with the `gguf` package (llama.cpp's
                                                  reader) and compare every tensor with MODEL's
-    decoder.py llama-cpp GGUF MODEL              llama.cpp itself (llama-cpp-python) runs GGUF on a
-                                                 fixed token sequence; its logits against
-                                                 transformers' on MODEL
+    decoder.py llama-cpp MODEL GGUF...           llama.cpp itself (llama-cpp-python) runs each GGUF
+                                                 on a fixed token sequence, its logits against
+                                                 transformers' on MODEL; and tokenizes texts with
+                                                 the first one's vocabulary, against the Hugging
+                                                 Face tokenizer
     decoder.py render-chat MODEL CONVERSATIONS   transformers' apply_chat_template of each
                                                  conversation (a JSON list of message lists),
                                                  with and without the generation prompt
@@ -43,6 +50,72 @@ def byte_tokenizer(path):
     tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok.save(path)
+
+
+# What the SentencePiece-style test tokenizers learn their pieces from.
+SPM_TEXT = ("the twin writes the way its author writes: short notes on the things that "
+            "matter, then the long posts that explain them to others who want to learn "
+            "the same things at their own pace, with the notes in the margin")
+
+
+def spm_tokenizer(path, vocab_size, style):
+    """A SentencePiece-style BPE tokenizer with byte fallback, laid out and converted the
+    way transformers converts Llama 2 (`llama2`: Prepend normalizer, BOS added), Phi-3
+    (`metaspace`: Metaspace pre-tokenizer, no BOS) and Gemma (`gemma`: no dummy prefix,
+    BOS added) models: special tokens, the 256 byte pieces, the characters of SPM_TEXT,
+    then pieces learned by merging the most frequent adjacent pair (never across a word
+    start), the merges ordered as transformers' SentencePieceExtractor orders them."""
+    from collections import Counter
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"] if style == "gemma" else ["<unk>", "<s>", "</s>"]
+    bos, unk = ("<bos>", "<unk>") if style == "gemma" else ("<s>", "<unk>")
+    space = "\u2581"
+    seq = list(("" if style == "gemma" else space) + SPM_TEXT.replace(" ", space))
+    pieces = sorted(set(seq))
+    size = len(specials) + 256
+    while size + len(pieces) < vocab_size:
+        pairs = Counter((a, b) for a, b in zip(seq, seq[1:]) if space not in b)
+        if not pairs:
+            break
+        (a, b), _ = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))
+        pieces.append(a + b)
+        merged, i = [], 0
+        while i < len(seq):
+            if i + 1 < len(seq) and seq[i] == a and seq[i + 1] == b:
+                merged.append(a + b)
+                i += 2
+            else:
+                merged.append(seq[i])
+                i += 1
+        seq = merged
+    tokens = specials + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    tokens += [f"<unused{i}>" for i in range(vocab_size - len(tokens))]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for piece in pieces:
+        splits = [(piece[:i], piece[i:]) for i in range(1, len(piece))
+                  if piece[:i] in vocab and piece[i:] in vocab]
+        merges += sorted(splits, key=lambda s: (vocab[s[0]], vocab[s[1]]))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, byte_fallback=True,
+                               fuse_unk=True))
+    to_space = decoders.Replace(space, " ")
+    if style == "llama2":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend(space), normalizers.Replace(" ", space)])
+        tok.decoder = decoders.Sequence([to_space, decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    elif style == "metaspace":
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=space, prepend_scheme="first", split=False)
+        tok.decoder = decoders.Sequence([to_space, decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    else:
+        tok.normalizer = normalizers.Replace(" ", space)
+        tok.decoder = decoders.Sequence([to_space, decoders.ByteFallback(), decoders.Fuse()])
+    if style != "metaspace":
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
+    tok.add_special_tokens(specials + [t for t in tokens if t.startswith("<unused")])
     tok.save(path)
 
 
@@ -100,6 +173,10 @@ def make(out, arch):
 
     if arch in ("t5", "flan_t5"):
         return make_t5(out, arch)
+    spm = {"llama2": "llama2", "phi3_spm": "metaspace", "gemma_spm": "gemma", "gemma2_spm": "gemma",
+           "gemma3_spm": "gemma"}.get(arch)
+    if spm:
+        arch = {"llama2": "llama"}.get(arch, arch.removesuffix("_spm"))
     if arch == "gpt2":
         cfg = tf.GPT2Config(vocab_size=259, n_positions=128, n_embd=64, n_layer=2, n_head=4,
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
@@ -159,6 +236,17 @@ def make(out, arch):
                          rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
                                           "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
                          tie_word_embeddings=True)
+        if spm:
+            # The families' own layouts: Gemma <pad> <eos> <bos> <unk>, else <unk> <s> </s>.
+            ids = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2) if spm == "gemma" else \
+                dict(eos_token_id=2, bos_token_id=1)
+            extra = {**extra, **ids, "vocab_size": 320}
+            if arch in ("gemma2", "gemma3"):
+                # llama.cpp scales attention by 1/sqrt(head_dim) (as the real 2B-12B models do).
+                extra["query_pre_attn_scalar"] = 16
+            if arch == "phi3":
+                # llama.cpp runs phi3 without its window: keep the window past the tested length.
+                extra["sliding_window"] = 64
         cfg = cls_cfg(**{**dict(vocab_size=259, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                 rms_norm_eps=1e-6, tie_word_embeddings=(arch == "qwen2"),
@@ -170,10 +258,14 @@ def make(out, arch):
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
             # Scores and logits large enough for Gemma 2's soft-capping to change them.
-            if arch == "gemma2" and any(k in name for k in ("q_proj", "k_proj", "embed_tokens")):
+            # (Not for the GGUF test model: 20x weights turn q8_0's rounding into logit noise.)
+            if arch == "gemma2" and not spm and any(k in name for k in ("q_proj", "k_proj", "embed_tokens")):
                 p.mul_(20.0)
     model.save_pretrained(out, safe_serialization=True)
-    byte_tokenizer(f"{out}/tokenizer.json")
+    if spm:
+        spm_tokenizer(f"{out}/tokenizer.json", cfg.vocab_size, spm)
+    else:
+        byte_tokenizer(f"{out}/tokenizer.json")
 
 
 def seq2seq(path):
@@ -208,7 +300,8 @@ def hf_logits(model_dir, inputs, peft, dtype=torch.float32):
 
 def check_gguf(path, model_dir):
     """What llama.cpp would read: metadata and every tensor dequantized, against the
-    Hugging Face weights under llama.cpp's names (convert_hf_to_gguf.py's mapping)."""
+    Hugging Face weights under llama.cpp's names (convert_hf_to_gguf.py's mapping: Gemma's
+    norms as 1 + weight, Phi-3's fused projections kept)."""
     import glob
     from gguf import GGUFReader
     from gguf import GGMLQuantizationType
@@ -243,29 +336,43 @@ def check_gguf(path, model_dir):
         expected["output_norm.bias"] = hf["transformer.ln_f.bias"]
     else:
         heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+        shift = 1.0 if arch.startswith("gemma") else 0.0
         expected["token_embd.weight"] = hf["model.embed_tokens.weight"]
         for l in range(cfg["num_hidden_layers"]):
             p = f"model.layers.{l}"
-            q, k = hf[f"{p}.self_attn.q_proj.weight"], hf[f"{p}.self_attn.k_proj.weight"]
-            if arch == "llama":
-                q, k = permute(q, heads), permute(k, kv)
+            if arch == "phi3":
+                expected[f"blk.{l}.attn_qkv.weight"] = hf[f"{p}.self_attn.qkv_proj.weight"]
+                expected[f"blk.{l}.ffn_up.weight"] = hf[f"{p}.mlp.gate_up_proj.weight"]
+            else:
+                q, k = hf[f"{p}.self_attn.q_proj.weight"], hf[f"{p}.self_attn.k_proj.weight"]
+                if arch == "llama":
+                    q, k = permute(q, heads), permute(k, kv)
+                expected.update({
+                    f"blk.{l}.attn_q.weight": q, f"blk.{l}.attn_k.weight": k,
+                    f"blk.{l}.attn_v.weight": hf[f"{p}.self_attn.v_proj.weight"],
+                    f"blk.{l}.ffn_gate.weight": hf[f"{p}.mlp.gate_proj.weight"],
+                    f"blk.{l}.ffn_up.weight": hf[f"{p}.mlp.up_proj.weight"],
+                })
             expected.update({
-                f"blk.{l}.attn_norm.weight": hf[f"{p}.input_layernorm.weight"],
-                f"blk.{l}.attn_q.weight": q, f"blk.{l}.attn_k.weight": k,
-                f"blk.{l}.attn_v.weight": hf[f"{p}.self_attn.v_proj.weight"],
+                f"blk.{l}.attn_norm.weight": hf[f"{p}.input_layernorm.weight"] + shift,
                 f"blk.{l}.attn_output.weight": hf[f"{p}.self_attn.o_proj.weight"],
-                f"blk.{l}.ffn_norm.weight": hf[f"{p}.post_attention_layernorm.weight"],
-                f"blk.{l}.ffn_gate.weight": hf[f"{p}.mlp.gate_proj.weight"],
-                f"blk.{l}.ffn_up.weight": hf[f"{p}.mlp.up_proj.weight"],
                 f"blk.{l}.ffn_down.weight": hf[f"{p}.mlp.down_proj.weight"],
             })
+            if arch in ("gemma2", "gemma3"):
+                expected.update({
+                    f"blk.{l}.post_attention_norm.weight": hf[f"{p}.post_attention_layernorm.weight"] + shift,
+                    f"blk.{l}.ffn_norm.weight": hf[f"{p}.pre_feedforward_layernorm.weight"] + shift,
+                    f"blk.{l}.post_ffw_norm.weight": hf[f"{p}.post_feedforward_layernorm.weight"] + shift,
+                })
+            else:
+                expected[f"blk.{l}.ffn_norm.weight"] = hf[f"{p}.post_attention_layernorm.weight"] + shift
             for proj in ("q", "k"):
                 if f"{p}.self_attn.{proj}_norm.weight" in hf:
-                    expected[f"blk.{l}.attn_{proj}_norm.weight"] = hf[f"{p}.self_attn.{proj}_norm.weight"]
+                    expected[f"blk.{l}.attn_{proj}_norm.weight"] = hf[f"{p}.self_attn.{proj}_norm.weight"] + shift
             for proj in ("q", "k", "v"):
                 if f"{p}.self_attn.{proj}_proj.bias" in hf:
                     expected[f"blk.{l}.attn_{proj}.bias"] = hf[f"{p}.self_attn.{proj}_proj.bias"]
-        expected["output_norm.weight"] = hf["model.norm.weight"]
+        expected["output_norm.weight"] = hf["model.norm.weight"] + shift
     if "lm_head.weight" in hf and not cfg.get("tie_word_embeddings", False):
         expected["output.weight"] = hf["lm_head.weight"]
     worst, types, shapes_ok, q8_exact = 0.0, {}, True, True
@@ -289,10 +396,10 @@ def check_gguf(path, model_dir):
     for t in MODEL_TENSORS[arch_id]:
         known |= {TENSOR_NAMES[t].format(bid=b) + s for b in range(64) for s in (".weight", ".bias")}
     unknown = sorted(t.name for t in reader.tensors if t.name not in known)
-    print(json.dumps({"meta": meta, "types": types, "missing": sorted(expected), "unknown": unknown,
-                      "shapes_ok": shapes_ok,
-                      "max_rel_err": worst, "q8_0_bit_exact": q8_exact,
-                      "tensors": [t.name for t in reader.tensors]}))
+    return {"meta": meta, "types": types, "missing": sorted(expected), "unknown": unknown,
+            "shapes_ok": shapes_ok,
+            "max_rel_err": worst, "q8_0_bit_exact": q8_exact,
+            "tensors": [t.name for t in reader.tensors]}
 
 
 def preference(objective, model_dir, data, settings, out):
@@ -339,26 +446,80 @@ def preference(objective, model_dir, data, settings, out):
     print(json.dumps({"steps": logged}))
 
 
-def llama_cpp_logits(path, model_dir):
+def llama_cpp_logits(path, ref):
     """llama.cpp's forward pass over the GGUF (CPU, every position's logits) against
-    transformers' f32 forward over the Hugging Face weights, on the same token ids."""
+    transformers' f32 forward over the Hugging Face weights (`ref`), on the same ids."""
     import numpy as np
-    import transformers as tf
     from llama_cpp import Llama
 
-    ids = [(7 * i + 3) % 256 for i in range(24)]
+    ids = LLAMA_CPP_IDS
     llm = Llama(model_path=path, logits_all=True, n_ctx=64, n_threads=2, n_batch=64,
                 verbose=False)
     llm.eval(ids)
     ours = np.array(llm.scores[: len(ids)], dtype=np.float64)
-    model = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    with torch.no_grad():
-        ref = model(torch.tensor([ids])).logits[0].double().numpy()
     ours = ours[:, : ref.shape[1]]
     diff = np.abs(ours - ref)
-    print(json.dumps({"positions": len(ids), "vocab": int(ref.shape[1]),
-                      "max_abs_err": float(diff.max()), "scale": float(np.abs(ref).max()),
-                      "argmax_agree": float((ours.argmax(1) == ref.argmax(1)).mean())}))
+    flipped = ours.argmax(1) != ref.argmax(1)
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    # Where llama.cpp's argmax differs, how close transformers' top two were there.
+    flip_margin = float((top2[:, 1] - top2[:, 0])[flipped].max()) if flipped.any() else 0.0
+    return {"positions": len(ids), "vocab": int(ref.shape[1]),
+            "max_abs_err": float(diff.max()), "scale": float(np.abs(ref).max()),
+            "argmax_agree": float(1.0 - flipped.mean()), "flip_margin": flip_margin}
+
+
+LLAMA_CPP_IDS = [(7 * i + 3) % 256 for i in range(24)]
+
+# Texts llama.cpp must tokenize as the Hugging Face tokenizer does: known words, unknown
+# characters (byte fallback), leading, repeated and trailing spaces, newlines, digits.
+TOKENIZE_TEXTS = [
+    "the twin writes the way its author writes",
+    "the notes in the margin, then the long posts",
+    " the leading space",
+    "two  spaces and   three",
+    "line one\nline two\n\nafter a blank line",
+    "caf\u00e9 na\u00efve \u65e5\u672c\u8a9e \U0001F600 emoji",
+    "numbers 12345 and 3.14159",
+    "trailing space ",
+    "Uppercase Words Are Unknown Pieces",
+    # Overlapping pieces ("at"/"te", "th"/"he", "in"/"ng"), where only the merge order
+    # (llama.cpp: the scores) decides the split.
+    "water gates, late notes: the ratio of tests to thoughts within things",
+    "a",
+]
+
+
+def llama_cpp_tokenize(path, model_dir):
+    """llama.cpp's tokenizer (from the GGUF's vocabulary) on TOKENIZE_TEXTS against the
+    Hugging Face tokenizer.json, with and without the special tokens it adds, and back."""
+    from llama_cpp import Llama
+    from tokenizers import Tokenizer
+
+    llm = Llama(model_path=path, vocab_only=True, verbose=False)
+    tok = Tokenizer.from_file(f"{model_dir}/tokenizer.json")
+    spec = json.load(open(f"{model_dir}/tokenizer.json"))
+    metaspace = (spec.get("pre_tokenizer") or {}).get("type") == "Metaspace"
+    prefix = llm.metadata.get("tokenizer.ggml.add_space_prefix") == "true"
+    mismatches, leading_space = [], []
+    for text in TOKENIZE_TEXTS:
+        for special in (False, True):
+            theirs = tok.encode(text, add_special_tokens=special).ids
+            ours = llm.tokenize(text.encode(), add_bos=special, special=False)
+            if ours != theirs:
+                bad = {"text": text, "special": special, "llama_cpp": ours, "hf": theirs}
+                # A Metaspace pre-tokenizer adds no dummy prefix to a text that starts
+                # with a space; llama.cpp (like SentencePiece itself) always does.
+                (leading_space if metaspace and text.startswith(" ") else mismatches).append(bad)
+        plain = tok.encode(text, add_special_tokens=False).ids
+        back = llm.detokenize(plain).decode("utf-8", errors="replace")
+        # llama-cpp-python's detokenize keeps the dummy prefix's space that the Hugging
+        # Face decoder strips (generated text never starts a sequence, so only here).
+        if prefix and back.startswith(" "):
+            back = back[1:]
+        if back != tok.decode(plain) and not (metaspace and text.startswith(" ")):
+            mismatches.append({"text": text, "detokenized": back, "hf": tok.decode(plain)})
+    return {"texts": len(TOKENIZE_TEXTS), "mismatches": mismatches, "leading_space": leading_space,
+            "tokens": sum(len(tok.encode(t, add_special_tokens=False).ids) for t in TOKENIZE_TEXTS)}
 
 
 def main():
@@ -444,9 +605,22 @@ def main():
     elif cmd in ("dpo", "orpo"):
         preference(cmd, *args)
     elif cmd == "check-gguf":
-        check_gguf(*args)
+        model_dir, *files = args
+        print(json.dumps([check_gguf(f, model_dir) for f in files]))
     elif cmd == "llama-cpp":
-        llama_cpp_logits(*args)
+        import transformers as tf
+        model_dir, *files = args
+        refs = {}
+        for name, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16), ("f16", torch.float16)):
+            model = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+            with torch.no_grad():
+                refs[name] = model(torch.tensor([LLAMA_CPP_IDS])).logits[0].double().numpy()
+        ref = refs["f32"]
+        # The yardstick for llama.cpp's 16-bit files: transformers' own 16-bit runs.
+        own = {name: float(abs(refs[name] - ref).max()) for name in ("bf16", "f16")}
+        print(json.dumps({"logits": [llama_cpp_logits(f, ref) for f in files],
+                          "transformers_16bit_err": own,
+                          "tokenize": llama_cpp_tokenize(files[0], model_dir)}))
     elif cmd == "check-nf4":
         # bitsandbytes' own quantize_4bit (NF4, blocks of 64, double quantization).
         import bitsandbytes.functional as F
