@@ -1348,17 +1348,18 @@ steps:{DATASET_STEPS}
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stderr.contains(" tokens in "), "{stderr}");
 
-    // GGUF (llama.cpp) and packing are decoder-only: refused before any step trains.
+    // GGUF (llama.cpp) and packing are decoder-only: GGUF is refused when the pipeline
+    // loads (exit 2), before any step trains.
     let gguf = p.path("p.yaml");
     let text = std::fs::read_to_string(&gguf)
         .unwrap()
         .replace("learning_rate: 0.01}", "learning_rate: 0.02, gguf: q8_0}");
     std::fs::write(&gguf, text).unwrap();
     let out = p.run("p.yaml", &[]);
-    assert_ne!(out.code, 0);
+    assert_eq!(out.code, 2, "{}", out.stderr);
     assert!(
         out.stderr
-            .contains("llama.cpp export is for decoder models"),
+            .contains("GGUF export does not cover model_type \"t5\""),
         "{}",
         out.stderr
     );

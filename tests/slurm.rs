@@ -1,8 +1,9 @@
 //! The Slurm executor on a real single-node cluster (Debian's slurm-wlm and munge, started
 //! by `scripts/slurm-local start`, which `.ci/run` does): steps submitted as jobs give the
-//! same artifacts as local ones, failures carry the job's exit and log, Ctrl-C cancels the
-//! job, cached steps submit nothing, and steps that cannot run on a node are refused at
-//! load time.
+//! same artifacts as local ones, failures carry the job's exit and log, a job past its
+//! time limit fails with TIMEOUT, Ctrl-C cancels the job, a killed run loses nothing,
+//! cached steps submit nothing, and steps that cannot run on a node are refused at load
+//! time.
 
 mod common;
 
@@ -23,7 +24,12 @@ fn cluster() -> Option<PathBuf> {
             .args(["-h", "-o", "%T"])
             .output()
             .is_ok_and(|o| {
-                o.status.success() && String::from_utf8_lossy(&o.stdout).contains("idle")
+                // Busy with another test's job is up too.
+                let states = String::from_utf8_lossy(&o.stdout);
+                o.status.success()
+                    && ["idle", "mix", "alloc", "completing"]
+                        .iter()
+                        .any(|s| states.contains(s))
             });
     if !up {
         assert!(
@@ -163,7 +169,7 @@ fn a_failing_job_reports_its_error_and_ctrl_c_cancels_the_job() {
     let started = Instant::now();
     while !squeue().contains("RUNNING") {
         assert!(
-            started.elapsed() < Duration::from_secs(60),
+            started.elapsed() < Duration::from_secs(180),
             "the job never ran"
         );
         std::thread::sleep(Duration::from_millis(100));
@@ -174,6 +180,147 @@ fn a_failing_job_reports_its_error_and_ctrl_c_cancels_the_job() {
     assert_eq!(squeue(), "", "Ctrl-C leaves no job in the queue");
     let (_, runs, _) = p.exec(&["runs", "ls", "--json", "--limit", "1"]);
     assert!(runs.contains("\"cancelled\""), "{runs}");
+}
+
+/// Slurm's time limits are whole minutes: this job is killed after one, and the step
+/// fails with TIMEOUT and the limit it asked for (a test of about a minute and a half).
+#[test]
+fn a_job_past_its_time_limit_fails_with_timeout() {
+    let Some(conf) = cluster() else { return };
+    let p = Project::new();
+    p.write(
+        "p.yaml",
+        "name: slow\nexecutor: {kind: slurm}\nsteps:\n  crawl_forever:\n    uses: command\n    resources: {time: \"00:01:00\"}\n    with: {run: \"echo started >&2; sleep 600\"}\n",
+    );
+    let started = Instant::now();
+    let (code, report, err) = run(&p, &conf, &[]);
+    assert_eq!(code, 1, "{err}");
+    let error = report["steps"][0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("TIMEOUT") && error.contains("00:01:00") && error.contains("slurm job"),
+        "{report}"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(55) && waited < Duration::from_secs(300),
+        "{waited:?}"
+    );
+}
+
+/// A job over its `mem` is killed by Slurm (the local cluster enforces limits the way
+/// clusters without cgroups do, `JobAcctGatherParams=OverMemoryKill`), and the step says it
+/// ran out of memory and how much it asked for.
+#[test]
+fn a_job_over_its_memory_fails_as_out_of_memory() {
+    let Some(conf) = cluster() else { return };
+    let p = Project::new();
+    p.write(
+        "p.yaml",
+        "name: hungry\nexecutor: {kind: slurm}\nsteps:\n  embed_everything:\n    uses: command\n    resources: {mem: 64M}\n    with: {run: \"python3 -c 'import time; x = b\\\"1\\\" * (400 << 20); time.sleep(20)'\"}\n",
+    );
+    let (code, report, err) = run(&p, &conf, &[]);
+    assert_eq!(code, 1, "{err}");
+    let error = report["steps"][0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("out of memory") && error.contains("64M") && error.contains("slurm job"),
+        "{report}"
+    );
+}
+
+/// `cairn run` killed (SIGKILL) while a job runs: the steps that finished before stay
+/// recorded, nothing half-made is trusted, and the next run reuses them and runs the rest.
+#[test]
+fn a_killed_run_loses_nothing_and_the_next_run_reuses_finished_steps() {
+    let Some(conf) = cluster() else { return };
+    let p = Project::new();
+    p.write(
+        "p.yaml",
+        r#"name: interrupted
+executor: {kind: slurm}
+steps:
+  first:
+    uses: command
+    with: {run: "seq 1 20 > ${outputs.rows}"}
+    outputs: [rows]
+  second:
+    uses: command
+    inputs: {rows: first.rows}
+    with: {run: "sleep 6; sort -rn ${inputs.rows} > ${outputs.sorted}"}
+    outputs: [sorted]
+"#,
+    );
+    let mut child = Command::new(assert_cmd::cargo::cargo_bin("cairn"))
+        .current_dir(p.dir.path())
+        .env("CAIRN_STORE", p.store())
+        .env("SLURM_CONF", &conf)
+        .args(["run", "p.yaml", "--quiet"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let running = |name: &str| {
+        let out = Command::new("squeue")
+            .env("SLURM_CONF", &conf)
+            .args(["-h", "-n", name, "-o", "%T"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("RUNNING")
+    };
+    let started = Instant::now();
+    while !running("cairn-second") {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the second job never ran"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let (code, report, err) = run(&p, &conf, &[]);
+    assert_eq!(code, 0, "{err}");
+    let status = |name: &str| {
+        report["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(status("first")["status"], "cached", "{report}");
+    assert_eq!(status("second")["status"], "ran", "{report}");
+    assert!(
+        status("second")["reason"]
+            .as_str()
+            .unwrap()
+            .contains("slurm job"),
+        "{report}"
+    );
+    let sorted = status("second")["outputs"]["sorted"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (code, sorted, _) = p.exec(&["artifacts", "cat", &sorted]);
+    assert_eq!(code, 0);
+    assert!(sorted.starts_with("20\n19\n"), "{sorted}");
+    let (code, fsck, err) = p.exec(&["fsck"]);
+    assert_eq!(code, 0, "{fsck}{err}");
+    // The orphaned job of the killed run ends on its own; nothing it left is trusted.
+    let started = Instant::now();
+    while running("cairn-second") && started.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (code, again, err) = run(&p, &conf, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        again["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["status"] == "cached"),
+        "{again}"
+    );
 }
 
 extern "C" {

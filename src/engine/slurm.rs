@@ -6,7 +6,8 @@
 //! `squeue` (polling every 0.1 s, then 0.2 s for the first 30 s, then up to 2 s) until it leaves the queue; its end state is read from
 //! `scontrol show job` (or `sacct` where accounting keeps it). The job's stdout and stderr
 //! are the step's log. Outcomes map to step failures with reasons (FAILED with its exit
-//! code, TIMEOUT, OUT_OF_MEMORY, CANCELLED); NODE_FAIL and PREEMPTED are resubmitted up to
+//! code, TIMEOUT, OUT_OF_MEMORY or a memory kill slurmstepd logged, CANCELLED); NODE_FAIL
+//! and PREEMPTED are resubmitted up to
 //! `retries`; cancelling the run `scancel`s the job. The store must be on a filesystem
 //! the nodes share.
 
@@ -329,8 +330,16 @@ fn outcome(
     let reported = std::fs::read(result)
         .ok()
         .and_then(|bytes| serde_json::from_slice::<JobResult>(&bytes).ok());
-    let tail = log_tail(&ctx.log_path);
-    match (end.state.as_str(), reported) {
+    let log = std::fs::read_to_string(&ctx.log_path).unwrap_or_default();
+    let tail = log_tail(&log);
+    let state = if ran_out_of_memory(&end.state, &log) {
+        "OUT_OF_MEMORY"
+    } else {
+        end.state.as_str()
+    };
+    // Slurm's verdict comes before what the job wrote: a job killed at its time limit or
+    // for memory gets SIGTERM first and reports itself "cancelled", which hides the cause.
+    match (state, reported) {
         ("COMPLETED", Some(JobResult::Done { outputs, note })) => Ok(StepOutputs {
             outputs,
             note: Some(match note {
@@ -338,14 +347,6 @@ fn outcome(
                 None => format!("slurm job {id}"),
             }),
         }),
-        (_, Some(JobResult::Failed { message, input })) => {
-            let message = format!("{message} (slurm job {id})");
-            Err(if input {
-                StepError::Input(message)
-            } else {
-                StepError::Failed(message)
-            })
-        }
         ("TIMEOUT", _) => Err(StepError::Failed(format!(
             "slurm job {id} hit its time limit (TIMEOUT; resources.time: {}){tail}",
             resources
@@ -364,6 +365,14 @@ fn outcome(
             "slurm job {id} was cancelled outside cairn (CANCELLED {}){tail}",
             end.reason
         ))),
+        (_, Some(JobResult::Failed { message, input })) => {
+            let message = format!("{message} (slurm job {id})");
+            Err(if input {
+                StepError::Input(message)
+            } else {
+                StepError::Failed(message)
+            })
+        }
         (state, _) => Err(StepError::Failed(format!(
             "slurm job {id} ended {state} with exit code {}{}{tail}",
             end.exit_code,
@@ -376,8 +385,21 @@ fn outcome(
     }
 }
 
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+/// Whether the job was killed for memory. With cgroup enforcement Slurm says
+/// OUT_OF_MEMORY; with `JobAcctGatherParams=OverMemoryKill` (clusters without cgroups) it
+/// says FAILED or CANCELLED and only slurmstepd's line in the job's log tells why.
+fn ran_out_of_memory(state: &str, log: &str) -> bool {
+    state == "OUT_OF_MEMORY"
+        || (matches!(state, "FAILED" | "CANCELLED")
+            && log.lines().any(|line| {
+                line.starts_with("slurmstepd")
+                    && (line.contains("Exceeded job memory limit")
+                        || line.contains("exceeded memory limit")
+                        || line.contains("oom-kill event"))
+            }))
+}
+
+fn log_tail(text: &str) -> String {
     let lines: Vec<&str> = text.lines().rev().take(5).collect();
     if lines.is_empty() {
         return String::new();
@@ -507,5 +529,22 @@ async fn execute(desc: &JobDescription) -> JobResult {
             input: matches!(e, StepError::Input(_)),
             message: e.to_string(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ran_out_of_memory;
+
+    #[test]
+    fn memory_kills_are_told_apart_from_other_failures() {
+        let killed = "going\nslurmstepd-vm: error: StepId=11.batch exceeded memory limit (329732096 > 52428800), being killed\n";
+        assert!(ran_out_of_memory("FAILED", killed));
+        assert!(ran_out_of_memory("CANCELLED", killed));
+        assert!(ran_out_of_memory("OUT_OF_MEMORY", ""));
+        assert!(!ran_out_of_memory("TIMEOUT", killed));
+        // The step's own output saying so is not Slurm's verdict.
+        assert!(!ran_out_of_memory("FAILED", "Exceeded job memory limit\n"));
+        assert!(!ran_out_of_memory("FAILED", "exit 3\n"));
     }
 }
