@@ -16,9 +16,16 @@ fn secret_key(key: &str) -> bool {
     // `token` alone or as a suffix (`access_token`), not counts like `prompt_tokens`.
     k == "token"
         || k.ends_with("_token")
+        // An Azure SAS token's signature (`...&sig=...`).
+        || k == "sig"
         || [
             "api_key",
             "apikey",
+            "access_key",
+            "account_key",
+            "sas_key",
+            "private_key",
+            "service_account_key",
             "password",
             "passwd",
             "secret",
@@ -231,5 +238,33 @@ mod tests {
         assert_eq!(r["usage"]["prompt_tokens"], 12);
         assert_eq!(r["usage"]["max_tokens"], 100);
         assert_eq!(r["usage"]["access_token"], MASK);
+    }
+
+    #[test]
+    fn masks_cloud_storage_keys_but_not_cache_keys() {
+        let options = json!({
+            "azure_storage_account_key": "Eby8vdM02xNOcq==",
+            "azure_storage_sas_key": "sv=2024&sig=abc%2Fdef",
+            "google_service_account_key": "{\"private_key\": \"k\"}",
+            "aws_secret_access_key": "s3cr3t",
+            "azure_storage_account_name": "devstoreaccount1",
+            "cache_key": "ab12",
+        });
+        let r = redact(&options);
+        for key in [
+            "azure_storage_account_key",
+            "azure_storage_sas_key",
+            "google_service_account_key",
+            "aws_secret_access_key",
+        ] {
+            assert_eq!(r[key], MASK, "{key}");
+        }
+        assert_eq!(r["azure_storage_account_name"], "devstoreaccount1");
+        assert_eq!(r["cache_key"], "ab12");
+        // A SAS signature inside an error message's URL.
+        let text =
+            redact_text("GET https://a.blob.core.windows.net/c/o?sv=2024&sig=abc%2Fdef failed");
+        assert!(!text.contains("abc%2Fdef"), "{text}");
+        assert!(text.contains("sv=2024"), "{text}");
     }
 }

@@ -79,7 +79,7 @@ fn s3(moto: &Moto, code: &str) -> String {
 const SECRET: &str = "s3cr3t-key-that-must-not-leak-123456";
 
 /// A machine: a project folder with its own store.
-fn machine(_: &Moto) -> Project {
+fn machine() -> Project {
     let p = Project::new();
     p.write(
         "p.yaml",
@@ -159,7 +159,7 @@ const REMOTE: &str = "s3://cairn/team";
 fn a_second_machine_reuses_everything_from_the_remote_and_bad_bytes_are_refused() {
     let Some(moto) = moto() else { return };
     let e = moto.endpoint.clone();
-    let a = machine(&moto);
+    let a = machine();
     let (code, first, err) = run_json(&a, &e, &["--remote", REMOTE]);
     assert_eq!(code, 0, "{err}");
     assert!(statuses(&first).iter().all(|(_, s)| s == "ran"), "{first}");
@@ -167,7 +167,7 @@ fn a_second_machine_reuses_everything_from_the_remote_and_bad_bytes_are_refused(
     assert!(first["remote"]["pushed"]["bytes"].as_u64().unwrap() > 17_000_000);
 
     // Machine B: empty store, same remote: nothing executes, the bytes are identical.
-    let b = machine(&moto);
+    let b = machine();
     let (code, second, err) = run_json(&b, &e, &["--remote", REMOTE]);
     assert_eq!(code, 0, "{err}");
     assert!(
@@ -209,7 +209,7 @@ fn a_second_machine_reuses_everything_from_the_remote_and_bad_bytes_are_refused(
         &moto,
         &format!("s3.put_object(Bucket='cairn', Key='team/objects/{rows}', Body=b'tampered\\n')"),
     );
-    let c = machine(&moto);
+    let c = machine();
     let (code, fourth, err) = run_json(&c, &e, &["--remote", REMOTE]);
     assert_eq!(code, 0, "{err}");
     let data = &fourth["steps"][0];
@@ -242,8 +242,8 @@ fn concurrent_pushes_leave_a_consistent_remote_and_pull_push_status_gc_work() {
     let Some(moto) = moto() else { return };
     let e = moto.endpoint.clone();
     let remote = "s3://cairn/race";
-    let d = machine(&moto);
-    let f = machine(&moto);
+    let d = machine();
+    let f = machine();
     let (mut x, mut y) = (spawn_child(&d, &e, remote), spawn_child(&f, &e, remote));
     assert!(x.wait().unwrap().success());
     assert!(y.wait().unwrap().success());
@@ -255,7 +255,7 @@ fn concurrent_pushes_leave_a_consistent_remote_and_pull_push_status_gc_work() {
     );
 
     // pull: an empty store fetches what the plan needs and executes nothing.
-    let g = machine(&moto);
+    let g = machine();
     let (code, out, err) = cairn(&g, &e, &["pull", "p.yaml", "--remote", remote, "--json"]);
     assert_eq!(code, 0, "{err}");
     let pulled: Value = serde_json::from_str(&out).unwrap();
@@ -354,4 +354,132 @@ fn an_unreachable_remote_skips_with_the_reason_and_the_run_goes_on() {
     let (code, _, err) = cairn(&p, &closed, &["run", "p.yaml", "--remote", "ftp://nowhere"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("unsupported scheme `ftp:`"), "{err}");
+}
+
+/// Azurite, Microsoft's Azure Storage emulator (npm, installed by `scripts/setup --test`),
+/// serving blobs from memory on a free port.
+struct Azurite {
+    child: Child,
+    endpoint: String,
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts Azurite with container `cairn`; `None` (with a note) when it is not installed
+/// outside CI.
+fn azurite() -> Option<Azurite> {
+    let server = repo().join(".azurite/node_modules/.bin/azurite-blob");
+    if !server.exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install Azurite (scripts/setup --test)"
+        );
+        eprintln!(
+            "skipped: {} missing (scripts/setup --test, needs npm)",
+            server.display()
+        );
+        return None;
+    }
+    let port = free_port();
+    let child = Command::new(&server)
+        .args(["--inMemoryPersistence", "--silent", "--skipApiVersionCheck"])
+        .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let azurite = Azurite {
+        child,
+        endpoint: format!("http://127.0.0.1:{port}"),
+    };
+    for _ in 0..300 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let made = Command::new("python3")
+        .arg(repo().join("tests/parity/azurite.py"))
+        .args([&azurite.endpoint, "cairn"])
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    Some(azurite)
+}
+
+/// Azurite's published development account key: the emulator takes no other.
+const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+fn cairn_on_azure(p: &Project, azurite: &Azurite, args: &[&str]) -> (i32, String, String) {
+    let out = p
+        .cmd()
+        .env("AZURE_STORAGE_USE_EMULATOR", "true")
+        .env("AZURITE_BLOB_STORAGE_URL", &azurite.endpoint)
+        .env("AZURE_STORAGE_ACCOUNT_NAME", "devstoreaccount1")
+        .env("AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn azure_blob_storage_shares_the_cache_between_machines() {
+    let Some(azurite) = azurite() else { return };
+    let remote = "az://cairn/team";
+    let run = |p: &Project| {
+        let (code, out, err) = cairn_on_azure(
+            p,
+            &azurite,
+            &["run", "p.yaml", "--json", "--remote", remote],
+        );
+        assert_eq!(code, 0, "{err}");
+        (serde_json::from_str::<Value>(&out).unwrap(), err)
+    };
+    let a = machine();
+    let (first, err_a) = run(&a);
+    assert!(statuses(&first).iter().all(|(_, s)| s == "ran"), "{first}");
+    assert_eq!(first["remote"]["entries_pushed"], 3, "{first}");
+    // The 17 MB file went up in blocks (multipart).
+    assert!(first["remote"]["pushed"]["bytes"].as_u64().unwrap() > 17_000_000);
+
+    let b = machine();
+    let (second, err_b) = run(&b);
+    for step in second["steps"].as_array().unwrap() {
+        assert_eq!(step["status"], "cached", "{second}");
+        assert!(
+            step["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("cached (remote)"),
+            "{step}"
+        );
+    }
+    assert_eq!(outputs(&first), outputs(&second));
+    let (code, fsck, _) = cairn_on_azure(&b, &azurite, &["fsck"]);
+    assert_eq!(code, 0, "the fetched objects hash to their digests: {fsck}");
+    // Pushing again skips what the container has; the entries' conditional puts find
+    // theirs there and leave them.
+    let (code, pushed, err) = cairn_on_azure(&a, &azurite, &["push", "--all", "--remote", remote]);
+    assert_eq!(code, 0, "{err}");
+    let (code, fsck, err) =
+        cairn_on_azure(&a, &azurite, &["fsck", "--remote", "--remote-url", remote]);
+    assert_eq!(code, 0, "{fsck}{err}");
+
+    let all = format!("{first}{second}{err_a}{err_b}{pushed}{fsck}{err}");
+    assert!(!all.contains(AZURITE_KEY), "the account key never appears");
 }

@@ -1,6 +1,7 @@
 //! A remote artifact store and shared cache on object storage, through the `object_store`
 //! crate: `s3://bucket/prefix` (endpoint, region and credentials from the usual `AWS_*`
-//! variables or `remote_options`), `file:///path` and `memory://` (tests). Like a Bazel or
+//! variables or `remote_options`), `gs://bucket/prefix` (`GOOGLE_*`), `az://container/prefix`
+//! (`AZURE_*`), `file:///path` and `memory://` (tests). Like a Bazel or
 //! Turborepo remote cache, or a DVC remote:
 //!
 //! ```text
@@ -141,60 +142,21 @@ impl std::fmt::Debug for Remote {
 
 impl Remote {
     /// Opens `url` with `options` (object_store configuration keys such as
-    /// `aws_endpoint`, `aws_region`, `aws_allow_http`); S3 also reads `AWS_*` variables.
+    /// `aws_endpoint`, `aws_region`, `azure_storage_use_emulator`, ...); each cloud also reads
+    /// its variables (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
     pub fn open(url: &str, options: &BTreeMap<String, String>) -> Result<Remote, RemoteError> {
         let shown = shown_url(url);
         let config = |message: String| RemoteError::Config {
             url: shown.clone(),
             message,
         };
-        let parsed = url::Url::parse(url).map_err(|e| {
-            config(format!(
-                "not a URL ({e}); write s3://BUCKET/PREFIX, file:///PATH or memory://"
-            ))
-        })?;
+        let parsed = url::Url::parse(url)
+            .map_err(|e| config(format!("not a URL ({e}); write one of {SCHEMES}")))?;
         let prefix = RemotePath::from(parsed.path().trim_matches('/'));
         let store: Arc<dyn ObjectStore> = match parsed.scheme() {
-            "s3" => {
-                use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
-                let bucket = parsed
-                    .host_str()
-                    .filter(|b| !b.is_empty())
-                    .ok_or_else(|| config("names no bucket: write s3://BUCKET/PREFIX".into()))?;
-                // A few quick retries: a remote that is down should not hold a run for
-                // minutes (the run goes on locally and says why).
-                let retry = object_store::RetryConfig {
-                    backoff: object_store::BackoffConfig::default(),
-                    max_retries: 3,
-                    retry_timeout: std::time::Duration::from_secs(30),
-                };
-                let mut builder = AmazonS3Builder::from_env()
-                    .with_bucket_name(bucket)
-                    .with_retry(retry);
-                for (key, value) in options {
-                    let key: AmazonS3ConfigKey = key.parse().map_err(|_| {
-                        config(format!(
-                            "unknown option `{key}` (S3 options: aws_endpoint, aws_region, aws_allow_http, aws_access_key_id, ...)"
-                        ))
-                    })?;
-                    builder = builder.with_config(key, value);
-                }
-                // Endpoints such as a local S3 API speak plain HTTP when told so by
-                // AWS_ALLOW_HTTP; object_store reads AWS_ENDPOINT, many tools
-                // AWS_ENDPOINT_URL.
-                if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL") {
-                    if std::env::var_os("AWS_ENDPOINT").is_none()
-                        && !options.contains_key("aws_endpoint")
-                    {
-                        builder = builder.with_endpoint(endpoint);
-                    }
-                }
-                Arc::new(
-                    builder
-                        .build()
-                        .map_err(|e| config(redact(&e.to_string())))?,
-                )
-            }
+            "s3" => Arc::new(s3(&parsed, options).map_err(config)?),
+            "gs" => Arc::new(gcs(&parsed, options).map_err(config)?),
+            "az" | "azure" => Arc::new(azure(&parsed, options).map_err(config)?),
             "file" => {
                 let root = std::path::PathBuf::from(parsed.path());
                 std::fs::create_dir_all(&root)
@@ -211,7 +173,7 @@ impl Remote {
             "memory" => Arc::new(object_store::memory::InMemory::new()),
             other => {
                 return Err(config(format!(
-                    "unsupported scheme `{other}:` (this build speaks s3://, file:// and memory://)"
+                    "unsupported scheme `{other}:` (this build speaks {SCHEMES})"
                 )))
             }
         };
@@ -262,6 +224,110 @@ impl Remote {
     }
 }
 
+/// The remotes this build opens, as the messages list them.
+const SCHEMES: &str =
+    "s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, az://CONTAINER/PREFIX, file:///PATH or memory://";
+
+/// A few quick retries: a remote that is down should not hold a run for minutes (the run
+/// goes on locally and says why).
+fn retry() -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        backoff: object_store::BackoffConfig::default(),
+        max_retries: 3,
+        retry_timeout: std::time::Duration::from_secs(30),
+    }
+}
+
+/// The bucket (or container) a URL names: its host.
+fn bucket<'u>(parsed: &'u url::Url, what: &str) -> Result<&'u str, String> {
+    parsed.host_str().filter(|b| !b.is_empty()).ok_or_else(|| {
+        let scheme = parsed.scheme();
+        format!(
+            "names no {what}: write {scheme}://{}/PREFIX",
+            what.to_uppercase()
+        )
+    })
+}
+
+/// Applies `options` (object_store configuration keys) through `apply`; an unknown key
+/// is an error that lists `known`.
+fn configure<K: std::str::FromStr>(
+    options: &BTreeMap<String, String>,
+    known: &str,
+    mut apply: impl FnMut(K, &str),
+) -> Result<(), String> {
+    for (key, value) in options {
+        let parsed: K = key
+            .parse()
+            .map_err(|_| format!("unknown option `{key}` ({known})"))?;
+        apply(parsed, value);
+    }
+    Ok(())
+}
+
+/// `s3://BUCKET/PREFIX`: the `AWS_*` variables, then `options`.
+fn s3(
+    parsed: &url::Url,
+    options: &BTreeMap<String, String>,
+) -> Result<object_store::aws::AmazonS3, String> {
+    use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+    let mut builder = AmazonS3Builder::from_env()
+        .with_bucket_name(bucket(parsed, "bucket")?)
+        .with_retry(retry());
+    configure(
+        options,
+        "S3 options: aws_endpoint, aws_region, aws_allow_http, aws_access_key_id, ...",
+        |key: AmazonS3ConfigKey, value| {
+            builder = std::mem::take(&mut builder).with_config(key, value)
+        },
+    )?;
+    // Endpoints such as a local S3 API speak plain HTTP when told so by AWS_ALLOW_HTTP;
+    // object_store reads AWS_ENDPOINT, many tools AWS_ENDPOINT_URL.
+    if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL") {
+        if std::env::var_os("AWS_ENDPOINT").is_none() && !options.contains_key("aws_endpoint") {
+            builder = builder.with_endpoint(endpoint);
+        }
+    }
+    builder.build().map_err(|e| redact(&e.to_string()))
+}
+
+/// `gs://BUCKET/PREFIX`: the `GOOGLE_*` variables (`GOOGLE_SERVICE_ACCOUNT`,
+/// `GOOGLE_APPLICATION_CREDENTIALS`, ...), then `options`.
+fn gcs(
+    parsed: &url::Url,
+    options: &BTreeMap<String, String>,
+) -> Result<object_store::gcp::GoogleCloudStorage, String> {
+    use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
+    let mut builder = GoogleCloudStorageBuilder::from_env()
+        .with_bucket_name(bucket(parsed, "bucket")?)
+        .with_retry(retry());
+    configure(
+        options,
+        "GCS options: google_service_account, google_service_account_key, google_application_credentials, ...",
+        |key: GoogleConfigKey, value| builder = std::mem::take(&mut builder).with_config(key, value),
+    )?;
+    builder.build().map_err(|e| redact(&e.to_string()))
+}
+
+/// `az://CONTAINER/PREFIX`: the `AZURE_*` variables (`AZURE_STORAGE_ACCOUNT_NAME`,
+/// `AZURE_STORAGE_ACCOUNT_KEY`, `AZURE_STORAGE_USE_EMULATOR` for Azurite, ...), then
+/// `options`.
+fn azure(
+    parsed: &url::Url,
+    options: &BTreeMap<String, String>,
+) -> Result<object_store::azure::MicrosoftAzure, String> {
+    use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+    let mut builder = MicrosoftAzureBuilder::from_env()
+        .with_container_name(bucket(parsed, "container")?)
+        .with_retry(retry());
+    configure(
+        options,
+        "Azure options: azure_storage_account_name, azure_storage_account_key, azure_storage_sas_key, azure_storage_use_emulator, ...",
+        |key: AzureConfigKey, value| builder = std::mem::take(&mut builder).with_config(key, value),
+    )?;
+    builder.build().map_err(|e| redact(&e.to_string()))
+}
+
 /// `url` without userinfo and query (where credentials hide).
 pub fn shown_url(url: &str) -> String {
     match url::Url::parse(url) {
@@ -277,4 +343,53 @@ pub fn shown_url(url: &str) -> String {
 
 fn redact(text: &str) -> String {
     crate::redact::redact_text(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open_error(url: &str, options: &[(&str, &str)]) -> String {
+        let options = options
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Remote::open(url, &options).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn every_cloud_scheme_opens_and_says_what_is_wrong() {
+        let none = BTreeMap::new();
+        for url in ["s3://b/p", "gs://b/p", "az://c/p", "azure://c/p"] {
+            let options: BTreeMap<String, String> = match url {
+                // Azure needs an account before anything is sent; GCS and S3 look for
+                // credentials only when a request is made.
+                "az://c/p" | "azure://c/p" => {
+                    [("azure_storage_account_name".into(), "acct".into())].into()
+                }
+                _ => none.clone(),
+            };
+            let remote = Remote::open(url, &options).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(remote.shown(), url);
+        }
+        assert!(open_error("gs:///p", &[]).contains("names no bucket: write gs://BUCKET/PREFIX"));
+        assert!(
+            open_error("az:///p", &[]).contains("names no container: write az://CONTAINER/PREFIX")
+        );
+        let unknown = open_error("gs://b/p", &[("aws_region", "x")]);
+        assert!(
+            unknown.contains("unknown option `aws_region` (GCS options: google_service_account"),
+            "{unknown}"
+        );
+        let unknown = open_error("az://c/p", &[("google_bucket", "x")]);
+        assert!(
+            unknown.contains("(Azure options: azure_storage_account_name"),
+            "{unknown}"
+        );
+        let scheme = open_error("ftp://h/p", &[]);
+        assert!(
+            scheme.contains("gs://BUCKET/PREFIX, az://CONTAINER/PREFIX"),
+            "{scheme}"
+        );
+    }
 }
