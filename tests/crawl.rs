@@ -464,8 +464,11 @@ fn crawl_a_git_repository() {
 #[test]
 fn crawl_the_python_docs_sphinx_site() {
     let root = std::path::PathBuf::from("/usr/share/doc/python3.11/html");
-    if !root.join("tutorial/classes.html").exists() {
-        eprintln!("skipped: Debian's python3.11-doc is not installed (apt-get install python3.11-doc; .ci/run does)");
+    if !common::process::installed_or_skip(
+        root.join("tutorial/classes.html").exists(),
+        "Debian's python3.11-doc",
+        "apt-get install python3.11-doc; .ci/run does",
+    ) {
         return;
     }
     let addr = serve(

@@ -6,63 +6,33 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
+use common::process::{installed_or_skip, LoopbackServer};
 use common::{free_port, repo, Project};
 use serde_json::Value;
 
-struct Moto {
-    child: Child,
-    endpoint: String,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Starts moto's S3 server and creates bucket `cairn`; `None` (with a note) when it is
 /// not installed outside CI.
-fn moto() -> Option<Moto> {
+fn moto() -> Option<LoopbackServer> {
     let server = repo().join(".venv/bin/moto_server");
-    if !server.exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install moto (scripts/setup --test)"
-        );
-        eprintln!(
-            "skipped: {} missing (scripts/setup --test)",
-            server.display()
-        );
+    if !installed_or_skip(server.exists(), "moto's S3 server", "scripts/setup --test") {
         return None;
     }
     let port = free_port();
-    let child = Command::new(&server)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let moto = Moto { child, endpoint };
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut cmd = Command::new(&server);
+    cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+    let moto = LoopbackServer::on_port(cmd, port, Duration::from_secs(10));
     s3(&moto, "s3.create_bucket(Bucket='cairn')");
     Some(moto)
 }
 
 /// Runs boto3 code against the server (`s3` is the client).
-fn s3(moto: &Moto, code: &str) -> String {
+fn s3(moto: &LoopbackServer, code: &str) -> String {
     let script = format!(
         "import boto3\ns3 = boto3.client('s3', endpoint_url='{}', aws_access_key_id='x', aws_secret_access_key='y', region_name='us-east-1')\n{code}\n",
-        moto.endpoint
+        moto.url
     );
     let out = Command::new(repo().join(".venv/bin/python"))
         .args(["-c", &script])
@@ -158,7 +128,7 @@ const REMOTE: &str = "s3://cairn/team";
 #[test]
 fn a_second_machine_reuses_everything_from_the_remote_and_bad_bytes_are_refused() {
     let Some(moto) = moto() else { return };
-    let e = moto.endpoint.clone();
+    let e = moto.url.clone();
     let a = machine();
     let (code, first, err) = run_json(&a, &e, &["--remote", REMOTE]);
     assert_eq!(code, 0, "{err}");
@@ -240,7 +210,7 @@ fn a_second_machine_reuses_everything_from_the_remote_and_bad_bytes_are_refused(
 #[test]
 fn concurrent_pushes_leave_a_consistent_remote_and_pull_push_status_gc_work() {
     let Some(moto) = moto() else { return };
-    let e = moto.endpoint.clone();
+    let e = moto.url.clone();
     let remote = "s3://cairn/race";
     let d = machine();
     let f = machine();
@@ -356,56 +326,26 @@ fn an_unreachable_remote_skips_with_the_reason_and_the_run_goes_on() {
     assert!(err.contains("unsupported scheme `ftp:`"), "{err}");
 }
 
-/// Azurite, Microsoft's Azure Storage emulator (npm, installed by `scripts/setup --test`),
-/// serving blobs from memory on a free port.
-struct Azurite {
-    child: Child,
-    endpoint: String,
-}
-
-impl Drop for Azurite {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts Azurite with container `cairn`; `None` (with a note) when it is not installed
-/// outside CI.
-fn azurite() -> Option<Azurite> {
+/// Starts Azurite, Microsoft's Azure Storage emulator (npm, installed by
+/// `scripts/setup --test`), serving blobs from memory on a free port, with container
+/// `cairn`; `None` (with a note) when it is not installed outside CI.
+fn azurite() -> Option<LoopbackServer> {
     let server = repo().join(".azurite/node_modules/.bin/azurite-blob");
-    if !server.exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install Azurite (scripts/setup --test)"
-        );
-        eprintln!(
-            "skipped: {} missing (scripts/setup --test, needs npm)",
-            server.display()
-        );
+    if !installed_or_skip(
+        server.exists(),
+        "Azurite",
+        "scripts/setup --test, needs npm",
+    ) {
         return None;
     }
     let port = free_port();
-    let child = Command::new(&server)
-        .args(["--inMemoryPersistence", "--silent", "--skipApiVersionCheck"])
-        .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let azurite = Azurite {
-        child,
-        endpoint: format!("http://127.0.0.1:{port}"),
-    };
-    for _ in 0..300 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut cmd = Command::new(&server);
+    cmd.args(["--inMemoryPersistence", "--silent", "--skipApiVersionCheck"])
+        .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()]);
+    let azurite = LoopbackServer::on_port(cmd, port, Duration::from_secs(30));
     let made = Command::new("python3")
         .arg(repo().join("tests/parity/azurite.py"))
-        .args([&azurite.endpoint, "cairn"])
+        .args([&azurite.url, "cairn"])
         .output()
         .unwrap();
     assert!(
@@ -420,11 +360,11 @@ fn azurite() -> Option<Azurite> {
 const AZURITE_KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
-fn cairn_on_azure(p: &Project, azurite: &Azurite, args: &[&str]) -> (i32, String, String) {
+fn cairn_on_azure(p: &Project, azurite: &LoopbackServer, args: &[&str]) -> (i32, String, String) {
     let out = p
         .cmd()
         .env("AZURE_STORAGE_USE_EMULATOR", "true")
-        .env("AZURITE_BLOB_STORAGE_URL", &azurite.endpoint)
+        .env("AZURITE_BLOB_STORAGE_URL", &azurite.url)
         .env("AZURE_STORAGE_ACCOUNT_NAME", "devstoreaccount1")
         .env("AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY)
         .args(args)

@@ -792,7 +792,7 @@ fn recorded_traffic_is_a_run_of_the_serve_pipeline_with_secrets_masked() {
         &"and a second question",
         &"stream",
     ]);
-    server.stop();
+    server.interrupt();
 
     let (code, out, err) = p.exec(&["runs", "ls", "--json"]);
     assert_eq!(code, 0, "{err}");

@@ -31,12 +31,11 @@ fn cluster() -> Option<PathBuf> {
                         .iter()
                         .any(|s| states.contains(s))
             });
-    if !up {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must start the Slurm cluster (scripts/slurm-local start)"
-        );
-        eprintln!("skipped: no Slurm cluster (scripts/slurm-local start as root)");
+    if !common::process::installed_or_skip(
+        up,
+        "a Slurm cluster",
+        "scripts/slurm-local start, as root",
+    ) {
         return None;
     }
     Some(conf)

@@ -11,7 +11,7 @@ use serde_json::Value;
 /// traversal cases test the server, not a client's URL normalisation.
 fn get(ui: &UiServer, path: &str) -> (u16, String, Vec<u8>) {
     use std::io::{Read, Write};
-    let addr = ui.base.trim_start_matches("http://");
+    let addr = ui.url.trim_start_matches("http://");
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
     let mut raw = Vec::new();

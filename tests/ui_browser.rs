@@ -7,23 +7,15 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use common::process::{installed_or_skip, LoopbackServer};
 use common::{free_port, Project};
 use fantoccini::{ClientBuilder, Locator};
 
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const CHROMIUM: &str = "/usr/bin/chromium";
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 async fn wait_text(c: &fantoccini::Client, css: &str, needle: &str) -> String {
     for _ in 0..100 {
@@ -52,16 +44,11 @@ async fn screenshot(c: &fantoccini::Client, name: &str) {
 }
 
 /// Chromium under chromedriver: the driver process and a session.
-async fn browser() -> (Killed, fantoccini::Client) {
+async fn browser() -> (LoopbackServer, fantoccini::Client) {
     let port = free_port();
-    let driver = Killed(
-        Command::new(CHROMEDRIVER)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut cmd = Command::new(CHROMEDRIVER);
+    cmd.arg(format!("--port={port}"));
+    let driver = LoopbackServer::on_port(cmd, port, Duration::from_secs(10));
     let mut caps = serde_json::Map::new();
     caps.insert(
         "goog:chromeOptions".into(),
@@ -90,25 +77,16 @@ async fn browser() -> (Killed, fantoccini::Client) {
 
 /// Whether the browser test can run here (CI must have Chromium).
 fn have_chromium() -> bool {
-    if std::path::Path::new(CHROMEDRIVER).exists() && std::path::Path::new(CHROMIUM).exists() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI must install chromium and chromium-driver"
-    );
-    eprintln!("skipped: {CHROMIUM} / {CHROMEDRIVER} not installed (apt-get install chromium chromium-driver)");
-    false
+    installed_or_skip(
+        std::path::Path::new(CHROMEDRIVER).exists() && std::path::Path::new(CHROMIUM).exists(),
+        &format!("{CHROMIUM} and {CHROMEDRIVER}"),
+        "apt-get install chromium chromium-driver",
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn click_from_a_run_to_a_step_to_its_artifact_to_the_lineage() {
-    if !std::path::Path::new(CHROMEDRIVER).exists() || !std::path::Path::new(CHROMIUM).exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install chromium and chromium-driver"
-        );
-        eprintln!("skipped: {CHROMIUM} / {CHROMEDRIVER} not installed (apt-get install chromium chromium-driver)");
+    if !have_chromium() {
         return;
     }
     let p = Project::new();
@@ -128,7 +106,7 @@ async fn click_from_a_run_to_a_step_to_its_artifact_to_the_lineage() {
     let tree_out = second.output("tree", "dir");
 
     let (ui, _) = p.start_ui(&[]);
-    let base = ui.base.clone();
+    let base = ui.url.clone();
     let (_driver, c) = browser().await;
 
     // Runs list -> the newest run.
@@ -419,7 +397,7 @@ async fn the_chat_page_streams_two_models_side_by_side_with_their_sources() {
     let expected_base = client(&[&"chat", &server.url, &"base", &question]);
     let (ui, _) = p.start_ui(&["--serve-url", &server.url]);
     let (_driver, c) = browser().await;
-    c.goto(&format!("{}/#/chat", ui.base)).await.unwrap();
+    c.goto(&format!("{}/#/chat", ui.url)).await.unwrap();
     wait_text(&c, "#chat-model-a", "twin").await;
     c.execute(
         "document.getElementById('chat-model-a').value = 'twin';\

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod mock_llm;
+pub mod process;
 pub mod server;
 pub mod serving;
 pub mod static_files;
@@ -153,56 +154,16 @@ pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap()
 }
 
-/// A running `cairn ui`; killed (and reaped) when dropped.
-pub struct UiServer {
-    child: std::process::Child,
-    /// `http://127.0.0.1:PORT`.
-    pub base: String,
-}
-
-impl Drop for UiServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 impl Project {
     /// Starts `cairn ui --port 0 EXTRA...` on this project's store; returns the server and
     /// the start-up lines it printed (up to its address).
-    pub fn start_ui(&self, extra: &[&str]) -> (UiServer, String) {
+    pub fn start_ui(&self, extra: &[&str]) -> (process::LoopbackServer, String) {
         let mut cmd = std::process::Command::new(assert_cmd::cargo::cargo_bin("cairn"));
         cmd.current_dir(self.dir.path())
             .env("CAIRN_STORE", self.store())
             .args(["ui", "--port", "0"])
             .args(extra);
-        let (child, base, banner) = spawn_server(cmd);
-        (UiServer { child, base }, banner)
-    }
-}
-
-/// Starts a server command whose start-up lines on stderr end with its address
-/// (`... http://127.0.0.1:PORT/...`); returns the child, `http://127.0.0.1:PORT` and the
-/// lines printed up to it. The rest of its stderr is drained so it never blocks.
-// The caller kills and waits for the child (the servers' `Drop`).
-#[allow(clippy::zombie_processes)]
-pub fn spawn_server(mut cmd: std::process::Command) -> (std::process::Child, String, String) {
-    use std::io::BufRead;
-    let mut child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
-    let mut banner = String::new();
-    let mut reader = std::io::BufReader::new(child.stderr.take().unwrap());
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap() == 0 {
-            let status = child.wait();
-            panic!("{cmd:?} exited ({status:?}): {banner}");
-        }
-        banner.push_str(&line);
-        if let Some(rest) = line.split("http://").nth(1) {
-            let addr = rest.split('/').next().unwrap().to_string();
-            std::thread::spawn(move || for _ in reader.lines() {});
-            return (child, format!("http://{addr}"), banner);
-        }
+        process::LoopbackServer::announced(cmd)
     }
 }
 

@@ -2,7 +2,7 @@
 //! tiny models and a store with a vector collection.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 
 use serde_json::Value;
 
@@ -13,34 +13,8 @@ pub fn client(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Value {
     super::venv_script("tests/parity/openai_client.py", args)
 }
 
-/// A running `cairn serve`; killed on drop.
-pub struct Server {
-    child: Child,
-    /// http://127.0.0.1:PORT
-    pub url: String,
-}
-
-impl Server {
-    /// Stops the server as Ctrl-C would (it finishes its recorded run) and waits.
-    pub fn stop(mut self) {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-INT", &pid]).status();
-        for _ in 0..100 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        panic!("cairn serve did not stop on SIGINT");
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// A running `cairn serve`.
+pub type Server = super::process::LoopbackServer;
 
 /// Starts `cairn serve --port 0 ARGS...` and waits for its address.
 pub fn start(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Server {
@@ -55,8 +29,7 @@ pub fn start_in(project: Option<&Project>, args: &[&dyn AsRef<std::ffi::OsStr>])
     }
     cmd.args(["serve", "--port", "0", "--device", "cpu"])
         .args(args.iter().map(|a| a.as_ref()));
-    let (child, url, _) = super::spawn_server(cmd);
-    Server { child, url }
+    Server::announced(cmd).0
 }
 
 /// A tiny random Llama with a ChatML card (`base`) and a LoRA adapter over it (`twin`).
