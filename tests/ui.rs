@@ -4,12 +4,13 @@
 
 mod common;
 
-use common::{Project, UiServer};
+use common::process::LoopbackServer;
+use common::Project;
 use serde_json::Value;
 
 /// GET over a raw TCP connection (HTTP/1.0): the path goes out exactly as written, so the
 /// traversal cases test the server, not a client's URL normalisation.
-fn get(ui: &UiServer, path: &str) -> (u16, String, Vec<u8>) {
+fn get(ui: &LoopbackServer, path: &str) -> (u16, String, Vec<u8>) {
     use std::io::{Read, Write};
     let addr = ui.url.trim_start_matches("http://");
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -22,7 +23,7 @@ fn get(ui: &UiServer, path: &str) -> (u16, String, Vec<u8>) {
     (status, head, raw[split + 4..].to_vec())
 }
 
-fn get_json(ui: &UiServer, path: &str) -> Value {
+fn get_json(ui: &LoopbackServer, path: &str) -> Value {
     let (status, _, body) = get(ui, path);
     assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&body));
     serde_json::from_slice(&body).unwrap()

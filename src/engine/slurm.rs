@@ -114,7 +114,7 @@ pub async fn run(
         let _ = std::fs::remove_file(&description.result);
         let id = submit(ctx, &script, resources).await?;
         ctx.progress.set_message(format!("slurm job {id}: queued"));
-        let end = watch(&id, &ctx.cancel, ctx).await?;
+        let end = watch(&id, &ctx.cancel, ctx, &description.result).await?;
         let retry = matches!(end.state.as_str(), "NODE_FAIL" | "PREEMPTED") && attempt < retries;
         if retry {
             attempt += 1;
@@ -196,6 +196,7 @@ async fn watch(
     id: &str,
     cancel: &CancellationToken,
     ctx: &StepContext,
+    result: &Path,
 ) -> Result<JobEnd, StepError> {
     let mut delay = Duration::from_millis(100);
     let mut waited = Duration::ZERO;
@@ -239,7 +240,7 @@ async fn watch(
         waited += delay;
         delay = (delay * 2).min(cap);
     }
-    Ok(job_end(id).await)
+    Ok(job_end(id, result).await)
 }
 
 /// The job's state while `squeue` lists it.
@@ -266,17 +267,32 @@ const FINAL_STATES: &[&str] = &[
     "DEADLINE",
 ];
 
-/// How a finished job ended: `scontrol show job` (kept for MinJobAge), else `sacct`;
-/// a job still completing is asked again until its final state is known.
-async fn job_end(id: &str) -> JobEnd {
+/// How a finished job ended: `scontrol show job` (kept for MinJobAge), else `sacct`.
+/// A job still completing (its batch script has exited; the node is cleaning up) is
+/// asked again until its final state is known, unless it already exited 0 having
+/// reported success in `result`: Slurm can only call that COMPLETED, and the clean-up
+/// (epilog, process reaping) takes a second or more that the step need not wait for.
+async fn job_end(id: &str, result: &Path) -> JobEnd {
     for _ in 0..300 {
-        let end = job_end_once(id).await;
+        let mut end = job_end_once(id).await;
         if end.state != "COMPLETING" {
+            return end;
+        }
+        if end.exit_code == "0:0" && reported_done(result) {
+            end.state = "COMPLETED".into();
             return end;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     job_end_once(id).await
+}
+
+/// Whether the job wrote a [`JobResult::Done`] to `result`.
+fn reported_done(result: &Path) -> bool {
+    std::fs::read(result)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<JobResult>(&bytes).ok())
+        .is_some_and(|r| matches!(r, JobResult::Done { .. }))
 }
 
 async fn job_end_once(id: &str) -> JobEnd {
