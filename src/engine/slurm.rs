@@ -275,11 +275,9 @@ const FINAL_STATES: &[&str] = &[
 async fn job_end(id: &str, result: &Path) -> JobEnd {
     for _ in 0..300 {
         let mut end = job_end_once(id).await;
-        if end.state != "COMPLETING" {
-            return end;
-        }
-        if end.exit_code == "0:0" && reported_done(result) {
-            end.state = "COMPLETED".into();
+        let done = || matches!(read_result(result), Some(JobResult::Done { .. }));
+        if let Some(state) = settled_state(&end.state, &end.exit_code, done) {
+            end.state = state.to_string();
             return end;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -287,12 +285,24 @@ async fn job_end(id: &str, result: &Path) -> JobEnd {
     job_end_once(id).await
 }
 
-/// Whether the job wrote a [`JobResult::Done`] to `result`.
-fn reported_done(result: &Path) -> bool {
-    std::fs::read(result)
-        .ok()
-        .and_then(|bytes| serde_json::from_slice::<JobResult>(&bytes).ok())
-        .is_some_and(|r| matches!(r, JobResult::Done { .. }))
+/// The state to record for a job Slurm reports as `state`, or `None` while it must be
+/// asked again: a COMPLETING job counts as COMPLETED once it exited 0 and `reported_done`.
+fn settled_state<'a>(
+    state: &'a str,
+    exit_code: &str,
+    reported_done: impl FnOnce() -> bool,
+) -> Option<&'a str> {
+    match state {
+        "COMPLETING" if exit_code == "0:0" && reported_done() => Some("COMPLETED"),
+        "COMPLETING" => None,
+        _ => Some(state),
+    }
+}
+
+/// The [`JobResult`] the job wrote to `result`, if it wrote a whole one.
+fn read_result(result: &Path) -> Option<JobResult> {
+    let bytes = std::fs::read(result).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 async fn job_end_once(id: &str) -> JobEnd {
@@ -343,9 +353,7 @@ fn outcome(
     resources: &RawResources,
     result: &Path,
 ) -> Result<StepOutputs, StepError> {
-    let reported = std::fs::read(result)
-        .ok()
-        .and_then(|bytes| serde_json::from_slice::<JobResult>(&bytes).ok());
+    let reported = read_result(result);
     let log = std::fs::read_to_string(&ctx.log_path).unwrap_or_default();
     let tail = log_tail(&log);
     let state = if ran_out_of_memory(&end.state, &log) {
@@ -550,7 +558,24 @@ async fn execute(desc: &JobDescription) -> JobResult {
 
 #[cfg(test)]
 mod tests {
-    use super::ran_out_of_memory;
+    use super::{ran_out_of_memory, settled_state};
+
+    #[test]
+    fn a_completing_job_counts_as_completed_only_after_a_clean_exit_and_a_reported_success() {
+        assert_eq!(
+            settled_state("COMPLETING", "0:0", || true),
+            Some("COMPLETED")
+        );
+        // Killed by a signal (time limit, memory) or failed: wait for Slurm's verdict.
+        assert_eq!(settled_state("COMPLETING", "0:15", || true), None);
+        assert_eq!(settled_state("COMPLETING", "1:0", || true), None);
+        assert_eq!(settled_state("COMPLETING", "0:0", || false), None);
+        assert_eq!(settled_state("TIMEOUT", "0:15", || true), Some("TIMEOUT"));
+        assert_eq!(
+            settled_state("COMPLETED", "0:0", || false),
+            Some("COMPLETED")
+        );
+    }
 
     #[test]
     fn memory_kills_are_told_apart_from_other_failures() {
