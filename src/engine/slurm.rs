@@ -139,18 +139,9 @@ struct JobEnd {
     reason: String,
 }
 
-async fn submit(
-    ctx: &StepContext,
-    script: &Path,
-    resources: &RawResources,
-) -> Result<String, StepError> {
-    let mut args: Vec<String> = vec![
-        "--parsable".into(),
-        format!("--job-name=cairn-{}", ctx.step),
-        format!("--output={}", ctx.log_path.display()),
-        format!("--error={}", ctx.log_path.display()),
-        format!("--chdir={}", ctx.cwd.display()),
-    ];
+/// The `sbatch` options a step's `resources` ask for (only those set).
+fn resource_flags(resources: &RawResources) -> Vec<String> {
+    let mut args = Vec::new();
     let mut flag = |name: &str, value: Option<String>| {
         if let Some(v) = value {
             args.push(format!("--{name}={v}"));
@@ -164,6 +155,22 @@ async fn submit(
     flag("mem", resources.mem.clone());
     flag("time", resources.time.clone());
     flag("gres", resources.gpus.map(|g| format!("gpu:{g}")));
+    args
+}
+
+async fn submit(
+    ctx: &StepContext,
+    script: &Path,
+    resources: &RawResources,
+) -> Result<String, StepError> {
+    let mut args: Vec<String> = vec![
+        "--parsable".into(),
+        format!("--job-name=cairn-{}", ctx.step),
+        format!("--output={}", ctx.log_path.display()),
+        format!("--error={}", ctx.log_path.display()),
+        format!("--chdir={}", ctx.cwd.display()),
+    ];
+    args.extend(resource_flags(resources));
     args.push(script.display().to_string());
     let out = tokio::process::Command::new("sbatch")
         .args(&args)
@@ -558,7 +565,37 @@ async fn execute(desc: &JobDescription) -> JobResult {
 
 #[cfg(test)]
 mod tests {
-    use super::{ran_out_of_memory, settled_state};
+    use super::{ran_out_of_memory, resource_flags, settled_state};
+    use crate::pipeline::raw::RawResources;
+
+    #[test]
+    fn a_gpu_step_asks_sbatch_for_its_partition_and_gpus() {
+        let gpu = RawResources {
+            gpus: Some(2),
+            cpus: Some(8),
+            mem: Some("64G".into()),
+            time: Some("04:00:00".into()),
+            partition: Some("gpu".into()),
+            account: Some("twin".into()),
+            qos: Some("high".into()),
+            constraint: Some("a100".into()),
+            retries: Some(3),
+        };
+        assert_eq!(
+            resource_flags(&gpu),
+            [
+                "--partition=gpu",
+                "--account=twin",
+                "--qos=high",
+                "--constraint=a100",
+                "--cpus-per-task=8",
+                "--mem=64G",
+                "--time=04:00:00",
+                "--gres=gpu:2"
+            ]
+        );
+        assert!(resource_flags(&RawResources::default()).is_empty());
+    }
 
     #[test]
     fn a_completing_job_counts_as_completed_only_after_a_clean_exit_and_a_reported_success() {
