@@ -199,8 +199,11 @@ def rag_bench(cairn, work, threads, mock_binary):
     rag_table(results, questions, work, threads)
 
 
+PRECISIONS = ("f32", "bf16", "int8")
+
+
 def run_rag(results, questions, cairn, work, proj, env, llm, threads):
-    for precision in ("f32", "bf16"):
+    for precision in PRECISIONS:
         open(f"{proj}/rag_{precision}.yaml", "w").write(f"""collections:
   - {{name: embedded_articles, k: 10}}
   - {{name: embedded_posts, k: 10}}
@@ -225,6 +228,7 @@ rerank: {{model: "{work}/reranker", candidates: 20, precision: {precision}}}
                     stages.setdefault(k, []).append(v)
                 if precision == "bf16":
                     results.setdefault("texts", []).append(r["cairn"]["sources"][0]["text"])
+                results.setdefault(f"kept_{precision}", []).append([s["id"] for s in r["cairn"]["sources"]])
         finally:
             server.close()
         results[precision] = stages
@@ -239,16 +243,20 @@ def rag_table(results, questions, work, threads):
     import torch
 
     # The tool a user would otherwise pick for the rerank stage: sentence-transformers'
-    # CrossEncoder on 20 pairs of the same chunks (f32 and bf16), same thread count.
+    # CrossEncoder on 20 pairs of the same chunks (f32, bf16, int8), same thread count.
     torch.set_num_threads(threads)
     from sentence_transformers import CrossEncoder
 
-    st = CrossEncoder(f"{work}/reranker", device="cpu")
     pairs = [(questions[0], t) for t in (results["texts"] * 2)[:20]]
     st_ms = {}
-    for precision in ("f32", "bf16"):
+    for precision in PRECISIONS:
+        st = CrossEncoder(f"{work}/reranker", device="cpu")
         if precision == "bf16":
             st.model.to(torch.bfloat16)
+        elif precision == "int8":
+            # PyTorch's own dynamic int8 (fbgemm): what a user of sentence-transformers
+            # would reach for on a CPU.
+            torch.ao.quantization.quantize_dynamic(st.model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
         st.predict(pairs)
         times = []
         for _ in range(10):
@@ -259,14 +267,18 @@ def rag_table(results, questions, work, threads):
     print()
     print(f"RAG overhead per chat, {len(questions)} questions asked twice (the second measured: expansion cached); "
           f"3 collections of Python docs (all-MiniLM-L6-v2, embedded Qdrant Edge), k 10 each, 3 phrasings, "
-          f"RRF, rerank 20 -> 3 by a MiniLM-L6-sized cross-encoder (f32 or bf16 weights); CPU, {threads} threads")
+          f"RRF, rerank 20 -> 3 by a MiniLM-L6-sized cross-encoder (f32, bf16 or int8); CPU, {threads} threads")
     print()
-    print("| stage | p50 ms (rerank f32) | p90 ms | p50 ms (rerank bf16) | p90 ms |")
-    print("|---|---:|---:|---:|---:|")
+    print("| stage | " + " | ".join(f"p50 ms (rerank {p}) | p90 ms" for p in PRECISIONS) + " |")
+    print("|---|" + "---:|---:|" * len(PRECISIONS))
     for k in ["self_query", "expansion", "embed", "search", "fusion", "rerank", "total"]:
-        f, b = results["f32"][k], results["bf16"][k]
-        print(f"| {k} | {pct(f, 0.5):.1f} | {pct(f, 0.9):.1f} | {pct(b, 0.5):.1f} | {pct(b, 0.9):.1f} |")
-    print(f"| sentence-transformers CrossEncoder.predict, 20 pairs | {st_ms['f32']:.1f} | | {st_ms['bf16']:.1f} | |")
+        cells = " | ".join(f"{pct(results[p][k], 0.5):.1f} | {pct(results[p][k], 0.9):.1f}" for p in PRECISIONS)
+        print(f"| {k} | {cells} |")
+    cells = " | ".join(f"{st_ms[p]:.1f} | " for p in PRECISIONS)
+    print(f"| sentence-transformers CrossEncoder.predict, 20 pairs (int8: quantize_dynamic) | {cells}|")
+    same = {p: sum(a == b for a, b in zip(results[f"kept_{p}"], results["kept_f32"])) for p in PRECISIONS}
+    alike = {p: sum(set(a) == set(b) for a, b in zip(results[f"kept_{p}"], results["kept_f32"])) for p in PRECISIONS}
+    print("| questions whose kept top 3 equal f32's: in order / as a set | " + " | ".join(f"{same[p]}/{len(questions)} / {alike[p]}/{len(questions)} | " for p in PRECISIONS) + "|")
     print("\ntarget: total p50 < 50 ms")
 
 

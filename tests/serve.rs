@@ -386,7 +386,7 @@ fn worker_scores(dir: &Path, model: &Path, precision: &str, request: &Value) -> 
 
 /// The cross-encoder's scores equal sentence-transformers' `CrossEncoder.predict` on the
 /// same pairs (pair template, type ids, longest-first truncation of a long document,
-/// sigmoid for one label).
+/// sigmoid for one label); bf16 and int8 stay close.
 #[test]
 fn cross_encoder_scores_match_sentence_transformers() {
     let tmp = tempfile::tempdir().unwrap();
@@ -406,10 +406,10 @@ fn cross_encoder_scores_match_sentence_transformers() {
         long,
     ];
     let docs_json = serde_json::to_string(&docs).unwrap();
-    let theirs = client(&[&"rerank", &model, &query, &docs_json]);
+    let theirs_all = client(&[&"rerank", &model, &query, &docs_json]);
     let request = serde_json::json!({"rerank": {"id": 1, "query": query, "documents": docs}});
     let ours = worker_scores(tmp.path(), &model, "f32", &request);
-    let theirs: Vec<f64> = theirs["scores"]
+    let theirs: Vec<f64> = theirs_all["scores"]
         .as_array()
         .unwrap()
         .iter()
@@ -422,6 +422,10 @@ fn cross_encoder_scores_match_sentence_transformers() {
             "pair {i}: cairn {a} vs sentence-transformers {b}"
         );
     }
+    // The scores differ enough that ordering by them means something.
+    let spread = theirs.iter().cloned().fold(f64::MIN, f64::max)
+        - theirs.iter().cloned().fold(f64::MAX, f64::min);
+    assert!(spread > 0.01, "{theirs:?}");
     // bf16 weights (the fast choice on CPUs with AVX512-BF16): close, not equal.
     let bf16 = worker_scores(tmp.path(), &model, "bf16", &request);
     assert_ne!(bf16, ours, "the bf16 run computed in f32");
@@ -431,10 +435,40 @@ fn cross_encoder_scores_match_sentence_transformers() {
             "pair {i}: cairn bf16 {a} vs sentence-transformers {b}"
         );
     }
-    // The scores differ enough that ordering by them means something.
-    let spread = theirs.iter().cloned().fold(f64::MIN, f64::max)
-        - theirs.iter().cloned().fold(f64::MAX, f64::min);
-    assert!(spread > 0.01, "{theirs:?}");
+    // int8 (weights per channel, activations per token): close to f32, and at least as
+    // close as PyTorch's own dynamic int8 (`quantize_dynamic`) on the same model.
+    if !int8_is_fast_here() {
+        eprintln!("skipping the int8 half: this CPU lacks AVX512-VNNI, so cairn refuses int8");
+        return;
+    }
+    let int8 = worker_scores(tmp.path(), &model, "int8", &request);
+    assert_ne!(int8, ours, "the int8 run computed in f32");
+    let max_err = |scores: &[f64]| {
+        scores
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max)
+    };
+    let pytorch_int8: Vec<f64> = serde_json::from_value(theirs_all["int8_scores"].clone()).unwrap();
+    assert!(max_err(&int8) < 3e-2, "int8 {int8:?} vs f32 {theirs:?}");
+    assert!(
+        max_err(&int8) <= max_err(&pytorch_int8).max(2e-3),
+        "cairn int8 error {} > PyTorch quantize_dynamic's {}",
+        max_err(&int8),
+        max_err(&pytorch_int8)
+    );
+}
+
+fn int8_is_fast_here() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 fn rag_chat(server: &Server, question: &str, mode: &str) -> Value {

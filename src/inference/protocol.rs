@@ -28,7 +28,7 @@ pub struct WorkerConfig {
     /// Cross-encoder (`*ForSequenceClassification`) directory for reranking.
     #[serde(default)]
     pub reranker: Option<std::path::PathBuf>,
-    /// The cross-encoder's precision: auto (bf16 on CUDA, else f32), f32 or bf16.
+    /// The cross-encoder's precision: auto (bf16 on CUDA, else f32), f32, bf16 or int8 (CPU).
     #[serde(default = "auto")]
     pub reranker_precision: String,
     /// Rows decoded together at most (continuous batching); later requests wait.

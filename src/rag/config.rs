@@ -100,8 +100,10 @@ pub struct RerankConfig {
     #[serde(default = "default_candidates")]
     pub candidates: usize,
     /// Weights' precision: auto (bf16 on CUDA, else f32), f32 (scores equal
-    /// sentence-transformers' to 1e-5), or bf16 (~2.5x faster on CPUs with AVX512-BF16 or
-    /// AMX; scores within ~1e-2).
+    /// sentence-transformers' to 1e-5), bf16 (~2.5x faster on CPUs with AVX512-BF16 or
+    /// AMX; scores within ~1e-2), or int8 (CPUs with AVX512-VNNI: int8 weights and
+    /// per-token int8 activations through oneDNN's VNNI kernels; about bf16's speed where
+    /// both are fast, closer to f32).
     #[serde(default = "default_precision")]
     pub precision: String,
 }
@@ -208,10 +210,10 @@ impl RagConfig {
                     "candidates must be at least 1".into(),
                 ));
             }
-            if !matches!(r.precision.as_str(), "auto" | "f32" | "bf16") {
+            if !matches!(r.precision.as_str(), "auto" | "f32" | "bf16" | "int8") {
                 out.push((
                     "rerank.precision".into(),
-                    format!("precision {:?}: use auto, f32 or bf16", r.precision),
+                    format!("precision {:?}: use auto, f32, bf16 or int8", r.precision),
                 ));
             }
             if !r.model.join("config.json").is_file() {
@@ -253,6 +255,30 @@ mod tests {
                 "self_query.rules.0.pattern",
                 "prompt"
             ]
+        );
+    }
+
+    #[test]
+    fn rerank_precision_is_one_of_the_four() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+        let problems = |precision: &str| {
+            let yaml = format!(
+                "collections: [{{name: a}}]\nrerank: {{model: {:?}, precision: {precision}}}\n",
+                dir.path().display()
+            );
+            let config: RagConfig = serde_yaml::from_str(&yaml).unwrap();
+            config.problems()
+        };
+        for fine in ["auto", "f32", "bf16", "int8"] {
+            assert_eq!(problems(fine), [], "{fine}");
+        }
+        assert_eq!(
+            problems("fp8"),
+            [(
+                "rerank.precision".to_string(),
+                "precision \"fp8\": use auto, f32, bf16 or int8".to_string()
+            )]
         );
     }
 }

@@ -9,7 +9,8 @@ test asserts on it.
                                     a tiny random BertForSequenceClassification (one label)
                                     with the WordPiece tokenizer of TOKENIZER_DIR
     openai_client.py rerank MODEL QUERY DOCS_JSON
-                                    sentence-transformers' CrossEncoder.predict scores
+                                    sentence-transformers' CrossEncoder.predict scores, in
+                                    f32 and after PyTorch's quantize_dynamic (int8)
     openai_client.py chat URL MODEL QUESTION [no-rag|stream|long]
                                     one greedy chat; its text, usage and `cairn` field
     openai_client.py check URL CHAT_MODEL RAW_MODEL EMBEDDER_NAME EMBEDDER_DIR
@@ -86,9 +87,15 @@ def make_reranker(out, tokenizer_dir):
 def rerank(model, query, docs):
     from sentence_transformers import CrossEncoder
 
+    import torch
+
+    pairs = [(query, d) for d in json.loads(docs)]
     ce = CrossEncoder(model, device="cpu")
-    scores = ce.predict([(query, d) for d in json.loads(docs)])
-    print(json.dumps({"scores": [float(x) for x in scores]}))
+    scores = ce.predict(pairs)
+    # PyTorch's dynamic int8 (what a sentence-transformers user would quantize with).
+    torch.ao.quantization.quantize_dynamic(ce.model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    int8 = ce.predict(pairs)
+    print(json.dumps({"scores": [float(x) for x in scores], "int8_scores": [float(x) for x in int8]}))
 
 
 def client(url, retries=0):

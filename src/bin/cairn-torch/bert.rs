@@ -11,6 +11,8 @@ use tch::{Device, Kind, Tensor};
 use cairn::embed::EmbedError;
 use cairn::models::Pooling;
 
+use crate::int8::Int8Linear;
+
 /// The hyper-parameters of `config.json` the forward pass needs.
 #[derive(Clone, Debug)]
 pub struct BertConfig {
@@ -65,14 +67,26 @@ impl BertConfig {
     }
 }
 
-struct Linear {
-    weight: Tensor,
-    bias: Tensor,
+enum Linear {
+    /// Weights and bias in the model's float kind.
+    Dense { weight: Tensor, bias: Tensor },
+    /// Dynamically quantized int8 (CPU).
+    Int8(Int8Linear),
 }
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
-        x.f_linear(&self.weight, Some(&self.bias))
+        match self {
+            Linear::Dense { weight, bias } => x.f_linear(weight, Some(bias)),
+            Linear::Int8(q) => q.forward(x),
+        }
+    }
+
+    fn quantize_int8(&mut self) -> Result<(), tch::TchError> {
+        if let Linear::Dense { weight, bias } = self {
+            *self = Linear::Int8(Int8Linear::quantize(weight, bias)?);
+        }
+        Ok(())
     }
 }
 
@@ -85,6 +99,9 @@ struct Layer {
     query: Linear,
     key: Linear,
     value: Linear,
+    /// Query, key and value as one int8 product (set by [`Bert::quantize_int8`]): the
+    /// input is quantized once instead of three times.
+    fused_qkv: Option<Int8Linear>,
     attention_out: Linear,
     attention_norm: Norm,
     intermediate: Linear,
@@ -166,7 +183,7 @@ impl Bert {
         let linear = |take: &mut dyn FnMut(&str) -> Result<Tensor, EmbedError>,
                       name: &str|
          -> Result<Linear, EmbedError> {
-            Ok(Linear {
+            Ok(Linear::Dense {
                 weight: take(&format!("{name}.weight"))?,
                 bias: take(&format!("{name}.bias"))?,
             })
@@ -190,6 +207,7 @@ impl Bert {
                 query: linear(&mut take, &format!("{p}.attention.self.query"))?,
                 key: linear(&mut take, &format!("{p}.attention.self.key"))?,
                 value: linear(&mut take, &format!("{p}.attention.self.value"))?,
+                fused_qkv: None,
                 attention_out: linear(&mut take, &format!("{p}.attention.output.dense"))?,
                 attention_norm: norm(&mut take, &format!("{p}.attention.output.LayerNorm"))?,
                 intermediate: linear(&mut take, &format!("{p}.intermediate.dense"))?,
@@ -216,6 +234,47 @@ impl Bert {
             position_offset: if roberta { 2 } else { 0 },
         };
         Ok((bert, rest))
+    }
+
+    /// Replaces the encoder layers' linear weights by int8 ones with per-channel scales;
+    /// activations are then quantized per token on each call (see [`Int8Linear`]). The
+    /// model must be in f32 on the CPU.
+    pub fn quantize_int8(&mut self) -> Result<(), tch::TchError> {
+        for layer in &mut self.layers {
+            if let (
+                Linear::Dense {
+                    weight: wq,
+                    bias: bq,
+                },
+                Linear::Dense {
+                    weight: wk,
+                    bias: bk,
+                },
+                Linear::Dense {
+                    weight: wv,
+                    bias: bv,
+                },
+            ) = (&layer.query, &layer.key, &layer.value)
+            {
+                // Per-channel weight scales and per-row input scales make the fused
+                // product equal the three separate ones.
+                layer.fused_qkv = Some(Int8Linear::quantize(
+                    &Tensor::f_cat(&[wq, wk, wv], 0)?,
+                    &Tensor::f_cat(&[bq, bk, bv], 0)?,
+                )?);
+            }
+            for linear in [
+                &mut layer.query,
+                &mut layer.key,
+                &mut layer.value,
+                &mut layer.attention_out,
+                &mut layer.intermediate,
+                &mut layer.output,
+            ] {
+                linear.quantize_int8()?;
+            }
+        }
+        Ok(())
     }
 
     fn layer_norm(&self, x: &Tensor, n: &Norm) -> Result<Tensor, tch::TchError> {
@@ -267,9 +326,25 @@ impl Bert {
         let attend = mask.f_ne(0)?.f_view([batch, 1, 1, seq])?;
         let split = |t: Tensor| t.f_view([batch, seq, heads, head_dim])?.f_transpose(1, 2);
         for layer in &self.layers {
-            let q = split(layer.query.forward(&x)?)?;
-            let k = split(layer.key.forward(&x)?)?;
-            let v = split(layer.value.forward(&x)?)?;
+            let (q, k, v) = match &layer.fused_qkv {
+                Some(qkv) => {
+                    let mut parts = qkv
+                        .forward(&x)?
+                        .f_split(self.config.hidden_size, -1)?
+                        .into_iter();
+                    let mut next = || -> Result<Tensor, tch::TchError> {
+                        split(parts.next().ok_or_else(|| {
+                            tch::TchError::Shape("fused query/key/value: expected 3 parts".into())
+                        })?)
+                    };
+                    (next()?, next()?, next()?)
+                }
+                None => (
+                    split(layer.query.forward(&x)?)?,
+                    split(layer.key.forward(&x)?)?,
+                    split(layer.value.forward(&x)?)?,
+                ),
+            };
             let context = Tensor::f_scaled_dot_product_attention(
                 &q,
                 &k,

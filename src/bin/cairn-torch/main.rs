@@ -12,6 +12,7 @@ mod embedder;
 mod evaluate;
 mod generate;
 mod gguf;
+mod int8;
 mod modeldir;
 mod nf4;
 mod preference;

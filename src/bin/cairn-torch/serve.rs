@@ -105,16 +105,30 @@ pub fn run(config: &WorkerConfig) -> Result<(), String> {
     };
     let reranker = match &config.reranker {
         Some(dir) => {
-            let kind = match (config.reranker_precision.as_str(), device.is_cuda()) {
-                ("bf16", _) | ("auto", true) => Kind::BFloat16,
-                ("f32", _) | ("auto", false) => Kind::Float,
+            let (kind, int8) = match (config.reranker_precision.as_str(), device.is_cuda()) {
+                ("bf16", _) | ("auto", true) => (Kind::BFloat16, false),
+                ("f32", _) | ("auto", false) => (Kind::Float, false),
+                ("int8", false) if crate::int8::fast_on_this_cpu() => (Kind::Float, true),
+                ("int8", false) => {
+                    return Err("reranker precision int8 needs a CPU with AVX512-VNNI (libtorch's int8 product is slower than f32 without it); use f32 or bf16".into())
+                }
+                ("int8", true) => {
+                    return Err(
+                        "reranker precision int8 runs on the CPU; on CUDA use bf16 (or auto)"
+                            .into(),
+                    )
+                }
                 (other, _) => {
                     return Err(format!(
-                        "reranker precision {other:?}: use auto, f32 or bf16"
+                        "reranker precision {other:?}: use auto, f32, bf16 or int8"
                     ))
                 }
             };
-            Some(crate::crossencoder::CrossEncoder::load(dir, device, kind)?)
+            let mut reranker = crate::crossencoder::CrossEncoder::load(dir, device, kind)?;
+            if int8 {
+                reranker.quantize_int8()?;
+            }
+            Some(reranker)
         }
         None => None,
     };
