@@ -95,13 +95,21 @@ struct Norm {
     bias: Tensor,
 }
 
-struct Layer {
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    /// Query, key and value as one int8 product (set by [`Bert::quantize_int8`]): the
+/// The attention's query, key and value projections.
+enum Projections {
+    /// Three products in the model's float kind, as loaded.
+    Separate {
+        query: Linear,
+        key: Linear,
+        value: Linear,
+    },
+    /// One int8 product over the concatenated weights (see [`Bert::quantize_int8`]): the
     /// input is quantized once instead of three times.
-    fused_qkv: Option<Int8Linear>,
+    Fused(Int8Linear),
+}
+
+struct Layer {
+    projections: Projections,
     attention_out: Linear,
     attention_norm: Norm,
     intermediate: Linear,
@@ -204,10 +212,11 @@ impl Bert {
         for i in 0..config.num_hidden_layers {
             let p = format!("encoder.layer.{i}");
             layers.push(Layer {
-                query: linear(&mut take, &format!("{p}.attention.self.query"))?,
-                key: linear(&mut take, &format!("{p}.attention.self.key"))?,
-                value: linear(&mut take, &format!("{p}.attention.self.value"))?,
-                fused_qkv: None,
+                projections: Projections::Separate {
+                    query: linear(&mut take, &format!("{p}.attention.self.query"))?,
+                    key: linear(&mut take, &format!("{p}.attention.self.key"))?,
+                    value: linear(&mut take, &format!("{p}.attention.self.value"))?,
+                },
                 attention_out: linear(&mut take, &format!("{p}.attention.output.dense"))?,
                 attention_norm: norm(&mut take, &format!("{p}.attention.output.LayerNorm"))?,
                 intermediate: linear(&mut take, &format!("{p}.intermediate.dense"))?,
@@ -241,32 +250,32 @@ impl Bert {
     /// model must be in f32 on the CPU.
     pub fn quantize_int8(&mut self) -> Result<(), tch::TchError> {
         for layer in &mut self.layers {
-            if let (
-                Linear::Dense {
-                    weight: wq,
-                    bias: bq,
-                },
-                Linear::Dense {
-                    weight: wk,
-                    bias: bk,
-                },
-                Linear::Dense {
-                    weight: wv,
-                    bias: bv,
-                },
-            ) = (&layer.query, &layer.key, &layer.value)
+            if let Projections::Separate {
+                query:
+                    Linear::Dense {
+                        weight: wq,
+                        bias: bq,
+                    },
+                key:
+                    Linear::Dense {
+                        weight: wk,
+                        bias: bk,
+                    },
+                value:
+                    Linear::Dense {
+                        weight: wv,
+                        bias: bv,
+                    },
+            } = &layer.projections
             {
                 // Per-channel weight scales and per-row input scales make the fused
                 // product equal the three separate ones.
-                layer.fused_qkv = Some(Int8Linear::quantize(
+                layer.projections = Projections::Fused(Int8Linear::quantize(
                     &Tensor::f_cat(&[wq, wk, wv], 0)?,
                     &Tensor::f_cat(&[bq, bk, bv], 0)?,
                 )?);
             }
             for linear in [
-                &mut layer.query,
-                &mut layer.key,
-                &mut layer.value,
                 &mut layer.attention_out,
                 &mut layer.intermediate,
                 &mut layer.output,
@@ -326,25 +335,19 @@ impl Bert {
         let attend = mask.f_ne(0)?.f_view([batch, 1, 1, seq])?;
         let split = |t: Tensor| t.f_view([batch, seq, heads, head_dim])?.f_transpose(1, 2);
         for layer in &self.layers {
-            let (q, k, v) = match &layer.fused_qkv {
-                Some(qkv) => {
-                    let mut parts = qkv
-                        .forward(&x)?
-                        .f_split(self.config.hidden_size, -1)?
-                        .into_iter();
-                    let mut next = || -> Result<Tensor, tch::TchError> {
-                        split(parts.next().ok_or_else(|| {
-                            tch::TchError::Shape("fused query/key/value: expected 3 parts".into())
-                        })?)
-                    };
-                    (next()?, next()?, next()?)
+            let (q, k, v) = match &layer.projections {
+                Projections::Separate { query, key, value } => {
+                    (query.forward(&x)?, key.forward(&x)?, value.forward(&x)?)
                 }
-                None => (
-                    split(layer.query.forward(&x)?)?,
-                    split(layer.key.forward(&x)?)?,
-                    split(layer.value.forward(&x)?)?,
-                ),
+                Projections::Fused(qkv) => {
+                    let parts = qkv.forward(&x)?.f_split(self.config.hidden_size, -1)?;
+                    let [q, k, v]: [Tensor; 3] = parts.try_into().map_err(|_| {
+                        tch::TchError::Shape("fused query/key/value: expected 3 parts".into())
+                    })?;
+                    (q, k, v)
+                }
             };
+            let (q, k, v) = (split(q)?, split(k)?, split(v)?);
             let context = Tensor::f_scaled_dot_product_attention(
                 &q,
                 &k,
