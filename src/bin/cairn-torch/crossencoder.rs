@@ -181,7 +181,7 @@ impl CrossEncoder {
             };
             let hidden = self
                 .model
-                .forward_typed(&tensor(&ids), &tensor(&mask), Some(&tensor(&types)))
+                .forward_first(&tensor(&ids), &tensor(&mask), &tensor(&types))
                 .map_err(|e| e.to_string())?;
             let first = hidden.select(1, 0);
             let linear = |x: &Tensor, (w, b): &(Tensor, Tensor)| x.linear(w, Some(b));
