@@ -5,13 +5,17 @@
 //! product free of zero-point corrections; per-row and per-channel scales are finer than
 //! PyTorch's `quantize_dynamic` default (one scale per tensor), so the error is smaller.
 
+mod attention;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod math;
 mod rows;
 mod team;
 
 use tch::kind::Element;
 use tch::{Device, Kind, Tensor};
 
-pub use rows::Sequences;
+pub use attention::Sequences;
 use rows::{Kernels, Product, QuantizedOut, LEVELS};
 
 /// Whether this CPU runs libtorch's int8 product fast: `_int_mm` uses oneDNN only where
