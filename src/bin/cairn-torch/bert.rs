@@ -88,25 +88,29 @@ struct Norm {
     bias: Tensor,
 }
 
+/// An encoder layer's linear weights as loaded, in the model's float kind.
+struct FloatLinears {
+    query: Dense,
+    key: Dense,
+    value: Dense,
+    attention_out: Dense,
+    intermediate: Dense,
+    output: Dense,
+}
+
+/// An encoder layer's linear weights in int8 (see [`Bert::quantize_int8`]), with query,
+/// key and value fused into one product so that its input is quantized once.
+struct Int8Linears {
+    qkv: Int8Linear,
+    attention_out: Int8Linear,
+    intermediate: Int8Linear,
+    output: Int8Linear,
+}
+
 /// An encoder layer's linear weights.
 enum Weights {
-    /// As loaded, in the model's float kind.
-    Float {
-        query: Dense,
-        key: Dense,
-        value: Dense,
-        attention_out: Dense,
-        intermediate: Dense,
-        output: Dense,
-    },
-    /// int8 (see [`Bert::quantize_int8`]), with query, key and value fused into one
-    /// product so that its input is quantized once.
-    Int8 {
-        qkv: Int8Linear,
-        attention_out: Int8Linear,
-        intermediate: Int8Linear,
-        output: Int8Linear,
-    },
+    Float(FloatLinears),
+    Int8(Int8Linears),
 }
 
 struct Layer {
@@ -210,14 +214,14 @@ impl Bert {
         for i in 0..config.num_hidden_layers {
             let p = format!("encoder.layer.{i}");
             layers.push(Layer {
-                weights: Weights::Float {
+                weights: Weights::Float(FloatLinears {
                     query: linear(&mut take, &format!("{p}.attention.self.query"))?,
                     key: linear(&mut take, &format!("{p}.attention.self.key"))?,
                     value: linear(&mut take, &format!("{p}.attention.self.value"))?,
                     attention_out: linear(&mut take, &format!("{p}.attention.output.dense"))?,
                     intermediate: linear(&mut take, &format!("{p}.intermediate.dense"))?,
                     output: linear(&mut take, &format!("{p}.output.dense"))?,
-                },
+                }),
                 attention_norm: norm(&mut take, &format!("{p}.attention.output.LayerNorm"))?,
                 output_norm: norm(&mut take, &format!("{p}.output.LayerNorm"))?,
             });
@@ -248,27 +252,20 @@ impl Bert {
     /// model must be in f32 on the CPU.
     pub fn quantize_int8(&mut self) -> Result<(), tch::TchError> {
         for layer in &mut self.layers {
-            if let Weights::Float {
-                query,
-                key,
-                value,
-                attention_out,
-                intermediate,
-                output,
-            } = &layer.weights
-            {
+            if let Weights::Float(float) = &layer.weights {
                 let quantize = |d: &Dense| Int8Linear::quantize(&d.weight, &d.bias);
-                layer.weights = Weights::Int8 {
+                let (q, k, v) = (&float.query, &float.key, &float.value);
+                layer.weights = Weights::Int8(Int8Linears {
                     // Per-channel weight scales and per-row input scales make the fused
                     // product equal the three separate ones.
                     qkv: Int8Linear::quantize(
-                        &Tensor::f_cat(&[&query.weight, &key.weight, &value.weight], 0)?,
-                        &Tensor::f_cat(&[&query.bias, &key.bias, &value.bias], 0)?,
+                        &Tensor::f_cat(&[&q.weight, &k.weight, &v.weight], 0)?,
+                        &Tensor::f_cat(&[&q.bias, &k.bias, &v.bias], 0)?,
                     )?,
-                    attention_out: quantize(attention_out)?,
-                    intermediate: quantize(intermediate)?,
-                    output: quantize(output)?,
-                };
+                    attention_out: quantize(&float.attention_out)?,
+                    intermediate: quantize(&float.intermediate)?,
+                    output: quantize(&float.output)?,
+                });
             }
         }
         Ok(())
@@ -331,7 +328,7 @@ impl Bert {
         x = self.layer_norm(&x, &self.embed_norm)?;
         if matches!(
             self.layers.first().map(|l| &l.weights),
-            Some(Weights::Int8 { .. })
+            Some(Weights::Int8(_))
         ) {
             return self.encode_int8(x, mask, first_only);
         }
@@ -339,15 +336,7 @@ impl Bert {
         let attend = mask.f_ne(0)?.f_view([batch, 1, 1, seq])?;
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
-            let Weights::Float {
-                query,
-                key,
-                value,
-                attention_out,
-                intermediate,
-                output,
-            } = &layer.weights
-            else {
+            let Weights::Float(w) = &layer.weights else {
                 return Err(mixed_layers());
             };
             let rows = if first_only && i == last {
@@ -356,15 +345,15 @@ impl Bert {
                 x.shallow_clone()
             };
             let context = self.attention(
-                &query.forward(&rows)?,
-                &key.forward(&x)?,
-                &value.forward(&x)?,
+                &w.query.forward(&rows)?,
+                &w.key.forward(&x)?,
+                &w.value.forward(&x)?,
                 &attend,
             )?;
-            let attn = attention_out.forward(&context)?;
+            let attn = w.attention_out.forward(&context)?;
             let x1 = self.layer_norm(&attn.f_add(&rows)?, &layer.attention_norm)?;
-            let inter = intermediate.forward(&x1)?.f_gelu(self.gelu())?;
-            let out = output.forward(&inter)?;
+            let inter = w.intermediate.forward(&x1)?.f_gelu(self.gelu())?;
+            let out = w.output.forward(&inter)?;
             x = self.layer_norm(&out.f_add(&x1)?, &layer.output_norm)?;
         }
         if first_only && self.layers.is_empty() {
@@ -406,17 +395,13 @@ impl Bert {
         );
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
-            let Weights::Int8 {
-                qkv,
-                attention_out,
-                intermediate,
-                output,
-            } = &layer.weights
-            else {
+            let Weights::Int8(w) = &layer.weights else {
                 return Err(mixed_layers());
             };
             let first = first_only && i == last;
-            let context = qkv.forward_attention(&quantized, &sequences, heads, first)?;
+            let context = w
+                .qkv
+                .forward_attention(&quantized, &sequences, heads, first)?;
             let rows = if first {
                 let starts: Vec<i64> = sequences.starts().iter().map(|&r| r as i64).collect();
                 x.f_index_select(0, &Tensor::from_slice(&starts))?
@@ -424,17 +409,18 @@ impl Bert {
                 x
             };
             let norm = &layer.attention_norm;
-            let (x1, x1q) = attention_out.forward_residual_norm(
+            let (x1, x1q) = w.attention_out.forward_residual_norm(
                 &context,
                 &rows,
                 &norm.weight,
                 &norm.bias,
                 eps,
             )?;
-            let inter = intermediate.forward_gelu(&x1q, self.config.tanh_gelu)?;
+            let inter = w.intermediate.forward_gelu(&x1q, self.config.tanh_gelu)?;
             let norm = &layer.output_norm;
             (x, quantized) =
-                output.forward_residual_norm(&inter, &x1, &norm.weight, &norm.bias, eps)?;
+                w.output
+                    .forward_residual_norm(&inter, &x1, &norm.weight, &norm.bias, eps)?;
         }
         if first_only {
             return x.f_view([batch, 1, hidden]);

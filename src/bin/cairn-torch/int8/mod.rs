@@ -4,6 +4,9 @@
 //! VNNI kernels on x86) and scaled back to f32. Symmetric scales on both sides keep the
 //! product free of zero-point corrections; per-row and per-channel scales are finer than
 //! PyTorch's `quantize_dynamic` default (one scale per tensor), so the error is smaller.
+//!
+//! What lies between two products is fused into one pass each (`rows`, `attention`,
+//! `math`, in AVX-512 intrinsics in `avx512`), run on libtorch's own threads (`team`).
 
 mod attention;
 #[cfg(target_arch = "x86_64")]
@@ -346,7 +349,12 @@ mod tests {
         .transpose(1, 2)
         .reshape([sequences, seq, hidden]);
         let magnitude = exact.abs().max().double_value(&[]);
-        for first_only in [false, true] {
+        // The AVX-512 build (where the CPU has it) and the portable loops alike.
+        let mut builds = vec![fused];
+        let mut portable = Int8Linear::quantize(&w, &b).unwrap();
+        portable.kernels = Kernels::portable();
+        builds.push(portable);
+        for (fused, first_only) in builds.iter().flat_map(|f| [(f, false), (f, true)]) {
             let context = fused
                 .forward_attention(
                     &xq,
@@ -370,8 +378,6 @@ mod tests {
                     "sequence {s} (first only: {first_only}): error {err} of {magnitude}"
                 );
                 if !first_only && n < seq as usize {
-                    let padding = got.narrow(0, 0, 0);
-                    assert_eq!(padding.numel(), 0);
                     let pad = context
                         .codes
                         .narrow(0, s as i64 * seq + n as i64, seq - n as i64);

@@ -114,7 +114,7 @@ impl Kernels {
 
     /// The portable build (for tests that compare the two).
     #[cfg(test)]
-    fn portable() -> Self {
+    pub(super) fn portable() -> Self {
         Self { avx512: false }
     }
 
